@@ -1,0 +1,2 @@
+"""raytrain: multi-RoI human mesh recovery on Ray."""
+__version__ = "0.1.0"
