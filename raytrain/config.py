@@ -1,0 +1,321 @@
+"""Typed experiment configuration: dataclasses, one YAML per experiment, dotted overrides.
+
+    cfg = load_config("configs/demo.yaml", ["model.backbone=resnet18", "optim.lr=3e-4"])
+
+Every field carries its help text and bounds in `metadata`; `validate` checks them and
+the cross-field rules, and every error names the dotted key. The README's configuration
+reference is generated from these dataclasses (`config_reference_markdown`).
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key."""
+
+
+def opt(default, help: str, *, min=None, max=None, choices=None, factory=False):
+    """A dataclass field with help text and bounds."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    if factory:
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = opt("", "training shards: a directory, a brace pattern or a manifest.json (local path or s3://, gs:// URL)")
+    val_shards: str = opt("", "validation shards, same forms as train_shards")
+    crop_size: int = opt(224, "side S of each square RoI crop in pixels", min=32, max=1024)
+    batch_size: int = opt(48, "persons per optimisation step over all workers (each brings M crops)", min=1)
+    val_batch_size: int = opt(32, "persons per validation batch per worker", min=1)
+    loader_workers: int = opt(2, "DataLoader worker processes per training worker (decode + crop)", min=0)
+    shuffle_buffer: int = opt(1000, "samples held in the shuffle buffer", min=1)
+    max_bad_fraction: float = opt(0.01, "stop the run when more than this fraction of an epoch's samples is bad", min=0.0, max=1.0)
+    max_val_samples: int = opt(0, "cap on validation samples (0: all)", min=0)
+    device_crop: bool = opt(False, "crop RoIs on the training device (affine_grid) instead of in CPU workers")
+    flip_prob: float = opt(0.5, "probability of a horizontal flip (all RoIs of a person together)", min=0.0, max=1.0)
+    scale_jitter: float = opt(0.25, "box scale jitter: factor drawn from [1 - x, 1 + x]", min=0.0, max=0.9)
+    rot_jitter_deg: float = opt(30.0, "rotation jitter in degrees (applied with probability 0.4)", min=0.0, max=180.0)
+    color_jitter: float = opt(0.4, "per-channel colour gain jitter", min=0.0, max=1.0)
+    occlusion_prob: float = opt(0.0, "probability of a synthetic occluding rectangle", min=0.0, max=1.0)
+
+
+@dataclass
+class RoIConfig:
+    schedule: str = opt("paper", "RoI schedule", choices=["paper", "fixed", "random"])
+    num_rois: int = opt(5, "M, RoIs per person", min=1, max=5)
+    offset: float = opt(0.1, "fixed schedule: offset magnitude in units of the box side", min=0.0, max=1.0)
+    scales: List[float] = opt(lambda: [1.5, 1.25, 0.8, 0.65], "fixed schedule: resize factors of RoIs 1..4", factory=True)
+    max_offset: float = opt(0.1, "random schedule: offsets drawn from [-x, x] per axis", min=0.0, max=1.0)
+    scale_min: float = opt(0.65, "random schedule: smallest resize factor", min=0.1, max=3.0)
+    scale_max: float = opt(1.5, "random schedule: largest resize factor", min=0.1, max=3.0)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = opt("resnet50", "encoder from the backbone registry (resnet50, hrnet_w48, resnet18, ...)")
+    backbone_checkpoint: Optional[str] = opt(None, "local checkpoint for the backbone (no downloads: pretrained weights come from disk)")
+    fusion: str = opt("raf", "RoI fusion variant", choices=["none", "h_null", "abs_pe", "raf", "self_attention"])
+    pe_bands: int = opt(32, "L, frequency bands of the box positional encoding", min=0, max=64)
+    decoder_iters: int = opt(3, "iterative refinement steps of both decoders", min=1, max=10)
+    decoder_hidden: int = opt(1024, "hidden width of the decoders", min=8)
+    bbox_info_to_decoders: bool = opt(True, "feed CLIFF's bbox_info to the decoders")
+    proj_dim: int = opt(128, "contrastive projection dimension", min=2)
+    dropout: float = opt(0.5, "dropout in the decoders", min=0.0, max=0.95)
+    smpl_dir: Optional[str] = opt(None, "directory with SMPL_{NEUTRAL,MALE,FEMALE}.pkl, J_regressor_h36m.npy, smpl_mean_params.npz (default: the synthetic body model)")
+
+
+@dataclass
+class LossConfig:
+    lambda_cam: float = opt(1.0, "weight of the camera-consistency loss", min=0.0)
+    lambda_cont: float = opt(0.1, "weight of the contrastive loss", min=0.0)
+    lambda_pose: float = opt(1.0, "weight of the SMPL pose loss (rotation matrices)", min=0.0)
+    lambda_betas: float = opt(0.001, "weight of the SMPL shape loss", min=0.0)
+    lambda_vert: float = opt(1.0, "weight of the vertex loss", min=0.0)
+    lambda_3d: float = opt(5.0, "weight of the pelvis-aligned 3D joint loss", min=0.0)
+    lambda_2d: float = opt(5.0, "weight of the 2D keypoint loss (summed over RoIs)", min=0.0)
+    cam_weights: List[float] = opt(lambda: [0.1, 0.1, 1e-4], "lambda_x, lambda_y, lambda_s inside L_cam", factory=True)
+    tau: float = opt(0.5, "contrastive temperature", min=1e-3, max=10.0)
+    gather_negatives: bool = opt(True, "take contrastive negatives from the global batch across DDP workers")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-4, "Adam learning rate", min=0.0, max=1.0)
+    betas: List[float] = opt(lambda: [0.9, 0.999], "Adam betas", factory=True)
+    weight_decay: float = opt(0.0, "Adam weight decay", min=0.0)
+    epochs: int = opt(25, "training epochs", min=1)
+    max_steps: int = opt(0, "stop after this many optimisation steps (0: epochs decide)", min=0)
+    lr_schedule: str = opt("none", "learning-rate schedule", choices=["none", "cosine", "step"])
+    warmup_steps: int = opt(0, "linear warm-up steps", min=0)
+    grad_clip: float = opt(0.0, "clip the gradient norm to this value (0: off)", min=0.0)
+    amp: str = opt("none", "mixed precision on GPU", choices=["none", "bf16", "fp16"])
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = opt(None, "Ray cluster address (None: connect to RAY_ADDRESS or start a local instance)")
+    num_cpus: Optional[int] = opt(None, "CPUs of a local Ray instance started in-process (None: all)", min=1)
+    num_workers: int = opt(1, "training workers (one per GPU)", min=1)
+    use_gpu: bool = opt(False, "one GPU per training worker")
+    cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker (fractions allowed)", min=0.0)
+    max_failures: int = opt(2, "worker-group restarts before the run fails", min=-1)
+
+
+@dataclass
+class TrainConfig:
+    storage_path: str = opt("runs", "where runs and checkpoints go (local path or s3://, gs:// URL)")
+    checkpoint_every: int = opt(500, "steps between checkpoints", min=1)
+    val_every: int = opt(500, "steps between validations", min=1)
+    keep_checkpoints: int = opt(3, "keep the best K checkpoints by validation MPJPE", min=1)
+    log_every: int = opt(20, "steps between progress lines", min=1)
+    tensorboard: bool = opt(True, "write TensorBoard event files")
+    mlflow_uri: Optional[str] = opt(None, "MLflow tracking URI (optional extra)")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = opt("experiment", "run name (directory under train.storage_path)")
+    seed: int = opt(0, "global seed", min=0)
+    data: DataConfig = opt(DataConfig, "data", factory=True)
+    rois: RoIConfig = opt(RoIConfig, "RoI schedule", factory=True)
+    model: ModelConfig = opt(ModelConfig, "network", factory=True)
+    loss: LossConfig = opt(LossConfig, "loss weights", factory=True)
+    optim: OptimConfig = opt(OptimConfig, "optimisation", factory=True)
+    ray: RayConfig = opt(RayConfig, "Ray resources", factory=True)
+    train: TrainConfig = opt(TrainConfig, "training loop, checkpoints and logging", factory=True)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment (or the defaults), apply `key.sub=value` overrides, validate."""
+    raw = read_yaml(path) if path else {}
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    cfg = from_dict(ExperimentConfig, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def read_yaml(path: str) -> Dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str):
+    """'model.backbone=hrnet_w48' -> ('model.backbone', 'hrnet_w48'); values parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def set_dotted(tree: Dict[str, Any], key: str, value: Any):
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is a value, cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls, raw: Dict[str, Any], prefix: str):
+    """Build dataclass `cls` from a mapping, coercing types; unknown keys fail naming the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = [n for n in fields if n.startswith(str(key)[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}; known: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = coerce(value, hints[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def coerce(value, tp, key: str):
+    """Convert a YAML value to the annotated type or fail naming the key."""
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, prefix=f"{key}.")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:                                          # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or
+                                           (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+# ----------------------------------------------------------------------------- validation
+
+def validate(cfg: ExperimentConfig):
+    """Bounds and choices of every field, then cross-field rules. Raises ConfigError."""
+    _check_fields(cfg, "")
+    if cfg.rois.scale_min > cfg.rois.scale_max:
+        raise ConfigError(f"rois.scale_min ({cfg.rois.scale_min}) must not exceed rois.scale_max ({cfg.rois.scale_max})")
+    if cfg.rois.schedule in ("paper", "fixed") and len(cfg.rois.scales) < cfg.rois.num_rois - 1:
+        raise ConfigError(f"rois.scales: needs {cfg.rois.num_rois - 1} factors for rois.num_rois={cfg.rois.num_rois}, got {len(cfg.rois.scales)}")
+    if any(s <= 0 for s in cfg.rois.scales):
+        raise ConfigError(f"rois.scales: factors must be positive, got {cfg.rois.scales}")
+    if len(cfg.loss.cam_weights) != 3:
+        raise ConfigError(f"loss.cam_weights: expected 3 values (lambda_x, lambda_y, lambda_s), got {cfg.loss.cam_weights}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: expected two values in [0, 1), got {cfg.optim.betas}")
+    if cfg.data.batch_size < cfg.ray.num_workers:
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) is smaller than ray.num_workers ({cfg.ray.num_workers}): every worker needs at least one person")
+    if cfg.loss.lambda_cont > 0 and cfg.rois.num_rois >= 2 and cfg.data.batch_size // cfg.ray.num_workers < 2 and not cfg.loss.gather_negatives:
+        raise ConfigError("loss.lambda_cont > 0 needs at least 2 persons per worker (data.batch_size) or loss.gather_negatives=true")
+    if cfg.optim.amp != "none" and not cfg.ray.use_gpu:
+        raise ConfigError(f"optim.amp={cfg.optim.amp} needs ray.use_gpu=true (mixed precision runs on GPU only)")
+
+
+def _check_fields(obj, prefix: str):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{key}.")
+            continue
+        meta = f.metadata
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            raise ConfigError(f"{key}: {value!r} is not one of {meta['choices']}")
+        if value is None or isinstance(value, (list, str, bool)):
+            continue
+        if meta.get("min") is not None and value < meta["min"]:
+            raise ConfigError(f"{key}: {value} is below the minimum {meta['min']}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise ConfigError(f"{key}: {value} is above the maximum {meta['max']}")
+
+
+# ----------------------------------------------------------------------------- output
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg, path: Optional[str] = None) -> str:
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if path:
+        Path(path).write_text(text)
+    return text
+
+
+def config_reference_markdown() -> str:
+    """The configuration reference table, generated from the dataclasses."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for section in dataclasses.fields(ExperimentConfig):
+        default = getattr(ExperimentConfig(), section.name)
+        if not dataclasses.is_dataclass(default):
+            lines.append(_reference_row(section.name, default, section.metadata))
+            continue
+        for f in dataclasses.fields(default):
+            lines.append(_reference_row(f"{section.name}.{f.name}", getattr(default, f.name), f.metadata))
+    return "\n".join(lines) + "\n"
+
+
+def _reference_row(key, default, meta):
+    bounds = []
+    if meta.get("choices"):
+        bounds.append("one of " + ", ".join(f"`{c}`" for c in meta["choices"]))
+    if meta.get("min") is not None:
+        bounds.append(f"≥ {meta['min']}")
+    if meta.get("max") is not None:
+        bounds.append(f"≤ {meta['max']}")
+    extra = f" ({'; '.join(bounds)})" if bounds else ""
+    return f"| `{key}` | `{default}` | {meta.get('help', '')}{extra} |"

@@ -1,0 +1,79 @@
+"""Typed configuration: YAML + dotted overrides, validation that names the key."""
+from pathlib import Path
+
+import pytest
+
+from raytrain.config import (ConfigError, ExperimentConfig, config_reference_markdown, dump_yaml,
+                             load_config)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["demo", "r50_paper", "h48_paper", "finetune_3dpw"])
+def test_shipped_configs_load(name):
+    cfg = load_config(str(CONFIGS / f"{name}.yaml"))
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.name == name
+
+
+def test_paper_numbers():
+    r50 = load_config(str(CONFIGS / "r50_paper.yaml"))
+    h48 = load_config(str(CONFIGS / "h48_paper.yaml"))
+    assert (r50.model.backbone, r50.optim.lr, r50.data.batch_size, r50.optim.epochs) == ("resnet50", 1e-4, 48, 25)
+    assert (h48.model.backbone, h48.optim.lr, h48.data.batch_size, h48.optim.epochs) == ("hrnet_w48", 5e-5, 20, 15)
+    for cfg in (r50, h48):
+        assert (cfg.loss.lambda_cam, cfg.loss.lambda_cont, cfg.loss.tau) == (1.0, 0.1, 0.5)
+        assert cfg.loss.cam_weights == [0.1, 0.1, 1e-4]
+        assert cfg.rois.scales == [1.5, 1.25, 0.8, 0.65] and cfg.rois.num_rois == 5
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config(str(CONFIGS / "demo.yaml"), ["model.backbone=hrnet_w48", "optim.lr=3e-4",
+                                                   "rois.scales=[1.2,1.1,0.9,0.8]", "model.smpl_dir=none"])
+    assert cfg.model.backbone == "hrnet_w48"
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.rois.scales == [1.2, 1.1, 0.9, 0.8]
+    assert cfg.model.smpl_dir is None
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.backbon=resnet50", "model.backbon"),
+    ("optim.lr=-1", "optim.lr"),
+    ("rois.num_rois=6", "rois.num_rois"),
+    ("model.fusion=mlp", "model.fusion"),
+    ("data.batch_size=many", "data.batch_size"),
+    ("loss.cam_weights=[1,2]", "loss.cam_weights"),
+    ("train.tensorboard=maybe", "train.tensorboard"),
+    ("nosuchsection.x=1", "nosuchsection"),
+    ("optim.amp=bf16", "optim.amp"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
+        load_config(str(CONFIGS / "demo.yaml"), [override])
+
+
+def test_batch_smaller_than_workers_fails():
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_config(None, ["ray.num_workers=4", "data.batch_size=2"])
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  backbone: [resnet50\n")
+    with pytest.raises(ConfigError, match=r"malformed YAML in .*bad.yaml line"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_dump_roundtrip(tmp_path):
+    cfg = load_config(str(CONFIGS / "demo.yaml"), ["loss.tau=0.2"])
+    path = tmp_path / "out.yaml"
+    dump_yaml(cfg, str(path))
+    assert load_config(str(path)) == cfg
+
+
+def test_reference_lists_every_key():
+    ref = config_reference_markdown()
+    for key in ("data.batch_size", "rois.schedule", "model.fusion", "loss.tau", "ray.num_workers"):
+        assert f"`{key}`" in ref
