@@ -117,6 +117,7 @@ class TrainConfig:
     log_every: int = opt(20, "steps between progress lines", min=1)
     tensorboard: bool = opt(True, "write TensorBoard event files")
     mlflow_uri: Optional[str] = opt(None, "MLflow tracking URI (optional extra)")
+    sample_log: Optional[str] = opt(None, "append 'step epoch key' of every training sample to <this>.rank<r>.txt (audits resume)")
 
 
 @dataclass

@@ -1,0 +1,132 @@
+"""`raytrain {shard,train,tune,eval,demo,bench,doctor}`: thin argument parsing over the package."""
+import argparse
+import json
+import sys
+
+from .config import ConfigError, load_config
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except ConfigError as err:
+        print(f"raytrain: config error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="raytrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+
+    shard = sub.add_parser("shard", help="write WebDataset shards")
+    shard_sub = shard.add_subparsers(dest="source")
+    synth = shard_sub.add_parser("synthetic", help="render synthetic people with exact labels")
+    synth.add_argument("--out", required=True, help="output directory or s3://, gs:// URL")
+    synth.add_argument("--n", type=int, default=1000, help="number of person samples")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=1, help="parallel rendering processes")
+    synth.add_argument("--maxcount", type=int, default=500, help="samples per shard")
+    synth.add_argument("--full-frame", action="store_true", help="store full frames instead of context regions")
+    synth.set_defaults(func=cmd_shard_synthetic)
+
+    train = sub.add_parser("train", help="train with Ray Train (DDP) from a YAML config")
+    _config_args(train)
+    train.set_defaults(func=cmd_train)
+
+    tune = sub.add_parser("tune", help="hyperparameter search with Ray Tune + Optuna")
+    _config_args(tune)
+    tune.add_argument("--space", required=True, help="search space YAML (tune/spaces/*.yaml)")
+    tune.add_argument("--trials", type=int, default=8)
+    tune.add_argument("--resume", action="store_true", help="finish an interrupted experiment")
+    tune.set_defaults(func=cmd_tune)
+
+    ev = sub.add_parser("eval", help="evaluate checkpoints (3DPW / H36M protocols)")
+    ev.add_argument("--checkpoint", help="a checkpoint directory")
+    ev.add_argument("--experiment", help="a tune or train experiment directory")
+    ev.add_argument("--best", action="store_true", help="with --experiment: the best trial(s)")
+    ev.add_argument("--top", type=int, default=1)
+    ev.add_argument("--data", required=True, help="shards to evaluate on")
+    ev.add_argument("--out", default=None, help="report directory")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="the whole story on synthetic data, on this machine")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a smaller run for smoke tests")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks (results go to BENCHMARKS.md)")
+    bench.add_argument("what", choices=["data", "train"])
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--quick", action="store_true", help="finish within a minute")
+    bench.set_defaults(func=cmd_bench)
+
+    doctor = sub.add_parser("doctor", help="check the environment and say what is missing")
+    doctor.add_argument("--config", default=None)
+    doctor.add_argument("--smpl-dir", default=None)
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def _config_args(p):
+    p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.backbone=hrnet_w48")
+
+
+def cmd_shard_synthetic(args):
+    from .data.synthetic import shard_synthetic
+    manifest = shard_synthetic(args.out, n=args.n, seed=args.seed, workers=args.workers,
+                               maxcount=args.maxcount, full_frame=args.full_frame)
+    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}")
+
+
+def cmd_train(args):
+    from .train.launch import run_training
+    cfg = load_config(args.config, args.overrides)
+    result = run_training(cfg)
+    print(json.dumps({"metrics": _plain(result.metrics), "checkpoint": str(result.checkpoint.path)
+                      if result.checkpoint else None}, indent=2))
+    return 0 if result.error is None else 1
+
+
+def cmd_tune(args):
+    from .tuning.driver import run_tune
+    cfg = load_config(args.config, args.overrides)
+    run_tune(cfg, args.space, args.trials, resume=args.resume)
+
+
+def cmd_eval(args):
+    from .evaluate_cli import run_eval
+    run_eval(checkpoint=args.checkpoint, experiment=args.experiment, best=args.best, top=args.top,
+             data=args.data, out=args.out)
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    run_demo(args.out, quick=args.quick)
+
+
+def cmd_bench(args):
+    if args.what == "data":
+        from .bench_data import run_data_bench as bench
+    else:
+        from .bench_train import run_train_bench as bench
+    result = bench(quick=args.quick)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+
+
+def cmd_doctor(args):
+    from .doctor import run_doctor
+    return run_doctor(config=args.config, smpl_dir=args.smpl_dir)
+
+
+def _plain(metrics):
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Checkpoints that are either whole or ignored.
+
+A checkpoint directory holds `state.pt` (model, optimiser, scheduler, step, data position,
+RNG states) and `COMMIT.json`, written last, with the step and the SHA-256 of
+`state.pt`. `is_complete` checks both, so a write killed half-way is never loaded.
+Files are first written under a temporary name and renamed into place.
+"""
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+COMMIT_FILE = "COMMIT.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(directory: str, state: Dict[str, Any]) -> Path:
+    """Write `state` (torch-serialisable, no pickled objects) atomically into `directory`."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    digest = _sha256(tmp)
+    os.replace(tmp, path / STATE_FILE)
+    commit = {"step": int(state.get("step", 0)), "sha256": digest, "format": 1}
+    tmp_commit = path / (COMMIT_FILE + ".tmp")
+    tmp_commit.write_text(json.dumps(commit))
+    os.replace(tmp_commit, path / COMMIT_FILE)
+    return path
+
+
+def is_complete(directory: str) -> bool:
+    """True when COMMIT.json exists and matches state.pt."""
+    path = Path(directory)
+    try:
+        commit = json.loads((path / COMMIT_FILE).read_text())
+        return commit.get("sha256") == _sha256(path / STATE_FILE)
+    except (OSError, ValueError):
+        return False
+
+
+def load_checkpoint(directory: str, map_location="cpu") -> Dict[str, Any]:
+    """Load a complete checkpoint; refuse an incomplete or tampered one."""
+    if not is_complete(directory):
+        raise CheckpointError(f"checkpoint {directory} is incomplete (no valid {COMMIT_FILE}); "
+                              "it was probably interrupted while being written")
+    return torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
+
+
+def checkpoint_step(directory: str) -> int:
+    return int(json.loads((Path(directory) / COMMIT_FILE).read_text())["step"])
+
+
+def list_complete_checkpoints(run_dir: str) -> List[Path]:
+    """Complete checkpoint directories below a run directory, oldest step first."""
+    found = [p.parent for p in Path(run_dir).rglob(COMMIT_FILE) if is_complete(p.parent)]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_complete_checkpoint(run_dir: str) -> Optional[Path]:
+    found = list_complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> Dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors and plain lists (weights_only-safe)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": _python_state_to_list(random.getstate()),
+    }
+
+
+def set_rng_state(state: Dict[str, Any]):
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _python_state_to_list(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,91 @@
+"""Build and run the TorchTrainer from a validated config; fail fast before workers start."""
+import os
+from pathlib import Path
+from typing import Optional
+
+from ..config import ConfigError, ExperimentConfig, to_dict
+
+
+def storage_uri(path: str) -> str:
+    """Ray wants absolute local paths; URLs pass through."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def preflight_data(cfg: ExperimentConfig):
+    """Missing shards or zero samples fail here, naming the key."""
+    from ..data.pipeline import count_samples
+    for key in ("train_shards", "val_shards"):
+        source = getattr(cfg.data, key)
+        if not source:
+            raise ConfigError(f"data.{key}: not set")
+        try:
+            total = count_samples(source)
+        except (FileNotFoundError, ValueError, OSError) as err:
+            raise ConfigError(f"data.{key}: cannot read shards at {source!r}: {err}") from None
+        if total == 0:
+            raise ConfigError(f"data.{key}: {source!r} holds zero samples")
+        if key == "train_shards" and total < cfg.data.batch_size:
+            raise ConfigError(f"data.train_shards: {total} samples is fewer than one batch "
+                              f"(data.batch_size={cfg.data.batch_size})")
+
+
+def init_ray(cfg: ExperimentConfig):
+    """Connect to `ray.address` / RAY_ADDRESS, or start a local instance with ray.num_cpus."""
+    import ray
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def preflight_resources(cfg: ExperimentConfig):
+    """More GPUs or CPUs asked than the cluster has fails now, naming the setting."""
+    import ray
+    total = ray.cluster_resources()
+    workers = cfg.ray.num_workers
+    if cfg.ray.use_gpu and total.get("GPU", 0) < workers:
+        raise ConfigError(f"ray.num_workers={workers} with ray.use_gpu=true needs {workers} GPUs; "
+                          f"the cluster has {int(total.get('GPU', 0))}")
+    need_cpu = workers * cfg.ray.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise ConfigError(f"ray.cpus_per_worker={cfg.ray.cpus_per_worker} x ray.num_workers={workers} "
+                          f"needs {need_cpu} CPUs; the cluster has {total.get('CPU', 0)} "
+                          f"(lower ray.cpus_per_worker, fractions are fine)")
+
+
+def build_trainer(cfg: ExperimentConfig):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .loop import ray_train_worker
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        ray_train_worker,
+        train_loop_config=to_dict(cfg),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage_uri(cfg.train.storage_path),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute="val_mpjpe",
+                                               checkpoint_score_order="min"),
+        ),
+    )
+
+
+def run_training(cfg: ExperimentConfig, check_data: bool = True):
+    """Validate, start or connect to Ray, train, and return the Ray Train Result."""
+    if check_data:
+        preflight_data(cfg)
+    init_ray(cfg)
+    preflight_resources(cfg)
+    result = build_trainer(cfg).fit()
+    return result

@@ -1,0 +1,218 @@
+"""The training loop: one function for Ray Train workers and for the bare benchmark.
+
+    run_loop(cfg, session)  # session: RaySession inside TorchTrainer, BareSession otherwise
+
+Per step: uint8 crops -> normalise on device -> network -> losses -> Adam. Every
+`train.val_every` steps: validation (MPJPE, PA-MPJPE, PVE, camera error in mm) reduced
+over ranks. Every `train.checkpoint_every` steps and at the end: a checkpoint with model,
+optimiser, scheduler, step, RNG and the data position (epoch, samples consumed).
+"""
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from ..body import load_body_model, load_mean_params
+from ..config import ExperimentConfig, from_dict, validate
+from ..data.pipeline import build_loader, epoch_length
+from ..evaluation import camera_error, mesh_protocol
+from ..losses import compute_losses, gather_negatives
+from ..model import build_model, normalize_images
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .logger import RunLogger
+
+
+@dataclass
+class Position:
+    step: int = 0
+    epoch: int = 0
+    samples_in_epoch: int = 0   # samples this rank has consumed in `epoch`
+
+
+def config_from_dict(raw: Dict) -> ExperimentConfig:
+    cfg = from_dict(ExperimentConfig, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def ray_train_worker(raw_cfg: Dict):
+    """Entry point of every Ray Train worker."""
+    from .session import RaySession
+    run_loop(config_from_dict(raw_cfg), RaySession())
+
+
+def run_loop(cfg: ExperimentConfig, session, max_steps: Optional[int] = None) -> Dict:
+    torch.manual_seed(cfg.seed + session.rank)
+    device = session.device
+    body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
+    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
+    model = session.prepare_model(model)
+    body = body.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                 weight_decay=cfg.optim.weight_decay)
+    per_worker = cfg.data.batch_size // session.world_size
+    steps_per_epoch = max(1, epoch_length(cfg, "train", session.rank, session.world_size) // per_worker)
+    total_steps = _total_steps(cfg, steps_per_epoch, max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.optim.amp == "fp16")
+    pos = _restore(session, model, optimizer, scheduler, scaler)
+    logger = RunLogger(cfg, session, total_steps)
+    metrics = {}
+    while pos.step < total_steps:
+        loader = build_loader(cfg, "train", session.rank, session.world_size, pos.epoch,
+                              skip=pos.samples_in_epoch, batch_size=per_worker, seed=cfg.seed)
+        for batch in loader:
+            terms = train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device)
+            pos.step += 1
+            pos.samples_in_epoch += len(batch["keys"])
+            logger.step(pos, terms, len(batch["keys"]), scheduler.get_last_lr()[0], batch["keys"])
+            done = pos.step >= total_steps
+            want_checkpoint = pos.step % cfg.train.checkpoint_every == 0 or done
+            # every checkpoint carries a fresh val_mpjpe: Ray keeps the best K by it
+            if pos.step % cfg.train.val_every == 0 or want_checkpoint:
+                metrics = validate(cfg, model, body, session, device)
+                logger.validation(pos, metrics)
+            if want_checkpoint:
+                _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, loader)
+            elif pos.step % cfg.train.log_every == 0:
+                session.report(_report_metrics(pos, terms, metrics, loader))
+            if done:
+                break
+        else:
+            pos.epoch += 1
+            pos.samples_in_epoch = 0
+    logger.close()
+    return metrics
+
+
+def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device) -> Dict[str, float]:
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    model.train()
+    with _autocast(cfg, device):
+        pred = model(normalize_images(batch["images"]), batch["boxes"], batch["image_size"], batch["focal"])
+    pred = {k: v.float() for k, v in pred.items()}
+    with torch.no_grad():
+        gt_vertices = body.forward_axis_angle(batch["pose"], batch["betas"]).vertices
+    negatives = gather_negatives(pred["z"]) if cfg.loss.gather_negatives else None
+    total, terms = compute_losses(pred, batch, cfg.loss, gt_vertices, negatives)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if cfg.optim.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    terms = {k: float(v) for k, v in terms.items()}
+    terms["total"] = float(total.detach())
+    return terms
+
+
+@torch.no_grad()
+def predict(model, batch, device):
+    """Network output for a batch (eval mode), float32, on `device`."""
+    model.eval()
+    return model(normalize_images(batch["images"].to(device)), batch["boxes"].to(device),
+                 batch["image_size"].to(device), batch["focal"].to(device))
+
+
+@torch.no_grad()
+def validate(cfg, model, body, session, device) -> Dict[str, float]:
+    """Mean errors (mm) over this rank's part of the validation set, reduced over ranks."""
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # mpjpe, pa, pve, n, cam, n_cam
+    loader = build_loader(cfg, "val", session.rank, session.world_size, epoch=0, skip=0,
+                          batch_size=cfg.data.val_batch_size, seed=cfg.seed)
+    for batch in loader:
+        pred = predict(model, batch, device)
+        gt = body.forward_axis_angle(batch["pose"].to(device), batch["betas"].to(device),
+                                     gender=batch.get("gender"))
+        errors = mesh_protocol(pred["joints_h36m"], gt.joints_h36m, pred["vertices"], gt.vertices)
+        sums[0] += errors["mpjpe"].sum()
+        sums[1] += errors["pa_mpjpe"].sum()
+        sums[2] += errors["pve"].sum()
+        sums[3] += len(batch["keys"])
+        has_cam = batch["has_cam"].to(device)
+        if has_cam.any():
+            cam = camera_error(pred["cam_full"][:, 0], batch["cam_full"].to(device))
+            sums[4] += cam[has_cam].sum()
+            sums[5] += has_cam.sum()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    n, n_cam = max(sums[3].item(), 1.0), sums[5].item()
+    out = {"val_mpjpe": sums[0].item() / n, "val_pa_mpjpe": sums[1].item() / n,
+           "val_pve": sums[2].item() / n, "val_samples": int(sums[3].item())}
+    if n_cam > 0:
+        out["val_cam_err"] = sums[4].item() / n_cam
+    return out
+
+
+def _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, loader):
+    directory = None
+    if session.rank == 0:
+        directory = session.checkpoint_dir(pos.step)
+        module = model.module if hasattr(model, "module") else model
+        save_checkpoint(directory, {
+            "step": pos.step, "epoch": pos.epoch, "samples_in_epoch": pos.samples_in_epoch,
+            "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state(), "metrics": {k: float(v) for k, v in metrics.items()},
+        })
+    session.report(_report_metrics(pos, {}, metrics, loader), checkpoint_dir=directory)
+
+
+def _report_metrics(pos, terms, metrics, loader):
+    out = {"step": pos.step, "epoch": pos.epoch}
+    out.update({f"loss_{k}": v for k, v in terms.items()})
+    out.update(metrics)
+    out.update({f"bad_{k}": v for k, v in getattr(loader, "bad_counts", {}).items()})
+    return out
+
+
+def _restore(session, model, optimizer, scheduler, scaler) -> Position:
+    directory = session.latest_checkpoint_dir()
+    if directory is None:
+        return Position()
+    state = load_checkpoint(directory, map_location=session.device)
+    module = model.module if hasattr(model, "module") else model
+    module.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    pos = Position(step=state["step"], epoch=state["epoch"], samples_in_epoch=state["samples_in_epoch"])
+    print(f"[raytrain] rank {session.rank}: resumed from step {pos.step} "
+          f"(epoch {pos.epoch}, {pos.samples_in_epoch} samples into it)", flush=True)
+    return pos
+
+
+def _total_steps(cfg, steps_per_epoch, max_steps):
+    total = cfg.optim.epochs * steps_per_epoch
+    for cap in (cfg.optim.max_steps, max_steps):
+        if cap:
+            total = min(total, cap)
+    return total
+
+
+def _lr_lambda(cfg, total_steps):
+    warmup, kind = cfg.optim.warmup_steps, cfg.optim.lr_schedule
+
+    def factor(step):
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if kind == "step":
+            return 0.1 ** int(progress * 3)
+        return 1.0
+    return factor
+
+
+def _autocast(cfg, device):
+    if cfg.optim.amp == "none" or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if cfg.optim.amp == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
