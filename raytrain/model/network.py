@@ -1,0 +1,171 @@
+"""The multi-RoI network (METHOD.md §3): encoder -> fusion -> D_mesh(ū), D_cam(u_m), P(h_m).
+
+    images (N,M,3,S,S) ─E (one batch of N·M crops)─▶ h (N,M,d)
+    boxes ─bbox_info (float64)─▶ γ(B) (N,M,P) ─┐
+    h ──────────────────────────────────────────┴─ fusion ─▶ u (N,M,d), w (N,M,M)
+    ū = mean_m u_m ─D_mesh─▶ θ (N,24,6) -> rotmats, β (N,10) ─body model─▶ vertices, joints
+    u_m ─D_cam─▶ C_m (N,M,3) ─cam_crop_to_full─▶ (tx,ty,tz) (N,M,3)
+    h_m ─P─▶ z (N,M,D)
+
+With `bbox_info_to_decoders`, D_cam sees u_m ⊕ bbox_info(B_m) and D_mesh sees
+ū ⊕ mean_m bbox_info(B_m) (the mean keeps θ, β invariant to the RoI order), as CLIFF
+feeds its box descriptor to the regressor.
+"""
+from dataclasses import dataclass, fields
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from raytrain.geometry import cam_crop_to_full, rot6d_to_rotmat, rotmat_to_rot6d
+
+from .backbones import create_backbone
+from .decoders import CameraDecoder, MeshDecoder, ProjectionHead
+from .encoding import box_encoding, encoding_dim
+from .fusion import create_fusion
+
+Tensor = torch.Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelSpec:
+    """The model settings read from a config object (same names as raytrain.config.ModelConfig).
+
+    `fusion_hidden` and `attention_heads` are extras: 0 = the paper's single Linear score in
+    the fusion; > 0 = a 2-layer MLP score of that width (see fusion.py on why it matters).
+    """
+    backbone: str = "resnet50"
+    backbone_checkpoint: Optional[str] = None
+    fusion: str = "raf"
+    pe_bands: int = 32
+    decoder_iters: int = 3
+    decoder_hidden: int = 1024
+    bbox_info_to_decoders: bool = True
+    proj_dim: int = 128
+    proj_hidden: int = 0
+    dropout: float = 0.5
+    fusion_hidden: int = 0
+    attention_heads: int = 8
+
+    @classmethod
+    def from_config(cls, cfg=None, **overrides) -> "ModelSpec":
+        """Read every known field from `cfg` by attribute (missing ones keep the default)."""
+        values = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
+        return cls(**{**values, **overrides})
+
+
+def default_mean_params() -> Dict[str, Tensor]:
+    """A neutral start when no SMPL mean is given: identity rotations, zero betas, s = 0.9.
+
+    Training should pass `raytrain.body.load_mean_params(...)` instead (SPIN/CLIFF start from
+    the SMPL mean pose, whose global orientation faces the camera upright).
+    """
+    pose = rotmat_to_rot6d(torch.eye(3).expand(24, 3, 3)).flatten()  # (144,)
+    return {"pose": pose, "shape": torch.zeros(10), "cam": torch.tensor([0.9, 0.0, 0.0])}
+
+
+def normalize_images(images: Tensor) -> Tensor:
+    """uint8 (..., 3, S, S) in [0, 255] -> float32 with ImageNet mean/std, on images' device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+class MultiRoINet(nn.Module):
+    def __init__(self, spec: ModelSpec, body_model: Optional[nn.Module] = None,
+                 mean_params: Optional[Dict[str, Tensor]] = None):
+        super().__init__()
+        self.spec = spec
+        mean = mean_params if mean_params is not None else default_mean_params()
+        mean = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in mean.items()}
+        self.encoder, d = create_backbone(spec.backbone, spec.backbone_checkpoint)
+        self.feature_dim = d
+        pe_dim = encoding_dim(spec.pe_bands)
+        self.fusion = create_fusion(spec.fusion, d, pe_dim, hidden=spec.fusion_hidden,
+                                    heads=spec.attention_heads)
+        extra = 3 if spec.bbox_info_to_decoders else 0
+        dec = dict(hidden=spec.decoder_hidden, iters=spec.decoder_iters, dropout=spec.dropout)
+        self.mesh_decoder = MeshDecoder(d + extra, mean["pose"], mean["shape"], **dec)
+        self.cam_decoder = CameraDecoder(d + extra, mean["cam"], **dec)
+        self.proj = ProjectionHead(d, spec.proj_dim, spec.proj_hidden)
+        self._body = None
+        self.set_body_model(body_model)
+
+    # The body model (SMPL) is kept out of the module tree: its tensors are constants of the
+    # chosen body, not weights, so they stay out of state_dict (a checkpoint trained with the
+    # synthetic body must not overwrite real SMPL tensors on load), out of parameters() and
+    # out of DDP's buffer broadcast. It still follows .to(device) / .double() via _apply.
+    @property
+    def body_model(self) -> Optional[nn.Module]:
+        return self._body
+
+    def set_body_model(self, body_model: Optional[nn.Module]) -> None:
+        if body_model is not None:
+            body_model.requires_grad_(False)
+            param = next(self.parameters())
+            body_model.to(param.device)
+        object.__setattr__(self, "_body", body_model)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self._body is not None:
+            self._body._apply(fn)
+        return self
+
+    def encode(self, images: Tensor) -> Tensor:
+        """(N,M,3,S,S) -> h (N,M,d): the encoder runs once over all N·M crops."""
+        N, M = images.shape[:2]
+        return self.encoder(images.flatten(0, 1)).view(N, M, -1)
+
+    def forward(self, images: Tensor, boxes: Tensor, image_size: Tensor, focal: Tensor) -> Dict[str, Tensor]:
+        """images (N,M,3,S,S) normalised float, boxes (N,M,3) px, image_size (N,2) (W,H), focal (N,)."""
+        N, M = images.shape[:2]
+        h = self.encode(images)                                              # (N,M,d)
+        # float64 inside; handed over in the parameters' dtype (float32 under autocast)
+        pe, info = box_encoding(boxes, image_size, focal, self.spec.pe_bands, dtype=self.cam_decoder.mean.dtype)
+        u, w = self.fusion(h, pe)                                            # (N,M,d), (N,M,M)
+        mesh_in, cam_in = u.mean(dim=1), u                                   # ū (N,d), u (N,M,d)
+        if self.spec.bbox_info_to_decoders:
+            mesh_in = torch.cat([mesh_in, info.mean(dim=1)], dim=-1)         # (N,d+3)
+            cam_in = torch.cat([cam_in, info], dim=-1)                       # (N,M,d+3)
+        pose_6d, betas = self.mesh_decoder(mesh_in)                          # (N,24,6), (N,10)
+        cam = self.cam_decoder(cam_in)                                       # (N,M,3) (s,tx,ty)
+        out = {
+            "pose_6d": pose_6d,
+            "pose_rotmat": rot6d_to_rotmat(pose_6d),                         # (N,24,3,3)
+            "betas": betas,
+            "cam_crop": cam,
+            "cam_full": cam_crop_to_full(cam, boxes.to(cam.dtype), image_size[:, None].expand(N, M, 2),
+                                         focal[:, None].expand(N, M)),      # (N,M,3) (tx,ty,tz)
+            "z": _at_least_float32(self.proj(h)),                           # (N,M,D), unnormalised
+            "h": h,
+            "u": u,
+            "fusion_weights": w,
+        }
+        if self.body_model is not None:
+            body = self.body_model(out["pose_rotmat"], betas)
+            out.update(vertices=body.vertices, joints=body.joints_j24,     # (N,6890,3), (N,24,3) J24
+                       joints_h36m=body.joints_h36m, joints_smpl=body.joints_smpl)
+        return out
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """bf16/fp16 (autocast) -> float32; float32/float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def build_model(cfg=None, body_model: Optional[nn.Module] = None,
+                mean_params: Optional[Dict[str, Tensor]] = None, **overrides) -> MultiRoINet:
+    """Build the network from a ModelConfig-like object and/or keyword settings.
+
+    `cfg` is read by attribute (raytrain.config.ModelConfig, a ModelSpec, or None for the
+    defaults); keywords override it. `mean_params`: {"pose": (144,) 6D, "shape": (10,),
+    "cam": (3,)}, e.g. raytrain.body.load_mean_params(); None -> default_mean_params().
+    """
+    return MultiRoINet(ModelSpec.from_config(cfg, **overrides), body_model, mean_params)
