@@ -126,6 +126,8 @@ def compute_losses(pred: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor]
     m = pred["z"].shape[1]
     if weights.lambda_cont > 0 and m >= 2:
         terms["cont"] = contrastive_loss(pred["z"], weights.tau, extra_negatives)
+    else:  # keep the projection head in the graph: DDP runs without find_unused_parameters
+        terms["cont"] = 0.0 * pred["z"].sum()
     terms["pose"], terms["betas"] = smpl_losses(pred["pose_rotmat"], pred["betas"], batch["pose"],
                                                 batch["betas"], has_smpl)
     if gt_vertices is not None and "vertices" in pred:

@@ -1,5 +1,4 @@
 """Progress lines, TensorBoard events, MLflow (optional) and the sample-key audit log."""
-import os
 import time
 from pathlib import Path
 from typing import Dict
@@ -65,7 +64,8 @@ class RunLogger:
     def _tensorboard(self):
         storage = self.cfg.train.storage_path
         if "://" in storage:
-            directory = Path(os.environ.get("RAYTRAIN_HOME", Path.home() / ".cache/raytrain")) / "tb" / self.cfg.name
+            from ..body.model import raytrain_home
+            directory = raytrain_home() / "tb" / self.cfg.name
         else:
             directory = Path(storage) / self.cfg.name / "tensorboard"
         try:

@@ -1,0 +1,578 @@
+"""Streaming reader over tar shards: shuffled, split by rank and worker, resumable, robust.
+
+    reader = ShardReader("s3://bucket/3dpw-train", seed=0, rank=r, world_size=R,
+                         batch_size=B, storage_options={...})
+    reader.set_epoch(epoch)
+    for sample in reader: ...             # decoded ``schema.Sample``s, image RGB uint8
+
+**Order.** Each epoch permutes the shard order with ``(seed, epoch)``; the permuted
+shards laid end to end form the epoch's global sequence, whose length comes from the
+manifest counts. Rank ``r`` takes the contiguous slice ``[r*L, (r+1)*L)`` with
+``L = total // world_size``: every rank yields exactly ``L`` samples, and the last
+``total - world_size*L`` samples of the sequence (different ones each epoch when
+shuffling) are dropped. Inside a rank, DataLoader worker ``w`` reads a contiguous
+sub-range (so each sample is read by one process only, and most shards by one worker
+from start to end), passes it through a shuffle buffer seeded with
+``(seed, epoch, rank, w)``, and decodes after the buffer.
+
+**Position.** Worker ``w`` owns the rank-local output positions ``j`` with
+``(j // batch_size) % num_workers == w``: exactly the order in which a torch
+DataLoader (``batch_size``, ``num_workers``) hands out its batches. So "``consumed``
+samples of epoch ``e`` on this rank" (``state_dict``) maps to a number of positions
+each worker skips, without decoding, on resume: nothing of the epoch is repeated or
+skipped, and the rest of the epoch comes in the same order as without the interruption
+(with DataLoader workers: when ``consumed`` is a multiple of ``batch_size``, i.e. the
+position is saved between batches; otherwise still no repeat or skip, order aside). With ``num_workers=0`` the reader counts yields itself; with workers, call
+``advance(n)`` in the training loop for every batch of ``n`` samples received.
+
+**Bad data.** A corrupt tar member, an undecodable JPEG, non-finite labels, a box
+outside the image, a missing member, bad json or arrays: skipped and counted by reason
+in ``bad_counts`` (this process), reported at epoch end through ``logging``. To keep
+every rank's count equal, a bad sample's output position is filled with the previous
+good sample (``substitute_bad=True``, counted in ``substituted``). If a shard's bad
+samples exceed ``max_bad_fraction`` of it, ``TooManyBadSamples`` names the shard. A
+manifest with an unknown schema version is refused when the reader is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import random
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .io import dirname_url, exists, isdir, join_url, list_files, open_url
+from .schema import BadSample, Sample, SchemaError, decode_sample
+from .shards import MANIFEST_NAME, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+class TooManyBadSamples(RuntimeError):
+    """More than ``max_bad_fraction`` of a shard's samples were bad."""
+
+    def __init__(self, shard: str, bad: int, total: int, counts: dict):
+        self.shard, self.bad, self.total, self.counts = shard, bad, total, dict(counts)
+        super().__init__(
+            f"too many bad samples in shard {shard}: {bad} of {total} ({dict(counts)}); "
+            f"fix or remove the shard, or raise max_bad_fraction"
+        )
+
+
+# ============================================================================ tar stream
+# Python's tarfile stops silently (or raises) at the first damaged header, losing the
+# rest of a shard. This reader walks the 512-byte blocks itself (headers parsed by
+# tarfile.TarInfo.frombuf) so that it reports a damaged header or a truncated member as a
+# "corrupt" event, then resynchronises on the next valid header. Samples are consecutive
+# members sharing a key: "dir/key.ext" -> key "dir/key", extension "ext" (as webdataset).
+
+BLOCK = 512
+
+#: Extra entries a raw sample dict may carry besides ``__key__`` and its members.
+CORRUPT_FLAG = "__corrupt__"  # a damaged member was next to this sample
+
+
+def _read_exact(handle: IO[bytes], size: int) -> bytes:
+    """Read ``size`` bytes unless the stream ends first."""
+    parts, left = [], size
+    while left > 0:
+        chunk = handle.read(left)
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax extended header, if any."""
+    position = 0
+    while position < len(data):
+        space = data.find(b" ", position)
+        if space < 0:
+            return None
+        try:
+            length = int(data[position:space])
+        except ValueError:
+            return None
+        if length <= 0:
+            return None
+        record = data[space + 1 : position + length - 1]
+        name, _, value = record.partition(b"=")
+        if name == b"path":
+            return value.decode("utf-8", "surrogateescape")
+        position += length
+    return None
+
+
+def tar_events(handle: IO[bytes]) -> Iterator[tuple[str, str, bytes]]:
+    """Yield ``("member", name, data)`` for regular files and ``("corrupt", detail, b"")``.
+
+    One ``corrupt`` event is emitted per run of damaged blocks; a truncated member ends
+    the stream after its event. Directories, links and global headers are skipped.
+    """
+    long_name: str | None = None
+    resyncing = False
+    while True:
+        header = _read_exact(handle, BLOCK)
+        if not header:
+            return
+        if len(header) < BLOCK:
+            yield ("corrupt", "truncated header at end of file", b"")
+            return
+        if header.count(0) == BLOCK:
+            if resyncing:  # zeros inside a damaged member's data: keep scanning
+                continue
+            return  # end-of-archive marker
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as error:
+            if not resyncing:
+                yield ("corrupt", f"invalid tar header ({error})", b"")
+                resyncing = True
+            continue
+        resyncing = False
+        data = _read_exact(handle, info.size)
+        if len(data) < info.size:
+            yield ("corrupt", f"truncated member {info.name}", b"")
+            return
+        _read_exact(handle, _padded(info.size) - info.size)
+        if info.type == tarfile.GNUTYPE_LONGNAME:
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif info.type == tarfile.XHDTYPE:
+            long_name = _pax_path(data) or long_name
+        elif info.isreg():
+            yield ("member", long_name or info.name, data)
+            long_name = None
+        else:
+            long_name = None
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``"a/b/c.seg.npz"`` -> ``("a/b/c", "seg.npz")``; no dot -> extension ``""``."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return (posixpath.join(folder, stem) if folder else stem), ext
+
+
+def tar_samples(handle: IO[bytes]) -> Iterator[dict]:
+    """Group a tar stream into raw samples ``{"__key__": key, ext: bytes, ...}``.
+
+    A sample next to a damaged region (the one open when it happened and the one that
+    starts right after) carries ``CORRUPT_FLAG: True``, so that an incomplete sample can
+    be told apart from one written without a member.
+    """
+    current: dict | None = None
+    flag_next = False
+    for kind, name, data in tar_events(handle):
+        if kind == "corrupt":
+            if current is not None:
+                current[CORRUPT_FLAG] = True
+            flag_next = True
+            continue
+        key, ext = split_name(name)
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+            current = {"__key__": key}
+            if flag_next:
+                current[CORRUPT_FLAG] = True
+                flag_next = False
+        current[ext] = data
+    if current is not None:
+        yield current
+
+
+# ============================================================================ shard lists
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard: where it is, its name, and how many samples it holds."""
+
+    url: str
+    name: str
+    num_samples: int
+
+
+def resolve_shards(source: str | Sequence[str], storage_options: dict | None = None) -> list[ShardRef]:
+    """Shard list from a manifest, a directory, a brace pattern or a list of tar URLs.
+
+    Counts come from the manifest (``manifest.json`` beside the shards, which is checked
+    for its schema version); shards without one are counted by reading them once.
+    """
+    if isinstance(source, (list, tuple)):
+        urls = [str(url) for url in source]
+    elif source.endswith(".json"):
+        return _from_manifest(source, storage_options)
+    elif "{" in source:
+        urls = list(braceexpand(source))
+    elif isdir(source, storage_options):
+        if exists(join_url(source, MANIFEST_NAME), storage_options):
+            return _from_manifest(join_url(source, MANIFEST_NAME), storage_options)
+        urls = list_files(source, ".tar", storage_options)
+    else:
+        urls = [source]
+    if not urls:
+        raise FileNotFoundError(f"no tar shards found at {source}")
+    return _with_counts(urls, storage_options)
+
+
+def _from_manifest(url: str, storage_options: dict | None) -> list[ShardRef]:
+    manifest = read_manifest(url, storage_options)
+    base = dirname_url(url)
+    return [
+        ShardRef(join_url(base, entry["name"]), entry["name"], entry["num_samples"])
+        for entry in manifest["shards"]
+    ]
+
+
+def _with_counts(urls: list[str], storage_options: dict | None) -> list[ShardRef]:
+    """Attach counts from the manifests beside the shards, else by reading the shards."""
+    known: dict[str, int] = {}
+    for folder in sorted({dirname_url(url) for url in urls}):
+        if exists(join_url(folder, MANIFEST_NAME), storage_options):
+            for ref in _from_manifest(join_url(folder, MANIFEST_NAME), storage_options):
+                known[ref.url] = ref.num_samples
+    unknown = [url for url in urls if url not in known]
+    if unknown:
+        log.warning("no manifest for %d shard(s); counting their samples by reading them", len(unknown))
+    for url in unknown:
+        with open_url(url, "rb", storage_options) as handle:
+            known[url] = sum(1 for _ in tar_samples(handle))
+    return [ShardRef(url, posixpath.basename(url), known[url]) for url in urls]
+
+
+# ============================================================================ epoch plan
+
+
+def epoch_shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Shard indices in the order of this epoch (a seeded permutation when shuffling)."""
+    if not shuffle:
+        return list(range(num_shards))
+    return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
+
+
+def positions_before(n: int, worker: int, num_workers: int, batch_size: int) -> int:
+    """How many rank-local positions ``j < n`` belong to ``worker``.
+
+    Position ``j`` belongs to worker ``(j // batch_size) % num_workers``: the order of a
+    torch DataLoader that takes one batch from each worker in turn.
+    """
+    full_chunks, rest = divmod(n, batch_size)
+    owned_chunks = max(0, (full_chunks - worker + num_workers - 1) // num_workers)
+    partial = rest if full_chunks % num_workers == worker else 0
+    return owned_chunks * batch_size + partial
+
+
+def sequence_segments(
+    order: Sequence[int], counts: Sequence[int], start: int, stop: int
+) -> list[tuple[int, int, int]]:
+    """``(shard index, first, end)`` pieces of the global sequence ``[start, stop)``."""
+    pieces, offset = [], 0
+    for shard in order:
+        lo, hi = max(start, offset), min(stop, offset + counts[shard])
+        if lo < hi:
+            pieces.append((shard, lo - offset, hi - offset))
+        offset += counts[shard]
+        if offset >= stop:
+            break
+    return pieces
+
+
+@dataclass
+class WorkerPlan:
+    """What one (rank, worker) reads and yields in one epoch."""
+
+    segments: list[tuple[int, int, int]]  # (shard index, first, end) read in this order
+    quota: int  # positions this worker yields in the whole epoch
+    skip: int  # positions already consumed before a resume
+
+
+def plan_worker(
+    counts: Sequence[int], order: Sequence[int], rank: int, world_size: int,
+    worker: int, num_workers: int, batch_size: int, consumed: int,
+) -> WorkerPlan:
+    """The contiguous range of the epoch sequence that one (rank, worker) owns."""
+    per_rank = sum(counts) // world_size
+    quotas = [positions_before(per_rank, w, num_workers, batch_size) for w in range(num_workers)]
+    start = rank * per_rank + sum(quotas[:worker])
+    return WorkerPlan(
+        segments=sequence_segments(order, counts, start, start + quotas[worker]),
+        quota=quotas[worker],
+        skip=positions_before(min(consumed, per_rank), worker, num_workers, batch_size),
+    )
+
+
+def buffer_shuffle(items: Iterable, size: int, rng: random.Random) -> Iterator:
+    """Shuffle a stream with a buffer of ``size`` items (no shuffle for size <= 1)."""
+    if size <= 1:
+        yield from items
+        return
+    buffer: list = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(size)
+        yield buffer[index]
+        buffer[index] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+LOST_FLAG = "__lost__"  # a sample the manifest promises but the tar did not deliver
+
+
+def read_shard_range(ref: ShardRef, first: int, end: int, storage_options: dict | None) -> Iterator[dict]:
+    """Raw samples ``first..end-1`` of a shard, always exactly ``end - first`` of them.
+
+    Samples the tar cannot deliver (truncated or unreadable shard) come as placeholders
+    flagged ``LOST_FLAG`` so that they are counted as ``corrupt_member``.
+    """
+    delivered = 0
+    try:
+        with open_url(ref.url, "rb", storage_options) as handle:
+            for index, raw in enumerate(tar_samples(handle)):
+                if index >= end:
+                    break
+                if index >= first:
+                    raw["__shard__"] = ref.name
+                    delivered += 1
+                    yield raw
+    except Exception as error:  # unreadable shard (missing file, network): count its samples
+        log.warning("shard %s unreadable after %d samples: %s", ref.url, delivered, error)
+    for index in range(first + delivered, end):
+        yield {"__key__": f"{ref.name}#{index}", "__shard__": ref.name, LOST_FLAG: True}
+
+
+# ============================================================================ the reader
+
+
+class ShardReader(IterableDataset):
+    """Iterable over decoded ``Sample``s of a shard set; see the module docstring.
+
+    Args:
+        source: manifest URL, shard directory, brace pattern or list of tar URLs.
+        seed: base seed of the shard order and the shuffle buffers.
+        shuffle: permute shards and shuffle samples (False: manifest order).
+        shuffle_buffer: samples held by each worker's shuffle buffer (raw bytes).
+        rank, world_size: DDP split; default from ``torch.distributed`` if initialised.
+        batch_size: the DataLoader batch size (only matters with DataLoader workers:
+            it decides which worker owns which position, for exact resume).
+        max_bad_fraction: bad fraction of a shard that stops the run.
+        substitute_bad: fill a bad sample's position with the previous good sample so
+            every rank yields the same count; False drops it.
+        decode_images: decode JPEGs (``Sample.image``, RGB); False only checks markers
+            (for a cropper that decodes at reduced size itself).
+        transform: optional ``f(sample) -> item`` run on each good sample inside the
+            reader (e.g. the multi-RoI cropper; it must not return None); a ``BadSample``
+            it raises is counted, skipped and substituted like any other, and the reader
+            yields its items.
+        storage_options: fsspec options for remote URLs.
+        epoch: the first epoch.
+    """
+
+    def __init__(
+        self,
+        source: str | Sequence[str],
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 500,
+        rank: int | None = None,
+        world_size: int | None = None,
+        batch_size: int = 1,
+        max_bad_fraction: float = 0.05,
+        substitute_bad: bool = True,
+        decode_images: bool = True,
+        storage_options: dict | None = None,
+        epoch: int = 0,
+        transform: Callable[[Sample], Any] | None = None,
+    ):
+        super().__init__()
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.storage_options = storage_options
+        self.shards = resolve_shards(source, storage_options)
+        self.total = sum(ref.num_samples for ref in self.shards)
+        if self.total < self.world_size:
+            raise ValueError(f"{source}: {self.total} samples cannot feed {self.world_size} ranks")
+        self.seed, self.shuffle, self.shuffle_buffer = int(seed), shuffle, int(shuffle_buffer)
+        self.batch_size = int(batch_size)
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.substitute_bad, self.decode_images = substitute_bad, decode_images
+        self.transform = transform
+        self.epoch, self.consumed = int(epoch), 0
+        self.bad_counts: Counter = Counter()
+        self.substituted = 0
+
+    # ---------------------------------------------------------------- size and position
+
+    def __len__(self) -> int:
+        """Samples every rank yields per epoch: ``total // world_size``."""
+        return self.total // self.world_size
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Samples of each epoch that no rank sees (the tail of the shuffled sequence)."""
+        return self.total - len(self) * self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (resets the position unless it is the current epoch)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.consumed = int(epoch), 0
+
+    def advance(self, num_samples: int) -> None:
+        """Record ``num_samples`` consumed on this rank (when DataLoader workers iterate)."""
+        self.consumed += int(num_samples)
+
+    def state_dict(self) -> dict:
+        """The data position: epoch and samples of it already consumed on this rank."""
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved position (the next iteration skips what was consumed)."""
+        for name in ("seed", "world_size", "batch_size"):
+            if name in state and state[name] != getattr(self, name):
+                log.warning(
+                    "resuming data position saved with %s=%s under %s=%s: the epoch's "
+                    "split differs, samples may repeat or be skipped this epoch",
+                    name, state[name], name, getattr(self, name),
+                )
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+    # ---------------------------------------------------------------- iteration
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        # A fresh DataLoader starts its round robin at worker 0: after a resume, worker 0
+        # plays the part of the worker that owns the next batch, so ownership never moves.
+        worker = (worker + self.consumed // self.batch_size) % num_workers
+        if info is None and len(self) and self.consumed >= len(self):
+            self.epoch, self.consumed = self.epoch + 1, 0  # previous epoch was complete
+        counts = [ref.num_samples for ref in self.shards]
+        order = epoch_shard_order(len(self.shards), self.seed, self.epoch, self.shuffle)
+        plan = plan_worker(
+            counts, order, self.rank, self.world_size, worker, num_workers,
+            self.batch_size, self.consumed,
+        )
+        stream = self._stream(plan, worker)
+        if info is not None:
+            yield from stream
+            return
+        for sample in stream:
+            self.consumed += 1
+            yield sample
+
+    def _stream(self, plan: WorkerPlan, worker: int) -> Iterator[Any]:
+        """Read, shuffle, skip the consumed positions, decode and substitute bad ones."""
+        raws = (
+            raw
+            for shard, first, end in plan.segments
+            for raw in read_shard_range(self.shards[shard], first, end, self.storage_options)
+        )
+        rng = random.Random(f"raytrain:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        size = self.shuffle_buffer if self.shuffle else 0
+        tally = _BadTally(self, plan)
+        last_good, owed = None, 0
+        for position, raw in enumerate(buffer_shuffle(raws, size, rng)):
+            if position < plan.skip:
+                continue
+            sample = self._decode(raw, tally)
+            if sample is None:
+                if not self.substitute_bad:
+                    continue
+                if last_good is None:
+                    owed += 1
+                    continue
+                sample = last_good
+                self.substituted += 1
+            last_good = sample
+            yield sample
+            while owed:
+                owed -= 1
+                self.substituted += 1
+                yield sample
+        tally.report(worker)
+
+    def _decode(self, raw: dict, tally: "_BadTally") -> Any:
+        """Decode (and transform) one raw sample, or count it as bad and return None."""
+        shard = raw.get("__shard__", "?")
+        try:
+            if raw.get(LOST_FLAG):
+                raise BadSample("corrupt_member", f"{raw['__key__']}: missing from the tar stream")
+            try:
+                sample = decode_sample(raw, decode_image=self.decode_images)
+            except BadSample as error:
+                if raw.get(CORRUPT_FLAG) and error.reason == "missing_key":
+                    raise BadSample("corrupt_member", error.detail) from None
+                raise
+            return sample if self.transform is None else self.transform(sample)
+        except BadSample as error:
+            tally.add(shard, error)
+        except SchemaError as error:
+            raise SchemaError(f"shard {shard}: {error}") from None
+        except Exception as error:  # never crash on data: count it, but say what happened
+            log.warning("unexpected error decoding %s in %s: %r", raw.get("__key__"), shard, error)
+            tally.add(shard, BadSample("corrupt_member", repr(error)))
+        return None
+
+
+class _BadTally:
+    """Bad-sample bookkeeping of one worker's epoch: counts, threshold, report."""
+
+    def __init__(self, reader: ShardReader, plan: WorkerPlan):
+        self.reader = reader
+        self.by_shard: Counter = Counter()
+        self.reasons: Counter = Counter()
+        self.shard_sizes = {reader.shards[i].name: reader.shards[i].num_samples for i, _, _ in plan.segments}
+        self.quota = plan.quota
+
+    def add(self, shard: str, error: BadSample) -> None:
+        self.reader.bad_counts[error.reason] += 1
+        self.reasons[error.reason] += 1
+        self.by_shard[shard] += 1
+        log.debug("bad sample in %s: %s", shard, error)
+        size = self.shard_sizes.get(shard, 1)
+        if self.by_shard[shard] > self.reader.max_bad_fraction * size:
+            raise TooManyBadSamples(shard, self.by_shard[shard], size, self.reasons)
+
+    def report(self, worker: int) -> None:
+        reader, bad = self.reader, sum(self.reasons.values())
+        message = "epoch %d rank %d worker %d: %d bad of %d samples skipped %s in %s"
+        args = (reader.epoch, reader.rank, worker, bad, self.quota, dict(self.reasons), dict(self.by_shard))
+        (log.warning if bad else log.debug)(message, *args)
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else torch.distributed's, else a single process."""
+    if rank is None or world_size is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        world_size = world_size if world_size is not None else (
+            torch.distributed.get_world_size() if distributed else 1
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    return int(rank), int(world_size)

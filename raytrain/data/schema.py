@@ -1,0 +1,322 @@
+"""Shard sample schema, version 1: encode for writing, decode and validate for reading.
+
+One sample is one person instance, stored as three tar members sharing a key
+(see docs/CONVENTIONS.md): ``<key>.jpg`` (image region), ``<key>.json`` (metadata)
+and ``<key>.npz`` (label arrays, loaded with ``allow_pickle=False``: shards are data
+from outside and must never execute code).
+
+``decode_sample`` raises ``BadSample(reason)`` for a sample that must be skipped and
+``SchemaError`` for a schema version this code does not know (a systemic problem that
+must stop the run, not be skipped).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+SCHEMA_VERSION = 1
+KNOWN_SCHEMA_VERSIONS = (1,)
+
+#: Tar member extensions every sample must carry.
+REQUIRED_MEMBERS = ("jpg", "json", "npz")
+
+#: Label arrays of the npz member and their shapes.
+ARRAY_SHAPES = {
+    "keypoints_2d": (24, 3),
+    "joints_3d": (24, 4),
+    "pose": (72,),
+    "betas": (10,),
+}
+
+#: Metadata fields a writer must provide (the others have defaults).
+REQUIRED_META = ("image_size", "focal", "box", "affine", "stored_size", "source")
+META_DEFAULTS = {
+    "gender": "neutral",
+    "has_smpl": False,
+    "has_3d": False,
+    "has_2d": False,
+    "cam_full": None,
+}
+GENDERS = ("neutral", "male", "female")
+
+#: Reasons a sample is skipped; the reader counts bad samples by these names.
+BAD_REASONS = (
+    "corrupt_member",  # tar-level damage: garbage header, truncated member, lost samples
+    "missing_key",  # a required member (jpg/json/npz) is absent
+    "bad_json",  # json unparsable, not an object, or a field missing / mistyped
+    "bad_array",  # npz unloadable, an array missing or of the wrong shape
+    "bad_jpeg",  # JPEG undecodable or not of the stored size
+    "nonfinite_label",  # NaN or inf in a label or camera value
+    "box_outside_image",  # box empty or not overlapping the full image
+)
+
+
+class SchemaError(ValueError):
+    """A shard or manifest uses a schema version this code cannot read."""
+
+
+class BadSample(ValueError):
+    """A sample that must be skipped; ``reason`` is one of ``BAD_REASONS``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        if reason not in BAD_REASONS:
+            raise ValueError(f"unknown bad-sample reason {reason!r}")
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+@dataclass
+class Sample:
+    """One decoded, validated person instance.
+
+    ``image`` is the stored region decoded to (h, w, 3) uint8 **RGB**, or ``None`` when
+    the reader was asked not to decode (call ``decode_image()``); ``jpeg`` always holds
+    the encoded bytes. Geometry is in full-image pixels (CONVENTIONS.md).
+    """
+
+    key: str
+    jpeg: bytes
+    image_size: tuple[int, int]  # (W, H) of the full image
+    focal: float
+    box: np.ndarray  # (3,) float32 (cx, cy, b)
+    affine: np.ndarray  # (2, 3) float32 full-image px -> stored-image px
+    stored_size: tuple[int, int]  # (w, h) of the stored image
+    source: str
+    gender: str
+    has_smpl: bool
+    has_3d: bool
+    has_2d: bool
+    cam_full: np.ndarray | None  # (3,) float32 or None
+    keypoints_2d: np.ndarray  # (24, 3) float32
+    joints_3d: np.ndarray  # (24, 4) float32
+    pose: np.ndarray  # (72,) float32
+    betas: np.ndarray  # (10,) float32
+    image: np.ndarray | None = None
+    meta: dict = field(default_factory=dict, repr=False)
+
+    def decode_image(self) -> np.ndarray:
+        """Decode (once) and return the stored image as (h, w, 3) uint8 RGB."""
+        if self.image is None:
+            self.image = decode_jpeg(self.jpeg, self.stored_size)
+        return self.image
+
+
+# ----------------------------------------------------------------------------- encode
+
+
+def encode_sample(key: str, jpg_bytes: bytes, meta: dict, arrays: dict) -> dict:
+    """Build the webdataset dict ``{"__key__", "jpg", "json", "npz"}`` of one sample.
+
+    Missing arrays are written as zeros (set the matching ``has_*`` flag false);
+    ``schema_version`` is filled in. Raises ``ValueError`` for a key with a dot, a
+    missing required metadata field, or an array of the wrong shape, so bad data is
+    caught at writing time rather than by every reader.
+    """
+    if "." in key or not key:
+        raise ValueError(f"sample key must be non-empty without dots, got {key!r}")
+    if not jpg_bytes[:2] == b"\xff\xd8":
+        raise ValueError(f"{key}: jpg_bytes is not a JPEG (no SOI marker)")
+    missing = [name for name in REQUIRED_META if name not in meta]
+    if missing:
+        raise ValueError(f"{key}: metadata lacks {missing}")
+    full_meta = {**META_DEFAULTS, **meta, "schema_version": SCHEMA_VERSION}
+    return {
+        "__key__": key,
+        "jpg": bytes(jpg_bytes),
+        "json": json.dumps(_jsonable(full_meta), sort_keys=True).encode("utf-8"),
+        "npz": _encode_arrays(key, arrays),
+    }
+
+
+def _encode_arrays(key: str, arrays: dict) -> bytes:
+    """Serialise the label arrays with ``np.savez`` (no pickles, float32)."""
+    out = {}
+    for name, shape in ARRAY_SHAPES.items():
+        value = np.asarray(arrays.get(name, np.zeros(shape)), dtype=np.float32)
+        if value.shape != shape:
+            raise ValueError(f"{key}: array {name} has shape {value.shape}, expected {shape}")
+        out[name] = value
+    buffer = io.BytesIO()
+    np.savez(buffer, **out)
+    return buffer.getvalue()
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays (and tuples) inside metadata to JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def decode_sample(raw: dict, decode_image: bool = True) -> Sample:
+    """Validate one raw webdataset sample (members as bytes) and return a ``Sample``.
+
+    ``raw`` maps ``"__key__"`` to the key and member extensions (``"jpg"`` ...) to bytes.
+    Raises ``BadSample`` (skip it) or ``SchemaError`` (stop). With ``decode_image=False``
+    the JPEG is only checked for its markers; the image is decoded on demand.
+    """
+    key = str(raw.get("__key__", "?"))
+    missing = [ext for ext in REQUIRED_MEMBERS if raw.get(ext) is None]
+    if missing:
+        raise BadSample("missing_key", f"{key}: no {'/'.join(missing)} member")
+    meta = _parse_meta(key, raw["json"])
+    arrays = _load_arrays(key, raw["npz"])
+    sample = _build_sample(key, bytes(raw["jpg"]), meta, arrays)
+    _check_finite(sample)
+    _check_box(sample)
+    if decode_image:
+        sample.decode_image()
+    elif not _looks_like_jpeg(sample.jpeg):
+        raise BadSample("bad_jpeg", f"{key}: missing JPEG SOI/EOI markers")
+    return sample
+
+
+def decode_jpeg(data: bytes, stored_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode JPEG bytes to (h, w, 3) uint8 RGB; ``BadSample("bad_jpeg")`` if impossible."""
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB) if buffer.size else None
+    if image is None:
+        raise BadSample("bad_jpeg", "cv2.imdecode failed")
+    if stored_size is not None and (image.shape[1], image.shape[0]) != tuple(stored_size):
+        raise BadSample(
+            "bad_jpeg",
+            f"decoded size {image.shape[1]}x{image.shape[0]} != stored_size {tuple(stored_size)}",
+        )
+    return image
+
+
+def _looks_like_jpeg(data: bytes) -> bool:
+    return data[:2] == b"\xff\xd8" and b"\xff\xd9" in data[-16:]
+
+
+def _parse_meta(key: str, payload: bytes) -> dict:
+    """Parse the json member and check the schema version."""
+    try:
+        meta = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadSample("bad_json", f"{key}: {error}") from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", f"{key}: json is not an object")
+    version = meta.get("schema_version")
+    if version not in KNOWN_SCHEMA_VERSIONS:
+        raise SchemaError(
+            f"sample {key} has schema_version {version!r}; this raytrain reads "
+            f"{list(KNOWN_SCHEMA_VERSIONS)} (re-shard the data or upgrade raytrain)"
+        )
+    missing = [name for name in REQUIRED_META if name not in meta]
+    if missing:
+        raise BadSample("bad_json", f"{key}: json lacks {missing}")
+    return meta
+
+
+def _load_arrays(key: str, payload: bytes) -> dict[str, np.ndarray]:
+    """Load the npz member without pickles and check every array's shape."""
+    try:
+        with np.load(io.BytesIO(bytes(payload)), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files if name in ARRAY_SHAPES}
+    except Exception as error:  # zipfile/ValueError/OSError: all mean an unreadable npz
+        raise BadSample("bad_array", f"{key}: npz unreadable ({type(error).__name__}: {error})") from None
+    for name, shape in ARRAY_SHAPES.items():
+        if name not in arrays:
+            raise BadSample("bad_array", f"{key}: npz lacks {name}")
+        if arrays[name].shape != shape or arrays[name].dtype.kind not in "fiu":
+            raise BadSample(
+                "bad_array",
+                f"{key}: {name} is {arrays[name].dtype}{arrays[name].shape}, expected float{shape}",
+            )
+        arrays[name] = arrays[name].astype(np.float32, copy=False)
+    return arrays
+
+
+def _build_sample(key: str, jpeg: bytes, meta: dict, arrays: dict) -> Sample:
+    """Turn parsed metadata into typed fields; mistyped fields are ``bad_json``."""
+    try:
+        cam_full = meta.get("cam_full")
+        sample = Sample(
+            key=key,
+            jpeg=jpeg,
+            image_size=_int_pair(meta["image_size"]),
+            focal=float(meta["focal"]),
+            box=_float_array(meta["box"], (3,)),
+            affine=_float_array(meta["affine"], (2, 3)),
+            stored_size=_int_pair(meta["stored_size"]),
+            source=str(meta["source"]),
+            gender=str(meta.get("gender", "neutral")),
+            has_smpl=bool(meta.get("has_smpl", False)),
+            has_3d=bool(meta.get("has_3d", False)),
+            has_2d=bool(meta.get("has_2d", False)),
+            cam_full=None if cam_full is None else _float_array(cam_full, (3,)),
+            meta=meta,
+            **arrays,
+        )
+    except (TypeError, ValueError, KeyError) as error:
+        raise BadSample("bad_json", f"{key}: {error}") from None
+    if sample.gender not in GENDERS:
+        raise BadSample("bad_json", f"{key}: gender {sample.gender!r} not in {GENDERS}")
+    return sample
+
+
+def _int_pair(value: Any) -> tuple[int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"expected a pair [W, H], got {value!r}")
+    first, second = (float(v) for v in value)
+    if not (math.isfinite(first) and math.isfinite(second)) or first <= 0 or second <= 0:
+        raise ValueError(f"expected a positive size, got {value!r}")
+    return int(first), int(second)
+
+
+def _float_array(value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    array = np.asarray(value, dtype=np.float32)
+    if array.shape != shape:
+        raise ValueError(f"expected shape {shape}, got {array.shape}")
+    return array
+
+
+def _check_finite(sample: Sample) -> None:
+    """NaN or inf anywhere in labels, camera or geometry makes the sample bad."""
+    values = {
+        "focal": np.float32(sample.focal),
+        "box": sample.box,
+        "affine": sample.affine,
+        "keypoints_2d": sample.keypoints_2d,
+        "joints_3d": sample.joints_3d,
+        "pose": sample.pose,
+        "betas": sample.betas,
+    }
+    if sample.cam_full is not None:
+        values["cam_full"] = sample.cam_full
+    bad = [name for name, value in values.items() if not np.all(np.isfinite(value))]
+    if bad:
+        raise BadSample("nonfinite_label", f"{sample.key}: non-finite {bad}")
+    if sample.focal <= 0:
+        raise BadSample("bad_json", f"{sample.key}: focal {sample.focal} <= 0")
+
+
+def _check_box(sample: Sample) -> None:
+    """The square box must have a positive side and overlap the full image."""
+    cx, cy, side = (float(v) for v in sample.box)
+    width, height = sample.image_size
+    half = side / 2
+    overlaps = cx + half > 0 and cx - half < width and cy + half > 0 and cy - half < height
+    if side <= 0 or not overlaps:
+        raise BadSample(
+            "box_outside_image",
+            f"{sample.key}: box {[cx, cy, side]} vs image {width}x{height}",
+        )

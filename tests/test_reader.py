@@ -1,0 +1,289 @@
+"""Streaming reader: shard lists, split by rank and worker, shuffling, resume, bad data."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from raytrain.data import BadSample, SchemaError, ShardReader, TooManyBadSamples, resolve_shards, write_shards
+from raytrain.data.reader import positions_before
+
+from fixtures_data import make_fake_samples
+
+
+def _write(path, n, maxcount=10, seed=0):
+    samples = make_fake_samples(n, seed=seed)
+    write_shards(samples, str(path), source="fake", licence="test", maxcount=maxcount)
+    return [s["__key__"] for s in samples]
+
+
+def _keys(reader) -> list[str]:
+    return [sample.key for sample in reader]
+
+
+def _collate_keys(batch):
+    return [sample.key for sample in batch]
+
+
+def _loader_keys(reader, batch_size, num_workers, max_batches=None) -> list[str]:
+    loader = DataLoader(reader, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_keys)
+    keys = []
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        keys.extend(batch)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    """102 samples in shards of 10 (the last one short)."""
+    path = tmp_path_factory.mktemp("shards")
+    return path, _write(path, 102, maxcount=10)
+
+
+def test_shard_lists_from_directory_pattern_manifest_and_without_manifest(shard_set, tmp_path):
+    path, keys = shard_set
+    by_dir = resolve_shards(str(path))
+    assert [r.num_samples for r in by_dir] == [10] * 10 + [2]
+    assert resolve_shards(str(path / "manifest.json")) == by_dir
+    pattern = resolve_shards(str(path / "shard-{000000..000010}.tar"))
+    assert [(r.url, r.num_samples) for r in pattern] == [(r.url, r.num_samples) for r in by_dir]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for ref in by_dir[:3]:
+        shutil.copy(ref.url, bare / ref.name)
+    assert [r.num_samples for r in resolve_shards(str(bare))] == [10, 10, 10]
+    assert sorted(_keys(ShardReader(str(bare), world_size=1, rank=0))) == sorted(keys[:30])
+
+
+def test_one_epoch_in_process_delivers_everything_once(shard_set):
+    path, keys = shard_set
+    got = _keys(ShardReader(str(path), seed=3, rank=0, world_size=1, shuffle_buffer=20))
+    assert sorted(got) == sorted(keys) and got != keys
+
+
+def test_two_ranks_two_workers_every_sample_exactly_once(shard_set):
+    path, keys = shard_set
+    per_rank = []
+    for rank in range(2):
+        reader = ShardReader(str(path), seed=5, rank=rank, world_size=2, batch_size=4, shuffle_buffer=16)
+        assert len(reader) == 51
+        per_rank.append(_loader_keys(reader, batch_size=4, num_workers=2))
+    assert [len(k) for k in per_rank] == [51, 51]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(keys)
+
+
+def test_ranks_get_equal_counts_and_drop_the_remainder(tmp_path):
+    keys = _write(tmp_path, 23, maxcount=4)
+    readers = [ShardReader(str(tmp_path), seed=1, rank=r, world_size=3) for r in range(3)]
+    per_rank = [_keys(reader) for reader in readers]
+    assert [len(k) for k in per_rank] == [7, 7, 7] and readers[0].dropped_per_epoch == 2
+    seen = [key for rank_keys in per_rank for key in rank_keys]
+    assert len(set(seen)) == 21 and set(seen) <= set(keys)
+
+
+def test_shuffling_is_deterministic_per_seed_and_changes_per_epoch(shard_set):
+    path, _ = shard_set
+
+    def epoch_keys(seed, epoch):
+        reader = ShardReader(str(path), seed=seed, rank=1, world_size=2, shuffle_buffer=16)
+        reader.set_epoch(epoch)
+        return _keys(reader)
+
+    assert epoch_keys(7, 0) == epoch_keys(7, 0)
+    assert epoch_keys(7, 0) != epoch_keys(7, 1)
+    assert epoch_keys(7, 0) != epoch_keys(8, 0)
+    assert set(epoch_keys(7, 0)) != set(epoch_keys(7, 1))  # ranks get different parts each epoch
+
+
+def test_no_shuffle_keeps_manifest_order(shard_set):
+    path, keys = shard_set
+    assert _keys(ShardReader(str(path), shuffle=False, rank=0, world_size=1)) == keys
+
+
+def test_resume_mid_epoch_in_process(shard_set):
+    path, _ = shard_set
+    full = _keys(ShardReader(str(path), seed=2, rank=0, world_size=2, shuffle_buffer=16))
+    reader = ShardReader(str(path), seed=2, rank=0, world_size=2, shuffle_buffer=16)
+    first = []
+    for sample in reader:
+        first.append(sample.key)
+        if len(first) == 19:
+            break
+    state = reader.state_dict()
+    assert state["consumed"] == 19 and state["epoch"] == 0
+    resumed = ShardReader(str(path), seed=2, rank=0, world_size=2, shuffle_buffer=16)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    rest = _keys(resumed)
+    assert first + rest == full
+    assert resumed.state_dict()["consumed"] == 51
+    assert len(_keys(resumed)) == 51 and resumed.epoch == 1  # a finished epoch moves on
+
+
+def test_resume_mid_epoch_with_dataloader_workers(shard_set):
+    path, _ = shard_set
+    options = dict(seed=4, rank=1, world_size=2, batch_size=4, shuffle_buffer=8)
+    full = _loader_keys(ShardReader(str(path), **options), batch_size=4, num_workers=2)
+    reader = ShardReader(str(path), **options)
+    reader.set_epoch(0)
+    first = _loader_keys(reader, batch_size=4, num_workers=2, max_batches=5)
+    reader.advance(len(first))
+    resumed = ShardReader(str(path), **options)
+    resumed.load_state_dict(reader.state_dict())
+    rest = _loader_keys(resumed, batch_size=4, num_workers=2)
+    assert first + rest == full and len(full) == 51
+
+
+@pytest.mark.parametrize("n, workers, batch", [(51, 2, 4), (10, 3, 1), (7, 2, 8), (0, 2, 2)])
+def test_worker_positions_partition_the_epoch(n, workers, batch):
+    assert sum(positions_before(n, w, workers, batch) for w in range(workers)) == n
+    owner = [(j // batch) % workers for j in range(n)]
+    for w in range(workers):
+        assert positions_before(n, w, workers, batch) == owner.count(w)
+
+
+def test_unknown_manifest_schema_refused_at_construction(tmp_path):
+    _write(tmp_path, 5)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["schema_version"] = 3
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SchemaError, match="manifest.json"):
+        ShardReader(str(tmp_path))
+    with pytest.raises(SchemaError):
+        ShardReader(str(tmp_path / "shard-{000000..000000}.tar"))
+
+
+# ------------------------------------------------------------------------- fuzz: bad data
+
+
+def _members(path) -> list[tarfile.TarInfo]:
+    with tarfile.open(path) as tar:
+        return tar.getmembers()
+
+
+def _rewrite_npz(raw: dict, name: str, value) -> None:
+    with np.load(io.BytesIO(raw["npz"])) as npz:
+        arrays = dict(npz)
+    arrays[name] = value
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    raw["npz"] = buffer.getvalue()
+
+
+def _rewrite_json(raw: dict, **changes) -> None:
+    meta = json.loads(raw["json"])
+    meta.update(changes)
+    raw["json"] = json.dumps(meta).encode()
+
+
+def _corrupt_samples(samples: list[dict]) -> dict[str, int]:
+    """Damage one sample in each of shards 2..7 (10 per shard); return expected counts."""
+    samples[24]["jpg"] = b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"
+    _rewrite_npz(samples[35], "pose", np.full(72, np.nan, np.float32))
+    _rewrite_json(samples[41], box=[5000.0, 5000.0, 30.0])
+    del samples[57]["npz"]
+    samples[63]["json"] = b'{"schema_version": 1, "box": [1, 2'
+    _rewrite_npz(samples[76], "joints_3d", np.zeros((17, 4), np.float32))
+    return {"bad_jpeg": 1, "nonfinite_label": 1, "box_outside_image": 1,
+            "missing_key": 1, "bad_json": 1, "bad_array": 1}
+
+
+def _damage_tars(path) -> tuple[set[int], int]:
+    """Garbage over a header in shard 0, a shard 1 cut inside sample 17: lost indices."""
+    shard0 = path / "shard-000000.tar"
+    target = [m for m in _members(shard0) if m.name.endswith("000003/0.jpg")][0]
+    data = bytearray(shard0.read_bytes())
+    header = target.offset_data - 512
+    data[header : header + 512] = np.random.default_rng(0).bytes(512)
+    shard0.write_bytes(bytes(data))
+    shard1 = path / "shard-000001.tar"
+    cut = [m for m in _members(shard1) if m.name.endswith("000017/0.jpg")][0]
+    shard1.write_bytes(shard1.read_bytes()[: cut.offset_data + 100])
+    return {3, 17, 18, 19}, 4
+
+
+@pytest.fixture()
+def fuzzed(tmp_path):
+    samples = make_fake_samples(80, seed=9)
+    expected = _corrupt_samples(samples)
+    write_shards(samples, str(tmp_path), source="fake", licence="test", maxcount=10)
+    lost, corrupt = _damage_tars(tmp_path)
+    expected["corrupt_member"] = corrupt
+    bad_index = lost | {24, 35, 41, 57, 63, 76}
+    good = {s["__key__"] for i, s in enumerate(samples) if i not in bad_index}
+    return tmp_path, expected, good
+
+
+def test_fuzz_epoch_finishes_with_counts_and_every_good_sample(fuzzed, caplog):
+    path, expected, good = fuzzed
+    reader = ShardReader(str(path), seed=1, rank=0, world_size=1, shuffle_buffer=16,
+                         max_bad_fraction=0.5, substitute_bad=False)
+    with caplog.at_level(logging.WARNING, logger="raytrain.data.reader"):
+        keys = _keys(reader)
+    assert sorted(keys) == sorted(good) and len(keys) == 70
+    assert dict(reader.bad_counts) == expected
+    assert "10 bad of 80 samples" in caplog.text
+
+
+def test_fuzz_with_substitution_keeps_rank_lengths_equal(fuzzed):
+    path, expected, good = fuzzed
+    readers = [ShardReader(str(path), seed=2, rank=r, world_size=2, max_bad_fraction=0.5) for r in range(2)]
+    per_rank = [_keys(reader) for reader in readers]
+    assert [len(keys) for keys in per_rank] == [40, 40]
+    assert set(per_rank[0]) | set(per_rank[1]) == good
+    assert sum(r.substituted for r in readers) == 10
+    total = sum((r.bad_counts for r in readers), start=Counter())
+    assert dict(total) == expected
+
+
+def test_fuzz_through_dataloader_workers(fuzzed):
+    path, _, good = fuzzed
+    reader = ShardReader(str(path), seed=3, rank=0, world_size=1, batch_size=4, max_bad_fraction=0.5)
+    keys = _loader_keys(reader, batch_size=4, num_workers=2)
+    assert len(keys) == 80 and set(keys) == good
+
+
+def test_too_many_bad_samples_names_the_shard(tmp_path):
+    samples = make_fake_samples(30, seed=4)
+    for index in range(12, 16):
+        samples[index]["jpg"] = b"\xff\xd8broken\xff\xd9"
+    write_shards(samples, str(tmp_path), source="fake", licence="test", maxcount=10)
+    reader = ShardReader(str(tmp_path), rank=0, world_size=1, max_bad_fraction=0.2)
+    with pytest.raises(TooManyBadSamples, match="shard-000001.tar") as caught:
+        _keys(reader)
+    assert caught.value.counts == {"bad_jpeg": 3}
+
+
+def test_missing_shard_file_counts_as_corrupt(tmp_path):
+    _write(tmp_path, 30, maxcount=10)
+    (tmp_path / "shard-000002.tar").unlink()
+    with pytest.raises(TooManyBadSamples, match="shard-000002.tar"):
+        _keys(ShardReader(str(tmp_path), rank=0, world_size=1))
+
+
+class _RejectEveryFifth:
+    """A stand-in for the cropper: returns the key, rejects some samples as bad."""
+
+    def __call__(self, sample):
+        if int(sample.key.split("/")[2]) % 5 == 0:
+            raise BadSample("box_outside_image", f"{sample.key}: rejected by the transform")
+        return sample.key.upper()
+
+
+def test_transform_runs_in_reader_and_its_bad_samples_are_counted(tmp_path):
+    keys = _write(tmp_path, 20, maxcount=10)
+    reader = ShardReader(str(tmp_path), rank=0, world_size=1, decode_images=False,
+                         max_bad_fraction=0.3, transform=_RejectEveryFifth())
+    items = list(reader)
+    assert len(items) == 20 and reader.substituted == 4
+    assert set(items) == {k.upper() for k in keys if int(k.split("/")[2]) % 5}
+    assert dict(reader.bad_counts) == {"box_outside_image": 4}

@@ -1,0 +1,68 @@
+"""Shards on an S3 endpoint on loopback (a moto server started here) read like local ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+from raytrain.data import ShardReader, read_manifest, verify_shards, write_shards  # noqa: E402
+
+from fixtures_data import make_fake_samples  # noqa: E402
+
+BUCKET = "bucket"
+pytestmark = pytest.mark.filterwarnings("ignore:Your installed version of s3fs is very old")
+
+
+@pytest.fixture(scope="module")
+def s3_options():
+    """Start moto on a free loopback port; yield fsspec storage options for it."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )
+    client.create_bucket(Bucket=BUCKET)
+    yield {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
+    server.stop()
+
+
+def _read_all(reader: ShardReader) -> list[tuple]:
+    return [(s.key, s.jpeg, s.image.tobytes(), s.pose.tobytes(), s.box.tobytes()) for s in reader]
+
+
+def test_s3_shards_give_the_same_samples_as_disk(s3_options, tmp_path):
+    samples = make_fake_samples(37, seed=11)
+    local = write_shards(samples, str(tmp_path), "fake", "test", maxcount=8)
+    remote = write_shards(samples, f"s3://{BUCKET}/x", "fake", "test", maxcount=8, storage_options=s3_options)
+    assert remote == local  # same bytes, same checksums
+    assert read_manifest(f"s3://{BUCKET}/x", s3_options) == local
+    assert verify_shards(f"s3://{BUCKET}/x", s3_options) == []
+    options = dict(seed=3, rank=0, world_size=1, shuffle_buffer=10)
+    from_disk = _read_all(ShardReader(str(tmp_path), **options))
+    from_s3 = _read_all(ShardReader(f"s3://{BUCKET}/x", storage_options=s3_options, **options))
+    assert len(from_s3) == 37 and from_s3 == from_disk
+
+
+def test_s3_brace_pattern_and_rank_split(s3_options):
+    samples = make_fake_samples(20, seed=12)
+    write_shards(samples, f"s3://{BUCKET}/y", "fake", "test", maxcount=5, storage_options=s3_options)
+    pattern = f"s3://{BUCKET}/y/shard-{{000000..000003}}.tar"
+    keys = []
+    for rank in range(2):
+        reader = ShardReader(pattern, seed=1, rank=rank, world_size=2, storage_options=s3_options)
+        keys.append([s.key for s in reader])
+    assert [len(k) for k in keys] == [10, 10]
+    assert sorted(keys[0] + keys[1]) == sorted(s["__key__"] for s in samples)
+    image = next(iter(ShardReader(pattern, rank=0, world_size=1, storage_options=s3_options))).image
+    assert image.dtype == np.uint8 and image.shape == (40, 48, 3)
