@@ -78,9 +78,10 @@ def _config_args(p):
 
 
 def cmd_shard_synthetic(args):
-    from .data.synthetic import shard_synthetic
+    from .data.synthetic import shard_synthetic, with_storage
+    cfg = with_storage(None, "full") if args.full_frame else None
     manifest = shard_synthetic(args.out, n=args.n, seed=args.seed, workers=args.workers,
-                               maxcount=args.maxcount, full_frame=args.full_frame)
+                               maxcount=args.maxcount, cfg=cfg)
     print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}")
 
 

@@ -1,0 +1,25 @@
+"""Dataset converters: raw releases and SPIN/CLIFF-style ``.npz`` files -> schema-v1 shards.
+
+    from raytrain.data.convert import convert_spin_npz, convert_3dpw
+    summary = convert_3dpw("/data/3DPW", "test", "shards/3dpw-test", workers=2)
+    print(summary.format())
+
+A converter yields ``Record``s (key, image path, labels in full-image pixels / camera
+metres); ``run_conversion`` reads the images in parallel workers, cuts the stored
+region around each person, encodes schema-v1 samples and writes the shards, counting
+every skipped record by reason (``SKIP_REASONS``). The thin scripts live in
+``datasets/shard_<source>.py``; ``datasets/README.md`` lists the raw layouts and licences.
+"""
+
+from .common import (SKIP_REASONS, ConversionSummary, Record, StorageConfig, convert_record,
+                     run_conversion)
+from .pw3d import (PW3D_LICENCE, REQUIRED_KEYS, SequenceFileError, convert_3dpw,
+                   load_sequence_file, pw3d_records)
+from .spin_npz import SOURCES, convert_spin_npz, read_spin_npz, spin_npz_records
+
+__all__ = [
+    "SKIP_REASONS", "ConversionSummary", "Record", "StorageConfig", "convert_record",
+    "run_conversion", "PW3D_LICENCE", "REQUIRED_KEYS", "SequenceFileError", "convert_3dpw",
+    "load_sequence_file", "pw3d_records", "SOURCES", "convert_spin_npz", "read_spin_npz",
+    "spin_npz_records",
+]

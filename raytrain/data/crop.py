@@ -1,0 +1,262 @@
+"""Multi-RoI cropper: M RoI crops of one person straight from the stored image.
+
+For each sample: draw the augmentation (``augment.py``: it acts on a *virtual full
+image*), jitter the detected box, expand it to the M RoIs of the schedule in the
+virtual image, and fold  stored px -> full px -> virtual px -> crop px  into one 2x3
+matrix per RoI, applied with one ``cv2.warpAffine`` (bilinear, zero border) from the
+stored image into an S x S uint8 crop. No intermediate resize of the whole image.
+
+Speed (see ``raytrain.bench_data``): when every RoI spans at least 2x (4x, 8x) S
+stored pixels, the JPEG is decoded at 1/2 (1/4, 1/8) with libjpeg's DCT scaling;
+colour jitter and BGR -> RGB are one ``cv2.transform`` over the M small crops; all
+crops of a sample are written into one preallocated (M, S, S, 3) array.
+
+Pixel convention: continuous coordinates, pixel (i, j) covers [i, i+1) x [j, j+1)
+(centre at i + 0.5); the ``affine`` of a shard (full px -> stored px) uses it too.
+``cv2_affine`` converts to OpenCV's integer-centre convention.
+
+Output per sample (numpy): ``images`` (M, S, S, 3) uint8 **RGB** (channels last; the
+collate step presents them as (N, M, 3, S, S)), ``boxes`` (M, 3) float32 in the virtual
+full image, and the labels transformed to it (see ``collate.SAMPLE_KEYS``).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from raytrain.geometry import FixedSchedule, build_schedule
+
+from .augment import (AugmentConfig, AugmentParams, augment_box, augment_cam_full,
+                      augment_joints_3d, augment_keypoints, augment_pose, sample_params,
+                      virtual_transform)
+from .schema import BadSample, Sample
+
+_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
+                  4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+# --------------------------------------------------------------------------- matrices
+
+
+def cv2_affine(matrix: np.ndarray) -> np.ndarray:
+    """Affine (2x3 or 3x3) in the pixel-edge convention -> (2, 3) for cv2 (pixel centres)."""
+    linear, shift = matrix[:2, :2], matrix[:2, 2]
+    return np.concatenate([linear, (shift + linear.sum(axis=1) * 0.5 - 0.5)[:, None]], axis=1)
+
+
+def crop_transform(box: np.ndarray, crop_size: int) -> np.ndarray:
+    """(3, 3) matrix: image px -> crop px of the square box (cx, cy, b) resized to S x S."""
+    k = crop_size / box[2]
+    return np.array([[k, 0.0, crop_size / 2 - k * box[0]],
+                     [0.0, k, crop_size / 2 - k * box[1]],
+                     [0.0, 0.0, 1.0]])
+
+
+def homogeneous(affine: np.ndarray) -> np.ndarray:
+    """(2, 3) -> (3, 3)."""
+    return np.vstack([np.asarray(affine, np.float64), [0.0, 0.0, 1.0]])
+
+
+def context_affine(box, crop_size: int = 224, min_roi_scale: float = 0.65,
+                   context: float = 2.0):
+    """Affine full px -> stored px of the context region, and the stored size (w, h).
+
+    The region is the square of side ``context * b`` around the box centre, stored at
+    the resolution where the smallest RoI (``min_roi_scale * b``) spans ``crop_size``
+    pixels (DESIGN.md's rule), i.e. always ``round(context * crop_size / min_roi_scale)``
+    pixels wide, whatever the person's size in the frame.
+    """
+    cx, cy, b = (float(v) for v in box)
+    side = int(round(context * crop_size / min_roi_scale))
+    k = side / (context * b)
+    affine = np.array([[k, 0.0, -k * (cx - context * b / 2)],
+                       [0.0, k, -k * (cy - context * b / 2)]])
+    return affine, (side, side)
+
+
+def extract_context(image: np.ndarray, box, crop_size: int = 224, min_roi_scale: float = 0.65,
+                    context: float = 2.0):
+    """Cut the context region out of a full frame: (stored image, affine (2, 3), (w, h)).
+
+    Downscaling by more than 1.5x blurs the frame's relevant window first (anti-aliasing);
+    outside the frame the region is black.
+    """
+    affine, size = context_affine(box, crop_size, min_roi_scale, context)
+    k = affine[0, 0]
+    source, offset = image, np.zeros(2)
+    if k < 1 / 1.5:
+        source, offset = _blurred_window(image, box, context, sigma=0.45 / k)
+    shifted = affine.copy()
+    shifted[:, 2] += affine[:, :2] @ offset
+    stored = cv2.warpAffine(source, cv2_affine(shifted), size, flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return stored, affine, size
+
+
+def _blurred_window(image, box, context, sigma):
+    """Gaussian-blurred window of the frame around the region; returns (window, origin)."""
+    cx, cy, b = (float(v) for v in box)
+    half = context * b / 2 + 3 * sigma + 2
+    h, w = image.shape[:2]
+    x0, y0 = max(int(cx - half), 0), max(int(cy - half), 0)
+    x1, y1 = min(int(cx + half) + 1, w), min(int(cy + half) + 1, h)
+    window = cv2.GaussianBlur(image[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)], (0, 0), sigma)
+    return window, np.array([x0, y0], np.float64)
+
+
+# --------------------------------------------------------------------------- cropper
+
+
+class MultiRoICropper:
+    """Crops the M RoIs of a person, with consistent augmentation and matching labels.
+
+    schedule: a ``raytrain.geometry`` schedule (``.boxes(boxes (N,3), generator)``), or
+    a kind name for ``build_schedule``; augment: ``AugmentConfig`` or None (no
+    augmentation); root_joint: (mean (3,), dirs (3, 10)) of the SMPL root joint for an
+    exact camera label under rotation (``augment.root_joint_model``).
+    """
+
+    def __init__(self, schedule="paper", num_rois: int = 5, crop_size: int = 224,
+                 augment: AugmentConfig | None = None, reduced_decode: bool = True,
+                 root_joint=None, border_value: int = 0):
+        self.schedule = build_schedule(schedule, num_rois) if isinstance(schedule, str) else schedule
+        self.crop_size = int(crop_size)
+        self.augment = augment
+        self.reduced_decode = reduced_decode
+        self.root_joint = root_joint
+        self.border_value = border_value
+        self._pattern = self._fixed_pattern()
+
+    @property
+    def num_rois(self) -> int:
+        return int(self.schedule.num_rois)
+
+    def _fixed_pattern(self):
+        """(M, 3) RoIs of the unit box (0, 0, 1) when the schedule is deterministic."""
+        if not isinstance(self.schedule, FixedSchedule):
+            return None
+        unit = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
+        return self.schedule.boxes(unit)[0].numpy()
+
+    def roi_boxes(self, box: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Box (3,) in virtual px -> the schedule's M RoIs (M, 3), float64."""
+        if self._pattern is not None:
+            p = self._pattern
+            return np.stack([box[0] + p[:, 0] * box[2], box[1] + p[:, 1] * box[2],
+                             p[:, 2] * box[2]], axis=1)
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        boxes = torch.as_tensor(box[None], dtype=torch.float64)
+        return self.schedule.boxes(boxes, generator)[0].numpy()
+
+    def draw(self, sample: Sample, rng: np.random.Generator):
+        """Augmentation parameters and the M RoI boxes (virtual px) of one sample."""
+        box = np.asarray(sample.box, np.float64)
+        if not box[2] > 0:
+            raise BadSample("box_outside_image", f"{sample.key}: box side {box[2]}")
+        params = (sample_params(self.augment, rng, box, sample.image_size)
+                  if self.augment is not None else AugmentParams())
+        return params, self.roi_boxes(augment_box(params, box, sample.image_size), rng)
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> dict:
+        """One sample -> dict of numpy arrays (see module docstring)."""
+        params, boxes = self.draw(sample, rng)
+        stored_to_virtual = virtual_transform(params, sample.image_size) @ np.linalg.inv(
+            homogeneous(sample.affine))
+        image, reduction, rgb = self._decode(sample, boxes)
+        images = self.warp(image, stored_to_virtual, boxes, reduction)
+        _apply_colour(images, params.color, rgb)
+        if params.occluder is not None:
+            self._occlude(images, boxes, params)
+        return self._labels(sample, params, boxes, images)
+
+    # -- image
+
+    def _decode(self, sample: Sample, boxes: np.ndarray):
+        """Decoded stored image, its reduction factor, and whether it is RGB."""
+        if sample.image is not None:
+            return sample.image, 1, True
+        reduction = self._reduction(sample, boxes)
+        buffer = np.frombuffer(sample.jpeg, np.uint8)
+        image = cv2.imdecode(buffer, _REDUCED_FLAGS[reduction]) if buffer.size else None
+        if image is None:
+            raise BadSample("bad_jpeg", f"{sample.key}: cv2.imdecode failed")
+        return image, reduction, False
+
+    def _reduction(self, sample: Sample, boxes: np.ndarray) -> int:
+        """Largest DCT reduction r such that every RoI spans >= r * S stored pixels."""
+        if not self.reduced_decode:
+            return 1
+        stored_scale = float(np.sqrt(abs(np.linalg.det(np.asarray(sample.affine, np.float64)[:, :2]))))
+        smallest = boxes[:, 2].min() * stored_scale
+        for reduction in (8, 4, 2):
+            if smallest >= reduction * self.crop_size:
+                return reduction
+        return 1
+
+    def warp(self, image: np.ndarray, stored_to_virtual: np.ndarray, boxes: np.ndarray,
+             reduction: int = 1) -> np.ndarray:
+        """(h, w, 3) decoded stored image -> (M, S, S, 3) crops, one warp per RoI."""
+        size = self.crop_size
+        out = np.empty((len(boxes), size, size, 3), np.uint8)
+        decoded_to_stored = np.diag([float(reduction), float(reduction), 1.0])
+        source_to_virtual = stored_to_virtual @ decoded_to_stored
+        for m, box in enumerate(boxes):
+            matrix = cv2_affine(crop_transform(box, size) @ source_to_virtual)
+            cv2.warpAffine(image, matrix, (size, size), dst=out[m], flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=(self.border_value,) * 3)
+        return out
+
+    def _occlude(self, images: np.ndarray, boxes: np.ndarray, params: AugmentParams):
+        """Paint the occluder rectangle (virtual px) into every crop."""
+        colour = params.occluder_color.astype(np.uint8)
+        for m, (x0, y0, x1, y1) in enumerate(occluder_rects(params, boxes, self.crop_size)):
+            images[m, y0:y1, x0:x1] = colour
+
+    # -- labels
+
+    def _labels(self, sample: Sample, params: AugmentParams, boxes, images) -> dict:
+        has_cam = sample.cam_full is not None
+        cam = (augment_cam_full(params, sample.cam_full, sample.betas, self.root_joint)
+               if has_cam else np.zeros(3, np.float32))
+        return {
+            "key": sample.key,
+            "images": images,
+            "boxes": boxes.astype(np.float32),
+            "image_size": np.asarray(sample.image_size, np.float32),
+            "focal": np.float32(sample.focal),
+            "keypoints_2d": augment_keypoints(params, sample.keypoints_2d, sample.image_size),
+            "joints_3d": augment_joints_3d(params, sample.joints_3d),
+            "pose": augment_pose(params, sample.pose),
+            "betas": sample.betas.astype(np.float32),
+            "has_smpl": bool(sample.has_smpl),
+            "has_3d": bool(sample.has_3d),
+            "has_2d": bool(sample.has_2d),
+            "has_cam": has_cam,
+            "cam_full": cam,
+        }
+
+
+def occluder_rects(params: AugmentParams, boxes: np.ndarray, crop_size: int) -> np.ndarray:
+    """(M, 4) integer crop-px rectangles (x0, y0, x1, y1) of the occluder in each RoI."""
+    rects = np.zeros((len(boxes), 4), np.int64)
+    if params.occluder is None:
+        return rects
+    for m, box in enumerate(boxes):
+        k, origin = crop_size / box[2], box[:2] - box[2] / 2
+        lo = np.clip(np.round((params.occluder[:2] - origin) * k), 0, crop_size)
+        hi = np.clip(np.round((params.occluder[2:] - origin) * k), 0, crop_size)
+        rects[m] = np.concatenate([lo, hi]).astype(np.int64)
+    return rects
+
+
+def _apply_colour(images: np.ndarray, gains: np.ndarray, rgb: bool):
+    """In place: per-channel gains and (from BGR input) the swap to RGB, saturating."""
+    if rgb and np.all(gains == 1.0):
+        return
+    order = [0, 1, 2] if rgb else [2, 1, 0]
+    matrix = np.zeros((3, 3), np.float32)
+    matrix[np.arange(3), order] = gains
+    flat = images.reshape(-1, images.shape[2], 3)
+    cv2.transform(flat, matrix, dst=flat)
