@@ -7,6 +7,7 @@ Per step: uint8 crops -> normalise on device -> network -> losses -> Adam. Every
 over ranks. Every `train.checkpoint_every` steps and at the end: a checkpoint with model,
 optimiser, scheduler, step, RNG and the data position (epoch, samples consumed).
 """
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -16,7 +17,8 @@ from typing import Dict, Optional
 import torch
 
 from ..body import load_body_model, load_mean_params
-from ..config import ExperimentConfig, from_dict, validate
+from ..config import ExperimentConfig, from_dict, to_dict
+from ..config import validate as validate_config
 from ..data.pipeline import build_loader, epoch_length
 from ..evaluation import camera_error, mesh_protocol
 from ..losses import compute_losses, gather_negatives
@@ -32,9 +34,30 @@ class Position:
     samples_in_epoch: int = 0   # samples this rank has consumed in `epoch`
 
 
+class Throughput:
+    """Persons/s over training steps only (validation and checkpoints paused out)."""
+
+    def __init__(self, warmup_steps: int = 2):
+        self.warmup, self.steps, self.persons, self.elapsed, self.t = warmup_steps, 0, 0, 0.0, None
+
+    def tick(self, persons: int):
+        now = time.perf_counter()
+        self.steps += 1
+        if self.t is not None and self.steps > self.warmup:
+            self.elapsed += now - self.t
+            self.persons += persons
+        self.t = now
+
+    def pause(self):
+        self.t = None
+
+    def rate(self) -> float:
+        return self.persons / self.elapsed if self.elapsed > 0 else 0.0
+
+
 def config_from_dict(raw: Dict) -> ExperimentConfig:
     cfg = from_dict(ExperimentConfig, raw, prefix="")
-    validate(cfg)
+    validate_config(cfg)
     return cfg
 
 
@@ -46,6 +69,7 @@ def ray_train_worker(raw_cfg: Dict):
 
 def run_loop(cfg: ExperimentConfig, session, max_steps: Optional[int] = None) -> Dict:
     torch.manual_seed(cfg.seed + session.rank)
+    torch.set_num_threads(max(1, int(round(cfg.ray.cpus_per_worker))))
     device = session.device
     body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
     model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
@@ -60,6 +84,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: Optional[int] = None) ->
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.optim.amp == "fp16")
     pos = _restore(session, model, optimizer, scheduler, scaler)
     logger = RunLogger(cfg, session, total_steps)
+    throughput = Throughput(warmup_steps=2)
     metrics = {}
     while pos.step < total_steps:
         loader = build_loader(cfg, "train", session.rank, session.world_size, pos.epoch,
@@ -68,12 +93,15 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: Optional[int] = None) ->
             terms = train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device)
             pos.step += 1
             pos.samples_in_epoch += len(batch["keys"])
+            throughput.tick(len(batch["keys"]) * session.world_size)
             logger.step(pos, terms, len(batch["keys"]), scheduler.get_last_lr()[0], batch["keys"])
             done = pos.step >= total_steps
             want_checkpoint = pos.step % cfg.train.checkpoint_every == 0 or done
             # every checkpoint carries a fresh val_mpjpe: Ray keeps the best K by it
             if pos.step % cfg.train.val_every == 0 or want_checkpoint:
+                throughput.pause()
                 metrics = validate(cfg, model, body, session, device)
+                metrics["train_persons_per_s"] = throughput.rate()
                 logger.validation(pos, metrics)
             if want_checkpoint:
                 _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, loader)
@@ -120,24 +148,37 @@ def predict(model, batch, device):
 
 
 @torch.no_grad()
+def evaluate_batch(model, body, batch, device):
+    """The validation protocol on one batch -> (prediction, per-sample errors).
+
+    errors: mesh_protocol's mpjpe, pa_mpjpe, pve (N,) and per_joint (N, 14) in mm, plus
+    cam_err (N,) mm (camera translation of RoI 0) and has_cam (N,) bool. Shared by
+    `validate` and `raytrain eval` so both report the same numbers.
+    """
+    pred = predict(model, batch, device)
+    gt = body.forward_axis_angle(batch["pose"].to(device), batch["betas"].to(device),
+                                 gender=batch.get("gender"))
+    errors = mesh_protocol(pred["joints_h36m"], gt.joints_h36m, pred["vertices"], gt.vertices)
+    errors["cam_err"] = camera_error(pred["cam_full"][:, 0], batch["cam_full"].to(device))
+    errors["has_cam"] = batch["has_cam"].to(device)
+    return pred, errors
+
+
+@torch.no_grad()
 def validate(cfg, model, body, session, device) -> Dict[str, float]:
     """Mean errors (mm) over this rank's part of the validation set, reduced over ranks."""
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # mpjpe, pa, pve, n, cam, n_cam
     loader = build_loader(cfg, "val", session.rank, session.world_size, epoch=0, skip=0,
                           batch_size=cfg.data.val_batch_size, seed=cfg.seed)
     for batch in loader:
-        pred = predict(model, batch, device)
-        gt = body.forward_axis_angle(batch["pose"].to(device), batch["betas"].to(device),
-                                     gender=batch.get("gender"))
-        errors = mesh_protocol(pred["joints_h36m"], gt.joints_h36m, pred["vertices"], gt.vertices)
+        _, errors = evaluate_batch(model, body, batch, device)
         sums[0] += errors["mpjpe"].sum()
         sums[1] += errors["pa_mpjpe"].sum()
         sums[2] += errors["pve"].sum()
         sums[3] += len(batch["keys"])
-        has_cam = batch["has_cam"].to(device)
+        has_cam = errors["has_cam"]
         if has_cam.any():
-            cam = camera_error(pred["cam_full"][:, 0], batch["cam_full"].to(device))
-            sums[4] += cam[has_cam].sum()
+            sums[4] += errors["cam_err"][has_cam].sum()
             sums[5] += has_cam.sum()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
@@ -159,6 +200,7 @@ def _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics,
             "model": module.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "rng": rng_state(), "metrics": {k: float(v) for k, v in metrics.items()},
+            "config": json.dumps(to_dict(cfg)),   # JSON text: loads under weights_only=True
         })
     session.report(_report_metrics(pos, {}, metrics, loader), checkpoint_dir=directory)
 
