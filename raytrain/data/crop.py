@@ -114,17 +114,18 @@ class MultiRoICropper:
 
     schedule: a ``raytrain.geometry`` schedule (``.boxes(boxes (N,3), generator)``), or
     a kind name for ``build_schedule``; augment: ``AugmentConfig`` or None (no
-    augmentation); root_joint: (mean (3,), dirs (3, 10)) of the SMPL root joint for an
+    augmentation); decode_coverage: see ``_reduction``; root_joint: (mean (3,), dirs (3, 10)) of the SMPL root joint for an
     exact camera label under rotation (``augment.root_joint_model``).
     """
 
     def __init__(self, schedule="paper", num_rois: int = 5, crop_size: int = 224,
                  augment: AugmentConfig | None = None, reduced_decode: bool = True,
-                 root_joint=None, border_value: int = 0):
+                 root_joint=None, border_value: int = 0, decode_coverage: float = 1.0):
         self.schedule = build_schedule(schedule, num_rois) if isinstance(schedule, str) else schedule
         self.crop_size = int(crop_size)
         self.augment = augment
         self.reduced_decode = reduced_decode
+        self.decode_coverage = float(decode_coverage)
         self.root_joint = root_joint
         self.border_value = border_value
         self._pattern = self._fixed_pattern()
@@ -185,13 +186,17 @@ class MultiRoICropper:
         return image, reduction, False
 
     def _reduction(self, sample: Sample, boxes: np.ndarray) -> int:
-        """Largest DCT reduction r such that every RoI spans >= r * S stored pixels."""
+        """Largest DCT reduction r such that every RoI spans >= coverage * r * S stored px.
+
+        coverage 1.0 (default) never upsamples a decoded pixel; below 1 trades the
+        resolution of the smallest RoIs for decode speed (0.5: always 1/2 at the
+        paper schedule's stored resolution)."""
         if not self.reduced_decode:
             return 1
         stored_scale = float(np.sqrt(abs(np.linalg.det(np.asarray(sample.affine, np.float64)[:, :2]))))
         smallest = boxes[:, 2].min() * stored_scale
         for reduction in (8, 4, 2):
-            if smallest >= reduction * self.crop_size:
+            if smallest >= self.decode_coverage * reduction * self.crop_size:
                 return reduction
         return 1
 

@@ -375,12 +375,20 @@ class SyntheticGenerator:
         return [sample_scene(np.random.default_rng([seed, int(i)]), self.cfg) for i in indices]
 
     def pose_bodies(self, scenes: list[Scene]):
-        """Posed vertices (N, V, 3) and J24 joints (N, 24, 3) in the model frame, float64."""
-        pose = torch.as_tensor(np.stack([s.pose for s in scenes]), dtype=torch.float32)
-        betas = torch.as_tensor(np.stack([s.betas for s in scenes]), dtype=torch.float32)
+        """Posed vertices (N, V, 3) and J24 joints (N, 24, 3) in the model frame, float64.
+
+        One forward per person: batched BLAS results depend on the batch size, and a
+        sample must not depend on which other indices share its chunk.
+        """
+        vertices, joints = [], []
         with torch.no_grad():
-            out = self.model.forward_axis_angle(pose, betas)
-        return out.vertices.double().numpy(), out.joints_j24.double().numpy()
+            for scene in scenes:
+                pose = torch.as_tensor(scene.pose[None], dtype=torch.float32)
+                betas = torch.as_tensor(scene.betas[None], dtype=torch.float32)
+                out = self.model.forward_axis_angle(pose, betas)
+                vertices.append(out.vertices[0].double().numpy())
+                joints.append(out.joints_j24[0].double().numpy())
+        return np.stack(vertices), np.stack(joints)
 
     def samples(self, seed: int, indices) -> list[dict]:
         """Raw samples ``{key, image, meta, arrays}`` (image RGB uint8) for the indices."""

@@ -1,4 +1,5 @@
 """Progress lines, TensorBoard events, MLflow (optional) and the sample-key audit log."""
+import os
 import time
 from pathlib import Path
 from typing import Dict
@@ -19,6 +20,7 @@ class RunLogger:
             path = Path(f"{cfg.train.sample_log}.rank{self.rank}.txt")
             path.parent.mkdir(parents=True, exist_ok=True)
             self.key_log = open(path, "a", buffering=1)
+            Path(f"{cfg.train.sample_log}.rank{self.rank}.pid").write_text(str(os.getpid()))
 
     def step(self, pos, terms: Dict[str, float], num_samples: int, lr: float, keys):
         if self.key_log:

@@ -1,0 +1,155 @@
+"""Multi-RoI cropper, augmentation, collate and device crop (no mocks, small real data)."""
+import numpy as np
+import pytest
+import torch
+
+from raytrain.data.augment import (AugmentConfig, AugmentParams, augment_box, augment_cam_full,
+                                   augment_joints_3d, augment_keypoints, augment_pose)
+from raytrain.data.collate import collate_crops
+from raytrain.data.crop import MultiRoICropper
+from raytrain.data.device_crop import DeviceCropPrep, crop_on_device
+from raytrain.data.schema import decode_sample
+from raytrain.data.synthetic import SyntheticConfig, SyntheticGenerator, with_storage
+
+HD = SyntheticConfig(image_sizes=((1920, 1080),))
+
+
+@pytest.fixture(scope="module")
+def body_model():
+    from raytrain.body import load_body_model
+    return load_body_model()
+
+
+@pytest.fixture(scope="module")
+def hd_pairs(body_model):
+    """The same 4 synthetic 1920x1080 scenes stored as context regions and as full frames."""
+    context = SyntheticGenerator(HD, body_model).encoded(3, range(4))
+    full = SyntheticGenerator(with_storage(HD, "full"), body_model).encoded(3, range(4))
+    return context, full
+
+
+def _samples(encoded):
+    return [decode_sample(e, decode_image=False) for e in encoded]
+
+
+def _inside(box, width, height, margin=2.0):
+    half = box[2] / 2 + margin
+    return box[0] - half >= 0 and box[1] - half >= 0 and box[0] + half <= width and box[1] + half <= height
+
+
+def _inside_stored(sample, box):
+    """RoI box (full px) inside the stored region and inside the full frame."""
+    a = np.asarray(sample.affine, np.float64)
+    corners = np.array([[box[0] - box[2] / 2, box[1] - box[2] / 2], [box[0] + box[2] / 2, box[1] + box[2] / 2]])
+    stored = corners @ a[:, :2].T + a[:, 2]
+    w, h = sample.stored_size
+    in_region = (stored >= 1).all() and (stored[:, 0] <= w - 1).all() and (stored[:, 1] <= h - 1).all()
+    return in_region and _inside(box, *sample.image_size)
+
+
+@pytest.mark.parametrize("augment", [None, AugmentConfig(rot_prob=0.0, occlusion_prob=0.0)])
+def test_context_and_full_frame_crops_agree(hd_pairs, augment):
+    context, full = (_samples(e) for e in hd_pairs)
+    cropper = MultiRoICropper("paper", 5, augment=augment)
+    compared = 0
+    for a, b in zip(context, full):
+        out_a, out_b = cropper(a, np.random.default_rng(7)), cropper(b, np.random.default_rng(7))
+        np.testing.assert_array_equal(out_a["boxes"], out_b["boxes"])
+        for m, box in enumerate(out_a["boxes"]):
+            if not augment and not _inside_stored(a, box):
+                continue
+            if augment and not _inside(box, *a.image_size):
+                continue
+            diff = np.abs(out_a["images"][m].astype(int) - out_b["images"][m].astype(int))
+            assert diff.mean() < 5.0, (a.key, m, diff.mean())  # JPEG noise at q90 is ~2-3
+            compared += 1
+    assert compared >= 8
+
+
+def test_context_storage_at_most_half_of_full_frame(hd_pairs):
+    context, full = hd_pairs
+    ctx_bytes = np.mean([len(e["jpg"]) for e in context])
+    full_bytes = np.mean([len(e["jpg"]) for e in full])
+    assert ctx_bytes <= 0.5 * full_bytes, (ctx_bytes, full_bytes)
+
+
+def _labels(rng):
+    return dict(box=np.array([700.0, 400.0, 300.0]), keypoints=rng.uniform(0, 900, (24, 3)).astype(np.float32),
+                joints=rng.normal(0, 1, (24, 4)).astype(np.float32), pose=rng.normal(0, 0.5, 72).astype(np.float32),
+                cam=np.array([0.1, -0.2, 6.0]), betas=rng.normal(0, 1, 10))
+
+
+def test_flip_twice_is_identity_on_labels():
+    rng = np.random.default_rng(0)
+    lab, size, flip = _labels(rng), (1280, 720), AugmentParams(flip=True)
+    once = augment_keypoints(flip, lab["keypoints"], size)
+    assert not np.allclose(once, lab["keypoints"])
+    np.testing.assert_allclose(augment_keypoints(flip, once, size), lab["keypoints"], atol=1e-4)
+    np.testing.assert_allclose(augment_joints_3d(flip, augment_joints_3d(flip, lab["joints"])), lab["joints"], atol=1e-6)
+    np.testing.assert_allclose(augment_pose(flip, augment_pose(flip, lab["pose"])), lab["pose"], atol=1e-6)
+    cam = augment_cam_full(flip, augment_cam_full(flip, lab["cam"], lab["betas"]), lab["betas"])
+    np.testing.assert_allclose(cam, lab["cam"], atol=1e-6)
+    box = augment_box(flip, augment_box(flip, lab["box"], size), size)
+    np.testing.assert_allclose(box, lab["box"], atol=1e-9)
+
+
+def test_rotation_keeps_projection_consistent():
+    """Rotating the virtual image = rolling the camera: projected 3D joints follow the 2D ones."""
+    rng = np.random.default_rng(1)
+    size, focal = np.array([1280.0, 720.0]), 1500.0
+    joints = np.concatenate([rng.normal(0, 0.4, (24, 2)), rng.uniform(4, 6, (24, 1)), np.ones((24, 1))], 1)
+    keypoints = np.concatenate([joints[:, :2] / joints[:, 2:3] * focal + size / 2, np.ones((24, 1))], 1)
+    params = AugmentParams(flip=True, angle=0.4)
+    j = augment_joints_3d(params, joints.astype(np.float32)).astype(np.float64)
+    k = augment_keypoints(params, keypoints.astype(np.float32), size)
+    np.testing.assert_allclose(j[:, :2] / j[:, 2:3] * focal + size / 2, k[:, :2], atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["paper", "random"])
+def test_shapes_for_one_to_five_rois(hd_pairs, kind):
+    samples = _samples(hd_pairs[0])[:2]
+    for m in range(1, 6):
+        cropper = MultiRoICropper(kind, m, crop_size=64, augment=AugmentConfig())
+        outs = [cropper(s, np.random.default_rng(m)) for s in samples]
+        assert outs[0]["images"].shape == (m, 64, 64, 3) and outs[0]["images"].dtype == np.uint8
+        batch = collate_crops(outs)
+        assert batch["images"].shape == (2, m, 3, 64, 64) and batch["images"].dtype == torch.uint8
+        assert batch["boxes"].shape == (2, m, 3)
+        assert batch["keypoints_2d"].shape == (2, 24, 3) and batch["joints_3d"].shape == (2, 24, 4)
+        assert batch["pose"].shape == (2, 72) and batch["cam_full"].shape == (2, 3)
+        assert batch["has_cam"].all() and batch["keys"] == [s.key for s in samples]
+        np.testing.assert_allclose(batch["boxes"][:, 0].numpy(), np.stack([o["boxes"][0] for o in outs]))
+
+
+def test_random_schedule_reproducible_per_seed(hd_pairs):
+    sample = _samples(hd_pairs[0])[0]
+    cropper = MultiRoICropper("random", 5, augment=AugmentConfig())
+    a, b = cropper(sample, np.random.default_rng(11)), cropper(sample, np.random.default_rng(11))
+    c = cropper(sample, np.random.default_rng(12))
+    np.testing.assert_array_equal(a["boxes"], b["boxes"])
+    np.testing.assert_array_equal(a["images"], b["images"])
+    assert not np.allclose(a["boxes"], c["boxes"])
+
+
+def test_reduced_decode_matches_full_decode(hd_pairs):
+    """A full frame where every RoI spans >= 2S stored px is decoded at 1/2: same crops."""
+    sample = _samples(hd_pairs[1])[0]
+    fast = MultiRoICropper("paper", 3, crop_size=128, reduced_decode=True)
+    slow = MultiRoICropper("paper", 3, crop_size=128, reduced_decode=False)
+    _, boxes = fast.draw(sample, np.random.default_rng(0))
+    assert fast._reduction(sample, boxes) >= 2
+    a, b = fast(sample, np.random.default_rng(0)), slow(sample, np.random.default_rng(0))
+    assert np.abs(a["images"].astype(int) - b["images"].astype(int)).mean() < 4.0
+
+
+def test_device_crop_matches_cpu_crop(hd_pairs):
+    samples = _samples(hd_pairs[0])
+    cropper = MultiRoICropper("random", 5, augment=AugmentConfig(occlusion_prob=1.0, rot_prob=1.0))
+    batch = DeviceCropPrep(cropper)(samples, np.random.default_rng(5))
+    device = crop_on_device(batch, cropper.crop_size)  # (N, M, 3, S, S) uint8
+    rng = np.random.default_rng(5)
+    cpu = collate_crops([cropper(s, rng) for s in samples])
+    diff = (device.int() - cpu["images"].int()).abs()
+    assert diff.float().mean() < 0.5 and diff.max() <= 2
+    for name in ("boxes", "keypoints_2d", "joints_3d", "pose", "cam_full"):
+        torch.testing.assert_close(batch[name], cpu[name])
