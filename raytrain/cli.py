@@ -1,5 +1,6 @@
 """`raytrain {shard,train,tune,eval,demo,bench,doctor}`: thin argument parsing over the package."""
 import argparse
+import contextlib
 import json
 import sys
 
@@ -116,8 +117,12 @@ def cmd_bench(args):
         from .bench_data import run_data_bench as bench
     else:
         from .bench_train import run_train_bench as bench
-    result = bench(quick=args.quick)
-    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    if args.json:  # stdout carries the JSON object alone; progress goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            result = bench(quick=args.quick)
+        print(json.dumps(result))
+    else:
+        print(json.dumps(bench(quick=args.quick), indent=2))
 
 
 def cmd_doctor(args):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .geometry import (axis_angle_to_rotmat, cam_crop_to_full, perspective_projection,
                        to_roi_coords)
 
+MIN_DEPTH = 0.1      # metres: joints closer than this to the camera plane are clamped
 PELVIS_J24 = (2, 3)  # pelvis for 3D alignment = mid-hips of the J24 set (SPIN convention)
 
 
@@ -102,7 +103,7 @@ def keypoints_2d_loss(joints, cam_full, boxes, image_size, focal, gt_keypoints, 
     """L_2D summed over RoIs: joints projected with RoI m's full camera, compared in RoI m's
     normalised coordinates. joints (N, J, 3); cam_full, boxes (N, M, 3); gt (N, J, 3)."""
     pixels = perspective_projection(joints[:, None], cam_full, focal[:, None],
-                                    image_size[:, None, :])             # (N, M, J, 2)
+                                    image_size[:, None, :], eps=MIN_DEPTH)  # (N, M, J, 2)
     pred = to_roi_coords(pixels, boxes)
     gt = to_roi_coords(gt_keypoints[:, None, :, :2].expand_as(pixels), boxes)
     conf = gt_keypoints[:, None, :, 2:]

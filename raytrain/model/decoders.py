@@ -58,17 +58,27 @@ class MeshDecoder(nn.Module):
 
 
 class CameraDecoder(nn.Module):
-    """D_cam: per-RoI feature -> weak-perspective crop camera (s, tx, ty), refined from the mean."""
+    """D_cam: per-RoI feature -> weak-perspective crop camera (s, tx, ty), refined from the mean.
+
+    The regressor refines (log s, tx, ty) [choice]: s = exp(.) stays positive, so the full
+    camera's tz = 2f / (b s) never crosses zero; log s is clamped to [-4, 3]. A raw s that
+    wanders through 0 early in training sends L_cam and the reprojection to infinity.
+    """
+    LOG_S_RANGE = (-4.0, 3.0)
 
     def __init__(self, in_dim: int, mean_cam: Tensor, **kwargs):
         super().__init__()
-        self.register_buffer("mean", mean_cam.flatten().float())
+        mean = mean_cam.flatten().float().clone()
+        mean[0] = torch.log(mean[0].clamp(min=1e-3))
+        self.register_buffer("mean", mean)
         self.net = IterativeRegressor(in_dim, 3, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (..., in_dim) -> (..., 3); all leading dims are treated as a batch."""
         lead = x.shape[:-1]
-        return self.net(x.reshape(-1, x.shape[-1]), self.mean).reshape(*lead, 3)
+        state = self.net(x.reshape(-1, x.shape[-1]), self.mean)
+        scale = torch.exp(state[:, :1].clamp(*self.LOG_S_RANGE))
+        return torch.cat([scale, state[:, 1:]], dim=-1).reshape(*lead, 3)
 
 
 class ProjectionHead(nn.Module):

@@ -113,6 +113,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: Optional[int] = None) ->
             pos.epoch += 1
             pos.samples_in_epoch = 0
     logger.close()
+    session.model = model
     return metrics
 
 
@@ -148,14 +149,16 @@ def predict(model, batch, device):
 
 
 @torch.no_grad()
-def evaluate_batch(model, body, batch, device):
+def evaluate_batch(model, body, batch, device, pred=None):
     """The validation protocol on one batch -> (prediction, per-sample errors).
 
     errors: mesh_protocol's mpjpe, pa_mpjpe, pve (N,) and per_joint (N, 14) in mm, plus
     cam_err (N,) mm (camera translation of RoI 0) and has_cam (N,) bool. Shared by
-    `validate` and `raytrain eval` so both report the same numbers.
+    `validate` and `raytrain eval` so both report the same numbers. `pred` (vertices,
+    joints_h36m, cam_full on `device`) replaces the model's output (oracle checks).
     """
-    pred = predict(model, batch, device)
+    if pred is None:
+        pred = predict(model, batch, device)
     gt = body.forward_axis_angle(batch["pose"].to(device), batch["betas"].to(device),
                                  gender=batch.get("gender"))
     errors = mesh_protocol(pred["joints_h36m"], gt.joints_h36m, pred["vertices"], gt.vertices)

@@ -1,0 +1,74 @@
+"""`raytrain bench train`: persons/s of one training loop, bare and under Ray Train.
+
+Both runs use the same config, data path (synthetic shards through `build_loader`),
+torch threads (`ray.cpus_per_worker`) and number of steps; throughput counts training
+steps only (validation and checkpoints are paused out, see `loop.Throughput`). Runs are
+interleaved (bare, ray, bare, ray, ...) and the medians are compared.
+"""
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from .config import load_config
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def bench_shards(n_train: int, n_val: int = 16) -> tuple:
+    """Synthetic shards for the bench, cached under $RAYTRAIN_HOME/bench."""
+    from .body.model import raytrain_home
+    from .data.pipeline import count_samples
+    from .data.synthetic import shard_synthetic
+    root = raytrain_home() / "bench" / f"synthetic-{n_train}"
+    for name, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
+        path = root / name
+        if not ((path / "manifest.json").exists() and count_samples(str(path)) == n):
+            shard_synthetic(str(path), n=n, seed=seed, maxcount=256)
+    return str(root / "train"), str(root / "val")
+
+
+def bench_config(train: str, val: str, steps: int, run_dir: str, extra=()):
+    return load_config(str(DEMO_CONFIG), [
+        f"data.train_shards={train}", f"data.val_shards={val}", f"optim.max_steps={steps}",
+        f"train.val_every={steps}", f"train.checkpoint_every={steps}", f"train.log_every={steps}",
+        "train.tensorboard=false", "data.max_val_samples=16", "ray.num_workers=1",
+        "ray.cpus_per_worker=1", "ray.num_cpus=2", f"train.storage_path={run_dir}", "name=bench",
+        *extra])
+
+
+def bare_rate(cfg, run_dir: str) -> float:
+    from .train.loop import run_loop
+    from .train.session import BareSession
+    return run_loop(cfg, BareSession(run_dir, device="cpu"))["train_persons_per_s"]
+
+
+def ray_rate(cfg) -> float:
+    from .train.launch import build_trainer
+    result = build_trainer(cfg).fit()
+    if result.error is not None:
+        raise RuntimeError(f"Ray Train run failed: {result.error}")
+    return result.metrics["train_persons_per_s"]
+
+
+def run_train_bench(quick: bool = False, repeats: int = None, steps: int = None, extra=()) -> dict:
+    import ray
+    repeats = repeats or (1 if quick else 3)
+    steps = steps or (12 if quick else 60)
+    train, val = bench_shards(64 if quick else 256)
+    bare, on_ray = [], []
+    t0 = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory(prefix="raytrain-bench-") as tmp:
+        for i in range(repeats):
+            cfg = bench_config(train, val, steps, tmp, [f"name=bench-{i}", *extra])
+            bare.append(bare_rate(cfg, f"{tmp}/bare-{i}"))
+            on_ray.append(ray_rate(cfg))
+    result = {"bare_persons_per_s": statistics.median(bare), "ray_persons_per_s": statistics.median(on_ray)}
+    result["ratio"] = result["ray_persons_per_s"] / result["bare_persons_per_s"]
+    result.update({"repeats": repeats, "steps": steps, "batch_size": cfg.data.batch_size,
+                   "backbone": cfg.model.backbone, "crop_size": cfg.data.crop_size,
+                   "num_rois": cfg.rois.num_rois, "bare_runs": bare, "ray_runs": on_ray,
+                   "seconds": round(time.perf_counter() - t0, 1)})
+    return result

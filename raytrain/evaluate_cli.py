@@ -1,0 +1,402 @@
+"""`raytrain eval`: evaluate checkpoints on a shard set with the 3DPW / H36M mesh protocol.
+
+    raytrain eval --checkpoint runs/demo/ray/demo/<trial>/checkpoint_000003 --data shards/val
+    raytrain eval --experiment runs/tune/<name> --best --top 3 --data shards/3dpw-test
+
+Protocol (METHOD.md §7): 14 LSP joints regressed from the predicted and ground-truth
+meshes with the H36M regressor, both pelvis-aligned; MPJPE, PA-MPJPE, PVE in mm; GT meshes
+from the gendered body models when the batch carries genders. Human3.6M protocol 2 is the
+same computation on H36M shards of the frontal camera, subjects 9 and 11.
+
+The per-batch computation is `raytrain.train.loop.evaluate_batch`, the very function the
+training validation (`val_mpjpe` reported to Ray/Tune) runs, over the same loader
+(`build_loader(cfg, "val", ...)` without augmentation), so evaluating a checkpoint on its
+validation shards reproduces the validation numbers it was saved with.
+
+Output (``out``, default ``<checkpoint or experiment>/eval/<data name>``): metrics.json,
+report.md, per_joint.png, overlays/*.png (``raytrain.report``). With several checkpoints
+(``--top K``) every one gets a sub-directory and ``out`` holds summary.json + report.md.
+"""
+import copy
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .body.joints import J14_NAMES
+from .config import ConfigError, ExperimentConfig, from_dict, load_config, read_yaml, validate
+from .train.checkpoint import CheckpointError, STATE_FILE, is_complete, list_complete_checkpoints, load_checkpoint
+
+OVERLAYS = 4
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def run_eval(checkpoint: Optional[str] = None, experiment: Optional[str] = None, best: bool = False,
+             top: int = 1, data: Optional[str] = None, out: Optional[str] = None,
+             config: Optional[str] = None, max_samples: int = 0, overlays: int = OVERLAYS,
+             device: Optional[str] = None, quiet: bool = False) -> Dict:
+    """Evaluate one checkpoint (``checkpoint``) or the best / latest of an experiment.
+
+    checkpoint: a checkpoint directory (state.pt + COMMIT.json). experiment: a train or
+    tune experiment directory; with ``best`` the checkpoint(s) of lowest stored
+    ``val_mpjpe`` (the tuning export ``<experiment>/best/`` when present and top == 1),
+    else the latest checkpoint of each trial; ``top`` trials at most. data: shards (any
+    form `resolve_shards` accepts). config: a YAML used when the checkpoint stores no
+    config. max_samples: cap on evaluated samples (0: all).
+
+    Returns the metrics dict of the first (best) checkpoint, as written to metrics.json,
+    plus ``out``; with several checkpoints also ``evaluations`` (one entry each).
+    """
+    if not data:
+        raise ConfigError("eval: --data is required (a shard directory, manifest or pattern)")
+    if bool(checkpoint) == bool(experiment):
+        raise ConfigError("eval: give exactly one of --checkpoint PATH or --experiment DIR")
+    if top < 1:
+        raise ConfigError(f"eval: --top must be at least 1, got {top}")
+    if checkpoint:
+        targets = [_checkpoint_target(checkpoint, config)]
+        base = Path(checkpoint)
+    else:
+        targets = select_checkpoints(experiment, best=best, top=top, config=config)
+        base = Path(experiment)
+    out_dir = Path(out) if out else base / "eval" / data_name(data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from .report import write_report, write_summary_report
+    results = []
+    for rank, target in enumerate(targets):
+        target_out = out_dir if len(targets) == 1 else out_dir / f"{rank + 1:02d}-{target.label}"
+        cfg = eval_config(target.config, data, max_samples)
+        evaluation = evaluate_checkpoint(cfg, target.path, device=device, overlays=overlays)
+        metrics = summarize(evaluation, target, data)
+        metrics["out"] = str(target_out)
+        write_report(target_out, metrics, evaluation)
+        results.append(metrics)
+        if not quiet:
+            o = metrics["overall"]
+            print(f"[eval] {target.path}: MPJPE {o['mpjpe']:.2f} mm, PA-MPJPE {o['pa_mpjpe']:.2f} mm, "
+                  f"PVE {o['pve']:.2f} mm over {o['num_samples']} samples -> {target_out}", flush=True)
+    first = dict(results[0])
+    if len(results) > 1:
+        write_summary_report(out_dir, results)
+        first["evaluations"] = results
+        first["out"] = str(out_dir)
+    return first
+
+
+@dataclass
+class Target:
+    """One checkpoint to evaluate and the training config it belongs to."""
+    path: Path
+    config: ExperimentConfig
+    config_source: str
+    label: str
+    stored_metrics: Dict[str, float] = field(default_factory=dict)
+    step: Optional[int] = None
+
+
+@dataclass
+class Evaluation:
+    """Per-sample results of one checkpoint over a shard set (numpy, mm)."""
+    keys: List[str]
+    mpjpe: np.ndarray
+    pa_mpjpe: np.ndarray
+    pve: np.ndarray
+    per_joint: np.ndarray          # (N, 14)
+    cam_err: np.ndarray            # (N,), NaN where the sample has no camera label
+    gendered: bool                 # whether the batches carried per-sample genders
+    overlay_samples: List[Dict] = field(default_factory=list)
+    faces: Optional[np.ndarray] = None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_target(path: str, config: Optional[str]) -> Target:
+    path = Path(path)
+    if not is_complete(path):
+        found = list_complete_checkpoints(str(path)) if path.is_dir() else []
+        hint = (f"; it holds {len(found)} checkpoint(s): use --experiment {path} [--best]"
+                if found else "")
+        raise CheckpointError(f"{path} is not a complete checkpoint directory "
+                              f"({STATE_FILE} + COMMIT.json){hint}")
+    state = _load_light(path)
+    cfg, source = checkpoint_config(path, state, config)
+    return Target(path=path, config=cfg, config_source=source, label=_label(path),
+                  stored_metrics=dict(state.get("metrics") or {}), step=state.get("step"))
+
+
+def _load_light(path: Path) -> Dict:
+    """The checkpoint state, memory-mapped (tensors are only read when touched)."""
+    try:
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, TypeError):            # mmap needs the zipfile format
+        return load_checkpoint(str(path))
+
+
+def checkpoint_config(path: Path, state: Dict, config: Optional[str] = None):
+    """(ExperimentConfig, where it came from) of a checkpoint.
+
+    Order: the explicit ``config`` YAML; the config stored in the checkpoint (JSON text,
+    `loop._checkpoint`); ``params.json`` of the Ray trial (``train_loop_config``); a YAML
+    beside the checkpoint or one level up (the tuning export's best config).
+    """
+    if config:
+        return load_config(config), str(config)
+    stored = state.get("config")
+    if stored:
+        raw = json.loads(stored) if isinstance(stored, str) else stored
+        return _config(raw, f"{path} (stored)"), f"stored in {path / STATE_FILE}"
+    for folder in [path, *list(path.parents)[:3]]:
+        params = folder / "params.json"
+        if params.is_file():
+            raw = json.loads(params.read_text())
+            raw = raw.get("train_loop_config", raw)
+            try:
+                return _config(raw, str(params)), str(params)
+            except ConfigError:
+                pass
+    for folder in (path, path.parent):
+        for yaml_path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
+            try:
+                return _config(read_yaml(str(yaml_path)), str(yaml_path)), str(yaml_path)
+            except ConfigError:
+                continue
+    raise ConfigError(f"{path}: no training config found (not stored in the checkpoint, no "
+                      "params.json of a Ray trial, no config YAML beside it); pass config=...")
+
+
+def _config(raw: Dict, where: str) -> ExperimentConfig:
+    try:
+        cfg = from_dict(ExperimentConfig, raw, prefix="")
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return cfg
+
+
+def select_checkpoints(experiment: str, best: bool = False, top: int = 1,
+                       config: Optional[str] = None) -> List[Target]:
+    """The checkpoints of an experiment to evaluate, best first.
+
+    With ``best`` and top == 1, the tuning export ``<experiment>/best/`` is used when it
+    holds a complete checkpoint (its YAML config serves when the checkpoint stores none).
+    Otherwise every complete checkpoint below ``experiment`` (outside ``best/`` and
+    ``eval/``) is grouped by trial (its parent directory); per trial the checkpoint of
+    lowest stored ``val_mpjpe`` (``best``) or the latest one; trials ranked by that
+    ``val_mpjpe``; the first ``top``.
+    """
+    root = Path(experiment)
+    if not root.is_dir():
+        raise CheckpointError(f"experiment directory {root} not found")
+    exported = root / "best"
+    if best and top == 1 and exported.is_dir():
+        found = list_complete_checkpoints(str(exported))
+        if found:
+            yaml_config = config or _exported_config(exported)
+            return [_checkpoint_target(str(_best_of(found)), yaml_config)]
+    candidates = [p for p in list_complete_checkpoints(str(root))
+                  if not {"best", "eval"} & set(p.relative_to(root).parts)]
+    if not candidates:
+        raise CheckpointError(f"no complete checkpoint below {root}")
+    by_trial: Dict[Path, List[Path]] = {}
+    for path in candidates:
+        by_trial.setdefault(path.parent, []).append(path)
+    chosen = [(_best_of(paths) if best else paths[-1]) for paths in by_trial.values()]
+    chosen.sort(key=lambda p: (_stored_val_mpjpe(p), str(p)))
+    return [_checkpoint_target(str(p), config) for p in chosen[:top]]
+
+
+def _exported_config(folder: Path) -> Optional[str]:
+    yamls = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
+    preferred = [p for p in yamls if "config" in p.name] or yamls
+    return str(preferred[0]) if preferred else None
+
+
+def _best_of(paths: List[Path]) -> Path:
+    return min(paths, key=lambda p: (_stored_val_mpjpe(p), str(p)))
+
+
+def _stored_val_mpjpe(path: Path) -> float:
+    metrics = _load_light(path).get("metrics") or {}
+    value = metrics.get("val_mpjpe")
+    return float(value) if value is not None and math.isfinite(float(value)) else math.inf
+
+
+def _label(path: Path) -> str:
+    text = f"{path.parent.name}-{path.name}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:80]
+
+
+def data_name(data: str) -> str:
+    """A directory name for a shard source: 'shards/val' -> 'val', 'x/val-{0..3}.tar' -> 'val'."""
+    text = str(data).rstrip("/")
+    name = text.rsplit("/", 1)[-1]
+    if name.endswith(".json"):
+        name = text.rsplit("/", 2)[-2] if text.count("/") >= 1 else "data"
+    name = name.split("{", 1)[0]
+    name = re.sub(r"\.tar$", "", name)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("-_.")
+    return name or "data"
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_config(cfg: ExperimentConfig, data: str, max_samples: int = 0) -> ExperimentConfig:
+    """The training config pointed at ``data`` as its validation set."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data.val_shards = str(data)
+    cfg.data.max_val_samples = int(max_samples or 0)
+    return cfg
+
+
+@torch.no_grad()
+def evaluate_checkpoint(cfg: ExperimentConfig, path, device: Optional[str] = None,
+                        overlays: int = OVERLAYS) -> Evaluation:
+    """Load the checkpoint's weights into the model its config describes and evaluate."""
+    from .body import load_body_model, load_mean_params
+    from .model import build_model
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
+    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
+    state = load_checkpoint(str(path), map_location="cpu")
+    model.load_state_dict(state["model"])
+    model.to(device)
+    return evaluate_model(cfg, model, body.to(device), device, overlays=overlays)
+
+
+@torch.no_grad()
+def evaluate_model(cfg: ExperimentConfig, model, body, device, overlays: int = OVERLAYS,
+                   predictor=None) -> Evaluation:
+    """Per-sample errors of ``model`` over ``cfg.data.val_shards`` (one process, all samples).
+
+    predictor: optional ``batch -> {vertices, joints_h36m, cam_full (N, M, 3)}`` used instead
+    of the model (e.g. ground-truth parameters for the oracle check).
+    """
+    from .data.pipeline import build_loader
+    from .train.loop import evaluate_batch
+    loader = build_loader(cfg, "val", 0, 1, epoch=0, skip=0,
+                          batch_size=cfg.data.val_batch_size, seed=cfg.seed)
+    keys, parts, gendered = [], {k: [] for k in ("mpjpe", "pa_mpjpe", "pve", "per_joint", "cam_err")}, True
+    picked, seen_sequences = [], set()
+    for batch in loader:
+        given = None if predictor is None else {k: v.to(device) for k, v in predictor(batch).items()}
+        pred, errors = evaluate_batch(model, body, batch, device, pred=given)
+        gendered = gendered and batch.get("gender") is not None
+        cam = errors["cam_err"].double().clone()
+        cam[~errors["has_cam"]] = float("nan")
+        errors = dict(errors, cam_err=cam)
+        for name in parts:
+            parts[name].append(errors[name].detach().double().cpu().numpy())
+        for i, key in enumerate(batch["keys"]):
+            # a few overlays: the first sample of each sequence, else every 8th sample
+            sequence = sequence_of(key)
+            if len(picked) < overlays and (sequence not in seen_sequences or (len(keys) + i) % 8 == 0):
+                picked.append(_overlay_sample(batch, pred, errors, i))
+            seen_sequences.add(sequence)
+        keys.extend(batch["keys"])
+    if not keys:
+        raise ValueError(f"no samples to evaluate in {cfg.data.val_shards}")
+    arrays = {name: np.concatenate(values) for name, values in parts.items()}
+    faces = getattr(body, "faces", None)
+    return Evaluation(keys=keys, gendered=gendered, overlay_samples=picked, faces=faces, **arrays)
+
+
+def _overlay_sample(batch, pred, errors, i: int) -> Dict:
+    """What report.py needs to draw the predicted mesh over RoI 0's crop."""
+    return {
+        "key": batch["keys"][i],
+        "crop": batch["images"][i, 0].permute(1, 2, 0).contiguous().numpy(),   # (S, S, 3) RGB
+        "box": batch["boxes"][i, 0].double().numpy(),
+        "image_size": batch["image_size"][i].double().numpy(),
+        "focal": float(batch["focal"][i]),
+        "vertices": pred["vertices"][i].detach().double().cpu().numpy(),
+        "cam_full": pred["cam_full"][i, 0].detach().double().cpu().numpy(),
+        "keypoints_2d": batch["keypoints_2d"][i].double().numpy() if bool(batch["has_2d"][i]) else None,
+        "mpjpe": float(errors["mpjpe"][i]), "pa_mpjpe": float(errors["pa_mpjpe"][i]),
+    }
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def sequence_of(key: str) -> str:
+    """`<source>/<sequence>/<frame>/<person>` -> `<sequence>`."""
+    parts = key.split("/")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def source_of(key: str) -> str:
+    return key.split("/", 1)[0]
+
+
+def protocol_of(keys: List[str]) -> Dict[str, str]:
+    """Which published protocol the shard set corresponds to, with a note for the report."""
+    sources = sorted({source_of(k).lower() for k in keys})
+    if sources and all(("h36m" in s or "human36m" in s or "h3.6m" in s) for s in sources):
+        subjects = sorted({m.group(1) for k in keys
+                           for m in [re.match(r"[Ss](\d+)", sequence_of(k))] if m})
+        note = ("Human3.6M protocol 2: the 3DPW mesh protocol (14 LSP joints from the mesh via the "
+                "H36M regressor, pelvis-aligned MPJPE / PA-MPJPE / PVE in mm) on H36M shards of the "
+                "frontal camera, subjects 9 and 11.")
+        other = [s for s in subjects if s not in ("9", "11")]
+        if other:
+            note += (f" Warning: the shards also hold subject(s) {', '.join('S' + s for s in other)}; "
+                     "protocol 2 uses S9 and S11 only.")
+        return {"name": "h36m_p2", "note": note}
+    if sources and all("3dpw" in s for s in sources):
+        return {"name": "3dpw", "note": (
+            "3DPW protocol (METHOD.md §7): 14 LSP joints regressed from the predicted and "
+            "ground-truth meshes with the H36M regressor, pelvis-aligned; MPJPE, PA-MPJPE "
+            "(similarity Procrustes), PVE in mm.")}
+    return {"name": "mesh", "note": (
+        f"Mesh protocol of 3DPW (METHOD.md §7) on `{', '.join(sources)}` shards: 14 LSP joints "
+        "regressed from the meshes with the H36M regressor, pelvis-aligned; MPJPE, PA-MPJPE, "
+        "PVE in mm.")}
+
+
+def _stats(ev: Evaluation, index) -> Dict[str, float]:
+    cam = ev.cam_err[index]
+    cam = cam[np.isfinite(cam)]
+    out = {"mpjpe": float(ev.mpjpe[index].mean()), "pa_mpjpe": float(ev.pa_mpjpe[index].mean()),
+           "pve": float(ev.pve[index].mean()), "num_samples": int(np.size(ev.mpjpe[index]))}
+    if cam.size:
+        out["cam_err"] = float(cam.mean())
+    return out
+
+
+def summarize(ev: Evaluation, target: Target, data: str) -> Dict:
+    """metrics.json content: overall, per sequence, per joint (mm), and provenance."""
+    sequences: Dict[str, List[int]] = {}
+    for i, key in enumerate(ev.keys):
+        sequences.setdefault(sequence_of(key), []).append(i)
+    per_joint = ev.per_joint.mean(axis=0)
+    stored = {k: float(v) for k, v in target.stored_metrics.items()
+              if isinstance(v, (int, float)) and k.startswith("val_")}
+    overall = _stats(ev, slice(None))
+    out = {
+        "units": "mm",
+        "protocol": protocol_of(ev.keys),
+        "data": str(data),
+        "checkpoint": str(target.path),
+        "step": target.step,
+        "config_source": target.config_source,
+        "backbone": target.config.model.backbone,
+        "num_rois": target.config.rois.num_rois,
+        "gendered_gt": ev.gendered,
+        "overall": overall,
+        "per_sequence": {name: _stats(ev, np.asarray(idx)) for name, idx in sorted(sequences.items())},
+        "per_joint": {name: float(v) for name, v in zip(J14_NAMES, per_joint)},
+        "stored_validation": stored,
+    }
+    if "val_mpjpe" in stored:
+        out["stored_validation"]["val_mpjpe_difference"] = overall["mpjpe"] - stored["val_mpjpe"]
+    return out

@@ -1,0 +1,82 @@
+"""`raytrain doctor`: one line per check, the one-line SMPL note naming the flag, and a
+non-zero exit code when something required (shards, a cluster, body model files) is missing."""
+import socket
+
+import pytest
+import yaml
+
+from raytrain.cli import main as cli_main
+from raytrain.data.shards import write_shards
+from raytrain.doctor import run_doctor
+from fixtures_data import make_fake_samples
+
+
+@pytest.fixture(autouse=True)
+def no_cluster(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def write_config(path, train, val):
+    path.write_text(yaml.safe_dump({"data": {"train_shards": str(train), "val_shards": str(val)}}))
+    return str(path)
+
+
+def run(**kwargs):
+    lines = []
+    code = run_doctor(print_fn=lines.append, **kwargs)
+    return code, lines
+
+
+def test_no_smpl_is_one_line_naming_the_flag_and_missing_shards_fail(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tmp_path / "nope/train", tmp_path / "nope/val")
+    code, lines = run(config=config)
+    assert code != 0
+    smpl = [line for line in lines if "SMPL" in line]
+    assert len(smpl) == 1
+    assert "--smpl-dir" in smpl[0] and "model.smpl_dir" in smpl[0] and "synthetic" in smpl[0]
+    shard_lines = [line for line in lines if line.split()[1].startswith("data.")]
+    assert len(shard_lines) == 2 and all(line.startswith("MISSING") for line in shard_lines)
+    assert all("raytrain shard synthetic" in line for line in shard_lines)
+    assert all(line.split()[0] in ("OK", "MISSING") for line in lines[:-1])
+
+
+def test_cli_doctor_exit_codes(tmp_path, capsys):
+    missing = write_config(tmp_path / "m.yaml", tmp_path / "a", tmp_path / "b")
+    assert cli_main(["doctor", "--config", missing]) == 1
+    out = capsys.readouterr().out
+    assert sum("SMPL" in line for line in out.splitlines()) == 1 and "--smpl-dir" in out
+
+    write_shards(make_fake_samples(6, seed=0), str(tmp_path / "train"), "fake", "test", maxcount=4)
+    write_shards(make_fake_samples(3, seed=1), str(tmp_path / "val"), "fake", "test")
+    good = write_config(tmp_path / "g.yaml", tmp_path / "train", tmp_path / "val")
+    assert cli_main(["doctor", "--config", good]) == 0
+    out = capsys.readouterr().out
+    assert "6 samples in 2 shard(s)" in out and "3 samples in 1 shard(s)" in out
+    assert cli_main(["doctor"]) == 0          # no config: nothing required is missing
+
+
+def test_incomplete_smpl_dir_fails_naming_the_files(tmp_path):
+    (tmp_path / "smpl").mkdir()
+    (tmp_path / "smpl" / "SMPL_NEUTRAL.pkl").write_bytes(b"x")
+    code, lines = run(smpl_dir=str(tmp_path / "smpl"))
+    assert code == 1
+    line = next(line for line in lines if line.split()[1:3] == ["body", "model:"])
+    assert line.startswith("MISSING") and "SMPL_MALE.pkl" in line and "J_regressor_h36m.npy" in line
+
+
+def test_unreachable_cluster_fails(monkeypatch):
+    with socket.socket() as sock:           # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    code, lines = run()
+    assert code == 1
+    line = next(line for line in lines if "ray cluster" in line)
+    assert line.startswith("MISSING") and "unset RAY_ADDRESS" in line
+
+
+def test_bad_config_is_reported(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {crop_sise: 64}\n")
+    code, lines = run(config=str(bad))
+    assert code == 1 and lines[0].startswith("MISSING") and "crop_sise" in lines[0]

@@ -1,0 +1,233 @@
+"""`raytrain eval`: the oracle check, a known rigid perturbation, and evaluation of a real
+checkpoint reproducing the validation it was trained with. No mocks: synthetic shards,
+the synthetic body model, a small network trained for two steps with the real loop."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raytrain.body import load_body_model
+from raytrain.cli import main as cli_main
+from raytrain.config import load_config
+from raytrain.data.shards import write_shards
+from raytrain.data.synthetic import SyntheticConfig, SyntheticGenerator, encode_raw
+from raytrain.evaluate_cli import (Target, data_name, eval_config, evaluate_model, protocol_of,
+                                   run_eval, select_checkpoints, sequence_of, summarize)
+from raytrain.report import write_report
+from raytrain.train.loop import run_loop, validate
+from raytrain.train.session import BareSession
+
+GENDERS = ("neutral", "male", "female")
+N_VAL = 12
+
+
+def small_overrides(root):
+    return [f"data.train_shards={root / 'train'}", f"data.val_shards={root / 'val'}",
+            "data.crop_size=64", "data.batch_size=4", "data.val_batch_size=5",
+            "data.loader_workers=0", "model.backbone=mobilenetv3_small_050",
+            "model.decoder_hidden=32", "model.fusion_hidden=16", "model.proj_dim=8",
+            "rois.num_rois=2", "optim.max_steps=2", "train.val_every=1",
+            "train.checkpoint_every=1", "train.tensorboard=false", "name=evaltest"]
+
+
+def write_synthetic(out, n, seed, genders=("neutral",), sequences=1):
+    """Synthetic people into shards; genders and sequence names cycle over the samples."""
+    generator = SyntheticGenerator(SyntheticConfig(crop_size=64))
+    samples = []
+    for raw in generator.samples(seed, range(n)):
+        index = int(raw["key"].split("/")[2])
+        raw["meta"]["gender"] = genders[index % len(genders)]
+        raw["key"] = f"synthetic/seq{index % sequences}/{index:08d}/0"
+        samples.append(encode_raw(raw))
+    return write_shards(samples, str(out), "synthetic", "test", maxcount=5)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaldata")
+    write_synthetic(root / "train", 8, seed=1)
+    write_synthetic(root / "val", N_VAL, seed=2, genders=GENDERS, sequences=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def body():
+    return load_body_model(None, genders=GENDERS)
+
+
+@pytest.fixture(scope="module")
+def trained(data_root):
+    """Two trials of the real training loop (bare session), a checkpoint after each step."""
+    runs = {}
+    for trial, lr in (("trial_a", 1e-3), ("trial_b", 1e-4)):
+        cfg = load_config(None, small_overrides(data_root) + [f"optim.lr={lr}"])
+        session = BareSession(str(data_root / "experiment" / trial), device="cpu")
+        run_loop(cfg, session)
+        runs[trial] = (cfg, session)
+    return runs
+
+
+def oracle_predictor(body, rotation=None):
+    """Ground-truth parameters as predictions (optionally the whole mesh rigidly rotated)."""
+    def predict(batch):
+        gt = body.forward_axis_angle(batch["pose"], batch["betas"], gender=batch.get("gender"))
+        vertices, joints = gt.vertices, gt.joints_h36m
+        if rotation is not None:
+            shift = torch.tensor([0.3, -0.1, 2.0])
+            vertices = vertices @ rotation.T + shift
+            joints = joints @ rotation.T + shift
+        n, m = batch["boxes"].shape[:2]
+        return {"vertices": vertices, "joints_h36m": joints,
+                "cam_full": batch["cam_full"][:, None].expand(n, m, 3)}
+    return predict
+
+
+def axis_angle_matrix(axis, angle):
+    axis = np.asarray(axis, np.float64) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
+
+
+def eval_cfg(data_root):
+    return eval_config(load_config(None, small_overrides(data_root)), str(data_root / "val"))
+
+
+def test_oracle_gives_zero_on_every_metric(data_root, body, tmp_path):
+    cfg = eval_cfg(data_root)
+    ev = evaluate_model(cfg, None, body, torch.device("cpu"), predictor=oracle_predictor(body))
+    assert len(ev.keys) == N_VAL and ev.gendered
+    for name in ("mpjpe", "pa_mpjpe", "pve", "cam_err"):
+        assert np.abs(getattr(ev, name)).max() < 1e-3, name
+    assert np.abs(ev.per_joint).max() < 1e-3
+    target = Target(path=tmp_path, config=cfg, config_source="test", label="oracle")
+    metrics = summarize(ev, target, str(data_root / "val"))
+    assert set(metrics["per_sequence"]) == {"seq0", "seq1", "seq2"}
+    values = [metrics["overall"][k] for k in ("mpjpe", "pa_mpjpe", "pve", "cam_err")]
+    values += [v for s in metrics["per_sequence"].values() for k, v in s.items() if k != "num_samples"]
+    values += list(metrics["per_joint"].values())
+    assert max(abs(v) for v in values) < 1e-3
+    # the gendered ground truth matters: the neutral mesh of a male/female sample is not 0 mm
+    batch_pose = torch.stack([torch.zeros(72)] * 2)
+    betas = torch.full((2, 10), 1.0)
+    male = body.forward_axis_angle(batch_pose, betas, gender=["male", "male"]).vertices
+    neutral = body.forward_axis_angle(batch_pose, betas, gender=["neutral", "neutral"]).vertices
+    assert (male - neutral).norm(dim=-1).mean() > 1e-3
+
+
+def test_rigid_rotation_gives_zero_pa_mpjpe_and_expected_mpjpe(data_root, body):
+    angle, axis = math.radians(20.0), np.array([0.3, 1.0, -0.2])
+    rotation = torch.tensor(axis_angle_matrix(axis, angle), dtype=torch.float32)
+    cfg = eval_cfg(data_root)
+    ev = evaluate_model(cfg, None, body, torch.device("cpu"),
+                        predictor=oracle_predictor(body, rotation))
+    assert np.abs(ev.pa_mpjpe).max() < 0.05
+    # Independently: rotating a point d (relative to the pelvis, which moves with the mesh)
+    # by angle a about unit axis u moves it by 2 sin(a/2) |d - (d.u) u|.
+    unit = axis / np.linalg.norm(axis)
+    lsp_from_h36m = [6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13, 8, 10]     # CONVENTIONS.md
+    expected_mpjpe, expected_pve = {}, {}
+    batch = _gt_batch(data_root)
+    gt = body.forward_axis_angle(batch["pose"], batch["betas"], gender=batch["gender"])
+    j14 = gt.joints_h36m.double().numpy()[:, lsp_from_h36m]
+    pelvis = j14[:, [2, 3]].mean(axis=1, keepdims=True)                     # mid-hips
+    for points, out in ((j14, expected_mpjpe), (gt.vertices.double().numpy(), expected_pve)):
+        d = points - pelvis
+        perp = d - (d @ unit)[..., None] * unit
+        moved = 1000 * 2 * math.sin(angle / 2) * np.linalg.norm(perp, axis=-1).mean(axis=1)
+        out.update(zip(batch["keys"], moved))
+    expected_mpjpe = [expected_mpjpe[k] for k in ev.keys]
+    expected_pve = [expected_pve[k] for k in ev.keys]
+    np.testing.assert_allclose(ev.mpjpe, expected_mpjpe, atol=0.05)
+    np.testing.assert_allclose(ev.pve, expected_pve, atol=0.05)
+    assert np.mean(expected_mpjpe) > 50.0        # a real perturbation, not a no-op
+
+
+def _gt_batch(data_root):
+    """Ground-truth parameters, genders and keys of every val sample, read from the shards."""
+    from raytrain.data.reader import ShardReader
+    samples = list(ShardReader(str(data_root / "val"), shuffle=False, decode_images=False))
+    return {"pose": torch.stack([torch.as_tensor(s.pose) for s in samples]),
+            "betas": torch.stack([torch.as_tensor(s.betas) for s in samples]),
+            "gender": [s.gender for s in samples], "keys": [s.key for s in samples]}
+
+
+def test_run_eval_on_checkpoint_reproduces_validation(data_root, trained, body, tmp_path):
+    cfg, session = trained["trial_a"]
+    checkpoint = session.latest_checkpoint_dir()
+    out = tmp_path / "report"
+    result = run_eval(checkpoint=checkpoint, data=str(data_root / "val"), out=str(out), quiet=True)
+    for name in ("metrics.json", "report.md", "per_joint.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    overlays = sorted((out / "overlays").glob("*.png"))
+    assert 1 <= len(overlays) <= 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["overall"]["num_samples"] == N_VAL
+    assert set(metrics["per_sequence"]) == {"seq0", "seq1", "seq2"}
+    assert len(metrics["per_joint"]) == 14
+    assert metrics["gendered_gt"] is True
+    report = (out / "report.md").read_text()
+    assert "![per-joint MPJPE](per_joint.png)" in report and "overlays/" in report
+    # the same MPJPE as the validation recorded in the checkpoint and as validate() now
+    stored = metrics["stored_validation"]["val_mpjpe"]
+    assert abs(result["overall"]["mpjpe"] - stored) < 0.1
+    from raytrain.body import load_mean_params
+    from raytrain.model import build_model
+    from raytrain.train.checkpoint import load_checkpoint
+    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(None))
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    fresh = validate(cfg, model, body, session, torch.device("cpu"))
+    assert abs(result["overall"]["mpjpe"] - fresh["val_mpjpe"]) < 0.1
+    assert abs(result["overall"]["pa_mpjpe"] - fresh["val_pa_mpjpe"]) < 0.1
+    assert abs(result["overall"]["pve"] - fresh["val_pve"]) < 0.1
+
+
+def test_experiment_best_and_top_k(data_root, trained, tmp_path):
+    experiment = data_root / "experiment"
+    targets = select_checkpoints(str(experiment), best=True, top=2)
+    assert len(targets) == 2 and targets[0].path.parent != targets[1].path.parent
+    stored = [t.stored_metrics["val_mpjpe"] for t in targets]
+    assert stored == sorted(stored)
+    every = [json.loads((p / "COMMIT.json").read_text()) for p in experiment.rglob("step_*")]
+    assert len(every) == 4
+    out = tmp_path / "top2"
+    result = cli_main(["eval", "--experiment", str(experiment), "--best", "--top", "2",
+                       "--data", str(data_root / "val"), "--out", str(out)])
+    assert result == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["rank"] for row in summary["evaluations"]] == [1, 2]
+    for row in summary["evaluations"]:
+        assert abs(row["mpjpe"] - row["stored_val_mpjpe"]) < 0.1
+        assert (Path(row["out"]) / "metrics.json").is_file()
+    # default output directory: <experiment>/eval/<data name>
+    default = run_eval(experiment=str(experiment), best=True, data=str(data_root / "val"), quiet=True)
+    assert default["out"] == str(experiment / "eval" / "val")
+    assert default["checkpoint"] == str(targets[0].path)
+
+
+def test_checkpoint_errors_are_clear(data_root, trained, tmp_path):
+    with pytest.raises(Exception, match="--experiment"):
+        run_eval(checkpoint=str(data_root / "experiment"), data=str(data_root / "val"), quiet=True)
+    with pytest.raises(Exception, match="exactly one"):
+        run_eval(data=str(data_root / "val"))
+
+
+def test_helpers():
+    assert sequence_of("3dpw/downtown_walking_00/000123/1") == "downtown_walking_00"
+    assert data_name("shards/3dpw-test/") == "3dpw-test"
+    assert data_name("shards/val/manifest.json") == "val"
+    assert data_name("s3://bucket/h36m-p2-{000000..000009}.tar") == "h36m-p2"
+    assert protocol_of(["h36m/S9_walking/1/0", "h36m/S11_eating/2/0"])["name"] == "h36m_p2"
+    assert "S1" in protocol_of(["h36m/S1_walking/1/0"])["note"]
+    assert protocol_of(["3dpw/seq/1/0"])["name"] == "3dpw"
+
+
+def test_report_writes_every_file_without_overlays(tmp_path):
+    metrics = {"data": "d", "checkpoint": "c", "protocol": {"name": "mesh", "note": "n"},
+               "overall": {"mpjpe": 1.0, "pa_mpjpe": 0.5, "pve": 2.0, "num_samples": 3},
+               "per_sequence": {"s": {"mpjpe": 1.0, "pa_mpjpe": 0.5, "pve": 2.0, "num_samples": 3}},
+               "per_joint": {f"j{i}": float(i) for i in range(14)}, "stored_validation": {}}
+    paths = write_report(tmp_path, metrics)
+    assert all(Path(p).is_file() for p in paths.values())
