@@ -53,6 +53,8 @@ def build_parser():
     ev.add_argument("--top", type=int, default=1)
     ev.add_argument("--data", required=True, help="shards to evaluate on")
     ev.add_argument("--out", default=None, help="report directory")
+    ev.add_argument("--config", default=None, help="config YAML to use instead of the checkpoint's own")
+    ev.add_argument("--max-samples", type=int, default=0, help="evaluate at most this many persons (0: all)")
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="the whole story on synthetic data, on this machine")
@@ -104,7 +106,7 @@ def cmd_tune(args):
 def cmd_eval(args):
     from .evaluate_cli import run_eval
     run_eval(checkpoint=args.checkpoint, experiment=args.experiment, best=args.best, top=args.top,
-             data=args.data, out=args.out)
+             data=args.data, out=args.out, config=args.config, max_samples=args.max_samples)
 
 
 def cmd_demo(args):

@@ -281,10 +281,9 @@ def _init_worker() -> None:
 
 
 def _mp_context():
-    methods = multiprocessing.get_all_start_methods()
-    # fork: workers start at once and inherit the imported modules. The pool is created
-    # before the parent computes anything with torch, and workers only use numpy / cv2.
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    # spawn, not fork: a forked child inherits the parent's OpenCV / OpenMP thread-pool
+    # state and can deadlock in its first cv2 call (seen here in cv2.setNumThreads).
+    return multiprocessing.get_context("spawn")
 
 
 def run_conversion(records: Iterable[Record], out: str, source: str, licence: str, *,

@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Shard 3DPW: the raw release or a SPIN-style .npz (see datasets/README.md).
+
+    python datasets/shard_3dpw.py --root /data/3DPW --split test --out shards/3dpw-test
+    python datasets/shard_3dpw.py --npz 3dpw_test.npz --img-root /data/3DPW --out shards/3dpw-test
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raytrain.data.convert.pw3d import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""Shard MPI-INF-3DHP from a SPIN/CLIFF-style .npz plus its images (see datasets/README.md).
+
+    python datasets/shard_mpi_inf_3dhp.py --npz mpi_inf_3dhp_train.npz --img-root /data/mpi_inf_3dhp --out shards/mpi_inf_3dhp
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raytrain.data.convert.spin_npz import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main("mpi_inf_3dhp"))

@@ -1,0 +1,173 @@
+"""SPIN/CLIFF-style preprocessed ``.npz`` label files -> schema-v1 shards.
+
+The format (one row per person instance; SPIN's ``data/dataset_extras/*.npz``, CLIFF's
+pseudo-GT files):
+
+    imgname  (N,)        image path relative to --img-root (str or bytes)
+    center   (N, 2)      box centre, full-image pixels
+    scale    (N,)        box side / 200 (SPIN's convention: side = 200 * scale)
+    part     (N, 24, 3)  J24 2D keypoints + visibility        (optional)
+    S        (N, 24, 4)  J24 3D joints, metres + confidence   (optional; (N,24,3) too)
+    pose     (N, 72)     SMPL axis-angle, camera frame        (optional)
+    shape    (N, 10)     SMPL betas                           (optional, with pose)
+    has_smpl (N,)        0/1 (default: 1 where pose is given)  (optional)
+    gender   (N,)        'm' / 'f' (other: neutral)           (optional)
+    focal_length (N,) or ()  pixels (optional; default: default_focal of the image size)
+
+The file is loaded with ``allow_pickle=False``: an object-array npz is refused with a
+message (re-save its string arrays as fixed-width unicode). 3D joints stored in
+millimetres (SPIN stores metres; some re-exports do not) are detected per file and
+converted. Whether a row's 3D joints are pelvis-relative (SPIN's MPI-INF-3DHP training
+file) is recorded in its json meta as ``joints_3d_root_relative``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import PurePosixPath
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .common import (ConversionSummary, Record, StorageConfig, add_output_args, make_key,
+                     run_conversion, storage_from_args)
+
+#: Source name -> licence note written into the manifest (see datasets/README.md).
+SOURCES = {
+    "h36m": "Human3.6M: licence agreement from http://vision.imar.ro/human3.6m (research, "
+            "non-commercial); SMPL fits under the SMPL model licence",
+    "mpi_inf_3dhp": "MPI-INF-3DHP: licence of the Max Planck Institute for Informatics "
+                    "(research, non-commercial; see the dataset's download page)",
+    "coco": "COCO: annotations CC BY 4.0, images under their Flickr terms; SMPL pseudo-GT "
+            "under its authors' licence and the SMPL model licence",
+    "mpii": "MPII Human Pose: simplified BSD licence; SMPL pseudo-GT under its authors' "
+            "licence and the SMPL model licence",
+    "3dpw": "3DPW: non-commercial scientific research only (3DPW licence); SMPL model licence",
+}
+
+REQUIRED_NPZ_KEYS = ("imgname", "center", "scale")
+PELVIS_J24 = 14
+
+
+def read_spin_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load and check a SPIN-style npz (no pickles) -> dict of arrays."""
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {name: npz[name] for name in npz.files}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: npz file not found") from None
+    except ValueError as error:
+        if "allow_pickle" in str(error) or "Object arrays" in str(error):
+            raise ValueError(f"{path}: stores object arrays (pickles), which are not loaded; "
+                             "re-save its string arrays as fixed-width unicode "
+                             "(np.asarray(x, dtype=str))") from None
+        raise ValueError(f"{path}: not a readable npz ({error})") from None
+    missing = [key for key in REQUIRED_NPZ_KEYS if key not in data]
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing} (has {sorted(data)})")
+    n = len(data["imgname"])
+    expected = {"center": (n, 2), "part": (n, 24, 3), "pose": (n, 72), "shape": (n, 10),
+                "has_smpl": (n,), "gender": (n,)}
+    for key, shape in expected.items():
+        if key in data and data[key].shape != shape:
+            raise ValueError(f"{path}: {key} has shape {data[key].shape}, expected {shape}")
+    if data["scale"].shape[0] != n:
+        raise ValueError(f"{path}: scale has {data['scale'].shape[0]} rows, imgname {n}")
+    if "S" in data and (data["S"].shape[:2] != (n, 24) or data["S"].shape[2] not in (3, 4)):
+        raise ValueError(f"{path}: S has shape {data['S'].shape}, expected ({n}, 24, 4)")
+    if "pose" in data and "shape" not in data:
+        raise ValueError(f"{path}: has pose but no shape")
+    return data
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _joints_in_metres(S: np.ndarray) -> np.ndarray:
+    """(N, 24, 4) float64 in metres; a file whose valid coordinates look like mm is scaled."""
+    if S.shape[2] == 3:
+        S = np.concatenate([S, np.ones(S.shape[:2] + (1,))], axis=2)
+    S = S.astype(np.float64)
+    valid = S[..., 3] > 0
+    coords = np.abs(S[..., :3][valid])
+    if coords.size and np.nanmedian(coords) > 20.0:  # people are not 20 m away: millimetres
+        S = S.copy()
+        S[..., :3] /= 1000.0
+    return S
+
+
+def spin_npz_records(data: dict[str, np.ndarray], img_root: str, source: str) -> Iterator[Record]:
+    """One ``Record`` per npz row (``data`` from ``read_spin_npz``)."""
+    n = len(data["imgname"])
+    scale = np.asarray(data["scale"], dtype=np.float64)
+    if scale.ndim == 2:  # (N, 2) per-axis scales: the square box of the larger side
+        scale = scale.max(axis=1)
+    S = _joints_in_metres(data["S"]) if "S" in data else None
+    has_smpl = (np.asarray(data["has_smpl"]).astype(bool) if "has_smpl" in data
+                else np.ones(n, dtype=bool))
+    focal = data.get("focal_length", data.get("focal"))
+    if focal is not None:
+        focal = np.broadcast_to(np.asarray(focal, dtype=np.float64).reshape(-1)
+                                if np.ndim(focal) else np.asarray(focal, np.float64), (n,))
+    for row in range(n):
+        name = _text(data["imgname"][row])
+        rel = PurePosixPath(name.replace("\\", "/"))
+        sequence = "-".join(rel.parent.parts) or "_"
+        labels = {
+            "box": [*np.asarray(data["center"][row], np.float64), 200.0 * scale[row]],
+            "keypoints_2d": data["part"][row] if "part" in data else None,
+            "gender": _text(data["gender"][row]) if "gender" in data else None,
+            "focal": None if focal is None else float(focal[row]),
+            "meta": {"imgname": name},
+        }
+        if S is not None:
+            labels["joints_3d"] = S[row]
+            pelvis = S[row, PELVIS_J24]
+            labels["meta"]["joints_3d_root_relative"] = bool(
+                pelvis[3] > 0 and np.all(np.abs(pelvis[:3]) < 1e-4))
+        if "pose" in data:
+            labels.update(pose=data["pose"][row], betas=data["shape"][row],
+                          has_smpl=bool(has_smpl[row]))
+        yield Record(key=make_key(source, sequence, rel.stem, row),
+                     image_path=os.path.join(img_root, *rel.parts), labels=labels)
+
+
+def convert_spin_npz(npz: str | os.PathLike, img_root: str | os.PathLike, out: str,
+                     source: str, *, licence: str | None = None, limit: int | None = None,
+                     workers: int = 1, maxcount: int = 1000,
+                     storage: StorageConfig | None = None, progress: bool = True,
+                     printer=print) -> ConversionSummary:
+    """Convert one SPIN-style npz (images under ``img_root``) into shards under ``out``."""
+    if licence is None:
+        if source not in SOURCES:
+            raise ValueError(f"unknown source {source!r} (known: {sorted(SOURCES)}); "
+                             "pass licence=...")
+        licence = SOURCES[source]
+    data = read_spin_npz(npz)
+    records = spin_npz_records(data, os.fspath(img_root), source)
+    return run_conversion(records, out, source, licence, limit=limit, workers=workers,
+                          maxcount=maxcount, total=len(data["imgname"]), storage=storage,
+                          progress=progress, printer=printer)
+
+
+def build_parser(source: str, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description or f"Shard SPIN/CLIFF-style {source} .npz labels and images "
+                                   "into schema-v1 WebDataset shards.")
+    parser.add_argument("--npz", required=True, help="SPIN-style label file (.npz)")
+    parser.add_argument("--img-root", required=True,
+                        help="directory the npz's imgname paths are relative to")
+    add_output_args(parser)
+    return parser
+
+
+def main(source: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``datasets/shard_<source>.py``."""
+    args = build_parser(source).parse_args(argv)
+    convert_spin_npz(args.npz, args.img_root, args.out, source, limit=args.limit,
+                     workers=args.workers, maxcount=args.maxcount,
+                     storage=storage_from_args(args), progress=not args.no_progress)
+    return 0

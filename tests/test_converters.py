@@ -1,0 +1,292 @@
+"""Converters: raw 3DPW release and SPIN-style npz -> schema-v1 shards (fixtures in the real formats)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from raytrain.body import load_body_model
+from raytrain.data import ShardReader
+from raytrain.data.convert import (SequenceFileError, StorageConfig, convert_3dpw,
+                                   convert_spin_npz, load_sequence_file)
+from raytrain.data.convert import pw3d as pw3d_module
+from raytrain.data.convert import spin_npz as spin_module
+from raytrain.data.shards import read_manifest
+
+from fixtures_3dpw import UNDETECTED, UNDETECTED_J24, make_3dpw_release, write_sequence_file
+
+REPO = Path(__file__).resolve().parents[1]
+#: Moves the synthetic model's rest root joint to where real SMPL has it (about 0.2 m
+#: below the origin), so a converter that ignores J0 gets the camera translation wrong.
+ROOT_OFFSET = torch.tensor([0.01, -0.22, 0.03])
+
+
+@pytest.fixture(scope="module")
+def body_model():
+    model = load_body_model(None, genders=("male", "female"))
+    with torch.no_grad():
+        for layer in model.smpl.values():
+            layer.v_template += ROOT_OFFSET
+    return model
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory, body_model):
+    return make_3dpw_release(tmp_path_factory.mktemp("3dpw") / "3DPW", body_model)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, release, body_model):
+    out = tmp_path_factory.mktemp("shards") / "3dpw-test"
+    summary = convert_3dpw(release["root"], "test", str(out), body_model=body_model,
+                           maxcount=4, progress=False, printer=None)
+    samples = list(ShardReader(str(out), shuffle=False, rank=0, world_size=1))
+    return summary, samples, out
+
+
+def _keys(samples):
+    return sorted(sample.key for sample in samples)
+
+
+# ----------------------------------------------------------------------------- 3DPW raw
+
+
+def test_3dpw_one_sample_per_valid_actor_frame(converted, release):
+    summary, samples, out = converted
+    assert summary.written == release["num_valid"] == 10
+    assert not summary.skipped and summary.total == 10
+    assert _keys(samples) == sorted(release["valid_keys"])  # exactly once each
+    manifest = read_manifest(str(out))
+    assert manifest["num_samples"] == 10 and manifest["num_shards"] == 3
+    assert manifest["source"] == "3dpw" and "non-commercial" in manifest["licence"]
+    for sample in samples:
+        assert sample.has_smpl and sample.has_3d and sample.has_2d
+        assert sample.gender == ("male" if sample.key.endswith("/0") else "female")
+        assert sample.image_size == (270, 480)
+        assert sample.meta["principal_point"] == [135.0, 240.0]
+        assert sample.focal == pytest.approx((490.0 + 494.0) / 2)
+
+
+def test_3dpw_ground_truth_in_camera_frame_reprojects(converted, release, body_model):
+    _, samples, _ = converted
+    for sample in samples:
+        _, name, frame, actor = sample.key.split("/")
+        frame, actor = int(frame), int(actor)
+        seq = release["sequences"][name]
+        K = seq["cam_intrinsics"]
+        # 3D joints reproject through the intrinsics onto the stored 2D keypoints.
+        joints = sample.joints_3d[:, :3].astype(np.float64)
+        uvw = joints @ K.T
+        np.testing.assert_allclose(uvw[:, :2] / uvw[:, 2:], sample.keypoints_2d[:, :2], atol=1e-2)
+        # The stored camera-frame SMPL (pose, betas, cam_full) gives the stored joints and
+        # the release's world joints (jointPositions) moved by cam_poses.
+        with torch.no_grad():
+            out = body_model.forward_axis_angle(torch.as_tensor(sample.pose[None]),
+                                                torch.as_tensor(sample.betas[None]),
+                                                sample.gender)
+        cam = seq["cam_poses"][frame]
+        world = seq["jointPositions"][actor][frame].reshape(24, 3)
+        expected = world @ cam[:3, :3].T + cam[:3, 3]
+        np.testing.assert_allclose(out.joints_smpl[0].numpy() + sample.cam_full, expected, atol=2e-4)
+        np.testing.assert_allclose(out.joints_j24[0].numpy() + sample.cam_full, joints, atol=2e-4)
+        np.testing.assert_allclose(sample.betas, seq["betas"][actor][:10], atol=1e-6)
+        # The box centre lands at the stored region's centre.
+        centre = sample.affine[:, :2] @ sample.box[:2] + sample.affine[:, 2]
+        np.testing.assert_allclose(centre, np.array(sample.stored_size) / 2, atol=1e-3)
+        # Visibility: OpenPose's undetected joint has confidence 0, the others 1 (in view).
+        confidence = sample.keypoints_2d[:, 2]
+        if (actor, frame) == UNDETECTED[:2]:
+            assert confidence[UNDETECTED_J24] == 0 and confidence.sum() == 23
+        else:
+            assert np.all(confidence == 1)
+
+
+def test_3dpw_missing_keys_refused(tmp_path, release):
+    root = tmp_path / "3DPW"
+    data = dict(release["sequences"]["courtyard_fixture_00"])
+    del data["cam_poses"], data["trans"]
+    bad = root / "sequenceFiles" / "test" / "broken_seq_00.pkl"
+    write_sequence_file(bad, data)
+    with pytest.raises(SequenceFileError) as error:
+        load_sequence_file(bad)
+    message = str(error.value)
+    assert "broken_seq_00.pkl" in message and "'cam_poses'" in message and "'trans'" in message
+    # The driver checks every file before writing anything.
+    out = tmp_path / "out"
+    with pytest.raises(SequenceFileError, match="broken_seq_00.pkl"):
+        convert_3dpw(root, "test", str(out), progress=False, printer=None)
+    assert not out.exists()
+    # A file that is not a pickle is refused too, naming it.
+    bad.write_bytes(b"not a pickle")
+    with pytest.raises(SequenceFileError, match="broken_seq_00.pkl"):
+        load_sequence_file(bad)
+
+
+def test_3dpw_skips_with_reasons_limit_and_workers(tmp_path, release, body_model, converted):
+    root = tmp_path / "3DPW"
+    copy = make_3dpw_release(root, body_model)  # same seed: same data as `release`
+    (root / "imageFiles" / "downtown_fixture_01" / "image_00001.jpg").unlink()  # 2 samples
+    (root / "imageFiles" / "courtyard_fixture_00" / "image_00003.jpg").write_bytes(b"garbage")
+    summary = convert_3dpw(root, "test", str(tmp_path / "out"), body_model=body_model,
+                           workers=2, progress=False, printer=None)
+    assert summary.written == copy["num_valid"] - 4
+    assert dict(summary.skipped) == {"missing_image": 2, "bad_image": 2}
+    assert "image_00001.jpg" in summary.examples["missing_image"]
+    assert "missing_image: 2" in summary.format() and "total 10" in summary.format()
+    samples = list(ShardReader(str(tmp_path / "out"), shuffle=False, rank=0, world_size=1))
+    assert len(samples) == 6
+    # Parallel workers write the same samples in the same order as one process.
+    reference = {s.key: s for s in converted[1]}
+    for sample in samples:
+        assert sample.jpeg == reference[sample.key].jpeg
+        np.testing.assert_array_equal(sample.joints_3d, reference[sample.key].joints_3d)
+    limited = convert_3dpw(root, "test", str(tmp_path / "limited"), body_model=body_model,
+                           limit=3, progress=False, printer=None)
+    assert limited.total == 3 and read_manifest(str(tmp_path / "limited"))["num_samples"] == limited.written
+
+
+def test_shard_3dpw_script(tmp_path, release):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "datasets" / "shard_3dpw.py"), "--root", str(release["root"]),
+         "--split", "test", "--out", str(out), "--limit", "2", "--workers", "1",
+         "--no-progress", "--storage", "full"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "written 2" in result.stdout and "total 2" in result.stdout
+    samples = list(ShardReader(str(out), shuffle=False, rank=0, world_size=1))
+    assert len(samples) == 2 and samples[0].stored_size == (270, 480)
+    # A missing split is a clear one-line error, not a traceback.
+    result = subprocess.run(
+        [sys.executable, str(REPO / "datasets" / "shard_3dpw.py"), "--root", str(release["root"]),
+         "--split", "train", "--out", str(tmp_path / "none"), "--no-progress"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "sequenceFiles/train" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- SPIN npz
+
+
+def _write_image(path: Path, width: int, height: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(path), image)
+
+
+def _spin_npz(tmp_path: Path, n: int = 6, with_3d: bool = True) -> tuple[Path, Path, dict]:
+    """A SPIN-style npz (H36M-like: part, S, pose, shape, gender) plus its images."""
+    rng = np.random.default_rng(1)
+    img_root = tmp_path / "images"
+    names = [f"S1/Directions 1.54138969/frame_{i:06d}.jpg" for i in range(n)]
+    for i, name in enumerate(names):
+        _write_image(img_root / name, 200, 160, i)
+    part = np.zeros((n, 24, 3))
+    part[:, :, 0] = rng.uniform(60, 140, size=(n, 24))
+    part[:, :, 1] = rng.uniform(40, 120, size=(n, 24))
+    part[:, :, 2] = (rng.uniform(size=(n, 24)) > 0.2).astype(float)
+    S = np.concatenate([rng.normal(scale=0.3, size=(n, 24, 3)) + [0, 0, 4.5],
+                        np.ones((n, 24, 1))], axis=2)
+    data = {
+        "imgname": np.array(names),
+        "center": rng.uniform(80, 120, size=(n, 2)),
+        "scale": rng.uniform(0.4, 0.7, size=n),
+        "part": part,
+        "pose": rng.normal(scale=0.2, size=(n, 72)),
+        "shape": rng.normal(size=(n, 10)),
+        "has_smpl": np.array([1, 1, 0, 1, 1, 1]),
+        "gender": np.array(["m", "f", "m", "f", "m", "f"]),
+    }
+    if with_3d:
+        data["S"] = S * [1000, 1000, 1000, 1]  # millimetres: detected and converted
+    path = tmp_path / "h36m_valid_protocol2.npz"
+    np.savez(path, **data)
+    return path, img_root, data
+
+
+def test_spin_npz_roundtrip(tmp_path):
+    path, img_root, data = _spin_npz(tmp_path)
+    out = tmp_path / "out"
+    summary = convert_spin_npz(path, img_root, str(out), "h36m", progress=False, printer=None,
+                               storage=StorageConfig(crop_size=64))
+    assert summary.written == 6 and summary.total == 6
+    samples = {s.key: s for s in ShardReader(str(out), shuffle=False, rank=0, world_size=1)}
+    assert read_manifest(str(out))["source"] == "h36m"
+    for row in range(6):
+        key = f"h36m/S1-Directions_1_54138969/frame_{row:06d}/{row}"
+        sample = samples[key]
+        np.testing.assert_allclose(sample.box, [*data["center"][row], 200 * data["scale"][row]],
+                                   rtol=1e-6)
+        np.testing.assert_allclose(sample.keypoints_2d, data["part"][row], rtol=1e-6)
+        np.testing.assert_allclose(sample.joints_3d[:, :3], data["S"][row, :, :3] / 1000, atol=1e-6)
+        np.testing.assert_allclose(sample.pose, data["pose"][row], rtol=1e-6)
+        np.testing.assert_allclose(sample.betas, data["shape"][row], rtol=1e-6)
+        assert sample.has_smpl == bool(data["has_smpl"][row]) and sample.has_3d and sample.has_2d
+        assert sample.gender == ("male" if data["gender"][row] == "m" else "female")
+        assert sample.image_size == (200, 160)
+        assert sample.focal == pytest.approx(np.hypot(200, 160))  # default_focal
+        assert sample.stored_size == (197, 197)  # round(2 * 64 / 0.65): the context rule
+        assert sample.cam_full is None and sample.meta["imgname"].endswith(".jpg")
+
+
+def test_spin_npz_skips_with_reasons(tmp_path):
+    path, img_root, data = _spin_npz(tmp_path)
+    (img_root / str(data["imgname"][0])).unlink()  # missing image
+    (img_root / str(data["imgname"][1])).write_bytes(b"\xff\xd8 truncated")  # undecodable
+    data = dict(data)
+    data["pose"] = data["pose"].copy()
+    data["pose"][2, 5] = np.nan  # NaN label
+    data["center"] = data["center"].copy()
+    data["center"][3] = [5000.0, 5000.0]  # box outside the image
+    np.savez(path, **data)
+    out = tmp_path / "out"
+    summary = convert_spin_npz(path, img_root, str(out), "coco", workers=2, progress=False,
+                               printer=None)
+    assert summary.written == 2 and summary.total == 6
+    assert dict(summary.skipped) == {"missing_image": 1, "bad_image": 1, "nonfinite_label": 1,
+                                     "box_outside_image": 1}
+    keys = _keys(ShardReader(str(out), shuffle=False, rank=0, world_size=1))
+    assert [k.rsplit("/", 1)[1] for k in keys] == ["4", "5"]
+
+
+def test_spin_npz_3dpw_form_and_scripts(tmp_path):
+    """SPIN's 3DPW test file has no part/S: SMPL only, through shard_3dpw.py --npz."""
+    path, img_root, data = _spin_npz(tmp_path, with_3d=False)
+    del data["part"], data["has_smpl"]
+    np.savez(path, **data)
+    out = tmp_path / "out"
+    assert pw3d_module.main(["--npz", str(path), "--img-root", str(img_root), "--out", str(out),
+                             "--workers", "1", "--no-progress"]) == 0
+    samples = list(ShardReader(str(out), shuffle=False, rank=0, world_size=1))
+    assert len(samples) == 6
+    assert all(s.has_smpl and not s.has_2d and not s.has_3d for s in samples)
+    assert "3DPW" in read_manifest(str(out))["licence"]
+    # The SPIN-npz scripts share one entry point per source.
+    for source in ("h36m", "mpi_inf_3dhp", "coco", "mpii"):
+        script = (REPO / "datasets" / f"shard_{source}.py").read_text()
+        assert f'main("{source}")' in script
+        assert source in spin_module.SOURCES
+    assert spin_module.main("mpii", ["--npz", str(path), "--img-root", str(img_root), "--out",
+                                     str(tmp_path / "mpii"), "--limit", "2", "--workers", "1",
+                                     "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "mpii" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 2 and "BSD" in manifest["licence"]
+
+
+def test_spin_npz_bad_files(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, imgname=np.array(["a.jpg"]), center=np.zeros((1, 2)))
+    with pytest.raises(ValueError, match=r"bad.npz: missing keys \['scale'\]"):
+        spin_module.read_spin_npz(path)
+    np.savez(path, imgname=np.array(["a.jpg"], dtype=object), center=np.zeros((1, 2)),
+             scale=np.ones(1))
+    with pytest.raises(ValueError, match="object arrays"):
+        spin_module.read_spin_npz(path)
