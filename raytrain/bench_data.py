@@ -1,24 +1,35 @@
 """``raytrain bench data``: data-pipeline throughput per CPU core, and bytes per sample.
 
-One process, one thread (cv2 and torch), on synthetic 1920x1080 scenes stored both as
-context regions (default storage) and as full frames:
+On synthetic 1920x1080 scenes stored both as context regions (default storage) and as
+full frames, with the cropper and augmentation that ``pipeline.build_loader`` uses for
+training under the default config (paper schedule, M = 5, S = 224):
 
 * ``decode_per_core``: JPEG decode of the stored context images (the bound);
-* ``crop_per_core``: decode + M = 5 RoI crops (S = 224, paper schedule) + augmentation;
-* ``stream_per_core``: the full path a training worker sees: shards on disk -> reader
-  (tar parsing, shuffle buffer, validation) -> cropper -> collated batches;
+* ``crop_per_core``: decode + M = 5 RoI crops + augmentation + labels;
+* ``stream_per_core``: the full streaming path as a training worker receives it: shards
+  on disk -> ``build_loader`` (tar parsing, shuffle buffer, validation, cropper, collate
+  in ``data.loader_workers`` DataLoader worker processes, batches handed over through
+  shared memory) -> batches in the training process; samples per CPU-second of the
+  training process and all its loader workers together;
 * ``full_frame_crop_per_core``: the straightforward path, decode the full frame and crop
-  the same RoIs from it;
-* ``crop_half_decode_per_core`` (extra): (b) with ``decode_coverage=0.5``, i.e. the
-  JPEG decoded at 1/2 resolution (libjpeg DCT scaling), the smallest RoIs upsampled;
+  the same RoIs from it (same cropper, no reduced decode);
 * ``bytes_per_sample_context`` / ``bytes_per_sample_full``: mean JPEG bytes per sample.
 
-The throughputs (a), (b), (d) are measured in interleaved rounds and the median of the
-rounds is reported, so a busy machine disturbs them alike.
+Extras: ``crop_spin_aug_per_core`` ((b) with SPIN's augmentation defaults
+``AugmentConfig()``: rotation with probability 0.6, occluders with 0.3),
+``crop_half_decode_per_core`` ((b) with ``decode_coverage=0.5``), ``stream_wall_per_core``
+((c) as batches/s of wall time divided by the loader workers), ``stream_workers``.
+
+"Per core" is samples per CPU-second (``time.process_time`` of this single-threaded
+process, ``getrusage`` for the loader workers), so that other load on the machine slows
+every measurement alike; (a), (b), (d) run one thread (cv2, torch) in interleaved rounds
+and the median round is reported.
 """
 
 from __future__ import annotations
 
+import gc
+import resource
 import tempfile
 import time
 
@@ -27,7 +38,6 @@ import numpy as np
 import torch
 
 from raytrain.data.augment import AugmentConfig
-from raytrain.data.collate import collate_crops
 from raytrain.data.crop import MultiRoICropper
 from raytrain.data.schema import decode_sample
 from raytrain.data.synthetic import SyntheticConfig, SyntheticGenerator, with_storage
@@ -35,14 +45,21 @@ from raytrain.data.synthetic import SyntheticConfig, SyntheticGenerator, with_st
 HD = SyntheticConfig(image_sizes=((1920, 1080),))
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process plus its reaped children (the loader workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _rate(fn, items, seconds: float) -> float:
-    """Items per second of ``fn`` over ``items`` (cycled) for about ``seconds``."""
-    done, start = 0, time.perf_counter()
+    """Items per CPU-second of ``fn`` over ``items`` (cycled) for about ``seconds``."""
+    done, start = 0, time.process_time()
     while True:
         for item in items:
             fn(item)
         done += len(items)
-        elapsed = time.perf_counter() - start
+        elapsed = time.process_time() - start
         if elapsed >= seconds:
             return done / elapsed
 
@@ -51,39 +68,66 @@ def _decode(sample):
     return cv2.imdecode(np.frombuffer(sample.jpeg, np.uint8), cv2.IMREAD_COLOR)
 
 
-def _stream_rate(encoded: list[dict], cropper, seconds: float, batch_size: int = 16) -> float:
-    """Samples/s of shards -> ShardReader -> cropper -> collate, in this process."""
-    from raytrain.data.reader import ShardReader
+def bench_config(shards: str = "", workers: int | None = None):
+    """The default experiment config (what training uses), pointed at ``shards``."""
+    from raytrain.config import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    cfg.data.train_shards = shards
+    if workers is not None:
+        cfg.data.loader_workers = workers
+    return cfg
+
+
+def training_cropper(cfg, **overrides) -> MultiRoICropper:
+    """The cropper ``build_loader`` builds for the training split of ``cfg``."""
+    from raytrain.data.pipeline import (
+        _root_joint,
+        augment_from_config,
+        schedule_from_config,
+    )
+
+    kwargs = {"crop_size": cfg.data.crop_size, "augment": augment_from_config(cfg.data),
+              "root_joint": _root_joint(cfg.model.smpl_dir)}
+    kwargs.update(overrides)
+    return MultiRoICropper(schedule_from_config(cfg.rois), **kwargs)
+
+
+def write_bench_shards(encoded: list[dict], root: str, copies: int, per_shard: int = 64) -> int:
+    """``copies`` renamed copies of the encoded samples as shards under ``root``."""
     from raytrain.data.shards import write_shards
 
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as root:
-        write_shards(iter(encoded), root, "synthetic", "bench", maxcount=max(len(encoded) // 2, 1))
-        reader = ShardReader(root, seed=0, shuffle=True, shuffle_buffer=64, rank=0, world_size=1,
-                             decode_images=False, transform=lambda s: cropper(s, rng))
-        done, start, epoch = 0, time.perf_counter(), 0
-        while time.perf_counter() - start < seconds:
-            reader.set_epoch(epoch)
-            batch = []
-            for item in reader:
-                batch.append(item)
-                if len(batch) == batch_size:
-                    collate_crops(batch)
-                    done, batch = done + batch_size, []
-            if batch:
-                collate_crops(batch)
-                done += len(batch)
-            epoch += 1
-        return done / (time.perf_counter() - start)
+    samples = ({**e, "__key__": f"{e['__key__']}_c{c}"} for c in range(copies) for e in encoded)
+    write_shards(samples, root, "synthetic", "bench", maxcount=per_shard)
+    return copies * len(encoded)
+
+
+def stream_rate(shards: str, workers: int, batch_size: int = 16, epochs: int = 1) -> dict:
+    """Samples per CPU-second (and per wall-second per worker) out of ``build_loader``."""
+    from raytrain.data.pipeline import build_loader
+
+    cfg = bench_config(shards, workers)
+    cfg.data.shuffle_buffer = 256
+    gc.collect()  # outside the timed region
+    done, cpu0, wall0 = 0, _cpu_seconds(), time.perf_counter()
+    for epoch in range(epochs):
+        loader = build_loader(cfg, "train", 0, 1, epoch, 0, batch_size, seed=0)
+        for batch in loader:
+            done += batch["images"].shape[0]
+        # the exhausted DataLoader iterator has joined (reaped) its workers already, so
+        # getrusage(RUSAGE_CHILDREN) includes their CPU time
+    cpu, wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0
+    return {"per_cpu_second": done / cpu, "wall_per_worker": done / wall / max(workers, 1),
+            "samples": done}
 
 
 def run_data_bench(quick: bool = False, num_samples: int | None = None, seed: int = 0,
-                   body_model=None) -> dict:
+                   body_model=None, workers: int | None = None) -> dict:
     """Measure the data pipeline; returns the dict of ``raytrain bench data --json``."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     n = num_samples or (12 if quick else 48)
-    rounds, slot = (3, 0.6) if quick else (5, 2.0)
+    rounds, slot = (3, 0.5) if quick else (7, 1.5)
     context_gen = SyntheticGenerator(HD, body_model)
     full_gen = SyntheticGenerator(with_storage(HD, "full"), context_gen.model)
     context = context_gen.encoded(seed, range(n))
@@ -91,26 +135,34 @@ def run_data_bench(quick: bool = False, num_samples: int | None = None, seed: in
     ctx_samples = [decode_sample(e, decode_image=False) for e in context]
     full_samples = [decode_sample(e, decode_image=False) for e in full]
 
-    augment = AugmentConfig()
-    cropper = MultiRoICropper("paper", 5, crop_size=224, augment=augment)
-    naive = MultiRoICropper("paper", 5, crop_size=224, augment=augment, reduced_decode=False)
+    cfg = bench_config(workers=workers)
+    cropper = training_cropper(cfg)
+    naive = training_cropper(cfg, reduced_decode=False, fast_resize=False)
+    spin = training_cropper(cfg, augment=AugmentConfig())
+    half = training_cropper(cfg, decode_coverage=0.5)
     rng = np.random.default_rng(seed)
     tests = {
         "decode_per_core": (_decode, ctx_samples),
         "crop_per_core": (lambda s: cropper(s, rng), ctx_samples),
         "full_frame_crop_per_core": (lambda s: naive(s, rng), full_samples),
+        "crop_spin_aug_per_core": (lambda s: spin(s, rng), ctx_samples),
+        "crop_half_decode_per_core": (lambda s: half(s, rng), ctx_samples),
     }
     rates = {name: [] for name in tests}
     for _ in range(rounds):
         for name, (fn, items) in tests.items():
             rates[name].append(_rate(fn, items, slot))
     result = {name: float(np.median(values)) for name, values in rates.items()}
-    result["stream_per_core"] = _stream_rate(context, cropper, slot * rounds / 2)
+
+    workers = cfg.data.loader_workers
+    with tempfile.TemporaryDirectory() as root:
+        write_bench_shards(context, root, copies=(16 if quick else 24) * 48 // n)
+        stream = stream_rate(root, workers, epochs=1 if quick else 2)
+    result["stream_per_core"] = stream["per_cpu_second"]
+    result["stream_wall_per_core"] = stream["wall_per_worker"]
+    result["stream_workers"] = workers
     result["bytes_per_sample_context"] = float(np.mean([len(e["jpg"]) for e in context]))
     result["bytes_per_sample_full"] = float(np.mean([len(e["jpg"]) for e in full]))
-    fast = MultiRoICropper("paper", 5, crop_size=224, augment=augment, decode_coverage=0.5)
-    result["crop_half_decode_per_core"] = float(np.median(
-        [_rate(lambda s: fast(s, rng), ctx_samples, slot) for _ in range(max(rounds // 2, 1))]))
     result["crop_over_decode"] = result["crop_per_core"] / result["decode_per_core"]
     result["stream_over_decode"] = result["stream_per_core"] / result["decode_per_core"]
     result["crop_over_full_frame"] = result["crop_per_core"] / result["full_frame_crop_per_core"]

@@ -33,3 +33,94 @@ def tiny_overrides(train, val, run_dir, **extra):
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def free_ports(n: int):
+    """n distinct free loopback ports."""
+    import socket
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+class LocalRayHead:
+    """`ray start --head --block` on free loopback ports in its own temp dir and process
+    group, so stopping it touches nothing else on the machine. Use as a context manager;
+    `address` is the job-submission URL and `env` the environment to run clients with."""
+
+    def __init__(self, num_cpus: int = 2, path_prefix=()):
+        import os
+        import sys
+        import tempfile
+        self.bin = Path(sys.executable).parent
+        # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep.
+        self.temp_dir = tempfile.mkdtemp(prefix="rtc-", dir="/tmp")
+        self.env = dict(os.environ)
+        self.env["PATH"] = os.pathsep.join([*map(str, path_prefix), str(self.bin), self.env["PATH"]])
+        self.env.pop("RAY_ADDRESS", None)
+        # Ray 2.60 turns token authentication on for new local clusters once a token exists
+        # (~/.ray/auth_token); say so explicitly for the head and for every client.
+        self.env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"] = "token"
+        self.num_cpus = num_cpus
+        self.head = None
+
+    def __enter__(self):
+        import subprocess
+        import time
+        from ray.job_submission import JobSubmissionClient
+        gcs, dash, agent, client = free_ports(4)
+        self.head = subprocess.Popen(
+            [str(self.bin / "ray"), "start", "--head", "--block", f"--port={gcs}",
+             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+             f"--num-cpus={self.num_cpus}", "--num-gpus=0", "--include-dashboard=true",
+             "--disable-usage-stats", f"--temp-dir={self.temp_dir}"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+        self.address = f"http://127.0.0.1:{dash}"
+        self.env["RAY_ADDRESS"] = self.address
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.head.poll() is None, f"ray start exited:\n{self.head.stdout.read()}"
+            try:
+                self.client = JobSubmissionClient(self.address)
+                return self
+            except Exception:
+                time.sleep(1)
+        raise AssertionError("the local Ray head's job server did not come up")
+
+    def __exit__(self, *exc):
+        import os
+        import shutil
+        import signal
+        import subprocess
+        if self.head.poll() is None:
+            self.head.send_signal(signal.SIGTERM)
+            try:
+                self.head.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.head.wait(timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def wait_for_job(self, job_id: str, timeout: float):
+        """Final JobStatus and the job's logs."""
+        import time
+        from ray.job_submission import JobStatus
+        deadline, status = time.time() + timeout, None
+        while time.time() < deadline:
+            status = self.client.get_job_status(job_id)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                break
+            time.sleep(1)
+        return status, self.client.get_job_logs(job_id)

@@ -11,17 +11,13 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import LocalRayHead
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -406,25 +402,13 @@ def test_cluster_readme_names_files_that_exist():
 
 
 # ---------------------------------------------------------------- end to end
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_submit_runs_a_job_on_a_local_head(tmp_path):
     """cluster/submit.sh against a real local Ray head; `raytrain` is a stand-in script on the
     head's PATH, so this checks the submission path (working dir upload, excludes, env vars,
     argument quoting), not the training code."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -437,64 +421,15 @@ def test_submit_runs_a_job_on_a_local_head(tmp_path):
         'echo "HOME_VAR:$RAYTRAIN_HOME"\n')
     fake.chmod(0o755)
 
-    # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep.
-    ray_tmp = tempfile.mkdtemp(prefix="rtc-", dir="/tmp")
-    gcs, dash, agent, client = _free_ports(4)
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(fake_bin), str(Path(sys.executable).parent), env["PATH"]])
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-         f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-         "--num-cpus=1", "--num-gpus=0", "--include-dashboard=true", "--disable-usage-stats",
-         f"--temp-dir={ray_tmp}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        client_ = None
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert head.poll() is None, f"ray start exited:\n{head.stdout.read()}"
-            try:
-                client_ = JobSubmissionClient(address)
-                break
-            except Exception:
-                time.sleep(1)
-        assert client_ is not None, "local Ray head's job server did not come up"
-
+    with LocalRayHead(num_cpus=1, path_prefix=[fake_bin]) as head:
         r = _run_submit("eval", "--experiment", "runs/x y", "--best",
-                        env={"RAY_ADDRESS": address, "RAYTRAIN_SUBMISSION_ID": "e2e-1",
-                             "PATH": env["PATH"]})
+                        env={"RAY_ADDRESS": head.address, "RAYTRAIN_SUBMISSION_ID": "e2e-1",
+                             "PATH": head.env["PATH"], "RAY_AUTH_MODE": "token"})
         assert r.returncode == 0, r.stdout + r.stderr
         assert "ray job logs -f e2e-1" in r.stdout
-
-        deadline = time.time() + 180
-        status = None
-        while time.time() < deadline:
-            status = client_.get_job_status("e2e-1")
-            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-                break
-            time.sleep(1)
-        logs = client_.get_job_logs("e2e-1")
-        assert status == JobStatus.SUCCEEDED, f"{status}\n{logs}"
-        assert "ARG<eval>\nARG<--experiment>\nARG<runs/x y>\nARG<--best>\n" in logs
-        assert "SUBMIT:yes" in logs, "working dir is not the repository root"
-        assert "VENV:no" in logs, ".venv was uploaded with the working dir"
-        assert re.search(r"HOME_VAR:/\S*\.raytrain", logs), "runtime_env env_vars not applied"
-    finally:
-        # Stop only the head this test started: `ray start --block` tears down its node on
-        # SIGTERM; anything left in its process group is killed after that.
-        if head.poll() is None:
-            head.send_signal(signal.SIGTERM)
-            try:
-                head.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        head.wait(timeout=10)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        status, logs = head.wait_for_job("e2e-1", timeout=180)
+    assert status == JobStatus.SUCCEEDED, f"{status}\n{logs}"
+    assert "ARG<eval>\nARG<--experiment>\nARG<runs/x y>\nARG<--best>\n" in logs
+    assert "SUBMIT:yes" in logs, "working dir is not the repository root"
+    assert "VENV:no" in logs, ".venv was uploaded with the working dir"
+    assert re.search(r"HOME_VAR:/\S*\.raytrain", logs), "runtime_env env_vars not applied"

@@ -153,3 +153,50 @@ def test_device_crop_matches_cpu_crop(hd_pairs):
     assert diff.float().mean() < 0.5 and diff.max() <= 2
     for name in ("boxes", "keypoints_2d", "joints_3d", "pose", "cam_full"):
         torch.testing.assert_close(batch[name], cpu[name])
+
+
+@pytest.mark.parametrize("storage", [0, 1])
+def test_resize_fast_path_matches_warp(hd_pairs, storage):
+    """Axis-aligned RoIs go through cv2.resize of a rectangle: same crops as warpAffine
+    within interpolation error (sampling grid off by <= 0.5 stored px at the border)."""
+    samples = _samples(hd_pairs[storage])
+    augment = AugmentConfig(rot_prob=0.0, occlusion_prob=0.0)  # flips, scale jitter, colour
+    fast = MultiRoICropper("paper", 5, augment=augment)
+    warp = MultiRoICropper("paper", 5, augment=augment, fast_resize=False)
+    diffs = []
+    for seed in range(3):
+        for i, sample in enumerate(samples):
+            a = fast(sample, np.random.default_rng([seed, i]))
+            b = warp(sample, np.random.default_rng([seed, i]))
+            np.testing.assert_array_equal(a["boxes"], b["boxes"])
+            for name in ("keypoints_2d", "joints_3d", "pose", "cam_full"):
+                np.testing.assert_array_equal(a[name], b[name])
+            diffs += [np.abs(x.astype(int) - y.astype(int)).mean() for x, y in zip(a["images"], b["images"])]
+    assert np.mean(diffs) <= 2.0 and max(diffs) <= 3.5, (np.mean(diffs), max(diffs))
+
+
+def test_resize_roi_on_smooth_image_is_exact_to_interpolation():
+    """On a linear ramp, resize (including mirrored RoIs) equals the exact bilinear warp."""
+    from raytrain.data.crop import _resize_roi
+    ys, xs = np.mgrid[0:300, 0:400].astype(np.float64)
+    image = np.stack([xs * 0.5, ys * 0.7, (xs + ys) * 0.3], -1).clip(0, 255).astype(np.uint8)
+    out = np.zeros((64, 64, 3), np.uint8)
+    for left, right, top, bottom in [(10.3, 150.8, 20.6, 161.1), (150.8, 10.3, 20.6, 161.1),
+                                     (50.5, 90.0, 40.2, 79.7)]:
+        assert _resize_roi(image, out, left, right, top, bottom)
+        u = (np.arange(64) + 0.5) / 64
+        x = left + u * (right - left) - 0.5
+        y = top + u * (bottom - top) - 0.5
+        expected = np.stack([x[None, :] * 0.5 + 0 * y[:, None], y[:, None] * 0.7 + 0 * x[None, :],
+                             (x[None, :] + y[:, None]) * 0.3], -1)
+        assert np.abs(out - expected).mean() < 1.0
+    assert not _resize_roi(image, out, -5.0, 100.0, 0.0, 105.0)  # leaves the image: warp
+
+
+def test_rotate_pose_equals_augment_pose():
+    from raytrain.data.crop import rotate_pose
+    rng = np.random.default_rng(0)
+    for i in range(50):
+        params = AugmentParams(flip=bool(i % 2), angle=float(rng.normal() * 0.8))
+        pose = rng.normal(0, 0.7, 72).astype(np.float32)
+        np.testing.assert_allclose(rotate_pose(params, pose), augment_pose(params, pose), atol=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.utils.data
 
 #: Float label arrays of a sample dict and their per-sample shapes.
 FLOAT_KEYS = {"boxes": None, "image_size": (2,), "focal": (), "keypoints_2d": (24, 3),
@@ -23,8 +24,10 @@ def collate_crops(samples: list[dict], contiguous: bool = False) -> dict:
     """List of cropper outputs (``images`` (M, S, S, 3)) -> batch dict of tensors."""
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
-    images = np.stack([s["images"] for s in samples])  # (N, M, S, S, 3)
-    batch = {"images": torch.from_numpy(images).permute(0, 1, 4, 2, 3)}
+    first = samples[0]["images"]
+    images = _batch_buffer((len(samples), *first.shape))  # (N, M, S, S, 3)
+    np.stack([s["images"] for s in samples], out=images.numpy())
+    batch = {"images": images.permute(0, 1, 4, 2, 3)}
     if contiguous:
         batch["images"] = batch["images"].contiguous()
     for name in FLOAT_KEYS:
@@ -33,6 +36,17 @@ def collate_crops(samples: list[dict], contiguous: bool = False) -> dict:
         batch[name] = torch.tensor([bool(s[name]) for s in samples], dtype=torch.bool)
     batch["keys"] = [s["key"] for s in samples]
     return batch
+
+
+def _batch_buffer(shape) -> torch.Tensor:
+    """uint8 tensor for the batch's crops; in a DataLoader worker, allocated in shared
+    memory (as torch's ``default_collate`` does) so that sending the batch to the main
+    process does not copy it once more."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    numel = int(np.prod(shape))
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
 
 
 def normalise_images(images: torch.Tensor, mean=(0.485, 0.456, 0.406),
