@@ -1,0 +1,360 @@
+"""`raytrain tune`: Ray Tune over full distributed training runs.
+
+    grid = run_tune(cfg, "tune/spaces/paper.yaml", trials=16)            # new experiment
+    grid = run_tune(cfg, "tune/spaces/paper.yaml", trials=16, resume=True)  # finish it
+
+Every trial is a small function trainable (`CPU: TuneSettings.driver_cpus`) that builds the
+trial's config (base config + the space's `fixed` + variant + sampled parameters), launches
+`build_trainer(trial_cfg).fit()` — a whole Ray Train `TorchTrainer` run with its own workers —
+and forwards each fresh validation to Tune through a `TuneReportCallback`. Search: Optuna
+TPE (seeded with `cfg.seed`); grid spaces (`grid` entries or `variants`) use Tune's grid
+search instead. Scheduler: ASHA on `val_mpjpe` (mode min) with the training step as time
+attribute, or FIFO. The experiment lives in `<train.storage_path>/tune/<cfg.name>`; after the
+run the best trial is exported to `<experiment>/best/` (export.py).
+"""
+import dataclasses
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ..config import ConfigError, ExperimentConfig, dump_yaml, to_dict
+from .space import SearchSpace, load_space
+
+BASE_CONFIG_FILE = "raytrain_base_config.yaml"
+SPACE_FILE = "raytrain_space.yaml"
+TRIAL_CONFIG_FILE = "trial_config.yaml"
+TRAIN_RUNS_DIR = "train_runs"      # <experiment>/train_runs/<trial_id>: each trial's Ray Train run
+
+
+@dataclass
+class TuneSettings:
+    """Driver settings. Sources, later wins: defaults, a `tune` section of the experiment
+    config (if config.py grows one), the space file's `tune:` block, run_tune(settings=...)."""
+    metric: str = "val_mpjpe"
+    mode: str = "min"
+    scheduler: str = "asha"               # asha | fifo (grid spaces default to fifo)
+    max_concurrent_trials: int = 0        # 0: as many as the cluster's CPUs/GPUs hold
+    driver_cpus: float = 0.1              # the trial's own function actor (Train's controller takes 0)
+    grace_period: int = 0                 # ASHA, in training steps; 0: train.val_every
+    reduction_factor: float = 2.0         # ASHA
+    max_t: int = 0                        # ASHA, in steps; 0: the run's total steps
+    n_startup_trials: int = 0             # Optuna TPE random start-up trials; 0: max(2, trials // 4)
+    repeats: int = 1                      # grid spaces: runs per grid point
+    export: bool = True                   # export the best trial when the run ends
+
+    @classmethod
+    def from_sources(cls, cfg: ExperimentConfig, space: SearchSpace, overrides: Optional[Dict] = None):
+        values: Dict[str, Any] = {}
+        if space.has_grid:
+            values["scheduler"] = "fifo"
+        section = getattr(cfg, "tune", None)
+        if section is not None:
+            raw = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(section)
+            values.update({k: v for k, v in raw.items() if k in _FIELDS})
+        for source, label in ((space.tune, f"{space.path}: tune"), (overrides or {}, "settings")):
+            for key, value in source.items():
+                if key not in _FIELDS:
+                    raise ConfigError(f"{label}.{key}: unknown tune setting; known: {', '.join(_FIELDS)}")
+                values[key] = value
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self):
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"tune.mode: {self.mode!r} is not min or max")
+        if self.scheduler not in ("asha", "fifo"):
+            raise ConfigError(f"tune.scheduler: {self.scheduler!r} is not asha or fifo")
+        for name in ("max_concurrent_trials", "grace_period", "max_t", "n_startup_trials"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"tune.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.driver_cpus < 0:
+            raise ConfigError(f"tune.driver_cpus: must be >= 0, got {self.driver_cpus}")
+        if self.reduction_factor <= 1:
+            raise ConfigError(f"tune.reduction_factor: must be > 1, got {self.reduction_factor}")
+        if self.repeats < 1:
+            raise ConfigError(f"tune.repeats: must be >= 1, got {self.repeats}")
+
+
+_FIELDS = [f.name for f in dataclasses.fields(TuneSettings)]
+
+
+def experiment_dir(cfg: ExperimentConfig) -> str:
+    """`<train.storage_path>/tune/<cfg.name>` (absolute for local paths)."""
+    from ..train.launch import storage_uri
+    return f"{storage_uri(cfg.train.storage_path).rstrip('/')}/tune/{cfg.name}"
+
+
+# ----------------------------------------------------------------------------- the trial
+
+class _ValidationReportCallback:
+    """Built lazily (inside the trial) as a TuneReportCallback subclass: forwards only reports
+    that carry a fresh validation (every checkpoint, and steps divisible by train.val_every),
+    because Tune rejects results without the metric and ASHA should see real values."""
+
+    @staticmethod
+    def create(val_every: int, metric: str):
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        class ForwardValidations(TuneReportCallback):
+            def after_report(self, run_context, metrics, checkpoint):
+                first = metrics[0] if metrics else {}
+                if metric not in first:
+                    return
+                if checkpoint is None and int(first.get("step", 0)) % val_every:
+                    return
+                super().after_report(run_context, metrics, checkpoint)
+
+        return ForwardValidations()
+
+
+def make_trainable(base: Dict[str, Any], space: SearchSpace, exp_path: str, metric: str):
+    """The function trainable of every trial (closes over plain, picklable data)."""
+
+    def raytrain_trial(params: Dict[str, Any]):
+        from ray import tune
+
+        from ..train.launch import build_trainer
+        from ..train.loop import config_from_dict
+        ctx = tune.get_context()
+        trial_id = ctx.get_trial_id()
+        raw = space.apply(base, params)
+        raw["name"] = trial_id
+        raw["train"]["storage_path"] = f"{exp_path}/{TRAIN_RUNS_DIR}"
+        cfg = config_from_dict(raw)
+        trial_dir = Path(ctx.get_trial_dir())
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, str(trial_dir / TRIAL_CONFIG_FILE))
+        trainer = build_trainer(cfg)
+        callbacks = list(trainer.run_config.callbacks or [])
+        callbacks.append(_ValidationReportCallback.create(cfg.train.val_every, metric))
+        recorder = _placement_group_recorder(trial_id)
+        if recorder is not None:
+            callbacks.append(recorder)
+        trainer.run_config.callbacks = callbacks
+        trainer.fit()
+
+    return raytrain_trial
+
+
+# ----------------------------------------------------------------------------- cleanup
+#
+# When ASHA stops a trial (or the trial fails), Tune kills the trial's actor; the Train
+# controller it owns dies with it, before removing its workers' placement group. Ray 2.60's
+# detached PlacementGroupCleaner should then remove it, but it polls the state API, which
+# fails without the dashboard or with several Ray instances on one machine, so the group
+# leaks and the next trials wait for CPUs forever. The trial therefore records its group's
+# id in Ray's internal KV, and a driver-side Tune callback removes it when the trial ends.
+
+_KV_NAMESPACE = "raytrain_tune"
+
+
+def _placement_group_recorder(trial_id: str):
+    try:
+        from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    except ImportError:                          # not Train V2: nothing to do
+        return None
+
+    class RecordPlacementGroup(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group):
+            try:
+                from ray.experimental import internal_kv
+                pg = worker_group._worker_group_state.placement_group_handle.placement_group
+                internal_kv._internal_kv_put(f"pg/{trial_id}", pg.id.hex(), overwrite=True,
+                                             namespace=_KV_NAMESPACE)
+            except Exception as err:             # noqa: BLE001 - best effort, never fail training
+                print(f"[raytrain] could not record the placement group of {trial_id}: {err}", flush=True)
+
+    return RecordPlacementGroup()
+
+
+def release_trial_placement_group(trial_id: str) -> bool:
+    """Remove the trial's Train placement group if it is still there; True if it was."""
+    from ray._raylet import PlacementGroupID
+    from ray.experimental import internal_kv
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    key = f"pg/{trial_id}"
+    value = internal_kv._internal_kv_get(key, namespace=_KV_NAMESPACE)
+    if not value:
+        return False
+    internal_kv._internal_kv_del(key, namespace=_KV_NAMESPACE)
+    pg = PlacementGroup(PlacementGroupID(bytes.fromhex(value.decode())))
+    state = placement_group_table(pg).get("state")
+    if state in (None, "REMOVED"):
+        return False
+    remove_placement_group(pg)
+    return True
+
+
+def _release_callback():
+    from ray import tune
+
+    class ReleaseTrialResources(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        @staticmethod
+        def _release(trial):
+            try:
+                if release_trial_placement_group(trial.trial_id):
+                    print(f"[raytrain] released the workers of stopped trial {trial.trial_id}", flush=True)
+            except Exception as err:             # noqa: BLE001 - never break the experiment loop
+                print(f"[raytrain] could not release trial {trial.trial_id}'s workers: {err}", flush=True)
+
+    return ReleaseTrialResources()
+
+
+# ----------------------------------------------------------------------------- the driver
+
+def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool = False,
+             storage_path: Optional[str] = None, settings: Optional[Dict[str, Any]] = None,
+             check_data: bool = True):
+    """Run (or with resume=True, finish) a search; returns Ray Tune's ResultGrid.
+
+    `storage_path` replaces `train.storage_path` for this experiment; `settings` overrides
+    TuneSettings fields. Ray is started or joined as for training (`ray.*` settings).
+    """
+    from ray import tune
+
+    from ..train.launch import init_ray, preflight_data, preflight_resources, storage_uri
+    if storage_path:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage_path))
+    if trials < 1:
+        raise ConfigError(f"--trials: must be at least 1, got {trials}")
+    space = load_space(space_path, cfg)
+    tset = TuneSettings.from_sources(cfg, space, settings)
+    exp_path = experiment_dir(cfg)
+    local = "://" not in exp_path
+    if resume and not tune.Tuner.can_restore(exp_path):
+        raise ConfigError(f"--resume: no Tune experiment to resume at {exp_path}")
+    if not resume and local and Path(exp_path, "tuner.pkl").exists():
+        raise ConfigError(f"{exp_path} already holds a Tune experiment: pass --resume to finish it, "
+                          f"or choose another name (name=...) or train.storage_path")
+    if check_data:
+        preflight_data(cfg)
+    init_ray(cfg)
+    preflight_resources(cfg)
+    concurrency = _concurrency(cfg, tset)
+    trainable = tune.with_resources(make_trainable(to_dict(cfg), space, exp_path, tset.metric),
+                                    {"CPU": tset.driver_cpus})
+    if resume:
+        print(f"[raytrain] resuming {exp_path}", flush=True)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
+                                   resume_unfinished=True)
+    else:
+        if local:
+            Path(exp_path).mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, str(Path(exp_path) / BASE_CONFIG_FILE))
+            shutil.copyfile(space_path, Path(exp_path) / SPACE_FILE)
+        num_samples = tset.repeats if space.has_grid else trials
+        if space.has_grid and trials != space.grid_size * tset.repeats:
+            print(f"[raytrain] {space_path} is a grid: running its {space.grid_size} points "
+                  f"x {tset.repeats} repeat(s), not --trials {trials}", flush=True)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space.tune_param_space(),
+            tune_config=tune.TuneConfig(
+                metric=tset.metric, mode=tset.mode, num_samples=num_samples,
+                search_alg=_searcher(cfg, space, tset, trials),
+                scheduler=_scheduler(cfg, tset),
+                max_concurrent_trials=concurrency,
+            ),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=f"{storage_uri(cfg.train.storage_path).rstrip('/')}/tune",
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      callbacks=[_release_callback()],
+                                      verbose=1),
+        )
+    grid = tuner.fit()
+    if space.variants and local:
+        from .ablations import write_ablation_table
+        try:
+            table = write_ablation_table(exp_path)
+            print(table.read_text(), flush=True)
+        except FileNotFoundError as err:
+            print(f"[raytrain] no ablation table: {err}", flush=True)
+    if tset.export and local:
+        from .export import export_best
+        try:
+            out = export_best(exp_path, metric=tset.metric, mode=tset.mode)
+            print(f"[raytrain] best trial exported to {out}", flush=True)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"[raytrain] no best trial to export: {err}", flush=True)
+    return grid
+
+
+def _concurrency(cfg: ExperimentConfig, tset: TuneSettings) -> int:
+    """Trials that fit side by side; asking for more than fit fails now, naming the setting."""
+    import ray
+    total = ray.cluster_resources()
+    per_trial_cpu = tset.driver_cpus + cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    fit = math.floor(total.get("CPU", 0) / per_trial_cpu + 1e-9) if per_trial_cpu > 0 else 10 ** 6
+    if cfg.ray.use_gpu:
+        fit = min(fit, int(total.get("GPU", 0)) // cfg.ray.num_workers)
+    if fit < 1:
+        raise ConfigError(f"one trial needs tune.driver_cpus={tset.driver_cpus} + ray.num_workers="
+                          f"{cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} CPUs; "
+                          f"the cluster has {total.get('CPU', 0)} (lower ray.cpus_per_worker)")
+    if tset.max_concurrent_trials == 0:
+        return fit
+    if tset.max_concurrent_trials > fit:
+        raise ConfigError(f"tune.max_concurrent_trials={tset.max_concurrent_trials}: only {fit} trial(s) "
+                          f"of {per_trial_cpu} CPUs fit the cluster's {total.get('CPU', 0)} CPUs; "
+                          "trials beyond that would wait for workers forever")
+    return tset.max_concurrent_trials
+
+
+def _searcher(cfg: ExperimentConfig, space: SearchSpace, tset: TuneSettings, trials: int):
+    if space.has_grid:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+        return BasicVariantGenerator(random_state=cfg.seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+    startup = tset.n_startup_trials or max(2, trials // 4)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
+    return OptunaSearch(sampler=sampler, metric=tset.metric, mode=tset.mode)
+
+
+def _scheduler(cfg: ExperimentConfig, tset: TuneSettings):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    if tset.scheduler == "fifo":
+        return FIFOScheduler()
+    grace = tset.grace_period or cfg.train.val_every
+    max_t = tset.max_t or _total_steps(cfg)
+    # max_t one past the last step: a trial that reaches the end finishes by itself instead
+    # of being stopped (killed) by ASHA at its final report
+    return ASHAScheduler(time_attr="step", max_t=max(max_t, grace) + 1, grace_period=grace,
+                         reduction_factor=tset.reduction_factor)
+
+
+def _total_steps(cfg: ExperimentConfig) -> int:
+    try:
+        from ..data.pipeline import count_samples
+        per_epoch = max(1, count_samples(cfg.data.train_shards) // cfg.data.batch_size)
+    except Exception:                           # noqa: BLE001 - only an upper bound for ASHA
+        per_epoch = 10 ** 6
+    total = cfg.optim.epochs * per_epoch
+    return min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
+
+
+def load_experiment_inputs(exp_path: str):
+    """(base config, SearchSpace) saved beside a local experiment."""
+    from ..config import load_config
+    base = load_config(str(Path(exp_path) / BASE_CONFIG_FILE))
+    space = load_space(str(Path(exp_path) / SPACE_FILE), base)
+    return base, space
+
+
+def read_trial_config(trial_dir: str) -> Optional[ExperimentConfig]:
+    from ..config import load_config
+    path = Path(trial_dir) / TRIAL_CONFIG_FILE
+    return load_config(str(path)) if path.exists() else None
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, default=str)

@@ -1,0 +1,202 @@
+"""Search spaces, the Tune driver (real Ray, synthetic shards), resume and best-trial export."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raytrain.config import ConfigError, load_config
+from raytrain.tuning.space import load_space
+
+from conftest import REPO, tiny_overrides
+
+SPACES = sorted((REPO / "tune" / "spaces").glob("*.yaml"))
+
+
+# ----------------------------------------------------------------------------- space loader
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
+def test_shipped_spaces_load(path):
+    for cfg in (load_config(), load_config(str(REPO / "configs" / "demo.yaml"))):
+        space = load_space(str(path), cfg)
+        assert space.params or space.variants
+        space.tune_param_space()
+
+
+def test_shipped_space_names():
+    assert {p.stem for p in SPACES} >= {"paper", "rois", "demo", "ablations"}
+    ablations = load_space(str(REPO / "tune/spaces/ablations.yaml"))
+    assert ablations.has_grid and ablations.grid_size == 9
+    assert {"no_raf", "no_lcam", "no_lcont", "self_attention", "m1", "m2", "m3", "m4", "full"} == set(ablations.variants)
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("space:\n  loss.lamda_cam: {dist: uniform, low: 0, high: 1}\n", "loss.lamda_cam"),          # typo
+    ("space:\n  los.lambda_cam: {dist: uniform, low: 0, high: 1}\n", "los.lambda_cam"),
+    ("space:\n  rois.num_rois: {dist: int, low: 1, high: 6}\n", "rois.num_rois"),              # above max 5
+    ("space:\n  data.flip_prob: {dist: uniform, low: 0.0, high: 1.5}\n", "data.flip_prob"),
+    ("space:\n  loss.lambda_cam: {dist: uniform, low: -1.0, high: 1.0}\n", "loss.lambda_cam"),   # below min 0
+    ("space:\n  model.fusion: {dist: choice, values: [raf, rafx]}\n", "model.fusion"),           # bad choice
+    ("space:\n  rois.num_rois: {dist: uniform, low: 1, high: 5}\n", "rois.num_rois"),           # float dist on int
+    ("space:\n  model.backbone: {dist: loguniform, low: 1, high: 5}\n", "model.backbone"),       # wrong type
+    ("space:\n  optim.lr: {dist: loguniform, low: 0, high: 1.0e-3}\n", "optim.lr"),             # log of 0
+    ("space:\n  optim.lr: {dist: uniform, low: 1.0e-3, high: 1.0e-4}\n", "optim.lr"),           # low > high
+    ("space:\n  optim.lr: {dist: gaussian, low: 0, high: 1}\n", "optim.lr"),                    # unknown dist
+    ("space:\n  optim.lr: {dist: uniform, lo: 0, high: 1}\n", "optim.lr"),                      # unknown field
+    ("space:\n  loss.cam_weights.3: {dist: uniform, low: 0, high: 1}\n", "loss.cam_weights.3"),  # index
+    ("space:\n  loss.cam_weights: {dist: choice, values: [[0.1, 0.1]]}\n", "loss.cam_weights"),  # length 2
+    ("space:\n  data.train_shards.x: {dist: choice, values: [a]}\n", "data.train_shards.x"),
+    ("variants:\n  broken: {model.fusoin: none}\n", "broken"),
+    ("fixed: {optim.epochs: 0}\nspace:\n  optim.lr: {dist: loguniform, low: 1.0e-5, high: 1.0e-3}\n", "optim.epochs"),
+    ("spaces:\n  optim.lr: {dist: uniform, low: 0, high: 1}\n", "spaces"),
+    ("space: {}\n", "empty"),
+])
+def test_space_rejects_bad_entries_naming_them(tmp_path, text, needle):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_space(path)
+    message = str(err.value)
+    assert needle in message and path in message, message
+
+
+def test_space_per_element_and_list_choices(tmp_path):
+    path = _write(tmp_path, "space:\n"
+                  "  loss.cam_weights.2: {dist: loguniform, low: 1.0e-5, high: 1.0e-3}\n"
+                  "  rois.scales: {dist: choice, values: [[1.5, 1.25, 0.8, 0.65], [1.2, 1.1, 0.9, 0.8]]}\n"
+                  "  rois.num_rois: {dist: int, low: 1, high: 5}\n")
+    space = load_space(path)
+    domains = space.tune_param_space()
+    assert domains["rois.num_rois"].lower == 1 and domains["rois.num_rois"].upper == 6   # inclusive 5
+    encoded = domains["rois.scales"].categories[1]
+    cfg = space.trial_config(load_config(), {"loss.cam_weights.2": 5e-4, "rois.scales": encoded,
+                                             "rois.num_rois": 3})
+    assert cfg.loss.cam_weights == [0.1, 0.1, 5e-4]
+    assert cfg.rois.scales == [1.2, 1.1, 0.9, 0.8] and cfg.rois.num_rois == 3
+
+
+def test_ablation_variants_apply():
+    space = load_space(str(REPO / "tune/spaces/ablations.yaml"))
+    base = load_config()
+    assert space.trial_config(base, {"variant": "no_raf"}).model.fusion == "none"
+    assert space.trial_config(base, {"variant": "no_lcam"}).loss.lambda_cam == 0.0
+    assert space.trial_config(base, {"variant": "m3"}).rois.num_rois == 3
+
+
+def test_tune_settings_reject_unknown(tmp_path):
+    from raytrain.tuning.driver import TuneSettings
+    space = load_space(_write(tmp_path, "space:\n  optim.lr: {dist: uniform, low: 0, high: 1}\n"
+                                        "tune: {max_concurent_trials: 2}\n"))
+    with pytest.raises(ConfigError, match="max_concurent_trials"):
+        TuneSettings.from_sources(load_config(), space)
+
+
+# ----------------------------------------------------------------------------- real sweeps
+
+def _tune_args(train, val, run_dir, name, **extra):
+    extra.setdefault("ray.cpus_per_worker", 0.9)      # + 0.1 for the trial driver: 2 trials on 2 CPUs
+    extra.setdefault("optim.max_steps", 6)
+    extra.setdefault("train.val_every", 2)
+    extra.setdefault("train.checkpoint_every", 2)
+    extra.setdefault("name", name)
+    return tiny_overrides(train, val, run_dir, **extra)
+
+
+def _cli(args, **kwargs):
+    env = dict(os.environ, RAY_TRAIN_ENABLE_PRINT_PATCH="0", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "raytrain.cli", *args], cwd=str(REPO), env=env,
+                            start_new_session=True, **kwargs)
+
+
+def _finish(proc, timeout):
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        raise
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sweep_8_trials_asha_and_export(synthetic_shards, tmp_path):
+    from raytrain.tuning.export import load_trials
+    train, val = synthetic_shards
+    log = open(tmp_path / "tune.log", "w")
+    start = time.time()
+    proc = _cli(["tune", "--config", str(REPO / "configs/demo.yaml"), "--space",
+                 str(REPO / "tune/spaces/demo.yaml"), "--trials", "8",
+                 *_tune_args(train, val, tmp_path / "runs", "sweep")], stdout=log, stderr=subprocess.STDOUT)
+    rc = _finish(proc, 540)
+    assert rc == 0, (tmp_path / "tune.log").read_text()[-4000:]
+    exp = tmp_path / "runs" / "tune" / "sweep"
+    trials = load_trials(str(exp))
+    assert len(trials) == 8 and not any(t.errored for t in trials)
+    last = [t.last_step for t in trials]
+    assert max(last) == 6 and min(last) < 6, last                 # ASHA stopped >= 1 early
+    best = exp / "best"
+    for name in ("config.yaml", "summary.json", "trials.csv", "optimization_history.png",
+                 "param_importances.png", "mpjpe_vs_optim.lr.png", "mpjpe_vs_loss.lambda_cam.png",
+                 "checkpoint/state.pt", "checkpoint/COMMIT.json"):
+        assert (best / name).exists(), name
+    summary = json.loads((best / "summary.json").read_text())
+    assert summary["num_trials"] == 8 and summary["num_stopped_early"] >= 1
+    cfg = load_config(str(best / "config.yaml"))
+    assert cfg.name == summary["trial_id"]
+    assert cfg.optim.lr == pytest.approx(summary["params"]["optim.lr"])
+    recorded = min(r["val_mpjpe"] for t in trials for r in t.results if r.get("checkpoint_path"))
+    assert summary["val_mpjpe"] == pytest.approx(recorded)
+    from raytrain.train.checkpoint import load_checkpoint
+    state = load_checkpoint(str(best / "checkpoint"))
+    assert state["step"] == summary["step"]
+    assert state["metrics"]["val_mpjpe"] == pytest.approx(summary["val_mpjpe"], abs=0.1)
+    rows = (best / "trials.csv").read_text().splitlines()
+    assert len(rows) == 9
+    print(f"8-trial sweep: {time.time() - start:.0f}s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_resume_after_killing_the_driver(synthetic_shards, tmp_path):
+    from raytrain.tuning.export import load_trials
+    train, val = synthetic_shards
+    n = 4
+    args = ["tune", "--config", str(REPO / "configs/demo.yaml"), "--space", str(REPO / "tune/spaces/demo.yaml"),
+            "--trials", str(n), *_tune_args(train, val, tmp_path / "runs", "resume",
+                                            **{"optim.max_steps": 8})]
+    exp = tmp_path / "runs" / "tune" / "resume"
+    log = open(tmp_path / "first.log", "w")
+    proc = _cli(args, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline:                       # interrupt once one trial has finished
+        done = [t for t in load_trials(str(exp)) if t.results] if exp.exists() else []
+        if any(t.last_step >= 8 for t in done) or proc.poll() is not None:
+            break
+        time.sleep(2)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)                # the driver dies without saving anything
+    proc.wait(60)
+    before = load_trials(str(exp))
+    assert len(before) < n or any(not t.results or t.last_step < 8 for t in before)
+    finished_before = {t.trial_id: t.last_step for t in before if t.last_step >= 8}
+    log = open(tmp_path / "second.log", "w")
+    rc = _finish(_cli([*args[:args.index("--trials") + 2], "--resume", *args[args.index("--trials") + 2:]],
+                      stdout=log, stderr=subprocess.STDOUT), 420)
+    assert rc == 0, (tmp_path / "second.log").read_text()[-4000:]
+    after = load_trials(str(exp))
+    assert len(after) == n, [t.trial_id for t in after]
+    assert not any(t.errored for t in after)
+    for trial_id, step in finished_before.items():     # finished trials were not run again
+        trial = next(t for t in after if t.trial_id == trial_id)
+        assert trial.last_step == step and len([r for r in trial.results if r.get("step") == 2]) == 1
+    assert (exp / "best" / "summary.json").exists()
