@@ -6,6 +6,9 @@ import pytest
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray 2.60 turns token authentication on for new local clusters; clients of a `ray start`
+# head must then send the token (~/.ray/auth_token): set the mode before Ray is imported.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,9 +67,6 @@ class LocalRayHead:
         self.env = dict(os.environ)
         self.env["PATH"] = os.pathsep.join([*map(str, path_prefix), str(self.bin), self.env["PATH"]])
         self.env.pop("RAY_ADDRESS", None)
-        # Ray 2.60 turns token authentication on for new local clusters once a token exists
-        # (~/.ray/auth_token); say so explicitly for the head and for every client.
-        self.env["RAY_AUTH_MODE"] = os.environ["RAY_AUTH_MODE"] = "token"
         self.num_cpus = num_cpus
         self.head = None
 
@@ -85,15 +85,17 @@ class LocalRayHead:
             start_new_session=True)
         self.address = f"http://127.0.0.1:{dash}"
         self.env["RAY_ADDRESS"] = self.address
-        deadline = time.time() + 120
+        deadline, error = time.time() + 180, None
         while time.time() < deadline:
             assert self.head.poll() is None, f"ray start exited:\n{self.head.stdout.read()}"
             try:
                 self.client = JobSubmissionClient(self.address)
                 return self
-            except Exception:
+            except Exception as exc:  # not up yet
+                error = exc
                 time.sleep(1)
-        raise AssertionError("the local Ray head's job server did not come up")
+        self.__exit__()
+        raise AssertionError(f"the local Ray head's job server did not come up: {error!r}")
 
     def __exit__(self, *exc):
         import os
