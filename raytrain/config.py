@@ -323,3 +323,24 @@ def _reference_row(key, default, meta):
         bounds.append(f"≤ {meta['max']}")
     extra = f" ({'; '.join(bounds)})" if bounds else ""
     return f"| `{key}` | `{default}` | {meta.get('help', '')}{extra} |"
+
+
+REFERENCE_START = "<!-- config-reference:start (generated: python -m raytrain.config README.md) -->"
+REFERENCE_END = "<!-- config-reference:end -->"
+
+
+def update_reference(readme: str) -> bool:
+    """Rewrite the generated configuration table inside `readme`; True when it changed."""
+    path = Path(readme)
+    text = path.read_text()
+    start, end = text.index(REFERENCE_START) + len(REFERENCE_START), text.index(REFERENCE_END)
+    new = text[:start] + "\n" + config_reference_markdown() + text[end:]
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import sys
+    target = sys.argv[1] if len(sys.argv) > 1 else "README.md"
+    print(f"{target}: {'updated' if update_reference(target) else 'already up to date'}")

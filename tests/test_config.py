@@ -77,3 +77,13 @@ def test_reference_lists_every_key():
     ref = config_reference_markdown()
     for key in ("data.batch_size", "rois.schedule", "model.fusion", "loss.tau", "ray.num_workers"):
         assert f"`{key}`" in ref
+
+
+def test_readme_config_reference_is_up_to_date():
+    """The README's table is generated from the dataclasses: regenerate it with
+    `python -m raytrain.config README.md` after changing a field."""
+    from raytrain.config import REFERENCE_END, REFERENCE_START
+    readme = (CONFIGS.parent / "README.md").read_text()
+    table = readme[readme.index(REFERENCE_START) + len(REFERENCE_START):readme.index(REFERENCE_END)]
+    assert table.strip() == config_reference_markdown().strip(), \
+        "README config reference is stale: run `python -m raytrain.config README.md`"
