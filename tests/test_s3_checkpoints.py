@@ -1,0 +1,53 @@
+"""Training whose checkpoints live on S3 (a moto server on loopback) and resume from there."""
+import os
+
+import pytest
+
+from conftest import REPO, tiny_overrides
+
+boto3 = pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A moto S3 server on a free loopback port with bucket `runs`; the AWS_* variables
+    point pyarrow (Ray Train's storage) and boto3 at it."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="runs")
+    yield client
+    server.stop()
+
+
+@pytest.mark.timeout(600)
+def test_checkpoints_on_s3_and_resume(synthetic_shards, s3_endpoint, capfd):
+    import ray
+    from raytrain.config import load_config
+    from raytrain.train.launch import run_training
+    train, val = synthetic_shards
+    config = str(REPO / "configs" / "demo.yaml")
+    first = load_config(config, tiny_overrides(train, val, "s3://runs/experiments", **{
+        "optim.max_steps": 4, "train.checkpoint_every": 2, "name": "s3run"}))
+    try:
+        result = run_training(first)
+        assert result.error is None and result.metrics["step"] == 4
+        keys = [o["Key"] for o in s3_endpoint.list_objects_v2(Bucket="runs")["Contents"]]
+        assert any(k.startswith("experiments/s3run/checkpoint_") and k.endswith("COMMIT.json")
+                   for k in keys), keys
+        again = load_config(config, tiny_overrides(train, val, "s3://runs/experiments", **{
+            "optim.max_steps": 8, "train.checkpoint_every": 2, "name": "s3run"}))
+        result = run_training(again)
+    finally:
+        ray.shutdown()
+    assert result.error is None and result.metrics["step"] == 8
+    assert result.checkpoint.path.startswith("runs/experiments/s3run/")
+    assert "resumed from step 4" in capfd.readouterr().out
