@@ -5,7 +5,6 @@
 import sys
 
 import cv2
-import numpy as np
 import torch
 
 from .geometry import PAPER_OFFSETS, PAPER_SCALES, multi_roi_boxes

@@ -51,3 +51,15 @@ def make_fake_samples(n: int, seed: int = 0, source: str = "fake") -> list[dict]
         key = f"{source}/seq{index // 100:03d}/{index:06d}/0"
         samples.append(encode_sample(key, fake_jpeg(rng), fake_meta(rng, source), fake_arrays(rng)))
     return samples
+
+
+def rewrite_npz(raw: dict, name: str, value) -> dict:
+    """Replace one array of a raw sample's npz member (for corrupting labels in tests)."""
+    import io
+    with np.load(io.BytesIO(raw["npz"])) as npz:
+        arrays = dict(npz)
+    arrays[name] = value
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    raw["npz"] = buffer.getvalue()
+    return raw

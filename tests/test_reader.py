@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
@@ -16,7 +15,7 @@ from torch.utils.data import DataLoader
 from raytrain.data import BadSample, SchemaError, ShardReader, TooManyBadSamples, resolve_shards, write_shards
 from raytrain.data.reader import positions_before
 
-from fixtures_data import make_fake_samples
+from fixtures_data import make_fake_samples, rewrite_npz
 
 
 def _write(path, n, maxcount=10, seed=0):
@@ -170,15 +169,6 @@ def _members(path) -> list[tarfile.TarInfo]:
         return tar.getmembers()
 
 
-def _rewrite_npz(raw: dict, name: str, value) -> None:
-    with np.load(io.BytesIO(raw["npz"])) as npz:
-        arrays = dict(npz)
-    arrays[name] = value
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    raw["npz"] = buffer.getvalue()
-
-
 def _rewrite_json(raw: dict, **changes) -> None:
     meta = json.loads(raw["json"])
     meta.update(changes)
@@ -188,11 +178,11 @@ def _rewrite_json(raw: dict, **changes) -> None:
 def _corrupt_samples(samples: list[dict]) -> dict[str, int]:
     """Damage one sample in each of shards 2..7 (10 per shard); return expected counts."""
     samples[24]["jpg"] = b"\xff\xd8" + bytes(range(256)) * 4 + b"\xff\xd9"
-    _rewrite_npz(samples[35], "pose", np.full(72, np.nan, np.float32))
+    rewrite_npz(samples[35], "pose", np.full(72, np.nan, np.float32))
     _rewrite_json(samples[41], box=[5000.0, 5000.0, 30.0])
     del samples[57]["npz"]
     samples[63]["json"] = b'{"schema_version": 1, "box": [1, 2'
-    _rewrite_npz(samples[76], "joints_3d", np.zeros((17, 4), np.float32))
+    rewrite_npz(samples[76], "joints_3d", np.zeros((17, 4), np.float32))
     return {"bad_jpeg": 1, "nonfinite_label": 1, "box_outside_image": 1,
             "missing_key": 1, "bad_json": 1, "bad_array": 1}
 

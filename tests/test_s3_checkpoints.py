@@ -1,5 +1,4 @@
 """Training whose checkpoints live on S3 (a moto server on loopback) and resume from there."""
-import os
 
 import pytest
 

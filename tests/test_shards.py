@@ -23,7 +23,7 @@ from raytrain.data import (
 )
 from raytrain.data.schema import ARRAY_SHAPES
 
-from fixtures_data import fake_arrays, fake_jpeg, fake_meta, make_fake_samples
+from fixtures_data import fake_arrays, fake_jpeg, fake_meta, make_fake_samples, rewrite_npz
 
 
 def _read_tar(path) -> list[dict]:
@@ -122,14 +122,7 @@ def _with_meta(**changes) -> dict:
 
 
 def _with_array(name: str, value) -> dict:
-    raw = _good_raw()
-    with np.load(io.BytesIO(raw["npz"])) as npz:
-        arrays = dict(npz)
-    arrays[name] = value
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    raw["npz"] = buffer.getvalue()
-    return raw
+    return rewrite_npz(_good_raw(), name, value)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,5 @@
 """Training loop, checkpoints, resume and fault tolerance on real components."""
 import os
-import shutil
 import signal
 import threading
 import time

@@ -78,21 +78,28 @@ def joint_limits() -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
-def sample_body_pose(rng: np.random.Generator) -> np.ndarray:
-    """Body pose (69,) axis-angle of joints 1..23, angles uniform inside the limits."""
+def sample_body_pose(rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """Body pose (69,) axis-angle of joints 1..23, angles uniform inside the limits.
+
+    ``scale`` in (0, 1] shrinks every limit interval towards the rest pose (angle 0,
+    inside or on the border of every interval): angles uniform in [scale * low, scale * high].
+    """
     low, high = joint_limits()
-    angles = rng.uniform(low, high)  # (23, 3)
+    angles = rng.uniform(scale * low, scale * high)  # (23, 3)
     return Rotation.from_euler("XYZ", angles).as_rotvec().reshape(-1)
 
 
-def sample_global_orient(rng: np.random.Generator) -> np.ndarray:
+def sample_global_orient(rng: np.random.Generator, heading_range: float = np.pi,
+                         tilt_scale: float = 1.0) -> np.ndarray:
     """Root orientation (3,) in the camera frame (x right, y down, z forward).
 
-    Upright (SMPL's y up turned to the camera's -y), any heading, a little pitch/roll.
+    Upright (SMPL's y up turned to the camera's -y), heading uniform in
+    [-heading_range, heading_range] radians (0: facing the camera; default any heading),
+    a little pitch/roll (normal, std 0.15 / 0.1 rad times ``tilt_scale``, clipped to 0.4).
     """
     upright = Rotation.from_euler("x", np.pi)
-    heading = Rotation.from_euler("y", rng.uniform(-np.pi, np.pi))
-    tilt = Rotation.from_euler("xz", np.clip(rng.normal(0, [0.15, 0.1]), -0.4, 0.4))
+    heading = Rotation.from_euler("y", rng.uniform(-heading_range, heading_range))
+    tilt = Rotation.from_euler("xz", np.clip(rng.normal(0, [0.15 * tilt_scale, 0.1 * tilt_scale]), -0.4, 0.4))
     return (tilt * heading * upright).as_rotvec()
 
 
@@ -109,6 +116,10 @@ class SyntheticConfig:
     box_fraction: tuple = (0.3, 0.85)  # box side / min(W, H) (before padding effects)
     centre_range: tuple = (0.3, 0.7)  # box centre as a fraction of W and H
     betas_std: float = 1.0
+    # difficulty knobs (defaults: the full distribution; the demo uses an easier one)
+    heading_range: float = float(np.pi)  # heading uniform in [-x, x] radians
+    tilt_scale: float = 1.0  # multiplies the std of the pitch/roll around upright
+    pose_scale: float = 1.0  # body-joint angles uniform in [x * low, x * high] of the limits
     box_padding: float = 1.2  # box side = padding * larger side of the vertex bbox
     storage: str = "context"  # "context" or "full"
     crop_size: int = 224
@@ -119,6 +130,12 @@ class SyntheticConfig:
     def __post_init__(self):
         if self.storage not in ("context", "full"):
             raise ValueError(f"storage must be 'context' or 'full', got {self.storage!r}")
+        if not 0.0 < self.pose_scale <= 1.0:
+            raise ValueError(f"pose_scale must be in (0, 1], got {self.pose_scale}")
+        if not 0.0 <= self.heading_range <= np.pi:
+            raise ValueError(f"heading_range must be in [0, pi], got {self.heading_range}")
+        if self.tilt_scale < 0:
+            raise ValueError(f"tilt_scale must be >= 0, got {self.tilt_scale}")
 
 
 @dataclass
@@ -143,7 +160,8 @@ def sample_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> Scene:
     return Scene(
         image_size=size,
         focal=float(np.hypot(*size) * rng.uniform(*cfg.focal_range)),
-        pose=np.concatenate([sample_global_orient(rng), sample_body_pose(rng)]),
+        pose=np.concatenate([sample_global_orient(rng, cfg.heading_range, cfg.tilt_scale),
+                             sample_body_pose(rng, cfg.pose_scale)]),
         betas=np.clip(rng.normal(0, cfg.betas_std, 10), -2.5, 2.5),
         box_fraction=float(rng.uniform(*cfg.box_fraction)),
         centre=rng.uniform(*cfg.centre_range, 2),

@@ -1,7 +1,6 @@
 """Build and run the TorchTrainer from a validated config; fail fast before workers start."""
 import os
 from pathlib import Path
-from typing import Optional
 
 from ..config import ConfigError, ExperimentConfig, to_dict
 

@@ -24,7 +24,6 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..config import (ConfigError, ExperimentConfig, from_dict, read_yaml, set_dotted, to_dict,
