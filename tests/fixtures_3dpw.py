@@ -12,17 +12,21 @@ a converter that does not apply them properly gets the camera-frame truth wrong.
 With a ``body_model``, ``jointPositions`` (world-frame SMPL joints) and ``poses2d``
 (OpenPose-18 of the projected joints, one joint marked undetected) are consistent with
 the SMPL parameters; without, they are zeros.
+
+The release writing and labelling helpers are those of ``raytrain.data.synthetic_3dpw``
+(which renders people into the images; here the images are noise, which is all the
+converter tests need).
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
-import cv2
 import numpy as np
-import torch
 from scipy.spatial.transform import Rotation
+
+from raytrain.data.synthetic_3dpw import (J24_TO_OPENPOSE18, intrinsics_matrix, joint_labels,
+                                          world_from_camera, write_jpeg, write_sequence_file)
 
 #: (sequence name, campose_valid per actor)
 SEQUENCES = (
@@ -35,21 +39,17 @@ FX, FY = 490.0, 494.0
 UNDETECTED = (0, 0, 4)  # actor 0's right wrist in frame 0
 #: J24 index of that joint (OpenPose-18 4 = right wrist = J24 6).
 UNDETECTED_J24 = 6
-J24_TO_OPENPOSE18 = {0: 10, 1: 9, 2: 8, 3: 11, 4: 12, 5: 13, 6: 4, 7: 3, 8: 2, 9: 5,
-                     10: 6, 11: 7, 12: 1, 19: 0, 20: 15, 21: 14, 22: 17, 23: 16}
+assert J24_TO_OPENPOSE18[UNDETECTED_J24] == UNDETECTED[2]
 
 
 def intrinsics() -> np.ndarray:
-    return np.array([[FX, 0.0, WIDTH / 2], [0.0, FY, HEIGHT / 2], [0.0, 0.0, 1.0]])
+    return intrinsics_matrix(FX, FY, (WIDTH, HEIGHT))
 
 
-def _image(rng: np.random.Generator) -> bytes:
+def _image(rng: np.random.Generator) -> np.ndarray:
     ramp = np.linspace(30, 220, HEIGHT, dtype=np.float32)[:, None, None]
     noise = rng.integers(0, 35, size=(HEIGHT, WIDTH, 3)).astype(np.float32)
-    ok, data = cv2.imencode(".jpg", np.clip(ramp + noise, 0, 255).astype(np.uint8),
-                            [cv2.IMWRITE_JPEG_QUALITY, 85])
-    assert ok
-    return data.tobytes()
+    return np.clip(ramp + noise, 0, 255).astype(np.uint8)
 
 
 def _sequence(name: str, valid, rng: np.random.Generator, body_model) -> dict:
@@ -68,19 +68,19 @@ def _sequence(name: str, valid, rng: np.random.Generator, body_model) -> dict:
         # The person stands upright in the camera frame (SMPL y up, camera y down).
         yaw = rng.uniform(-np.pi, np.pi) + rng.normal(scale=0.1, size=frames)
         orient_cam = Rotation.from_euler("x", np.pi) * Rotation.from_euler("y", yaw[:, None])
-        orient_world = Rotation.from_matrix(np.transpose(rot_c, (0, 2, 1))) * orient_cam
         root_cam = np.array([[-0.35 + 0.7 * actor, 0.1, 6.0]]) + rng.normal(scale=0.05, size=(frames, 3))
-        trans = np.einsum("nji,nj->ni", rot_c, root_cam - t_c)  # R_c^T (p - t_c)
-        poses = np.concatenate([orient_world.as_rotvec(),
-                                rng.normal(scale=0.15, size=(frames, 69))], axis=1)
+        pose_cam = np.concatenate([orient_cam.as_rotvec(),
+                                   rng.normal(scale=0.15, size=(frames, 69))], axis=1)
+        # World frame: R_w = R_c^T R_cam, trans = R_c^T (root_cam - t_c) (J0 taken as 0).
+        poses, trans = world_from_camera(pose_cam, root_cam, cam_poses, np.zeros(3))
         betas = rng.normal(scale=0.8, size=10 if actor == 0 else 300)
         gender = "m" if actor == 0 else "f"
         joints_world = np.zeros((frames, 72))
         poses2d = np.zeros((frames, 3, 18))
         if body_model is not None:
-            joints_world, poses2d = _joint_labels(body_model, poses, betas[:10], trans,
-                                                  "male" if gender == "m" else "female",
-                                                  cam_poses, K)
+            joints_world, poses2d = joint_labels(body_model, poses, betas[:10], trans,
+                                                 "male" if gender == "m" else "female",
+                                                 cam_poses, K)
             if actor == UNDETECTED[0]:
                 poses2d[UNDETECTED[1], 2, UNDETECTED[2]] = 0.0
         data["genders"].append(gender)
@@ -91,32 +91,6 @@ def _sequence(name: str, valid, rng: np.random.Generator, body_model) -> dict:
         data["poses2d"].append(poses2d)
         data["jointPositions"].append(joints_world)
     return data
-
-
-@torch.no_grad()
-def _joint_labels(body_model, poses, betas, trans, gender, cam_poses, K):
-    """World SMPL joints (F, 72) and OpenPose-18 detections (F, 3, 18) of one actor."""
-    frames = poses.shape[0]
-    out = body_model.forward_axis_angle(torch.as_tensor(poses, dtype=torch.float32),
-                                        torch.as_tensor(np.tile(betas, (frames, 1)),
-                                                        dtype=torch.float32), gender)
-    joints_world = out.joints_smpl.double().numpy() + trans[:, None]
-    j24_world = out.joints_j24.double().numpy() + trans[:, None]
-    j24_cam = np.einsum("nij,nkj->nki", cam_poses[:, :3, :3], j24_world) + cam_poses[:, None, :3, 3]
-    uvw = j24_cam @ K.T
-    pixels = uvw[..., :2] / uvw[..., 2:]
-    poses2d = np.zeros((frames, 3, 18))
-    for j24, op18 in J24_TO_OPENPOSE18.items():
-        poses2d[:, :2, op18] = pixels[:, j24]
-        poses2d[:, 2, op18] = 0.9
-    return joints_world.reshape(frames, 72), poses2d
-
-
-def write_sequence_file(path: Path, data: dict) -> None:
-    """Pickle a sequence dict the way the release does (protocol 2)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
-        pickle.dump(data, handle, protocol=2)
 
 
 def make_3dpw_release(root, body_model=None, split: str = "test", seed: int = 0) -> dict:
@@ -137,7 +111,7 @@ def make_3dpw_release(root, body_model=None, split: str = "test", seed: int = 0)
         image_dir = root / "imageFiles" / name
         image_dir.mkdir(parents=True, exist_ok=True)
         for frame in range(len(valid[0])):
-            (image_dir / f"image_{frame:05d}.jpg").write_bytes(_image(rng))
+            write_jpeg(image_dir / f"image_{frame:05d}.jpg", _image(rng), quality=85)
         keys += [f"3dpw/{name}/{frame:05d}/{actor}" for actor, flags in enumerate(valid)
                  for frame, flag in enumerate(flags) if flag]
     return {"root": root, "files": files, "sequences": sequences, "valid_keys": keys,
