@@ -180,6 +180,7 @@ def test_resume_after_killing_the_driver(synthetic_shards, tmp_path):
     while time.time() < deadline:                       # interrupt once one trial has finished
         done = [t for t in load_trials(str(exp)) if t.results] if exp.exists() else []
         if any(t.last_step >= 8 for t in done) or proc.poll() is not None:
+            time.sleep(6)                               # > the driver's 2 s state-save period
             break
         time.sleep(2)
     assert proc.poll() is None, "the sweep ended before it could be interrupted"

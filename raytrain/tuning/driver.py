@@ -12,6 +12,7 @@ search instead. Scheduler: ASHA on `val_mpjpe` (mode min) with the training step
 attribute, or FIFO. The experiment lives in `<train.storage_path>/tune/<cfg.name>`; after the
 run the best trial is exported to `<experiment>/best/` (export.py).
 """
+import os
 import dataclasses
 import json
 import math
@@ -220,6 +221,9 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
     `storage_path` replaces `train.storage_path` for this experiment; `settings` overrides
     TuneSettings fields. Ray is started or joined as for training (`ray.*` settings).
     """
+    # Save the experiment state every 2 s (Tune's default is adaptive and can be minutes):
+    # a driver killed right after a trial finished must not forget that it finished.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     from ray import tune
 
     from ..train.launch import init_ray, preflight_data, preflight_resources, storage_uri
