@@ -33,6 +33,30 @@ def test_ray_job_submit_trains_and_checkpoints(synthetic_shards, tmp_path):
 
 
 @pytest.mark.timeout(600)
+def test_ray_job_submit_runs_a_sweep(synthetic_shards, tmp_path):
+    """`raytrain tune` submitted as a Ray job: both trials finish and the best is exported."""
+    import json
+    from ray.job_submission import JobStatus
+    train, val = synthetic_shards
+    runs = tmp_path / "runs"
+    overrides = tiny_overrides(train, val, runs, **{
+        "ray.num_cpus": "null", "name": "jobsweep", "ray.cpus_per_worker": 0.9,
+        "optim.max_steps": 4, "train.val_every": 2, "train.checkpoint_every": 2})
+    with LocalRayHead(num_cpus=2) as head:
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--no-wait", "--submission-id", "sweep-1",
+             "--working-dir", str(REPO), "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
+             "--", "raytrain", "tune", "--config", "configs/demo.yaml",
+             "--space", "tune/spaces/demo.yaml", "--trials", "2", *overrides],
+            env=head.env, capture_output=True, text=True, timeout=180)
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        status, logs = head.wait_for_job("sweep-1", timeout=480)
+    assert status == JobStatus.SUCCEEDED, f"{status}\n{logs[-3000:]}"
+    summary = json.loads((runs / "tune" / "jobsweep" / "best" / "summary.json").read_text())
+    assert summary["num_trials"] == 2
+
+
+@pytest.mark.timeout(600)
 def test_two_node_ddp_replicas_agree(synthetic_shards, tmp_path):
     """Two nodes with one CPU each: one worker per node, identical parameters after K steps."""
     import ray
