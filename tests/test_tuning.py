@@ -161,6 +161,11 @@ def test_sweep_8_trials_asha_and_export(synthetic_shards, tmp_path):
     assert state["metrics"]["val_mpjpe"] == pytest.approx(summary["val_mpjpe"], abs=0.1)
     rows = (best / "trials.csv").read_text().splitlines()
     assert len(rows) == 9
+    # re-evaluating the exported checkpoint reproduces the MPJPE Tune recorded
+    from raytrain.evaluate_cli import run_eval
+    evaluated = run_eval(checkpoint=str(best / "checkpoint"), data=val, out=str(tmp_path / "eval"),
+                         overlays=0, quiet=True)
+    assert evaluated["overall"]["mpjpe"] == pytest.approx(summary["val_mpjpe"], abs=0.1)
     print(f"8-trial sweep: {time.time() - start:.0f}s")
 
 
