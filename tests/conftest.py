@@ -1,5 +1,6 @@
 """Shared fixtures: small synthetic shard sets, written once per test session."""
 import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,9 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Ray 2.60 turns token authentication on for new local clusters; clients of a `ray start`
 # head must then send the token (~/.ray/auth_token): set the mode before Ray is imported.
+# A fresh machine has no token file yet: give this test session its own token.
 os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 REPO = Path(__file__).resolve().parents[1]
 
