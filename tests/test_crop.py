@@ -1,4 +1,5 @@
 """Multi-RoI cropper, augmentation, collate and device crop (no mocks, small real data)."""
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -200,3 +201,23 @@ def test_rotate_pose_equals_augment_pose():
         params = AugmentParams(flip=bool(i % 2), angle=float(rng.normal() * 0.8))
         pose = rng.normal(0, 0.7, 72).astype(np.float32)
         np.testing.assert_allclose(rotate_pose(params, pose), augment_pose(params, pose), atol=1e-5)
+
+
+def test_four_channel_warp_equals_three_channel_warp(hd_pairs):
+    """Rotated RoIs are warped through an RGBA copy (OpenCV's SIMD path): same pixels as
+    cv2.warpAffine on the RGB image."""
+    from raytrain.data.augment import virtual_transform
+    from raytrain.data.crop import crop_transform, cv2_affine, invert_affine
+
+    cropper = MultiRoICropper("paper", 5, crop_size=96, augment=AugmentConfig(rot_prob=1.0))
+    for i, sample in enumerate(_samples(hd_pairs[0])[:4]):
+        params, boxes = cropper.draw(sample, np.random.default_rng(i))
+        assert params.angle != 0.0
+        stored_to_virtual = virtual_transform(params, sample.image_size) @ invert_affine(sample.affine)
+        image = cv2.imdecode(np.frombuffer(sample.jpeg, np.uint8), cv2.IMREAD_COLOR_RGB)
+        crops = cropper.warp(image, stored_to_virtual, boxes)
+        for m in range(len(boxes)):
+            matrix = cv2_affine(crop_transform(boxes[m], 96) @ stored_to_virtual)
+            expected = cv2.warpAffine(image, matrix, (96, 96), flags=cv2.INTER_LINEAR,
+                                      borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+            np.testing.assert_array_equal(crops[m], expected)

@@ -175,3 +175,42 @@ def test_encode_validates_at_write_time():
         encode_sample("a/b/0", jpg, {k: v for k, v in meta.items() if k != "focal"}, arrays)
     encoded = encode_sample("a/b/0", jpg, meta, {})  # missing labels are zeros
     assert not decode_sample(encoded).betas.any()
+
+
+def test_fast_npz_parser_matches_np_load_and_falls_back_safely():
+    """The npz fast path reads what np.savez writes exactly as np.load does; anything else
+    (compressed, object arrays, damaged bytes) goes through np.load(allow_pickle=False)."""
+    import io
+
+    import numpy as np
+
+    from raytrain.data.schema import ARRAY_SHAPES, BadSample, _load_arrays, _parse_npz
+
+    rng = np.random.default_rng(0)
+    arrays = {name: rng.normal(size=shape).astype(np.float32) for name, shape in ARRAY_SHAPES.items()}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    payload = buffer.getvalue()
+    fast = _parse_npz(payload)
+    assert fast is not None and fast.keys() == arrays.keys()
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(fast[name], value)
+        assert fast[name].flags.writeable and fast[name].dtype == np.float32
+    fortran = io.BytesIO()
+    np.savez(fortran, pose=np.asfortranarray(rng.normal(size=(3, 4))))
+    with np.load(io.BytesIO(fortran.getvalue())) as npz:
+        np.testing.assert_array_equal(_parse_npz(fortran.getvalue())["pose"], npz["pose"])
+    compressed = io.BytesIO()
+    np.savez_compressed(compressed, **arrays)
+    assert _parse_npz(compressed.getvalue()) is None
+    np.testing.assert_array_equal(_load_arrays("k", compressed.getvalue())["pose"], arrays["pose"])
+    objects = io.BytesIO()
+    np.savez(objects, **{**arrays, "pose": np.array([{}] * 72, dtype=object)}, allow_pickle=True)
+    assert _parse_npz(objects.getvalue()) is None
+    with pytest.raises(BadSample, match="bad_array"):
+        _load_arrays("k", objects.getvalue())
+    damaged = bytearray(payload)
+    damaged[len(payload) // 3] ^= 0xFF
+    assert _parse_npz(bytes(damaged)) is None
+    with pytest.raises(BadSample, match="bad_array"):
+        _load_arrays("k", bytes(damaged))

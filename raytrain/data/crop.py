@@ -246,7 +246,8 @@ class MultiRoICropper:
                         and abs(t[1, 0]) <= 1e-12 * abs(t[1, 1]))
         if axis_aligned:
             kx, tx, ky, ty = float(t[0, 0]), float(t[0, 2]), float(t[1, 1]), float(t[1, 2])
-        border = (self.border_value,) * 3
+        border = (self.border_value,) * 4
+        padded = scratch = None
         for m in range(len(boxes)):
             cx, cy, side = float(boxes[m, 0]), float(boxes[m, 1]), float(boxes[m, 2])
             if axis_aligned:
@@ -255,8 +256,18 @@ class MultiRoICropper:
                                (cy - half - ty) / ky, (cy + half - ty) / ky):
                     continue
             matrix = cv2_affine(crop_transform(boxes[m], size) @ source_to_virtual)
-            cv2.warpAffine(image, matrix, (size, size), dst=out[m], flags=cv2.INTER_LINEAR,
+            if image.shape[2] != 3:
+                cv2.warpAffine(image, matrix, (size, size), dst=out[m], flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=border)
+                continue
+            # OpenCV's bilinear warp has a SIMD path for 4 channels only (~2x faster than
+            # 3 here, same arithmetic per channel): pad once per image, warp, drop alpha
+            if padded is None:
+                padded = cv2.cvtColor(image, cv2.COLOR_RGB2RGBA)
+                scratch = np.empty((size, size, 4), np.uint8)
+            cv2.warpAffine(padded, matrix, (size, size), dst=scratch, flags=cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_CONSTANT, borderValue=border)
+            cv2.cvtColor(scratch, cv2.COLOR_RGBA2RGB, dst=out[m])
         return out
 
     def _occlude(self, images: np.ndarray, boxes: np.ndarray, params: AugmentParams):

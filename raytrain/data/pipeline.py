@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from ..geometry import build_schedule
 from .augment import AugmentConfig, root_joint_model
-from .collate import collate_crops
+from .collate import BatchPool, batch_to_torch, collate_arrays
 from .crop import MultiRoICropper
 from .reader import ShardReader, resolve_shards
 
@@ -72,8 +72,10 @@ class CropTransform:
 class Loader:
     """A DataLoader over one epoch of one rank, plus the bad-sample counts of its workers."""
 
-    def __init__(self, reader: ShardReader, loader: DataLoader, max_batches: Optional[int]):
+    def __init__(self, reader: ShardReader, loader: DataLoader, max_batches: Optional[int],
+                 pool: Optional[BatchPool] = None):
         self.reader, self.loader, self.max_batches = reader, loader, max_batches
+        self.pool = pool
         self._bad_by_worker: Dict[int, Counter] = {}
 
     @property
@@ -89,7 +91,14 @@ class Loader:
                 break
             worker, counts = batch.pop("bad_counts", (0, {}))
             self._bad_by_worker[worker] = Counter(counts)
-            yield batch
+            slot = batch.pop("pool_slot", (-1, -1))
+            if self.pool is not None:
+                if self.loader.pin_memory:  # the images were copied to pinned memory
+                    self.pool.release(slot)
+                else:
+                    self.pool.received(slot, batch["images"])
+                self.pool.release_unused()
+            yield batch_to_torch(batch)
 
     def __len__(self):
         n = len(self.loader)
@@ -110,24 +119,34 @@ def build_loader(cfg, split: str, rank: int, world_size: int, epoch: int, skip: 
                          epoch=epoch)
     reader.load_state_dict({"epoch": epoch, "consumed": skip})
     workers = cfg.data.loader_workers
+    prefetch = 2
+    # per worker: `prefetch` batches in flight, one being filled, one held by the training
+    # loop, one spare; a batch that finds no free buffer gets a fresh one
+    pool = BatchPool(workers, prefetch + 3) if workers else None
     loader = DataLoader(reader, batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate_with_counts(reader), drop_last=train,
+                        collate_fn=_collate_with_counts(reader, pool), drop_last=train,
                         pin_memory=torch.cuda.is_available(),
-                        persistent_workers=False, prefetch_factor=2 if workers else None)
+                        persistent_workers=False, prefetch_factor=prefetch if workers else None)
     max_batches = None
     if not train and cfg.data.max_val_samples:
         max_batches = max(1, cfg.data.max_val_samples // world_size // batch_size)
-    return Loader(reader, loader, max_batches)
+    return Loader(reader, loader, max_batches, pool)
 
 
 class _collate_with_counts:
-    """Collate, and attach this worker's cumulative bad-sample counts to the batch."""
+    """Collate (labels stay numpy until ``Loader`` receives the batch: cheaper to send
+    from a worker), and attach this worker's cumulative bad-sample counts."""
 
-    def __init__(self, reader):
-        self.reader = reader
+    def __init__(self, reader, pool: Optional[BatchPool] = None):
+        self.reader, self.pool = reader, pool
 
     def __call__(self, items):
-        batch = collate_crops(items)
+        images = None
+        if self.pool is not None:
+            slot, images = self.pool.buffer((len(items), *items[0]["images"].shape))
+        batch = collate_arrays(items, images)
+        if self.pool is not None:
+            batch["pool_slot"] = slot
         batch["gender"] = [item["gender"] for item in items]
         info = torch.utils.data.get_worker_info()
         reader = info.dataset if info is not None else self.reader

@@ -117,6 +117,31 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
+_REGULAR = (b"0", b"\0")
+_USTAR = (b"ustar\x0000", b"ustar  \x00")
+
+
+def _fast_header(header: bytes) -> tuple[str, int] | None:
+    """(name, size) of a plain regular-file header, else None (-> ``TarInfo.frombuf``).
+
+    Plain: ustar/GNU magic, type '0', octal size, no prefix, a name not ending in '/',
+    and an unsigned checksum that matches; anything else (links, pax/GNU long names,
+    base-256 numbers, a bad checksum) takes tarfile's own parser, with its errors."""
+    if header[156:157] not in _REGULAR or header[257:265] not in _USTAR or header[345] != 0:
+        return None
+    try:
+        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    if stored != sum(header) - sum(header[148:156]) + 256:
+        return None
+    raw_name = header[:100].split(b"\0", 1)[0]
+    if raw_name.endswith(b"/"):
+        return None
+    return raw_name.decode("utf-8", "surrogateescape"), size
+
+
 def tar_events(handle: IO[bytes]) -> Iterator[tuple[str, str, bytes]]:
     """Yield ``("member", name, data)`` for regular files and ``("corrupt", detail, b"")``.
 
@@ -125,13 +150,29 @@ def tar_events(handle: IO[bytes]) -> Iterator[tuple[str, str, bytes]]:
     """
     long_name: str | None = None
     resyncing = False
+    read = handle.read
     while True:
-        header = _read_exact(handle, BLOCK)
+        header = read(BLOCK)
+        if len(header) < BLOCK and header:
+            header += _read_exact(handle, BLOCK - len(header))
         if not header:
             return
         if len(header) < BLOCK:
             yield ("corrupt", "truncated header at end of file", b"")
             return
+        fast = _fast_header(header) if long_name is None else None
+        if fast is not None:  # the common case: a plain member, read with its padding
+            name, size = fast
+            resyncing = False
+            padded = _padded(size)
+            data = read(padded)
+            if len(data) < padded:
+                data += _read_exact(handle, padded - len(data))
+            if len(data) < size:
+                yield ("corrupt", f"truncated member {name}", b"")
+                return
+            yield ("member", name, data[:size] if padded != size else data)
+            continue
         if header.count(0) == BLOCK:
             if resyncing:  # zeros inside a damaged member's data: keep scanning
                 continue
@@ -162,6 +203,9 @@ def tar_events(handle: IO[bytes]) -> Iterator[tuple[str, str, bytes]]:
 
 def split_name(name: str) -> tuple[str, str]:
     """``"a/b/c.seg.npz"`` -> ``("a/b/c", "seg.npz")``; no dot -> extension ``""``."""
+    if "/" not in name:
+        stem, _, ext = name.partition(".")
+        return stem, ext
     folder, base = posixpath.split(name)
     stem, _, ext = base.partition(".")
     return (posixpath.join(folder, stem) if folder else stem), ext
