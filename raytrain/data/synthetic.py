@@ -89,6 +89,21 @@ def sample_body_pose(rng: np.random.Generator, scale: float = 1.0) -> np.ndarray
     return Rotation.from_euler("XYZ", angles).as_rotvec().reshape(-1)
 
 
+def pose_prototypes(count: int, seed: int = 0) -> np.ndarray:
+    """(count, 23, 3) base joint angles, uniform inside the limits, a function of ``seed``."""
+    low, high = joint_limits()
+    return np.random.default_rng([seed, 7919]).uniform(low, high, (count, 23, 3))
+
+
+def sample_mode_pose(rng: np.random.Generator, prototypes: np.ndarray, jitter: float) -> np.ndarray:
+    """Body pose (69,): one of the prototype angle sets (uniform choice) plus uniform jitter
+    of +-``jitter`` times each limit interval, clipped to the limits."""
+    low, high = joint_limits()
+    base = prototypes[rng.integers(len(prototypes))]
+    angles = np.clip(base + rng.uniform(-jitter, jitter, base.shape) * (high - low), low, high)
+    return Rotation.from_euler("XYZ", angles).as_rotvec().reshape(-1)
+
+
 def sample_global_orient(rng: np.random.Generator, heading_range: float = np.pi,
                          tilt_scale: float = 1.0) -> np.ndarray:
     """Root orientation (3,) in the camera frame (x right, y down, z forward).
@@ -120,6 +135,10 @@ class SyntheticConfig:
     heading_range: float = float(np.pi)  # heading uniform in [-x, x] radians
     tilt_scale: float = 1.0  # multiplies the std of the pitch/roll around upright
     pose_scale: float = 1.0  # body-joint angles uniform in [x * low, x * high] of the limits
+    pose_modes: int = 0  # > 0: body poses are one of this many prototypes (drawn once inside
+    # the limits from pose_mode_seed) plus +-pose_mode_jitter of each limit interval; 0: off
+    pose_mode_seed: int = 0
+    pose_mode_jitter: float = 0.1
     box_padding: float = 1.2  # box side = padding * larger side of the vertex bbox
     storage: str = "context"  # "context" or "full"
     crop_size: int = 224
@@ -136,6 +155,9 @@ class SyntheticConfig:
             raise ValueError(f"heading_range must be in [0, pi], got {self.heading_range}")
         if self.tilt_scale < 0:
             raise ValueError(f"tilt_scale must be >= 0, got {self.tilt_scale}")
+        if self.pose_modes < 0 or self.pose_mode_jitter < 0:
+            raise ValueError(f"pose_modes and pose_mode_jitter must be >= 0, got "
+                             f"{self.pose_modes}, {self.pose_mode_jitter}")
 
 
 @dataclass
@@ -161,7 +183,7 @@ def sample_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> Scene:
         image_size=size,
         focal=float(np.hypot(*size) * rng.uniform(*cfg.focal_range)),
         pose=np.concatenate([sample_global_orient(rng, cfg.heading_range, cfg.tilt_scale),
-                             sample_body_pose(rng, cfg.pose_scale)]),
+                             _body_pose(rng, cfg)]),
         betas=np.clip(rng.normal(0, cfg.betas_std, 10), -2.5, 2.5),
         box_fraction=float(rng.uniform(*cfg.box_fraction)),
         centre=rng.uniform(*cfg.centre_range, 2),
@@ -169,6 +191,12 @@ def sample_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> Scene:
         part_gain=rng.uniform(0.85, 1.15, 24),
         background=sample_background(rng, size),
     )
+
+
+def _body_pose(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
+    if cfg.pose_modes > 0:
+        return sample_mode_pose(rng, pose_prototypes(cfg.pose_modes, cfg.pose_mode_seed), cfg.pose_mode_jitter)
+    return sample_body_pose(rng, cfg.pose_scale)
 
 
 # --------------------------------------------------------------------------- background
