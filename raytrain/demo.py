@@ -3,7 +3,10 @@
 1. shard synthetic people (train / val) rendered with the synthetic SMPL-format body model;
 2. a mean-pose baseline on the validation set and the untrained network's metrics;
 3. Ray Train (local in-process Ray, DDP-ready loop) on the demo config;
-4. the validation metrics after training, written to <out>/summary.json.
+4. the validation metrics after training, written to <out>/summary.json;
+5. a small Ray Tune sweep (4 trials, Optuna TPE, ASHA) with its best-trial export;
+6. a synthetic release in 3DPW's on-disk format, converted by datasets/shard_3dpw.py, and
+   `raytrain eval` of the best trial and of the demo model on it: <out>/report/.
 """
 import json
 import os
@@ -56,25 +59,25 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
         overrides += ["optim.max_steps=6", "train.val_every=6", "train.checkpoint_every=6",
                       "train.log_every=2"]
     cfg = load_config(config or str(DEMO_CONFIG), overrides)
-    _step(f"1/4 sharding {n_train} + {n_val} synthetic people into {out_dir / 'shards'}")
+    _step(f"1/6 sharding {n_train} + {n_val} synthetic people into {out_dir / 'shards'}")
     synthetic = demo_synthetic_config(cfg.data.crop_size)
     _shard(out_dir / "shards/train", n_train, seed=1, synthetic=synthetic)
     _shard(out_dir / "shards/val", n_val, seed=2, synthetic=synthetic)
 
-    _step("2/4 baselines on the validation set")
+    _step("2/6 baselines on the validation set")
     baseline = mean_pose_baseline(cfg)
     before = evaluate_untrained(cfg)
     print(f"  mean-pose baseline: PA-MPJPE {baseline['pa_mpjpe']:.1f} mm, MPJPE {baseline['mpjpe']:.1f} mm")
     print(f"  untrained network:  PA-MPJPE {before['val_pa_mpjpe']:.1f} mm, MPJPE {before['val_mpjpe']:.1f} mm")
 
-    _step(f"3/4 training {cfg.model.backbone} with Ray Train ({cfg.ray.num_workers} worker)")
+    _step(f"3/6 training {cfg.model.backbone} with Ray Train ({cfg.ray.num_workers} worker)")
     from .train.launch import run_training
     result = run_training(cfg)
     if result.error is not None:
         raise SystemExit(f"demo training failed: {result.error}")
     after = {k: v for k, v in result.metrics.items() if k.startswith("val_")}
 
-    _step("4/4 results")
+    _step("4/6 results")
     summary = {
         "baseline_pa_mpjpe_mm": baseline["pa_mpjpe"], "baseline_mpjpe_mm": baseline["mpjpe"],
         "untrained_pa_mpjpe_mm": before["val_pa_mpjpe"],
@@ -92,6 +95,29 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
     print(f"  PA-MPJPE {summary['pa_mpjpe_mm']:.1f} mm after training vs {summary['baseline_pa_mpjpe_mm']:.1f} mm "
           f"for the mean pose ({100 * summary['improvement_over_baseline']:.0f}% lower); "
           f"MPJPE {summary['mpjpe_mm']:.1f} mm, PVE {summary['pve_mm']:.1f} mm")
+
+    _step("5/6 sweep: 4 short trials over lr and lambda_cam (Optuna TPE + ASHA)")
+    experiment = demo_sweep(cfg, quick)
+    _step("6/6 evaluation on a synthetic 3DPW-format test set")
+    shards_3dpw = demo_3dpw_set(out_dir, synthetic, quick)
+    from .evaluate_cli import run_eval
+    best = run_eval(experiment=str(experiment), best=True, data=str(shards_3dpw),
+                    out=str(out_dir / "report" / "best-trial"), quiet=True)
+    model = run_eval(checkpoint=summary["checkpoint"], data=str(shards_3dpw),
+                     out=str(out_dir / "report" / "demo-model"), quiet=True)
+    summary.update({
+        "sweep": str(experiment), "sweep_best": str(experiment / "best"),
+        "3dpw_format_best_trial": best["overall"], "3dpw_format_demo_model": model["overall"],
+        "reports": [str(out_dir / "report" / "best-trial" / "report.md"),
+                    str(out_dir / "report" / "demo-model" / "report.md")],
+        "seconds": round(time.perf_counter() - t0, 1),
+    })
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"  best sweep trial on the 3DPW-format set: MPJPE {best['overall']['mpjpe']:.1f} mm, "
+          f"PA-MPJPE {best['overall']['pa_mpjpe']:.1f} mm")
+    print(f"  demo model on the 3DPW-format set:       MPJPE {model['overall']['mpjpe']:.1f} mm, "
+          f"PA-MPJPE {model['overall']['pa_mpjpe']:.1f} mm")
+    print(f"  reports: {out_dir / 'report'}/*/report.md; sweep plots: {experiment / 'best'}")
     print(f"  summary: {out_dir / 'summary.json'} ({summary['seconds']:.0f} s in all)")
     return summary
 
@@ -158,3 +184,39 @@ def evaluate_untrained(cfg):
     model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
     session = BareSession("/tmp/raytrain-untrained", device="cpu")
     return validate(cfg, model, body, session, session.device)
+
+
+# ----------------------------------------------------------------------------- sweep and report
+
+DEMO_SPACE = Path(__file__).resolve().parents[1] / "tune" / "spaces" / "demo.yaml"
+SHARD_3DPW = Path(__file__).resolve().parents[1] / "datasets" / "shard_3dpw.py"
+
+
+def demo_sweep(cfg, quick: bool):
+    """Four short trials over the learning rate and lambda_cam, ASHA stopping the weak ones."""
+    from .config import to_dict, from_dict
+    from .tuning.driver import experiment_dir, run_tune
+    steps = 4 if quick else 60
+    raw = to_dict(cfg)
+    raw.update(name="demo-sweep")
+    raw["optim"].update(max_steps=steps)
+    raw["train"].update(val_every=max(1, steps // 4), checkpoint_every=max(1, steps // 4))
+    raw["ray"].update(cpus_per_worker=0.9)            # + 0.1 per trial driver: 2 trials at once
+    raw["data"].update(max_val_samples=64)
+    sweep_cfg = from_dict(type(cfg), raw, prefix="")
+    run_tune(sweep_cfg, str(DEMO_SPACE), trials=4, settings={"max_concurrent_trials": 2})
+    return Path(experiment_dir(sweep_cfg))
+
+
+def demo_3dpw_set(out_dir: Path, synthetic, quick: bool) -> Path:
+    """A synthetic release in 3DPW's on-disk format, converted by datasets/shard_3dpw.py."""
+    import subprocess
+    import sys
+    from .data.synthetic_3dpw import write_synthetic_3dpw
+    root, shards = out_dir / "3DPW", out_dir / "shards" / "3dpw-test"
+    if not (shards / "manifest.json").exists():
+        write_synthetic_3dpw(str(root), split="test", sequences=2 if quick else 4,
+                             frames=4 if quick else 12, pose_cfg=synthetic)
+        subprocess.run([sys.executable, str(SHARD_3DPW), "--root", str(root), "--split", "test",
+                        "--out", str(shards), "--workers", "1"], check=True)
+    return shards
