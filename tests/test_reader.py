@@ -324,3 +324,54 @@ def test_loader_recycles_released_buffers(tmp_path):
         del batch
     assert batches == 24
     assert len(pointers) <= 12, (len(pointers), batches)
+
+
+@pytest.mark.parametrize("batch_size", [3, 4])
+def test_loader_crops_in_place_match_in_process_crops_with_substitution(fuzzed, batch_size):
+    """Crops written straight into the workers' pooled batch buffers (substituted bad
+    samples copied into their own slot) equal the in-process crops of the same keys."""
+    from raytrain.data.pipeline import build_loader
+
+    path, _, good = fuzzed
+
+    def crops(workers, size):
+        cfg = _loader_config(path, workers)
+        cfg.data.max_bad_fraction = 0.5
+        out = []
+        for batch in build_loader(cfg, "train", 0, 1, 0, 0, size, seed=0):
+            out += [(key, image.clone()) for key, image in zip(batch["keys"], batch["images"])]
+            del batch  # hand the buffer back at once: the pool recycles it
+        return out
+
+    reference = dict(crops(0, 1))
+    streamed = crops(2, batch_size)
+    assert set(reference) == good and len(streamed) >= 72  # whole batches of each worker
+    assert len({key for key, _ in streamed}) >= len(streamed) - 10  # <= 10 substitutes
+    for key, image in streamed:
+        assert torch.equal(image, reference[key]), key
+
+
+def test_loader_reuses_its_buffer_pool_across_epochs_never_shared(tmp_path):
+    """An epoch that ran to its end hands its (pre-faulted) buffer pool to the next
+    epoch's loader; crops stay right; a pool is never used by two iterations at once."""
+    from raytrain.data.pipeline import build_loader
+
+    _write(tmp_path, 48, maxcount=12)
+    cfg = _loader_config(tmp_path, workers=2)
+    reference = {}
+    for batch in build_loader(_loader_config(tmp_path, workers=0), "train", 0, 1, 1, 0, 1, seed=0):
+        reference[batch["keys"][0]] = batch["images"][0].clone()
+    first = build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)
+    assert sum(len(batch["keys"]) for batch in first) == 48
+    second = build_loader(cfg, "train", 0, 1, 1, 0, 4, seed=0)
+    assert second.pool is first.pool
+    seen = 0
+    for batch in second:
+        for key, image in zip(batch["keys"], batch["images"]):
+            assert torch.equal(image, reference[key]), key
+            seen += 1
+    assert seen == 48
+    third = build_loader(cfg, "train", 0, 1, 2, 0, 4, seed=0)  # takes the idle pool
+    assert third.pool is first.pool
+    assert sum(len(batch["keys"]) for batch in first) == 48  # iterates with another pool
+    assert first.pool is not third.pool

@@ -187,12 +187,16 @@ class MultiRoICropper:
                   if self.augment is not None else AugmentParams())
         return params, self.roi_boxes(augment_box(params, box, sample.image_size), rng)
 
-    def __call__(self, sample: Sample, rng: np.random.Generator) -> dict:
-        """One sample -> dict of numpy arrays (see module docstring)."""
+    def __call__(self, sample: Sample, rng: np.random.Generator,
+                 out: np.ndarray | None = None) -> dict:
+        """One sample -> dict of numpy arrays (see module docstring).
+
+        ``out``: optional (M, S, S, 3) uint8 array the crops are written into (e.g. the
+        sample's slot of a batch buffer); it becomes the result's ``images``."""
         params, boxes = self.draw(sample, rng)
         stored_to_virtual = virtual_transform(params, sample.image_size) @ invert_affine(sample.affine)
         image, reduction, rgb = self._decode(sample, boxes)
-        images = self.warp(image, stored_to_virtual, boxes, reduction)
+        images = self.warp(image, stored_to_virtual, boxes, reduction, out=out)
         _apply_colour(images, params.color, rgb)
         if params.occluder is not None:
             self._occlude(images, boxes, params)
@@ -228,8 +232,10 @@ class MultiRoICropper:
         return 1
 
     def warp(self, image: np.ndarray, stored_to_virtual: np.ndarray, boxes: np.ndarray,
-             reduction: int = 1) -> np.ndarray:
+             reduction: int = 1, out: np.ndarray | None = None) -> np.ndarray:
         """(h, w, 3) decoded stored image -> (M, S, S, 3) crops, one resampling per RoI.
+
+        ``out``: the (M, S, S, 3) uint8 array to write them into (else a new one).
 
         Axis-aligned RoIs (no rotation; flips included) that lie inside the decoded
         image are cut as a rectangle and resized (``_resize_roi``); the others (rotated,
@@ -238,7 +244,11 @@ class MultiRoICropper:
         the sub-pixel offset ``_resize_roi`` documents.
         """
         size = self.crop_size
-        out = np.empty((len(boxes), size, size, 3), np.uint8)
+        shape = (len(boxes), size, size, 3)
+        if out is None:
+            out = np.empty(shape, np.uint8)
+        elif out.shape != shape or out.dtype != np.uint8:
+            raise ValueError(f"out has shape {out.shape} {out.dtype}, crops need {shape} uint8")
         source_to_virtual = stored_to_virtual.copy()
         source_to_virtual[:, :2] *= float(reduction)  # decoded px -> stored px -> virtual px
         t = source_to_virtual

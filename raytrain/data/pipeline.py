@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from ..geometry import build_schedule
 from .augment import AugmentConfig, root_joint_model
-from .collate import BatchPool, batch_to_torch, collate_arrays
+from .collate import BatchPool, BatchSink, batch_to_torch, collate_arrays
 from .crop import MultiRoICropper
 from .reader import ShardReader, resolve_shards
 
@@ -59,14 +59,23 @@ def _root_joint(smpl_dir: Optional[str]):
 class CropTransform:
     """Picklable per-sample transform run inside the reader: sample -> cropped dict."""
 
-    def __init__(self, cropper: MultiRoICropper, seed: int, epoch: int):
+    def __init__(self, cropper: MultiRoICropper, seed: int, epoch: int,
+                 sink: Optional[BatchSink] = None):
         self.cropper, self.seed, self.epoch = cropper, seed, epoch
+        self.sink = sink  # in DataLoader workers: crops go straight into the batch buffer
 
     def __call__(self, sample):
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(sample.key.encode())])
-        out = self.cropper(sample, rng)
+        destination = self.sink.destination() if self.sink is not None else None
+        out = self.cropper(sample, rng, out=destination)
         out["gender"] = sample.gender
+        if destination is not None:
+            self.sink.commit(out["images"])
         return out
+
+    def substitute(self, item):
+        """The reader yields ``item`` again in place of a bad sample (see ``BatchSink``)."""
+        return self.sink.substitute(item) if self.sink is not None else item
 
 
 class Loader:
@@ -76,6 +85,8 @@ class Loader:
                  pool: Optional[BatchPool] = None):
         self.reader, self.loader, self.max_batches = reader, loader, max_batches
         self.pool = pool
+        if pool is not None:
+            pool.claim(self)
         self._bad_by_worker: Dict[int, Counter] = {}
 
     @property
@@ -86,6 +97,13 @@ class Loader:
         return dict(total)
 
     def __iter__(self) -> Iterator[dict]:
+        if self.pool is not None and not self.pool.claim(self):
+            # recycled after an earlier iteration and taken by another loader since
+            pool = BatchPool.acquire(self.pool.num_workers, self.pool.size, self.pool.shape)
+            pool.claim(self)
+            self.pool = self.loader.collate_fn.pool = pool
+            if self.loader.collate_fn.sink is not None:
+                self.loader.collate_fn.sink.pool = pool
         for index, batch in enumerate(self.loader):
             if self.max_batches is not None and index >= self.max_batches:
                 break
@@ -99,6 +117,9 @@ class Loader:
                     self.pool.received(slot, batch["images"])
                 self.pool.release_unused()
             yield batch_to_torch(batch)
+        else:  # the DataLoader iterator ran out: its workers have exited
+            if self.pool is not None and self.max_batches is None:
+                self.pool.recycle()
 
     def __len__(self):
         n = len(self.loader)
@@ -115,16 +136,18 @@ def build_loader(cfg, split: str, rank: int, world_size: int, epoch: int, skip: 
     reader = ShardReader(_source(cfg, split), seed=seed, shuffle=train,
                          shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size,
                          batch_size=batch_size, max_bad_fraction=cfg.data.max_bad_fraction,
-                         decode_images=False, transform=CropTransform(cropper, seed, epoch),
-                         epoch=epoch)
+                         decode_images=False, epoch=epoch)
     reader.load_state_dict({"epoch": epoch, "consumed": skip})
     workers = cfg.data.loader_workers
     prefetch = 2
     # per worker: `prefetch` batches in flight, one being filled, one held by the training
     # loop, one spare; a batch that finds no free buffer gets a fresh one
-    pool = BatchPool(workers, prefetch + 3) if workers else None
+    item_shape = (cropper.num_rois, cropper.crop_size, cropper.crop_size, 3)
+    pool = BatchPool.acquire(workers, prefetch + 3, (batch_size, *item_shape)) if workers else None
+    sink = BatchSink(pool, batch_size, item_shape) if workers else None
+    reader.transform = CropTransform(cropper, seed, epoch, sink)
     loader = DataLoader(reader, batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate_with_counts(reader, pool), drop_last=train,
+                        collate_fn=_collate_with_counts(reader, pool, sink), drop_last=train,
                         pin_memory=torch.cuda.is_available(),
                         persistent_workers=False, prefetch_factor=prefetch if workers else None)
     max_batches = None
@@ -137,14 +160,22 @@ class _collate_with_counts:
     """Collate (labels stay numpy until ``Loader`` receives the batch: cheaper to send
     from a worker), and attach this worker's cumulative bad-sample counts."""
 
-    def __init__(self, reader, pool: Optional[BatchPool] = None):
-        self.reader, self.pool = reader, pool
+    def __init__(self, reader, pool: Optional[BatchPool] = None, sink: Optional[BatchSink] = None):
+        self.reader, self.pool, self.sink = reader, pool, sink
 
     def __call__(self, items):
-        images = None
-        if self.pool is not None:
+        images, spare = None, None
+        taken = self.sink.take() if self.sink is not None else None
+        if taken is not None and taken[2] == len(items):  # crops already in place
+            slot, buffer, _ = taken
+            images = buffer if len(items) == buffer.shape[0] else buffer[:len(items)]
+        elif self.pool is not None:
+            if taken is not None:
+                spare = taken[0]  # not what was yielded: copy, then free it
             slot, images = self.pool.buffer((len(items), *items[0]["images"].shape))
         batch = collate_arrays(items, images)
+        if spare is not None and spare[0] >= 0:
+            self.pool.state[spare] = 0  # only this worker sets its slots to 1
         if self.pool is not None:
             batch["pool_slot"] = slot
         batch["gender"] = [item["gender"] for item in items]

@@ -424,7 +424,8 @@ class ShardReader(IterableDataset):
         transform: optional ``f(sample) -> item`` run on each good sample inside the
             reader (e.g. the multi-RoI cropper; it must not return None); a ``BadSample``
             it raises is counted, skipped and substituted like any other, and the reader
-            yields its items.
+            yields its items. With a ``substitute(item)`` method, a bad sample's
+            position gets ``substitute(previous item)`` instead of the item itself.
         storage_options: fsspec options for remote URLs.
         epoch: the first epoch.
     """
@@ -550,15 +551,22 @@ class ShardReader(IterableDataset):
                 if last_good is None:
                     owed += 1
                     continue
-                sample = last_good
+                sample = self._again(last_good)
                 self.substituted += 1
-            last_good = sample
+            else:
+                last_good = sample
             yield sample
             while owed:
                 owed -= 1
                 self.substituted += 1
-                yield sample
+                yield self._again(sample)
         tally.report(worker)
+
+    def _again(self, item: Any) -> Any:
+        """``item`` once more, for a bad sample's position: the transform's
+        ``substitute(item)`` if it has one (e.g. to place a copy), else ``item`` itself."""
+        substitute = getattr(self.transform, "substitute", None)
+        return item if substitute is None else substitute(item)
 
     def _decode(self, raw: dict, tally: "_BadTally") -> Any:
         """Decode (and transform) one raw sample, or count it as bad and return None."""
