@@ -205,3 +205,22 @@ def test_resume_after_killing_the_driver(synthetic_shards, tmp_path):
         trial = next(t for t in after if t.trial_id == trial_id)
         assert trial.last_step == step and len([r for r in trial.results if r.get("step") == 2]) == 1
     assert (exp / "best" / "summary.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ablation_grid_writes_the_table(synthetic_shards, tmp_path):
+    """tune/spaces/ablations.yaml runs every variant once (FIFO grid) and writes the table."""
+    train, val = synthetic_shards
+    args = ["tune", "--config", str(REPO / "configs/demo.yaml"), "--space",
+            str(REPO / "tune/spaces/ablations.yaml"), "--trials", "9",
+            *_tune_args(train, val, tmp_path / "runs", "abl", **{"optim.max_steps": 2,
+                                                                  "train.val_every": 2})]
+    log = open(tmp_path / "abl.log", "w")
+    rc = _finish(_cli(args, stdout=log, stderr=subprocess.STDOUT), 540)
+    assert rc == 0, (tmp_path / "abl.log").read_text()[-4000:]
+    table = (tmp_path / "runs" / "tune" / "abl" / "ablation_table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "Variant" not in line]
+    assert len(rows) == 9, table
+    for label in ("Full method", "w/o RAF", "w/o L_cam", "w/o L_cont", "Self-attention", "M = 1"):
+        assert any(label in row for row in rows), label
