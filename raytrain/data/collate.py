@@ -291,11 +291,3 @@ def _batch_buffer(shape) -> torch.Tensor:
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(shape, dtype=torch.uint8)
     return _shared_buffer(shape)
-
-
-def normalise_images(images: torch.Tensor, mean=(0.485, 0.456, 0.406),
-                     std=(0.229, 0.224, 0.225)) -> torch.Tensor:
-    """uint8 (..., 3, S, S) RGB -> float ImageNet-normalised, on the tensor's device."""
-    mean = torch.tensor(mean, device=images.device).view(3, 1, 1) * 255
-    std = torch.tensor(std, device=images.device).view(3, 1, 1) * 255
-    return (images.float() - mean) / std
