@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
+import torch
 
 OVERLAY_SIZE = 320
 
@@ -141,9 +142,12 @@ def plot_per_joint(per_joint: Dict[str, float], path) -> str:
 def project_vertices(vertices: np.ndarray, cam_full: np.ndarray, focal: float,
                      image_size: np.ndarray) -> np.ndarray:
     """(V, 3) body frame + translation (3,) -> (V, 2) full-image px (principal point at centre)."""
-    points = np.asarray(vertices, np.float64) + np.asarray(cam_full, np.float64)[None]
-    depth = np.clip(points[:, 2:3], 1e-6, None)
-    return points[:, :2] / depth * float(focal) + np.asarray(image_size, np.float64)[None] / 2
+    from .geometry import perspective_projection
+    pixels = perspective_projection(torch.as_tensor(np.asarray(vertices, np.float64))[None],
+                                    torch.as_tensor(np.asarray(cam_full, np.float64))[None],
+                                    torch.tensor([float(focal)], dtype=torch.float64),
+                                    torch.as_tensor(np.asarray(image_size, np.float64))[None])
+    return pixels[0].numpy()
 
 
 def full_to_crop(points: np.ndarray, box: np.ndarray, crop_size: int) -> np.ndarray:
