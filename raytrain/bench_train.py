@@ -18,14 +18,10 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 def bench_shards(n_train: int, n_val: int = 16) -> tuple:
     """Synthetic shards for the bench, cached under $RAYTRAIN_HOME/bench."""
     from .body.model import raytrain_home
-    from .data.pipeline import count_samples
-    from .data.synthetic import shard_synthetic
+    from .data.synthetic import ensure_synthetic_shards
     root = raytrain_home() / "bench" / f"synthetic-{n_train}"
-    for name, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
-        path = root / name
-        if not ((path / "manifest.json").exists() and count_samples(str(path)) == n):
-            shard_synthetic(str(path), n=n, seed=seed, maxcount=256)
-    return str(root / "train"), str(root / "val")
+    return (ensure_synthetic_shards(root / "train", n_train, seed=1, maxcount=256),
+            ensure_synthetic_shards(root / "val", n_val, seed=2, maxcount=256))
 
 
 def bench_config(train: str, val: str, steps: int, run_dir: str, extra=()):

@@ -10,7 +10,6 @@
 """
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -61,8 +60,10 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
     cfg = load_config(config or str(DEMO_CONFIG), overrides)
     _step(f"1/6 sharding {n_train} + {n_val} synthetic people into {out_dir / 'shards'}")
     synthetic = demo_synthetic_config(cfg.data.crop_size)
-    _shard(out_dir / "shards/train", n_train, seed=1, synthetic=synthetic)
-    _shard(out_dir / "shards/val", n_val, seed=2, synthetic=synthetic)
+    from .data.synthetic import ensure_synthetic_shards
+    for name, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
+        workers = max(1, min(2, os.cpu_count() or 1, n // 200))
+        ensure_synthetic_shards(out_dir / "shards" / name, n, seed, synthetic, workers=workers)
 
     _step("2/6 baselines on the validation set")
     baseline = mean_pose_baseline(cfg)
@@ -124,24 +125,6 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
 
 def _step(text):
     print(f"[demo] {text}", flush=True)
-
-
-def _shard(path: Path, n: int, seed: int, synthetic):
-    """Render the shards unless ``path`` already holds exactly these samples."""
-    from dataclasses import asdict
-    from .data.pipeline import count_samples
-    from .data.synthetic import shard_synthetic
-    stamp = path / "demo_synthetic.json"
-    wanted = json.dumps({"n": n, "seed": seed, "synthetic": asdict(synthetic)}, sort_keys=True)
-    if ((path / "manifest.json").exists() and stamp.exists() and stamp.read_text() == wanted
-            and count_samples(str(path)) == n):
-        print(f"  {path} already holds these {n} samples, reusing it")
-        return
-    if path.exists():
-        shutil.rmtree(path)
-    workers = max(1, min(2, os.cpu_count() or 1, n // 200))
-    shard_synthetic(str(path), n=n, seed=seed, workers=workers, maxcount=400, cfg=synthetic)
-    stamp.write_text(wanted)
 
 
 @torch.no_grad()

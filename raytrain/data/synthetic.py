@@ -536,6 +536,29 @@ def shard_synthetic(out: str, n: int, seed: int = 0, workers: int = 1, maxcount:
                             storage_options=storage_options)
 
 
+def ensure_synthetic_shards(path, n: int, seed: int, cfg: SyntheticConfig | None = None,
+                            workers: int = 1, maxcount: int = 400) -> str:
+    """Render ``n`` samples into ``path`` unless it already holds exactly these (same count,
+    seed and config, recorded in ``synthetic.json`` beside the manifest). Returns ``path``."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from .pipeline import count_samples
+    path, cfg = Path(path), cfg or SyntheticConfig()
+    stamp = path / "synthetic.json"
+    wanted = json.dumps({"n": n, "seed": seed, "synthetic": asdict(cfg)}, sort_keys=True)
+    if ((path / "manifest.json").exists() and stamp.exists() and stamp.read_text() == wanted
+            and count_samples(str(path)) == n):
+        print(f"  {path} already holds these {n} samples, reusing it")
+        return str(path)
+    if path.exists():
+        shutil.rmtree(path)
+    shard_synthetic(str(path), n=n, seed=seed, workers=workers, maxcount=maxcount, cfg=cfg)
+    stamp.write_text(wanted)
+    return str(path)
+
+
 def with_storage(cfg: SyntheticConfig | None, storage: str) -> SyntheticConfig:
     """A copy of ``cfg`` (default config if None) with another storage mode."""
     return replace(cfg or SyntheticConfig(), storage=storage)
