@@ -35,6 +35,7 @@ class DataConfig:
     batch_size: int = opt(48, "persons per optimisation step over all workers (each brings M crops)", min=1)
     val_batch_size: int = opt(32, "persons per validation batch per worker", min=1)
     loader_workers: int = opt(2, "DataLoader worker processes per training worker (decode + crop)", min=0)
+    persistent_workers: bool = opt(True, "keep the DataLoader workers alive from one epoch (and validation pass) to the next instead of forking them again")
     shuffle_buffer: int = opt(1000, "samples held in the shuffle buffer", min=1)
     max_bad_fraction: float = opt(0.01, "stop the run when more than this fraction of an epoch's samples is bad", min=0.0, max=1.0)
     max_val_samples: int = opt(0, "cap on validation samples (0: all)", min=0)

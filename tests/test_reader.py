@@ -358,6 +358,7 @@ def test_loader_reuses_its_buffer_pool_across_epochs_never_shared(tmp_path):
 
     _write(tmp_path, 48, maxcount=12)
     cfg = _loader_config(tmp_path, workers=2)
+    cfg.data.persistent_workers = False  # a fresh set of workers for every epoch
     reference = {}
     for batch in build_loader(_loader_config(tmp_path, workers=0), "train", 0, 1, 1, 0, 1, seed=0):
         reference[batch["keys"][0]] = batch["images"][0].clone()
@@ -375,3 +376,80 @@ def test_loader_reuses_its_buffer_pool_across_epochs_never_shared(tmp_path):
     assert third.pool is first.pool
     assert sum(len(batch["keys"]) for batch in first) == 48  # iterates with another pool
     assert first.pool is not third.pool
+
+
+def _epoch_crops(loader) -> dict:
+    out = {}
+    for batch in loader:
+        out.update((key, image.clone()) for key, image in zip(batch["keys"], batch["images"]))
+        del batch
+    return out
+
+
+def test_persistent_workers_serve_every_epoch_like_fresh_ones(tmp_path):
+    """Persistent DataLoader workers (forked once) deliver each epoch, and a resumed
+    epoch, exactly as a fresh set of workers would: same keys, same crops (augmentation
+    seeded per epoch), each sample once."""
+    from raytrain.data.pipeline import _PERSISTENT, build_loader, close_loaders
+
+    keys = _write(tmp_path, 48, maxcount=12)
+    cfg = _loader_config(tmp_path, workers=2)
+    fresh = _loader_config(tmp_path, workers=2)
+    fresh.data.persistent_workers = False
+    pids = set()
+    try:
+        for epoch, skip in ((0, 0), (1, 0), (2, 16), (1, 0)):
+            loader = build_loader(cfg, "train", 0, 1, epoch, skip, 4, seed=0)
+            crops = _epoch_crops(loader)
+            pids.update(worker.pid for worker in loader.loader._iterator._workers)
+            reference = _epoch_crops(build_loader(fresh, "train", 0, 1, epoch, skip, 4, seed=0))
+            assert list(crops) == list(reference) and len(crops) == 48 - skip
+            if skip == 0:
+                assert sorted(crops) == sorted(keys)
+            for key, image in crops.items():
+                assert torch.equal(image, reference[key]), (epoch, key)
+        assert len(pids) == 2  # the same two workers for all four iterations
+    finally:
+        close_loaders()
+    assert not _PERSISTENT
+
+
+def test_persistent_workers_after_abandoned_epochs(tmp_path):
+    """Iterations broken off after two batches (in-flight batches drained and dropped)
+    leave the next epoch complete, and do not leak pooled buffers."""
+    from raytrain.data.collate import SENT
+    from raytrain.data.pipeline import build_loader, close_loaders
+
+    keys = _write(tmp_path, 48, maxcount=12)
+    cfg = _loader_config(tmp_path, workers=2)
+    try:
+        for epoch in range(4):
+            loader = build_loader(cfg, "train", 0, 1, epoch, 0, 4, seed=0)
+            for index, batch in enumerate(loader):
+                if index == 1:
+                    break
+        del batch
+        loader = build_loader(cfg, "train", 0, 1, 4, 0, 4, seed=0)
+        assert sorted(_epoch_crops(loader)) == sorted(keys)
+        # at most the part-filled last buffer of each worker (dropped with drop_last)
+        assert int((loader.pool.state == SENT).sum()) <= 2, loader.pool.state
+    finally:
+        close_loaders()
+
+
+def test_second_loader_while_persistent_workers_are_busy(tmp_path):
+    """Two loaders of the same split iterated at once: the second gets its own workers."""
+    from raytrain.data.pipeline import build_loader, close_loaders
+
+    keys = _write(tmp_path, 24, maxcount=12)
+    cfg = _loader_config(tmp_path, workers=2)
+    try:
+        first = build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)
+        second = build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)
+        pairs = list(zip(first, second))
+        assert len(pairs) == 6
+        assert [b["keys"] for b, _ in pairs] == [b["keys"] for _, b in pairs]
+        assert second.source is not first.source and not second.source.persistent
+        assert sorted(k for b, _ in pairs for k in b["keys"]) == sorted(keys)
+    finally:
+        close_loaders()

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
+#: ``BatchPool.state`` of a buffer: free, filled by its worker (in flight), held by the receiver.
+FREE, SENT, HELD = 0, 1, 2
 #: Float label arrays of a sample dict and their per-sample shapes.
 FLOAT_KEYS = {"boxes": None, "image_size": (2,), "focal": (), "keypoints_2d": (24, 3),
               "joints_3d": (24, 4), "pose": (72,), "betas": (10,), "cam_full": (3,)}
@@ -126,6 +128,18 @@ class BatchSink:
         self.commit(target)
         return item
 
+    def reset(self) -> None:
+        """Worker side, at the start of every epoch (workers may persist across epochs):
+        forget a buffer the previous epoch left part-filled (its last items dropped by
+        ``drop_last``, or the iteration abandoned) and hand back this worker's buffers
+        of batches that were sent but never received: the new iteration's start
+        drains and drops them (see ``BatchPool.received``)."""
+        info = torch.utils.data.get_worker_info()
+        if self.pool is not None and info is not None:
+            state = self.pool.state[info.id].numpy()
+            state[state == SENT] = FREE
+        self._slot, self._buffer, self._array, self._filled = (-1, -1), None, None, 0
+
     def take(self):
         """(slot, buffer tensor, items written) of the buffer being filled, or None;
         the next item starts a new buffer."""
@@ -140,10 +154,11 @@ class BatchPool:
     """Per-worker ring of shared-memory image buffers, recycled once released.
 
     Created before the DataLoader starts its workers (the state array lives in shared
-    memory, inherited by the workers). ``state[w, k]`` is 0 while buffer ``k`` of worker
-    ``w`` is free (or not created yet) and 1 from when the worker fills it until the
-    receiving process has seen that nothing references it any more. Only the worker
-    sets 1 and only the receiver sets 0.
+    memory, inherited by the workers). ``state[w, k]`` of buffer ``k`` of worker ``w`` is
+    ``FREE`` (or not created yet), ``SENT`` from when the worker fills it, ``HELD`` once
+    the receiving process got its batch, until it has seen that nothing references it
+    any more. Only the worker sets ``SENT``; the receiver sets ``HELD`` and ``FREE``; a
+    worker starting an epoch frees its ``SENT`` buffers (``BatchSink.reset``).
 
     Worker side: ``buffer(shape)`` -> (slot, tensor); slot -1 means a fresh, unpooled
     buffer (every pooled one is still in use, or a shape that differs).
@@ -180,8 +195,8 @@ class BatchPool:
         for k in range(self.size):
             if k == len(self._buffers):
                 self._buffers.append(_batch_buffer(shape))
-            if state[k] == 0 and tuple(self._buffers[k].shape) == shape:
-                state[k] = 1
+            if state[k] == FREE and tuple(self._buffers[k].shape) == shape:
+                state[k] = SENT
                 return (info.id, k), self._buffers[k]
         self.fresh += 1
         return (-1, -1), _batch_buffer(shape)
@@ -222,6 +237,7 @@ class BatchPool:
         """Note that the batch of pooled ``slot`` arrived with ``images`` (its buffer)."""
         if slot[0] < 0:
             return
+        self.state[slot] = HELD
         self._held[slot] = images  # also keeps the buffer mapped here between uses
         self._out.add(slot)
 
@@ -230,14 +246,14 @@ class BatchPool:
         if slot[0] >= 0:
             self._out.discard(slot)
             self._held.pop(slot, None)
-            self.state[slot] = 0
+            self.state[slot] = FREE
 
     def release_unused(self) -> None:
         """Hand back every buffer that only the pool itself still references."""
         for slot in list(self._out):
             if _only_reference(self._held, slot):
                 self._out.discard(slot)
-                self.state[slot] = 0
+                self.state[slot] = FREE
 
 
 def _references(holder: dict, key) -> tuple[int, int, int]:

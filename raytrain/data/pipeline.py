@@ -8,6 +8,11 @@ checkpoint says was consumed; the cropper runs inside the DataLoader workers (de
 crop scale with `data.loader_workers`, independent of the number of GPUs). Augmentation
 is drawn from a generator seeded by (seed, epoch, sample key), so a resumed epoch crops
 exactly as the interrupted one would have.
+
+With `data.persistent_workers` (default) the workers are forked once per split and
+serve every later epoch and validation pass of the same config (`EpochSource`): the
+reader's position lives in shared memory and each `Loader` sets it before it iterates.
+`close_loaders()` stops them (`train.loop.run_loop` does at its end).
 """
 import zlib
 from collections import Counter
@@ -20,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from ..geometry import build_schedule
 from .augment import AugmentConfig, root_joint_model
-from .collate import BatchPool, BatchSink, batch_to_torch, collate_arrays
+from .collate import FREE, BatchPool, BatchSink, batch_to_torch, collate_arrays
 from .crop import MultiRoICropper
 from .reader import ShardReader, resolve_shards
 
@@ -59,10 +64,16 @@ def _root_joint(smpl_dir: Optional[str]):
 class CropTransform:
     """Picklable per-sample transform run inside the reader: sample -> cropped dict."""
 
-    def __init__(self, cropper: MultiRoICropper, seed: int, epoch: int,
+    def __init__(self, cropper: MultiRoICropper, seed: int, epoch: int = 0,
                  sink: Optional[BatchSink] = None):
         self.cropper, self.seed, self.epoch = cropper, seed, epoch
         self.sink = sink  # in DataLoader workers: crops go straight into the batch buffer
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the reader at the start of every iteration, where it iterates."""
+        self.epoch = epoch
+        if self.sink is not None:
+            self.sink.reset()
 
     def __call__(self, sample):
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(sample.key.encode())])
@@ -78,16 +89,92 @@ class CropTransform:
         return self.sink.substitute(item) if self.sink is not None else item
 
 
-class Loader:
-    """A DataLoader over one epoch of one rank, plus the bad-sample counts of its workers."""
+class EpochSource:
+    """What iterates one rank's epochs of a split: reader, DataLoader, buffer pool.
 
-    def __init__(self, reader: ShardReader, loader: DataLoader, max_batches: Optional[int],
-                 pool: Optional[BatchPool] = None):
-        self.reader, self.loader, self.max_batches = reader, loader, max_batches
-        self.pool = pool
-        if pool is not None:
-            pool.claim(self)
+    With ``persistent`` (``data.persistent_workers``), the DataLoader's worker processes
+    are forked once and serve every later epoch: each ``Loader`` sets the reader's
+    shared position (epoch, samples to skip) before it starts an iteration; forking the
+    workers of a large training process costs ~0.1 s per epoch otherwise. One iteration
+    at a time: ``owner`` is the ``Loader`` iterating now.
+    """
+
+    def __init__(self, cfg, split: str, rank: int, world_size: int, batch_size: int,
+                 seed: int, persistent: bool):
+        train = split == "train"
+        cropper = MultiRoICropper(schedule_from_config(cfg.rois), crop_size=cfg.data.crop_size,
+                                  augment=augment_from_config(cfg.data) if train else None,
+                                  root_joint=_root_joint(cfg.model.smpl_dir))
+        self.reader = ShardReader(_source(cfg, split), seed=seed, shuffle=train,
+                                  shuffle_buffer=cfg.data.shuffle_buffer, rank=rank,
+                                  world_size=world_size, batch_size=batch_size,
+                                  max_bad_fraction=cfg.data.max_bad_fraction,
+                                  decode_images=False)
+        workers = cfg.data.loader_workers
+        self.persistent = persistent and workers > 0
+        if self.persistent:
+            self.reader.share_position()
+        prefetch = 2
+        # per worker: `prefetch` batches in flight, one being filled, one held by the
+        # training loop, one spare; a batch that finds no free buffer gets a fresh one
+        item_shape = (cropper.num_rois, cropper.crop_size, cropper.crop_size, 3)
+        self.pool = (BatchPool.acquire(workers, prefetch + 3, (batch_size, *item_shape))
+                     if workers else None)
+        sink = BatchSink(self.pool, batch_size, item_shape) if workers else None
+        self.reader.transform = CropTransform(cropper, seed, sink=sink)
+        self.loader = DataLoader(self.reader, batch_size=batch_size, num_workers=workers,
+                                 collate_fn=_collate_with_counts(self.reader, self.pool, sink),
+                                 drop_last=train, pin_memory=torch.cuda.is_available(),
+                                 persistent_workers=self.persistent,
+                                 prefetch_factor=prefetch if workers else None)
+        self.max_batches = None
+        if not train and cfg.data.max_val_samples:
+            self.max_batches = max(1, cfg.data.max_val_samples // world_size // batch_size)
+        self.owner = None
+        self.closed = False
+
+    def use_pool(self, pool: BatchPool) -> None:
+        self.pool = self.loader.collate_fn.pool = pool
+        if self.loader.collate_fn.sink is not None:
+            self.loader.collate_fn.sink.pool = pool
+
+    def close(self) -> None:
+        """Stop the persistent workers (joined: their CPU time is reaped)."""
+        self.closed = True
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+        if self.pool is not None and self.persistent:
+            self.pool.recycle()  # its workers are gone: a later loader may take it
+
+
+class Loader:
+    """One epoch of one rank (from a skip position) over an ``EpochSource``, plus the
+    bad-sample counts of its workers."""
+
+    def __init__(self, source: EpochSource, epoch: int, skip: int, rebuild=None):
+        self.source, self.epoch, self.skip = source, int(epoch), int(skip)
+        self._rebuild = rebuild  # -> a private EpochSource when the shared one is busy
+        if source.pool is not None and not source.persistent:
+            source.pool.claim(self)
         self._bad_by_worker: Dict[int, Counter] = {}
+
+    @property
+    def reader(self) -> ShardReader:
+        return self.source.reader
+
+    @property
+    def loader(self) -> DataLoader:
+        return self.source.loader
+
+    @property
+    def pool(self) -> Optional[BatchPool]:
+        return self.source.pool
+
+    @property
+    def max_batches(self) -> Optional[int]:
+        return self.source.max_batches
 
     @property
     def bad_counts(self) -> Dict[str, int]:
@@ -97,63 +184,97 @@ class Loader:
         return dict(total)
 
     def __iter__(self) -> Iterator[dict]:
-        if self.pool is not None and not self.pool.claim(self):
+        source = self.source
+        if source.persistent and (source.closed or source.owner not in (None, self)):
+            # the shared workers iterate for another loader now (or were stopped)
+            source = self.source = self._rebuild()
+        if source.pool is not None and not source.persistent and not source.pool.claim(self):
             # recycled after an earlier iteration and taken by another loader since
-            pool = BatchPool.acquire(self.pool.num_workers, self.pool.size, self.pool.shape)
+            pool = BatchPool.acquire(source.pool.num_workers, source.pool.size, source.pool.shape)
             pool.claim(self)
-            self.pool = self.loader.collate_fn.pool = pool
-            if self.loader.collate_fn.sink is not None:
-                self.loader.collate_fn.sink.pool = pool
-        for index, batch in enumerate(self.loader):
+            source.use_pool(pool)
+        source.owner = self
+        self._bad_by_worker = {}
+        source.reader.load_state_dict({"epoch": self.epoch, "consumed": self.skip})
+        try:
+            yield from self._batches(source)
+        except Exception:
+            if source.persistent:  # e.g. too many bad samples: do not reuse these workers
+                _forget(source)
+            raise
+        finally:
+            if source.owner is self:
+                source.owner = None
+
+    def _batches(self, source: EpochSource) -> Iterator[dict]:
+        pool = source.pool
+        for index, batch in enumerate(source.loader):
             if self.max_batches is not None and index >= self.max_batches:
                 break
             worker, counts = batch.pop("bad_counts", (0, {}))
             self._bad_by_worker[worker] = Counter(counts)
             slot = batch.pop("pool_slot", (-1, -1))
-            if self.pool is not None:
-                if self.loader.pin_memory:  # the images were copied to pinned memory
-                    self.pool.release(slot)
+            if pool is not None:
+                if source.loader.pin_memory:  # the images were copied to pinned memory
+                    pool.release(slot)
                 else:
-                    self.pool.received(slot, batch["images"])
-                self.pool.release_unused()
+                    pool.received(slot, batch["images"])
+                pool.release_unused()
             yield batch_to_torch(batch)
-        else:  # the DataLoader iterator ran out: its workers have exited
-            if self.pool is not None and self.max_batches is None:
-                self.pool.recycle()
+        else:  # the DataLoader iterator ran out: without persistence, its workers exited
+            if pool is not None and self.max_batches is None and not source.persistent:
+                pool.recycle()
 
     def __len__(self):
         n = len(self.loader)
         return n if self.max_batches is None else min(n, self.max_batches)
 
 
+#: The persistent ``EpochSource`` of each split, with the arguments it was built for.
+_PERSISTENT: Dict[str, tuple] = {}
+
+
 def build_loader(cfg, split: str, rank: int, world_size: int, epoch: int, skip: int,
                  batch_size: int, seed: int = 0) -> Loader:
-    """One epoch of `split` ('train' or 'val') for one rank, resuming after `skip` samples."""
-    train = split == "train"
-    cropper = MultiRoICropper(schedule_from_config(cfg.rois), crop_size=cfg.data.crop_size,
-                              augment=augment_from_config(cfg.data) if train else None,
-                              root_joint=_root_joint(cfg.model.smpl_dir))
-    reader = ShardReader(_source(cfg, split), seed=seed, shuffle=train,
-                         shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size,
-                         batch_size=batch_size, max_bad_fraction=cfg.data.max_bad_fraction,
-                         decode_images=False, epoch=epoch)
-    reader.load_state_dict({"epoch": epoch, "consumed": skip})
-    workers = cfg.data.loader_workers
-    prefetch = 2
-    # per worker: `prefetch` batches in flight, one being filled, one held by the training
-    # loop, one spare; a batch that finds no free buffer gets a fresh one
-    item_shape = (cropper.num_rois, cropper.crop_size, cropper.crop_size, 3)
-    pool = BatchPool.acquire(workers, prefetch + 3, (batch_size, *item_shape)) if workers else None
-    sink = BatchSink(pool, batch_size, item_shape) if workers else None
-    reader.transform = CropTransform(cropper, seed, epoch, sink)
-    loader = DataLoader(reader, batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate_with_counts(reader, pool, sink), drop_last=train,
-                        pin_memory=torch.cuda.is_available(),
-                        persistent_workers=False, prefetch_factor=prefetch if workers else None)
-    max_batches = None
-    if not train and cfg.data.max_val_samples:
-        max_batches = max(1, cfg.data.max_val_samples // world_size // batch_size)
-    return Loader(reader, loader, max_batches, pool)
+    """One epoch of `split` ('train' or 'val') for one rank, resuming after `skip` samples.
+
+    With ``data.persistent_workers`` (and ``data.loader_workers`` > 0), successive calls
+    with the same config, rank, batch size and seed (and the same shard set on disk)
+    share one set of DataLoader workers; ``close_loaders()`` stops them.
+    """
+    args = (split, rank, world_size, batch_size, seed)
+
+    def private() -> EpochSource:
+        return EpochSource(cfg, *args, persistent=False)
+
+    if not (cfg.data.persistent_workers and cfg.data.loader_workers > 0):
+        return Loader(private(), epoch, skip, private)
+    key = (repr(cfg.data), repr(cfg.rois), cfg.model.smpl_dir, *args,
+           tuple((ref.url, ref.num_samples) for ref in resolve_shards(_source(cfg, split))))
+    cached = _PERSISTENT.get(split)
+    if cached is not None and cached[0] == key and not cached[1].closed:
+        return Loader(cached[1], epoch, skip, private)
+    if cached is not None and cached[1].owner is not None:  # iterating for another loader
+        return Loader(private(), epoch, skip, private)
+    if cached is not None:  # another config, shard set, rank or batch size: replace it
+        _forget(cached[1])
+    source = EpochSource(cfg, *args, persistent=True)
+    _PERSISTENT[split] = (key, source)
+    return Loader(source, epoch, skip, private)
+
+
+def _forget(source: EpochSource) -> None:
+    """Stop a persistent source's workers and drop it from the cache."""
+    for split, (_, cached) in list(_PERSISTENT.items()):
+        if cached is source:
+            del _PERSISTENT[split]
+    source.close()
+
+
+def close_loaders() -> None:
+    """Stop every persistent DataLoader worker of this process (e.g. after training)."""
+    for _, source in list(_PERSISTENT.values()):
+        _forget(source)
 
 
 class _collate_with_counts:
@@ -175,7 +296,7 @@ class _collate_with_counts:
             slot, images = self.pool.buffer((len(items), *items[0]["images"].shape))
         batch = collate_arrays(items, images)
         if spare is not None and spare[0] >= 0:
-            self.pool.state[spare] = 0  # only this worker sets its slots to 1
+            self.pool.state[spare] = FREE  # never sent
         if self.pool is not None:
             batch["pool_slot"] = slot
         batch["gender"] = [item["gender"] for item in items]

@@ -79,7 +79,8 @@ def compare(samples: int = 768, cpus: int = 2, batch_size: int = 16, seed: int =
         write_bench_shards(encoded, root, copies=max(samples // 48, 1))
         urls = [ref.url for ref in resolve_shards(root)]
         cropper = training_cropper(bench_config(root))
-        loader = [stream_rate(root, cpus, batch_size) for _ in range(2)]
+        # one epoch each: worker start-up included, as for Ray Data below
+        loader = [stream_rate(root, cpus, batch_size, epochs=1) for _ in range(2)]
         result["loader_per_core"] = float(np.median([r["wall_per_worker"] for r in loader]))
         result["loader_per_cpu_second"] = float(np.median([r["per_cpu_second"] for r in loader]))
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)

@@ -425,7 +425,9 @@ class ShardReader(IterableDataset):
             reader (e.g. the multi-RoI cropper; it must not return None); a ``BadSample``
             it raises is counted, skipped and substituted like any other, and the reader
             yields its items. With a ``substitute(item)`` method, a bad sample's
-            position gets ``substitute(previous item)`` instead of the item itself.
+            position gets ``substitute(previous item)`` instead of the item itself;
+            with a ``start_epoch(epoch)`` method, it is called at the start of every
+            iteration, in the process that iterates.
         storage_options: fsspec options for remote URLs.
         epoch: the first epoch.
     """
@@ -461,9 +463,38 @@ class ShardReader(IterableDataset):
         self.max_bad_fraction = float(max_bad_fraction)
         self.substitute_bad, self.decode_images = substitute_bad, decode_images
         self.transform = transform
+        self._position: torch.Tensor | None = None  # see ``share_position``
         self.epoch, self.consumed = int(epoch), 0
         self.bad_counts: Counter = Counter()
         self.substituted = 0
+
+    def share_position(self) -> None:
+        """Keep ``epoch`` and ``consumed`` in shared memory from now on, so that
+        persistent DataLoader workers (forked once, iterating again each epoch) start
+        every iteration at what this process set before it called ``iter(loader)``."""
+        if self._position is None:
+            position = torch.tensor([self.epoch, self.consumed], dtype=torch.int64)
+            self._position = position.share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0]) if self._position is not None else self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        if self._position is not None:
+            self._position[0] = int(value)
+        self._epoch = int(value)
+
+    @property
+    def consumed(self) -> int:
+        return int(self._position[1]) if self._position is not None else self._consumed
+
+    @consumed.setter
+    def consumed(self, value: int) -> None:
+        if self._position is not None:
+            self._position[1] = int(value)
+        self._consumed = int(value)
 
     # ---------------------------------------------------------------- size and position
 
@@ -511,18 +542,24 @@ class ShardReader(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None:  # a worker's counts are per epoch (workers may persist)
+            self.bad_counts, self.substituted = Counter(), 0
         # A fresh DataLoader starts its round robin at worker 0: after a resume, worker 0
         # plays the part of the worker that owns the next batch, so ownership never moves.
-        worker = (worker + self.consumed // self.batch_size) % num_workers
         if info is None and len(self) and self.consumed >= len(self):
             self.epoch, self.consumed = self.epoch + 1, 0  # previous epoch was complete
+        epoch, consumed = self.epoch, self.consumed  # read once: may be shared memory
+        worker = (worker + consumed // self.batch_size) % num_workers
         counts = [ref.num_samples for ref in self.shards]
-        order = epoch_shard_order(len(self.shards), self.seed, self.epoch, self.shuffle)
+        order = epoch_shard_order(len(self.shards), self.seed, epoch, self.shuffle)
         plan = plan_worker(
             counts, order, self.rank, self.world_size, worker, num_workers,
-            self.batch_size, self.consumed,
+            self.batch_size, consumed,
         )
-        stream = self._stream(plan, worker)
+        start_epoch = getattr(self.transform, "start_epoch", None)
+        if start_epoch is not None:
+            start_epoch(epoch)
+        stream = self._stream(plan, worker, epoch)
         if info is not None:
             yield from stream
             return
@@ -530,16 +567,16 @@ class ShardReader(IterableDataset):
             self.consumed += 1
             yield sample
 
-    def _stream(self, plan: WorkerPlan, worker: int) -> Iterator[Any]:
+    def _stream(self, plan: WorkerPlan, worker: int, epoch: int) -> Iterator[Any]:
         """Read, shuffle, skip the consumed positions, decode and substitute bad ones."""
         raws = (
             raw
             for shard, first, end in plan.segments
             for raw in read_shard_range(self.shards[shard], first, end, self.storage_options)
         )
-        rng = random.Random(f"raytrain:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        rng = random.Random(f"raytrain:{self.seed}:{epoch}:{self.rank}:{worker}")
         size = self.shuffle_buffer if self.shuffle else 0
-        tally = _BadTally(self, plan)
+        tally = _BadTally(self, plan, epoch)
         last_good, owed = None, 0
         for position, raw in enumerate(buffer_shuffle(raws, size, rng)):
             if position < plan.skip:
@@ -594,8 +631,8 @@ class ShardReader(IterableDataset):
 class _BadTally:
     """Bad-sample bookkeeping of one worker's epoch: counts, threshold, report."""
 
-    def __init__(self, reader: ShardReader, plan: WorkerPlan):
-        self.reader = reader
+    def __init__(self, reader: ShardReader, plan: WorkerPlan, epoch: int):
+        self.reader, self.epoch = reader, epoch
         self.by_shard: Counter = Counter()
         self.reasons: Counter = Counter()
         self.shard_sizes = {reader.shards[i].name: reader.shards[i].num_samples for i, _, _ in plan.segments}
@@ -613,7 +650,7 @@ class _BadTally:
     def report(self, worker: int) -> None:
         reader, bad = self.reader, sum(self.reasons.values())
         message = "epoch %d rank %d worker %d: %d bad of %d samples skipped %s in %s"
-        args = (reader.epoch, reader.rank, worker, bad, self.quota, dict(self.reasons), dict(self.by_shard))
+        args = (self.epoch, reader.rank, worker, bad, self.quota, dict(self.reasons), dict(self.by_shard))
         (log.warning if bad else log.debug)(message, *args)
 
 

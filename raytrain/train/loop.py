@@ -19,7 +19,7 @@ import torch
 from ..body import load_body_model, load_mean_params
 from ..config import ExperimentConfig, from_dict, to_dict
 from ..config import validate as validate_config
-from ..data.pipeline import build_loader, epoch_length
+from ..data.pipeline import build_loader, close_loaders, epoch_length
 from ..evaluation import camera_error, mesh_protocol
 from ..losses import compute_losses, gather_negatives
 from ..model import build_model, normalize_images
@@ -86,32 +86,35 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: Optional[int] = None) ->
     logger = RunLogger(cfg, session, total_steps)
     throughput = Throughput(warmup_steps=2)
     metrics = {}
-    while pos.step < total_steps:
-        loader = build_loader(cfg, "train", session.rank, session.world_size, pos.epoch,
-                              skip=pos.samples_in_epoch, batch_size=per_worker, seed=cfg.seed)
-        for batch in loader:
-            terms = train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device)
-            pos.step += 1
-            pos.samples_in_epoch += len(batch["keys"])
-            throughput.tick(len(batch["keys"]) * session.world_size)
-            logger.step(pos, terms, len(batch["keys"]), scheduler.get_last_lr()[0], batch["keys"])
-            done = pos.step >= total_steps
-            want_checkpoint = pos.step % cfg.train.checkpoint_every == 0 or done
-            # every checkpoint carries a fresh val_mpjpe: Ray keeps the best K by it
-            if pos.step % cfg.train.val_every == 0 or want_checkpoint:
-                throughput.pause()
-                metrics = validate(cfg, model, body, session, device)
-                metrics["train_persons_per_s"] = throughput.rate()
-                logger.validation(pos, metrics)
-            if want_checkpoint:
-                _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, loader)
-            elif pos.step % cfg.train.log_every == 0:
-                session.report(_report_metrics(pos, terms, metrics, loader))
-            if done:
-                break
-        else:
-            pos.epoch += 1
-            pos.samples_in_epoch = 0
+    try:
+        while pos.step < total_steps:
+            loader = build_loader(cfg, "train", session.rank, session.world_size, pos.epoch,
+                                  skip=pos.samples_in_epoch, batch_size=per_worker, seed=cfg.seed)
+            for batch in loader:
+                terms = train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device)
+                pos.step += 1
+                pos.samples_in_epoch += len(batch["keys"])
+                throughput.tick(len(batch["keys"]) * session.world_size)
+                logger.step(pos, terms, len(batch["keys"]), scheduler.get_last_lr()[0], batch["keys"])
+                done = pos.step >= total_steps
+                want_checkpoint = pos.step % cfg.train.checkpoint_every == 0 or done
+                # every checkpoint carries a fresh val_mpjpe: Ray keeps the best K by it
+                if pos.step % cfg.train.val_every == 0 or want_checkpoint:
+                    throughput.pause()
+                    metrics = validate(cfg, model, body, session, device)
+                    metrics["train_persons_per_s"] = throughput.rate()
+                    logger.validation(pos, metrics)
+                if want_checkpoint:
+                    _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, loader)
+                elif pos.step % cfg.train.log_every == 0:
+                    session.report(_report_metrics(pos, terms, metrics, loader))
+                if done:
+                    break
+            else:
+                pos.epoch += 1
+                pos.samples_in_epoch = 0
+    finally:
+        close_loaders()  # persistent DataLoader workers of this run
     logger.close()
     session.model = model
     return metrics
