@@ -10,6 +10,7 @@
 """
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -160,13 +161,18 @@ def evaluate_untrained(cfg):
     """Validation metrics of the freshly initialised network (bare, one process)."""
     from .body import load_body_model, load_mean_params
     from .model import build_model
+    from .data.pipeline import close_loaders
     from .train.loop import validate
     from .train.session import BareSession
     body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
-    session = BareSession("/tmp/raytrain-untrained", device="cpu")
-    return validate(cfg, model, body, session, session.device)
+    with tempfile.TemporaryDirectory() as run_dir:  # validate writes nothing there
+        session = BareSession(run_dir, device="cpu")
+        try:
+            return validate(cfg, model, body, session, session.device)
+        finally:
+            close_loaders()  # one pass: do not keep its DataLoader workers
 
 
 # ----------------------------------------------------------------------------- sweep and report

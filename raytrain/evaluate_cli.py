@@ -273,6 +273,14 @@ def evaluate_checkpoint(cfg: ExperimentConfig, path, device: Optional[str] = Non
     return evaluate_model(cfg, model, body.to(device), device, overlays=overlays)
 
 
+def _one_pass(loader):
+    """The batches of ``loader``, then its workers stopped (a one-off pass)."""
+    try:
+        yield from loader
+    finally:
+        loader.close()
+
+
 @torch.no_grad()
 def evaluate_model(cfg: ExperimentConfig, model, body, device, overlays: int = OVERLAYS,
                    predictor=None) -> Evaluation:
@@ -287,7 +295,7 @@ def evaluate_model(cfg: ExperimentConfig, model, body, device, overlays: int = O
                           batch_size=cfg.data.val_batch_size, seed=cfg.seed)
     keys, parts, gendered = [], {k: [] for k in ("mpjpe", "pa_mpjpe", "pve", "per_joint", "cam_err")}, True
     picked, seen_sequences = [], set()
-    for batch in loader:
+    for batch in _one_pass(loader):
         given = None if predictor is None else {k: v.to(device) for k, v in predictor(batch).items()}
         pred, errors = evaluate_batch(model, body, batch, device, pred=given)
         gendered = gendered and batch.get("gender") is not None

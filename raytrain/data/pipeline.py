@@ -225,6 +225,12 @@ class Loader:
             if pool is not None and self.max_batches is None and not source.persistent:
                 pool.recycle()
 
+    def close(self) -> None:
+        """Stop the (persistent) workers this loader iterates with, e.g. after a one-off
+        evaluation pass; a later ``build_loader`` forks new ones."""
+        if self.source.persistent:
+            _forget(self.source)
+
     def __len__(self):
         n = len(self.loader)
         return n if self.max_batches is None else min(n, self.max_batches)
