@@ -405,6 +405,28 @@ def read_shard_range(ref: ShardRef, first: int, end: int, storage_options: dict 
 # ============================================================================ the reader
 
 
+class _Position:
+    """``ShardReader.epoch`` / ``.consumed``: a plain int, or slot ``index`` of the shared
+    position tensor once ``share_position`` made one."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.private = "_" + name
+
+    def __get__(self, reader, owner=None):
+        if reader is None:
+            return self
+        shared = reader._position
+        return int(shared[self.index]) if shared is not None else getattr(reader, self.private)
+
+    def __set__(self, reader, value) -> None:
+        if reader._position is not None:
+            reader._position[self.index] = int(value)
+        setattr(reader, self.private, int(value))
+
+
 class ShardReader(IterableDataset):
     """Iterable over decoded ``Sample``s of a shard set; see the module docstring.
 
@@ -431,6 +453,9 @@ class ShardReader(IterableDataset):
         storage_options: fsspec options for remote URLs.
         epoch: the first epoch.
     """
+
+    epoch = _Position(0)
+    consumed = _Position(1)
 
     def __init__(
         self,
@@ -475,26 +500,6 @@ class ShardReader(IterableDataset):
         if self._position is None:
             position = torch.tensor([self.epoch, self.consumed], dtype=torch.int64)
             self._position = position.share_memory_()
-
-    @property
-    def epoch(self) -> int:
-        return int(self._position[0]) if self._position is not None else self._epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        if self._position is not None:
-            self._position[0] = int(value)
-        self._epoch = int(value)
-
-    @property
-    def consumed(self) -> int:
-        return int(self._position[1]) if self._position is not None else self._consumed
-
-    @consumed.setter
-    def consumed(self, value: int) -> None:
-        if self._position is not None:
-            self._position[1] = int(value)
-        self._consumed = int(value)
 
     # ---------------------------------------------------------------- size and position
 
