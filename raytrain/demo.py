@@ -10,6 +10,7 @@
 """
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +60,10 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
         overrides += ["optim.max_steps=6", "train.val_every=6", "train.checkpoint_every=6",
                       "train.log_every=2"]
     cfg = load_config(config or str(DEMO_CONFIG), overrides)
+    previous = out_dir / "ray"
+    if previous.exists():  # a finished run of the same name would be resumed, not retrained
+        print(f"  removing the previous demo run in {previous}")
+        shutil.rmtree(previous)
     _step(f"1/6 sharding {n_train} + {n_val} synthetic people into {out_dir / 'shards'}")
     synthetic = demo_synthetic_config(cfg.data.crop_size)
     from .data.synthetic import ensure_synthetic_shards

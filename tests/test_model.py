@@ -241,7 +241,7 @@ def test_autocast_bfloat16_keeps_cameras_in_float32():
 
 def test_mean_params_are_the_start():
     mean = {"pose": torch.randn(144), "shape": torch.randn(10), "cam": torch.tensor([1.1, 0.2, -0.1])}
-    model = build_model(backbone=TINY, decoder_hidden=32, mean_params=mean).eval()
+    model = build_model(backbone=TINY, decoder_hidden=32, mean_params=mean, cam_init="mean").eval()
     for dec in (model.mesh_decoder, model.cam_decoder):
         torch.nn.init.zeros_(dec.net.head.weight)
     images, boxes, image_size, focal = make_batch()
@@ -250,6 +250,28 @@ def test_mean_params_are_the_start():
     torch.testing.assert_close(out["pose_6d"], mean["pose"].view(1, 24, 6).expand(2, 24, 6))
     torch.testing.assert_close(out["betas"], mean["shape"].expand(2, 10))
     torch.testing.assert_close(out["cam_crop"], mean["cam"].expand(2, 5, 3))
+
+
+def test_consistent_camera_start_is_one_full_camera():
+    """cam_init='consistent': every RoI starts at the crop camera of one full camera (the
+    mean crop camera in the RoIs' mean box), so L_cam starts at 0 (the mean start not)."""
+    from raytrain.losses import camera_consistency_loss
+
+    mean = {"pose": torch.randn(144), "shape": torch.randn(10), "cam": torch.tensor([0.9, 0.1, -0.2])}
+    images, boxes, image_size, focal = make_batch()
+    starts = {}
+    for init in ("mean", "consistent"):
+        model = build_model(backbone=TINY, decoder_hidden=32, mean_params=mean, cam_init=init).eval()
+        torch.nn.init.zeros_(model.cam_decoder.net.head.weight)
+        with torch.no_grad():
+            out = model(images, boxes, image_size, focal)
+        starts[init] = out
+    full = starts["consistent"]["cam_full"]
+    torch.testing.assert_close(full, full[:, :1].expand_as(full))
+    expected = cam_crop_to_full(mean["cam"].expand(2, 3), boxes.mean(dim=1), image_size, focal)
+    torch.testing.assert_close(full[:, 0], expected)
+    loss = {k: float(camera_consistency_loss(v["cam_crop"], boxes, image_size, focal)) for k, v in starts.items()}
+    assert loss["consistent"] < 1e-6 < 1.0 < loss["mean"], loss
 
 
 # ----------------------------------------------------------------------------- paper backbones
@@ -283,6 +305,8 @@ def test_unknown_names_are_clear():
         create_backbone("resnet5")
     with pytest.raises(ValueError, match=r"unknown fusion 'rafx'.*raf.*self_attention"):
         build_model(backbone=TINY, fusion="rafx")
+    with pytest.raises(ValueError, match=r"unknown cam_init 'median'.*consistent, mean"):
+        build_model(backbone=TINY, cam_init="median")
     assert {"resnet50", "hrnet_w48", "resnet18", TINY} <= set(list_backbones())
     assert set(FUSIONS) == set(list_fusions())
 

@@ -1,7 +1,8 @@
 """HMR/SPIN/CLIFF-style iterative regressors (METHOD.md §3.5) and the contrastive head.
 
     D_mesh(ū ⊕ extra) -> θ (N,24,6) in 6D, β (N,10)      from the mean pose / shape
-    D_cam(u_m ⊕ extra) -> C_m = (s, tx, ty)              from the mean camera
+    D_cam(u_m ⊕ extra) -> C_m = (s, tx, ty)              from the mean camera, or from one
+                                                         full camera shared by the M RoIs
 
 Each iteration feeds the features and the current estimate through two FC layers (ReLU,
 dropout) and adds a residual update: y <- y + head([x, y]). The update head starts near
@@ -9,6 +10,8 @@ zero (Xavier, gain 0.01, as in SPIN) so the first forward pass returns ≈ the m
 """
 import torch
 import torch.nn as nn
+
+from raytrain.geometry import cam_crop_to_full, cam_full_to_crop
 
 Tensor = torch.Tensor
 
@@ -73,10 +76,28 @@ class CameraDecoder(nn.Module):
         self.register_buffer("mean", mean)
         self.net = IterativeRegressor(in_dim, 3, **kwargs)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (..., in_dim) -> (..., 3); all leading dims are treated as a batch."""
+    def consistent_start(self, boxes: Tensor, image_size: Tensor, focal: Tensor) -> Tensor:
+        """(N, M, 3) starting states (log s, tx, ty): the mean crop camera placed in the
+        RoIs' mean box, carried to every RoI m through the full camera it implies, so that
+        all RoIs start with one full camera (L_cam = 0), whatever the RoIs' order.
+        boxes (N, M, 3); image_size (N, 2); focal (N,)."""
+        n, m = boxes.shape[:2]
+        dtype = self.mean.dtype
+        boxes = boxes.to(dtype)
+        size = image_size.to(dtype)[:, None].expand(n, m, 2)
+        focal = focal.to(dtype)[:, None].expand(n, m)
+        start = torch.cat([self.mean[:1].exp(), self.mean[1:]]).expand(n, 1, 3)
+        mean_box = boxes.mean(dim=1, keepdim=True)                                 # (N, 1, 3)
+        full = cam_crop_to_full(start, mean_box, size[:, :1], focal[:, :1])       # (N, 1, 3)
+        crop = cam_full_to_crop(full.expand(n, m, 3), boxes, size, focal)         # (N, M, 3)
+        return torch.cat([crop[..., :1].log(), crop[..., 1:]], dim=-1)
+
+    def forward(self, x: Tensor, start: Tensor | None = None) -> Tensor:
+        """x (..., in_dim) -> (..., 3); all leading dims are treated as a batch. start:
+        optional (..., 3) starting states (log s, tx, ty) instead of the mean camera."""
         lead = x.shape[:-1]
-        state = self.net(x.reshape(-1, x.shape[-1]), self.mean)
+        init = self.mean if start is None else start.reshape(-1, 3)
+        state = self.net(x.reshape(-1, x.shape[-1]), init)
         scale = torch.exp(state[:, :1].clamp(*self.LOG_S_RANGE))
         return torch.cat([scale, state[:, 1:]], dim=-1).reshape(*lead, 3)
 

@@ -26,6 +26,7 @@ from .fusion import create_fusion
 
 Tensor = torch.Tensor
 
+CAM_INITS = ("consistent", "mean")  # D_cam's start: one shared full camera, or SPIN's mean
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -44,6 +45,7 @@ class ModelSpec:
     decoder_iters: int = 3
     decoder_hidden: int = 1024
     bbox_info_to_decoders: bool = True
+    cam_init: str = "consistent"
     proj_dim: int = 128
     proj_hidden: int = 0
     dropout: float = 0.5
@@ -84,6 +86,8 @@ class MultiRoINet(nn.Module):
         self.spec = spec
         mean = mean_params if mean_params is not None else default_mean_params()
         mean = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in mean.items()}
+        if spec.cam_init not in CAM_INITS:
+            raise ValueError(f"unknown cam_init {spec.cam_init!r}: one of {', '.join(CAM_INITS)}")
         self.encoder, d = create_backbone(spec.backbone, spec.backbone_checkpoint)
         self.feature_dim = d
         pe_dim = encoding_dim(spec.pe_bands)
@@ -135,7 +139,10 @@ class MultiRoINet(nn.Module):
             mesh_in = torch.cat([mesh_in, info.mean(dim=1)], dim=-1)         # (N,d+3)
             cam_in = torch.cat([cam_in, info], dim=-1)                       # (N,M,d+3)
         pose_6d, betas = self.mesh_decoder(mesh_in)                          # (N,24,6), (N,10)
-        cam = self.cam_decoder(cam_in)                                       # (N,M,3) (s,tx,ty)
+        cam_start = None
+        if self.spec.cam_init == "consistent":
+            cam_start = self.cam_decoder.consistent_start(boxes, image_size, focal)
+        cam = self.cam_decoder(cam_in, cam_start)                            # (N,M,3) (s,tx,ty)
         out = {
             "pose_6d": pose_6d,
             "pose_rotmat": rot6d_to_rotmat(pose_6d),                         # (N,24,3,3)
