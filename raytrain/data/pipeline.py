@@ -285,7 +285,7 @@ def close_loaders() -> None:
 
 class _collate_with_counts:
     """Collate (labels stay numpy until ``Loader`` receives the batch: cheaper to send
-    from a worker), and attach this worker's cumulative bad-sample counts."""
+    from a worker), and attach this worker's bad-sample counts of the epoch so far."""
 
     def __init__(self, reader, pool: Optional[BatchPool] = None, sink: Optional[BatchSink] = None):
         self.reader, self.pool, self.sink = reader, pool, sink
