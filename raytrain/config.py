@@ -193,6 +193,20 @@ def set_dotted(tree: Dict[str, Any], key: str, value: Any):
     node[parts[-1]] = value
 
 
+#: (section, key) -> the value the code used before the key existed. A config stored by a
+#: checkpoint or a Ray trial (a full dump of its time) that lacks the key ran with that.
+LEGACY_DEFAULTS = {("model", "cam_init"): "mean"}
+
+
+def with_legacy_defaults(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """A stored full config dump with the keys it predates set to their old behaviour."""
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for (section, key), value in LEGACY_DEFAULTS.items():
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section][key] = value
+    return out
+
+
 def from_dict(cls, raw: Dict[str, Any], prefix: str):
     """Build dataclass `cls` from a mapping, coercing types; unknown keys fail naming the key."""
     if not isinstance(raw, dict):

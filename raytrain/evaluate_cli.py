@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from .body.joints import J14_NAMES
-from .config import ConfigError, ExperimentConfig, from_dict, load_config, read_yaml, validate
+from .config import (ConfigError, ExperimentConfig, from_dict, load_config, read_yaml, validate,
+                     with_legacy_defaults)
 from .train.checkpoint import CheckpointError, STATE_FILE, is_complete, list_complete_checkpoints, load_checkpoint
 
 OVERLAYS = 4
@@ -153,12 +154,12 @@ def checkpoint_config(path: Path, state: Dict, config: Optional[str] = None):
     stored = state.get("config")
     if stored:
         raw = json.loads(stored) if isinstance(stored, str) else stored
-        return _config(raw, f"{path} (stored)"), f"stored in {path / STATE_FILE}"
+        return _config(with_legacy_defaults(raw), f"{path} (stored)"), f"stored in {path / STATE_FILE}"
     for folder in [path, *list(path.parents)[:3]]:
         params = folder / "params.json"
         if params.is_file():
             raw = json.loads(params.read_text())
-            raw = raw.get("train_loop_config", raw)
+            raw = with_legacy_defaults(raw.get("train_loop_config", raw))
             try:
                 return _config(raw, str(params)), str(params)
             except ConfigError:

@@ -87,3 +87,18 @@ def test_readme_config_reference_is_up_to_date():
     table = readme[readme.index(REFERENCE_START) + len(REFERENCE_START):readme.index(REFERENCE_END)]
     assert table.strip() == config_reference_markdown().strip(), \
         "README config reference is stale: run `python -m raytrain.config README.md`"
+
+
+def test_stored_configs_keep_the_behaviour_of_their_time():
+    """A stored full config that predates model.cam_init ran with the mean camera start;
+    one that has the key, and a user's YAML through load_config, keep their value."""
+    from raytrain.config import ExperimentConfig, from_dict, to_dict, with_legacy_defaults
+
+    raw = to_dict(ExperimentConfig())
+    del raw["model"]["cam_init"]
+    old = from_dict(ExperimentConfig, with_legacy_defaults(raw), prefix="")
+    assert old.model.cam_init == "mean"
+    assert "cam_init" not in raw["model"]  # the input is not changed
+    new = to_dict(ExperimentConfig())
+    assert from_dict(ExperimentConfig, with_legacy_defaults(new), prefix="").model.cam_init == "consistent"
+    assert ExperimentConfig().model.cam_init == "consistent"

@@ -453,3 +453,46 @@ def test_second_loader_while_persistent_workers_are_busy(tmp_path):
         assert sorted(k for b, _ in pairs for k in b["keys"]) == sorted(keys)
     finally:
         close_loaders()
+
+
+def test_persistent_pool_never_shared_with_an_earlier_private_loader(tmp_path):
+    """A persistent source that takes the idle pool of a finished private loader keeps it:
+    the private loader, iterated again at the same time, gets another pool; crops stay
+    right on both."""
+    from raytrain.data.pipeline import build_loader, close_loaders
+
+    _write(tmp_path, 48, maxcount=12)
+    reference = {}
+    for batch in build_loader(_loader_config(tmp_path, workers=0), "train", 0, 1, 0, 0, 1, seed=0):
+        reference[batch["keys"][0]] = batch["images"][0].clone()
+    private_cfg = _loader_config(tmp_path, workers=2)
+    private_cfg.data.persistent_workers = False
+    try:
+        first = build_loader(private_cfg, "train", 0, 1, 0, 0, 4, seed=0)
+        assert sum(len(batch["keys"]) for batch in first) == 48  # its pool goes idle
+        persistent = build_loader(_loader_config(tmp_path, workers=2), "train", 0, 1, 0, 0, 4, seed=0)
+        assert persistent.pool is first.pool  # took the idle pool
+        seen = 0
+        for a, b in zip(first, persistent):
+            for batch in (a, b):
+                for key, image in zip(batch["keys"], batch["images"]):
+                    assert torch.equal(image, reference[key]), key
+                    seen += 1
+        assert seen == 96 and first.pool is not persistent.pool
+    finally:
+        close_loaders()
+
+
+def test_stopping_persistent_workers_mid_epoch_is_an_error(tmp_path):
+    """close_loaders() under a running epoch ends it with an error, not a short epoch."""
+    from raytrain.data.pipeline import build_loader, close_loaders
+
+    _write(tmp_path, 48, maxcount=12)
+    loader = build_loader(_loader_config(tmp_path, workers=2), "train", 0, 1, 0, 0, 4, seed=0)
+    batches = 0
+    with pytest.raises(RuntimeError, match="stopped.*middle of an epoch"):
+        for batch in loader:
+            batches += 1
+            if batches == 2:
+                close_loaders()
+    assert batches < 12

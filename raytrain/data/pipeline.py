@@ -127,6 +127,8 @@ class EpochSource:
                                  drop_last=train, pin_memory=torch.cuda.is_available(),
                                  persistent_workers=self.persistent,
                                  prefetch_factor=prefetch if workers else None)
+        if self.persistent and self.pool is not None:
+            self.pool.claim(self)  # for the workers' life: no other loader may take it
         self.max_batches = None
         if not train and cfg.data.max_val_samples:
             self.max_batches = max(1, cfg.data.max_val_samples // world_size // batch_size)
@@ -222,6 +224,9 @@ class Loader:
                 pool.release_unused()
             yield batch_to_torch(batch)
         else:  # the DataLoader iterator ran out: without persistence, its workers exited
+            if source.closed:  # stopped under this iteration: torch ends it without error
+                raise RuntimeError("the loader's workers were stopped (close_loaders) in the "
+                                   "middle of an epoch; the epoch is incomplete")
             if pool is not None and self.max_batches is None and not source.persistent:
                 pool.recycle()
 

@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 
 from ..body import load_body_model, load_mean_params
-from ..config import ExperimentConfig, from_dict, to_dict
+from ..config import ExperimentConfig, from_dict, to_dict, with_legacy_defaults
 from ..config import validate as validate_config
 from ..data.pipeline import build_loader, close_loaders, epoch_length
 from ..evaluation import camera_error, mesh_protocol
@@ -82,7 +82,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: Optional[int] = None) ->
     total_steps = _total_steps(cfg, steps_per_epoch, max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.optim.amp == "fp16")
-    pos = _restore(session, model, optimizer, scheduler, scaler)
+    pos = _restore(session, cfg, model, optimizer, scheduler, scaler)
     logger = RunLogger(cfg, session, total_steps)
     throughput = Throughput(warmup_steps=2)
     metrics = {}
@@ -219,11 +219,17 @@ def _report_metrics(pos, terms, metrics, loader):
     return out
 
 
-def _restore(session, model, optimizer, scheduler, scaler) -> Position:
+def _restore(session, cfg, model, optimizer, scheduler, scaler) -> Position:
     directory = session.latest_checkpoint_dir()
     if directory is None:
         return Position()
     state = load_checkpoint(directory, map_location=session.device)
+    if state.get("config"):
+        stored = with_legacy_defaults(json.loads(state["config"])).get("model", {})
+        if stored.get("cam_init", cfg.model.cam_init) != cfg.model.cam_init:
+            print(f"[raytrain] warning: {directory} was trained with model.cam_init="
+                  f"{stored['cam_init']}, resuming with {cfg.model.cam_init}: pass "
+                  f"model.cam_init={stored['cam_init']} to keep its camera start", flush=True)
     module = model.module if hasattr(model, "module") else model
     module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
