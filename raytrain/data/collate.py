@@ -57,12 +57,9 @@ def collate_arrays(samples: list[dict], images: torch.Tensor | None = None) -> d
     if images is None:
         images = _batch_buffer((len(samples), *samples[0]["images"].shape))
     target = images.numpy()
-    if all(_is_at(s["images"], target, i) for i, s in enumerate(samples)):
-        pass  # written in place already (``BatchSink``)
-    else:
-        for i, s in enumerate(samples):
-            if not _is_at(s["images"], target, i):
-                target[i] = s["images"]
+    for i, s in enumerate(samples):
+        if not _is_at(s["images"], target, i):  # else written in place already (``BatchSink``)
+            target[i] = s["images"]
     batch = {"images": images}
     for name in FLOAT_KEYS:
         batch[name] = np.stack([np.asarray(s[name], np.float32) for s in samples])
@@ -101,6 +98,10 @@ class BatchSink:
     def __init__(self, pool: "BatchPool", batch_size: int, item_shape):
         self.pool, self.batch_size = pool, int(batch_size)
         self.item_shape = tuple(item_shape)
+        self._forget_buffer()
+
+    def _forget_buffer(self) -> None:
+        """The next item starts a new buffer."""
         self._slot, self._buffer, self._array, self._filled = (-1, -1), None, None, 0
 
     def destination(self) -> np.ndarray | None:
@@ -138,7 +139,7 @@ class BatchSink:
         if self.pool is not None and info is not None:
             state = self.pool.state[info.id].numpy()
             state[state == SENT] = FREE
-        self._slot, self._buffer, self._array, self._filled = (-1, -1), None, None, 0
+        self._forget_buffer()
 
     def take(self):
         """(slot, buffer tensor, items written) of the buffer being filled, or None;
@@ -146,7 +147,7 @@ class BatchSink:
         if self._buffer is None:
             return None
         taken = self._slot, self._buffer, self._filled
-        self._slot, self._buffer, self._array, self._filled = (-1, -1), None, None, 0
+        self._forget_buffer()
         return taken
 
 
@@ -226,7 +227,7 @@ class BatchPool:
     def recycle(self) -> None:
         """Offer the pool to a later ``acquire``. Only once the DataLoader iterator that
         used it is exhausted (its workers joined): no worker writes its buffers any more.
-        Batches still held keep their buffers (``state`` 1) until released."""
+        Batches still held keep their buffers (``HELD``) until released."""
         self.owner = None
         if self._shared is not None:
             _IDLE_POOLS[(self.num_workers, self.size, self.shape)] = self

@@ -127,15 +127,22 @@ class EpochSource:
                                  drop_last=train, pin_memory=torch.cuda.is_available(),
                                  persistent_workers=self.persistent,
                                  prefetch_factor=prefetch if workers else None)
-        if self.persistent and self.pool is not None:
-            self.pool.claim(self)  # for the workers' life: no other loader may take it
+        if self.pool is not None:
+            self.pool.claim(self)
         self.max_batches = None
         if not train and cfg.data.max_val_samples:
             self.max_batches = max(1, cfg.data.max_val_samples // world_size // batch_size)
         self.owner = None
         self.closed = False
 
-    def use_pool(self, pool: BatchPool) -> None:
+    def ensure_pool(self) -> None:
+        """Before an iteration: keep the pool, or take another when this (non-persistent)
+        source recycled it at an epoch's end and another source has claimed it since. A
+        persistent source holds its pool for its workers' life."""
+        if self.pool is None or self.pool.claim(self):
+            return
+        pool = BatchPool.acquire(self.pool.num_workers, self.pool.size, self.pool.shape)
+        pool.claim(self)
         self.pool = self.loader.collate_fn.pool = pool
         if self.loader.collate_fn.sink is not None:
             self.loader.collate_fn.sink.pool = pool
@@ -147,7 +154,7 @@ class EpochSource:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
         self.loader._iterator = None
-        if self.pool is not None and self.persistent:
+        if self.persistent:
             self.pool.recycle()  # its workers are gone: a later loader may take it
 
 
@@ -158,8 +165,6 @@ class Loader:
     def __init__(self, source: EpochSource, epoch: int, skip: int, rebuild=None):
         self.source, self.epoch, self.skip = source, int(epoch), int(skip)
         self._rebuild = rebuild  # -> a private EpochSource when the shared one is busy
-        if source.pool is not None and not source.persistent:
-            source.pool.claim(self)
         self._bad_by_worker: Dict[int, Counter] = {}
 
     @property
@@ -190,11 +195,7 @@ class Loader:
         if source.persistent and (source.closed or source.owner not in (None, self)):
             # the shared workers iterate for another loader now (or were stopped)
             source = self.source = self._rebuild()
-        if source.pool is not None and not source.persistent and not source.pool.claim(self):
-            # recycled after an earlier iteration and taken by another loader since
-            pool = BatchPool.acquire(source.pool.num_workers, source.pool.size, source.pool.shape)
-            pool.claim(self)
-            source.use_pool(pool)
+        source.ensure_pool()
         source.owner = self
         self._bad_by_worker = {}
         source.reader.load_state_dict({"epoch": self.epoch, "consumed": self.skip})

@@ -405,11 +405,8 @@ def _check_finite(sample: Sample) -> None:
     if sample.cam_full is not None:
         values["cam_full"] = sample.cam_full
     flat = np.concatenate([np.ravel(value) for value in values.values()])
-    if np.isfinite(flat).all():  # one pass; name the culprits only for a bad sample
-        bad = []
-    else:
+    if not np.isfinite(flat).all():  # one pass; name the culprits only for a bad sample
         bad = [name for name, value in values.items() if not np.all(np.isfinite(value))]
-    if bad:
         raise BadSample("nonfinite_label", f"{sample.key}: non-finite {bad}")
     if sample.focal <= 0:
         raise BadSample("bad_json", f"{sample.key}: focal {sample.focal} <= 0")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import colorsys
 import multiprocessing
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from typing import Iterator
 
 import cv2
@@ -89,10 +90,14 @@ def sample_body_pose(rng: np.random.Generator, scale: float = 1.0) -> np.ndarray
     return Rotation.from_euler("XYZ", angles).as_rotvec().reshape(-1)
 
 
+@lru_cache(maxsize=8)
 def pose_prototypes(count: int, seed: int = 0) -> np.ndarray:
-    """(count, 23, 3) base joint angles, uniform inside the limits, a function of ``seed``."""
+    """(count, 23, 3) base joint angles, uniform inside the limits, a function of ``seed``
+    (drawn once per (count, seed), not per sample; read-only)."""
     low, high = joint_limits()
-    return np.random.default_rng([seed, 7919]).uniform(low, high, (count, 23, 3))
+    prototypes = np.random.default_rng([seed, 7919]).uniform(low, high, (count, 23, 3))
+    prototypes.setflags(write=False)
+    return prototypes
 
 
 def sample_mode_pose(rng: np.random.Generator, prototypes: np.ndarray, jitter: float) -> np.ndarray:

@@ -12,10 +12,10 @@ search instead. Scheduler: ASHA on `val_mpjpe` (mode min) with the training step
 attribute, or FIFO. The experiment lives in `<train.storage_path>/tune/<cfg.name>`; after the
 run the best trial is exported to `<experiment>/best/` (export.py).
 """
-import os
 import dataclasses
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
