@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Shard MPI-INF-3DHP from a SPIN/CLIFF-style .npz plus its images (see datasets/README.md).
 
-    python datasets/shard_mpi_inf_3dhp.py --npz mpi_inf_3dhp_train.npz --img-root /data/mpi_inf_3dhp --out shards/mpi_inf_3dhp
+    python datasets/shard_mpi_inf_3dhp.py --npz mpi_inf_3dhp_train.npz --img-root /data/mpi_inf_3dhp \
+        --out shards/mpi_inf_3dhp
 """
 import sys
 from pathlib import Path

@@ -55,6 +55,8 @@ def build_parser():
     ev.add_argument("--out", default=None, help="report directory")
     ev.add_argument("--config", default=None, help="config YAML to use instead of the checkpoint's own")
     ev.add_argument("--max-samples", type=int, default=0, help="evaluate at most this many persons (0: all)")
+    ev.add_argument("--smpl-dir", default=None, help="SMPL files to score with (default: --config's "
+                    "model.smpl_dir, else the synthetic body model; never the checkpoint's)")
     ev.set_defaults(func=cmd_eval)
 
     demo = sub.add_parser("demo", help="the whole story on synthetic data, on this machine")
@@ -81,16 +83,22 @@ def _config_args(p):
 
 
 def cmd_shard_synthetic(args):
-    from .data.synthetic import shard_synthetic, with_storage
+    from .synthetic.people import shard_synthetic, with_storage
     cfg = with_storage(None, "full") if args.full_frame else None
     manifest = shard_synthetic(args.out, n=args.n, seed=args.seed, workers=args.workers,
                                maxcount=args.maxcount, cfg=cfg)
     print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}")
 
 
+def _load_config(args):
+    """The command's config, with the synthetic body model where no SMPL files are given."""
+    from .synthetic.body_model import with_default_body_model
+    return with_default_body_model(load_config(args.config, args.overrides))
+
+
 def cmd_train(args):
     from .train.launch import run_training
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     result = run_training(cfg)
     print(json.dumps({"metrics": _plain(result.metrics), "checkpoint": str(result.checkpoint.path)
                       if result.checkpoint else None}, indent=2))
@@ -99,26 +107,34 @@ def cmd_train(args):
 
 def cmd_tune(args):
     from .tuning.driver import run_tune
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args)
     run_tune(cfg, args.space, args.trials, resume=args.resume)
 
 
 def cmd_eval(args):
-    from .evaluate_cli import run_eval
+    from .eval.run import run_eval
+    smpl_dir, source = args.smpl_dir, "--smpl-dir"
+    if smpl_dir is None and args.config:
+        smpl_dir, source = load_config(args.config).model.smpl_dir, f"model.smpl_dir of {args.config}"
+    if smpl_dir is None:
+        from .synthetic.body_model import default_body_model_dir
+        smpl_dir, source = str(default_body_model_dir()), "the synthetic body model"
+    print(f"[eval] body model: {smpl_dir} ({source})", flush=True)
     run_eval(checkpoint=args.checkpoint, experiment=args.experiment, best=args.best, top=args.top,
-             data=args.data, out=args.out, config=args.config, max_samples=args.max_samples)
+             data=args.data, out=args.out, config=args.config, max_samples=args.max_samples,
+             smpl_dir=smpl_dir)
 
 
 def cmd_demo(args):
-    from .demo import run_demo
+    from .apps.demo import run_demo
     run_demo(args.out, quick=args.quick)
 
 
 def cmd_bench(args):
     if args.what == "data":
-        from .bench_data import run_data_bench as bench
+        from .bench.data import run_data_bench as bench
     else:
-        from .bench_train import run_train_bench as bench
+        from .bench.train import run_train_bench as bench
     if args.json:  # stdout carries the JSON object alone; progress goes to stderr
         with contextlib.redirect_stdout(sys.stderr):
             result = bench(quick=args.quick)
@@ -128,7 +144,7 @@ def cmd_bench(args):
 
 
 def cmd_doctor(args):
-    from .doctor import run_doctor
+    from .apps.doctor import run_doctor
     return run_doctor(config=args.config, smpl_dir=args.smpl_dir)
 
 

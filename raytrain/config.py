@@ -7,10 +7,12 @@ the cross-field rules, and every error names the dotted key. The README's config
 reference is generated from these dataclasses (`config_reference_markdown`).
 """
 import dataclasses
+import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -29,15 +31,18 @@ def opt(default, help: str, *, min=None, max=None, choices=None, factory=False):
 
 @dataclass
 class DataConfig:
-    train_shards: str = opt("", "training shards: a directory, a brace pattern or a manifest.json (local path or s3://, gs:// URL)")
+    train_shards: str = opt("", "training shards: a directory, a brace pattern or a manifest.json (local path or "
+                                "s3://, gs:// URL)")
     val_shards: str = opt("", "validation shards, same forms as train_shards")
     crop_size: int = opt(224, "side S of each square RoI crop in pixels", min=32, max=1024)
     batch_size: int = opt(48, "persons per optimisation step over all workers (each brings M crops)", min=1)
     val_batch_size: int = opt(32, "persons per validation batch per worker", min=1)
     loader_workers: int = opt(2, "DataLoader worker processes per training worker (decode + crop)", min=0)
-    persistent_workers: bool = opt(True, "keep the DataLoader workers alive from one epoch (and validation pass) to the next instead of forking them again")
+    persistent_workers: bool = opt(True, "keep the DataLoader workers alive from one epoch (and validation pass) to "
+                                         "the next instead of forking them again")
     shuffle_buffer: int = opt(1000, "samples held in the shuffle buffer", min=1)
-    max_bad_fraction: float = opt(0.01, "stop the run when more than this fraction of an epoch's samples is bad", min=0.0, max=1.0)
+    max_bad_fraction: float = opt(0.01, "stop the run when more than this fraction of an epoch's samples is bad",
+                                  min=0.0, max=1.0)
     max_val_samples: int = opt(0, "cap on validation samples (0: all)", min=0)
     device_crop: bool = opt(False, "crop RoIs on the training device (affine_grid) instead of in CPU workers")
     flip_prob: float = opt(0.5, "probability of a horizontal flip (all RoIs of a person together)", min=0.0, max=1.0)
@@ -52,7 +57,8 @@ class RoIConfig:
     schedule: str = opt("paper", "RoI schedule", choices=["paper", "fixed", "random"])
     num_rois: int = opt(5, "M, RoIs per person", min=1, max=5)
     offset: float = opt(0.1, "fixed schedule: offset magnitude in units of the box side", min=0.0, max=1.0)
-    scales: List[float] = opt(lambda: [1.5, 1.25, 0.8, 0.65], "fixed schedule: resize factors of RoIs 1..4", factory=True)
+    scales: list[float] = opt(lambda: [1.5, 1.25, 0.8, 0.65], "fixed schedule: resize factors of RoIs 1..4",
+                              factory=True)
     max_offset: float = opt(0.1, "random schedule: offsets drawn from [-x, x] per axis", min=0.0, max=1.0)
     scale_min: float = opt(0.65, "random schedule: smallest resize factor", min=0.1, max=3.0)
     scale_max: float = opt(1.5, "random schedule: largest resize factor", min=0.1, max=3.0)
@@ -61,19 +67,26 @@ class RoIConfig:
 @dataclass
 class ModelConfig:
     backbone: str = opt("resnet50", "encoder from the backbone registry (resnet50, hrnet_w48, resnet18, ...)")
-    backbone_checkpoint: Optional[str] = opt(None, "local checkpoint for the backbone (no downloads: pretrained weights come from disk)")
+    backbone_checkpoint: str | None = opt(None, "local checkpoint for the backbone (no downloads: pretrained weights "
+                                                "come from disk)")
     fusion: str = opt("raf", "RoI fusion variant", choices=["none", "h_null", "abs_pe", "raf", "self_attention"])
-    fusion_hidden: int = opt(256, "fusion scorer: 0 = the paper's single Linear over F_mn (then RAF's weights cannot depend on m and equal abs_pe's: softmax over n cancels the gamma_m term); > 0 = a 2-layer MLP of this width [choice]", min=0)
+    fusion_hidden: int = opt(256, "fusion scorer: 0 = the paper's single Linear over F_mn (then RAF's weights cannot "
+                                  "depend on m and equal abs_pe's: softmax over n cancels the gamma_m term); > 0 = a "
+                                  "2-layer MLP of this width [choice]", min=0)
     attention_heads: int = opt(8, "heads of the self_attention fusion variant", min=1)
     pe_bands: int = opt(32, "L, frequency bands of the box positional encoding", min=0, max=64)
     decoder_iters: int = opt(3, "iterative refinement steps of both decoders", min=1, max=10)
     decoder_hidden: int = opt(1024, "hidden width of the decoders", min=8)
     bbox_info_to_decoders: bool = opt(True, "feed CLIFF's bbox_info to the decoders")
-    cam_init: str = opt("consistent", "start of D_cam's refinement: 'consistent' = the mean crop camera in the RoIs' mean box, carried to every RoI through its full camera, so L_cam starts at 0 [choice, docs/NOTES.md]; 'mean' = the mean crop camera in every RoI (SPIN/CLIFF)", choices=["consistent", "mean"])
+    cam_init: str = opt("consistent", "start of D_cam's refinement: 'consistent' = the mean crop camera in the RoIs' "
+                                      "mean box, carried to every RoI through its full camera, so L_cam starts at 0 "
+                                      "[choice, docs/NOTES.md]; 'mean' = the mean crop camera in every RoI "
+                                      "(SPIN/CLIFF)", choices=["consistent", "mean"])
     proj_dim: int = opt(128, "contrastive projection dimension", min=2)
     proj_hidden: int = opt(0, "hidden width of the projection MLP (0: same as the encoder's)", min=0)
     dropout: float = opt(0.5, "dropout in the decoders", min=0.0, max=0.95)
-    smpl_dir: Optional[str] = opt(None, "directory with SMPL_{NEUTRAL,MALE,FEMALE}.pkl, J_regressor_h36m.npy, smpl_mean_params.npz (default: the synthetic body model)")
+    smpl_dir: str | None = opt(None, "directory with SMPL_{NEUTRAL,MALE,FEMALE}.pkl, J_regressor_h36m.npy, "
+                                     "smpl_mean_params.npz (default: the synthetic body model)")
 
 
 @dataclass
@@ -85,7 +98,7 @@ class LossConfig:
     lambda_vert: float = opt(1.0, "weight of the vertex loss", min=0.0)
     lambda_3d: float = opt(5.0, "weight of the pelvis-aligned 3D joint loss", min=0.0)
     lambda_2d: float = opt(5.0, "weight of the 2D keypoint loss (summed over RoIs)", min=0.0)
-    cam_weights: List[float] = opt(lambda: [0.1, 0.1, 1e-4], "lambda_x, lambda_y, lambda_s inside L_cam", factory=True)
+    cam_weights: list[float] = opt(lambda: [0.1, 0.1, 1e-4], "lambda_x, lambda_y, lambda_s inside L_cam", factory=True)
     tau: float = opt(0.5, "contrastive temperature", min=1e-3, max=10.0)
     gather_negatives: bool = opt(True, "take contrastive negatives from the global batch across DDP workers")
 
@@ -93,7 +106,7 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = opt(1e-4, "Adam learning rate", min=0.0, max=1.0)
-    betas: List[float] = opt(lambda: [0.9, 0.999], "Adam betas", factory=True)
+    betas: list[float] = opt(lambda: [0.9, 0.999], "Adam betas", factory=True)
     weight_decay: float = opt(0.0, "Adam weight decay", min=0.0)
     epochs: int = opt(25, "training epochs", min=1)
     max_steps: int = opt(0, "stop after this many optimisation steps (0: epochs decide)", min=0)
@@ -105,8 +118,8 @@ class OptimConfig:
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = opt(None, "Ray cluster address (None: connect to RAY_ADDRESS or start a local instance)")
-    num_cpus: Optional[int] = opt(None, "CPUs of a local Ray instance started in-process (None: all)", min=1)
+    address: str | None = opt(None, "Ray cluster address (None: connect to RAY_ADDRESS or start a local instance)")
+    num_cpus: int | None = opt(None, "CPUs of a local Ray instance started in-process (None: all)", min=1)
     num_workers: int = opt(1, "training workers (one per GPU)", min=1)
     use_gpu: bool = opt(False, "one GPU per training worker")
     cpus_per_worker: float = opt(1.0, "CPUs reserved per training worker (fractions allowed)", min=0.0)
@@ -121,8 +134,9 @@ class TrainConfig:
     keep_checkpoints: int = opt(3, "keep the best K checkpoints by validation MPJPE", min=1)
     log_every: int = opt(20, "steps between progress lines", min=1)
     tensorboard: bool = opt(True, "write TensorBoard event files")
-    mlflow_uri: Optional[str] = opt(None, "MLflow tracking URI (optional extra)")
-    sample_log: Optional[str] = opt(None, "append 'step epoch key' of every training sample to <this>.rank<r>.txt (audits resume)")
+    mlflow_uri: str | None = opt(None, "MLflow tracking URI (optional extra)")
+    sample_log: str | None = opt(None, "append 'step epoch key' of every training sample to <this>.rank<r>.txt "
+                                       "(audits resume)")
 
 
 @dataclass
@@ -140,18 +154,44 @@ class ExperimentConfig:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment (or the defaults), apply `key.sub=value` overrides, validate."""
     raw = read_yaml(path) if path else {}
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    cfg = from_dict(ExperimentConfig, raw, prefix="")
-    validate(cfg)
+    return config_from_raw(raw)
+
+
+def config_from_raw(raw: dict[str, Any], where: str = "") -> ExperimentConfig:
+    """A validated ExperimentConfig from a plain dict; `where` prefixes any error."""
+    try:
+        cfg = from_dict(ExperimentConfig, raw, prefix="")
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}" if where else str(err)) from None
     return cfg
 
 
-def read_yaml(path: str) -> Dict[str, Any]:
+#: Configs and search spaces shipped inside the package, by the path they have in a checkout's
+#: documentation: `configs/demo.yaml`, `tune/spaces/paper.yaml`.
+SHIPPED = {"configs": Path(__file__).parent / "configs", "tune/spaces": Path(__file__).parent / "spaces"}
+
+
+def shipped_path(path: str) -> str:
+    """`path` itself when it exists, else the shipped file it names (`configs/X.yaml`,
+    `tune/spaces/X.yaml`), so documented commands work from any directory."""
+    if Path(path).exists():
+        return path
+    for prefix, folder in SHIPPED.items():
+        name = Path(path).as_posix()
+        if name.startswith(prefix + "/") and (folder / name[len(prefix) + 1:]).is_file():
+            return str(folder / name[len(prefix) + 1:])
+    return path
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    path = shipped_path(str(path))
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
@@ -182,7 +222,7 @@ def parse_override(item: str):
     return key.strip(), value
 
 
-def set_dotted(tree: Dict[str, Any], key: str, value: Any):
+def set_dotted(tree: dict[str, Any], key: str, value: Any):
     parts = key.split(".")
     node = tree
     for i, part in enumerate(parts[:-1]):
@@ -198,7 +238,7 @@ def set_dotted(tree: Dict[str, Any], key: str, value: Any):
 LEGACY_DEFAULTS = {("model", "cam_init"): "mean"}
 
 
-def with_legacy_defaults(raw: Dict[str, Any]) -> Dict[str, Any]:
+def with_legacy_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     """A stored full config dump with the keys it predates set to their old behaviour."""
     out = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
     for (section, key), value in LEGACY_DEFAULTS.items():
@@ -207,7 +247,7 @@ def with_legacy_defaults(raw: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def from_dict(cls, raw: Dict[str, Any], prefix: str):
+def from_dict(cls, raw: dict[str, Any], prefix: str):
     """Build dataclass `cls` from a mapping, coercing types; unknown keys fail naming the key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
@@ -229,11 +269,11 @@ def coerce(value, tp, key: str):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value if value is not None else {}, prefix=f"{key}.")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:                                          # Optional[X]
+    if origin in (typing.Union, types.UnionType):                       # X | None
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return coerce(value, next(a for a in args if a is not type(None)), key)
-    if origin in (list, List):
+    if origin in (list, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
@@ -268,19 +308,25 @@ def validate(cfg: ExperimentConfig):
     """Bounds and choices of every field, then cross-field rules. Raises ConfigError."""
     _check_fields(cfg, "")
     if cfg.rois.scale_min > cfg.rois.scale_max:
-        raise ConfigError(f"rois.scale_min ({cfg.rois.scale_min}) must not exceed rois.scale_max ({cfg.rois.scale_max})")
+        raise ConfigError(f"rois.scale_min ({cfg.rois.scale_min}) must not exceed rois.scale_max "
+                          f"({cfg.rois.scale_max})")
     if cfg.rois.schedule in ("paper", "fixed") and len(cfg.rois.scales) < cfg.rois.num_rois - 1:
-        raise ConfigError(f"rois.scales: needs {cfg.rois.num_rois - 1} factors for rois.num_rois={cfg.rois.num_rois}, got {len(cfg.rois.scales)}")
+        raise ConfigError(f"rois.scales: needs {cfg.rois.num_rois - 1} factors for "
+                          f"rois.num_rois={cfg.rois.num_rois}, got {len(cfg.rois.scales)}")
     if any(s <= 0 for s in cfg.rois.scales):
         raise ConfigError(f"rois.scales: factors must be positive, got {cfg.rois.scales}")
     if len(cfg.loss.cam_weights) != 3:
-        raise ConfigError(f"loss.cam_weights: expected 3 values (lambda_x, lambda_y, lambda_s), got {cfg.loss.cam_weights}")
+        raise ConfigError("loss.cam_weights: expected 3 values (lambda_x, lambda_y, lambda_s), got "
+                          f"{cfg.loss.cam_weights}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: expected two values in [0, 1), got {cfg.optim.betas}")
     if cfg.data.batch_size < cfg.ray.num_workers:
-        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) is smaller than ray.num_workers ({cfg.ray.num_workers}): every worker needs at least one person")
-    if cfg.loss.lambda_cont > 0 and cfg.rois.num_rois >= 2 and cfg.data.batch_size // cfg.ray.num_workers < 2 and not cfg.loss.gather_negatives:
-        raise ConfigError("loss.lambda_cont > 0 needs at least 2 persons per worker (data.batch_size) or loss.gather_negatives=true")
+        raise ConfigError(f"data.batch_size ({cfg.data.batch_size}) is smaller than ray.num_workers "
+                          f"({cfg.ray.num_workers}): every worker needs at least one person")
+    per_worker = cfg.data.batch_size // cfg.ray.num_workers
+    if cfg.loss.lambda_cont > 0 and cfg.rois.num_rois >= 2 and per_worker < 2 and not cfg.loss.gather_negatives:
+        raise ConfigError("loss.lambda_cont > 0 needs at least 2 persons per worker (data.batch_size) or "
+                          "loss.gather_negatives=true")
     if cfg.optim.amp != "none" and not cfg.ray.use_gpu:
         raise ConfigError(f"optim.amp={cfg.optim.amp} needs ray.use_gpu=true (mixed precision runs on GPU only)")
 
@@ -305,11 +351,11 @@ def _check_fields(obj, prefix: str):
 
 # ----------------------------------------------------------------------------- output
 
-def to_dict(cfg) -> Dict[str, Any]:
+def to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def dump_yaml(cfg, path: Optional[str] = None) -> str:
+def dump_yaml(cfg, path: str | None = None) -> str:
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if path:
         Path(path).write_text(text)

@@ -2,13 +2,12 @@
 
 Pure functions on tensors; `compute_losses` weighs them and returns every term for logging.
 """
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .geometry import (axis_angle_to_rotmat, cam_crop_to_full, perspective_projection,
-                       to_roi_coords)
+from .geometry import axis_angle_to_rotmat, cam_crop_to_full, perspective_projection, to_roi_coords
 
 MIN_DEPTH = 0.1      # metres: joints closer than this to the camera plane are clamped
 PELVIS_J24 = (2, 3)  # pelvis for 3D alignment = mid-hips of the J24 set (SPIN convention)
@@ -32,7 +31,7 @@ def camera_consistency_loss(cam: torch.Tensor, boxes: torch.Tensor, image_size: 
 
 
 def contrastive_loss(z: torch.Tensor, tau: float = 0.5,
-                     extra_negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
     """L_cont: RoIs of one person attract, RoIs of other persons repel (METHOD.md §6).
 
     z (N, M, D) projections (L2-normalised here). The denominator holds negatives only:
@@ -59,7 +58,7 @@ def contrastive_loss(z: torch.Tensor, tau: float = 0.5,
     return -log_ratio.sum() / (m - 1) / n
 
 
-def gather_negatives(z: torch.Tensor) -> Optional[torch.Tensor]:
+def gather_negatives(z: torch.Tensor) -> torch.Tensor | None:
     """Projections (K, D) of the other DDP ranks' persons (no gradient), or None off DDP."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -111,9 +110,9 @@ def keypoints_2d_loss(joints, cam_full, boxes, image_size, focal, gt_keypoints, 
     return masked_mean(per_roi.sum(dim=1), has_2d)
 
 
-def compute_losses(pred: Dict[str, torch.Tensor], batch: Dict[str, torch.Tensor], weights,
-                   gt_vertices: Optional[torch.Tensor] = None,
-                   extra_negatives: Optional[torch.Tensor] = None):
+def compute_losses(pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], weights,
+                   gt_vertices: torch.Tensor | None = None,
+                   extra_negatives: torch.Tensor | None = None):
     """Weighted total and every term. `weights` has lambda_cam, lambda_cont, lambda_pose,
     lambda_betas, lambda_vert, lambda_3d, lambda_2d, cam_weights (3), tau.
 

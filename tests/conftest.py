@@ -19,11 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory):
     """(train_dir, val_dir): 48 + 16 rendered synthetic people."""
-    from raytrain.data.synthetic import shard_synthetic
+    from raytrain.synthetic.people import shard_synthetic
     root = tmp_path_factory.mktemp("synthetic")
     shard_synthetic(str(root / "train"), n=48, seed=1, maxcount=16)
     shard_synthetic(str(root / "val"), n=16, seed=2, maxcount=16)
     return str(root / "train"), str(root / "val")
+
+
+def body_dir() -> str:
+    """The synthetic body model's directory (generated once into $RAYTRAIN_HOME)."""
+    from raytrain.synthetic.body_model import default_body_model_dir
+    return str(default_body_model_dir())
 
 
 def tiny_overrides(train, val, run_dir, **extra):
@@ -35,7 +41,7 @@ def tiny_overrides(train, val, run_dir, **extra):
         "model.decoder_hidden": 64, "model.pe_bands": 4, "optim.max_steps": 6,
         "train.val_every": 3, "train.checkpoint_every": 3, "train.log_every": 1,
         "train.tensorboard": False, "train.storage_path": str(run_dir), "ray.num_cpus": 2,
-        "ray.cpus_per_worker": 0.5, "name": "tiny",
+        "ray.cpus_per_worker": 0.5, "name": "tiny", "model.smpl_dir": body_dir(),
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -76,6 +82,7 @@ class LocalRayHead:
     def __enter__(self):
         import subprocess
         import time
+
         from ray.job_submission import JobSubmissionClient
         gcs, dash, agent, client = free_ports(4)
         self.head = subprocess.Popen(
@@ -121,6 +128,7 @@ class LocalRayHead:
     def wait_for_job(self, job_id: str, timeout: float):
         """Final JobStatus and the job's logs."""
         import time
+
         from ray.job_submission import JobStatus
         deadline, status = time.time() + timeout, None
         while time.time() < deadline:

@@ -13,7 +13,7 @@ With a ``body_model``, ``jointPositions`` (world-frame SMPL joints) and ``poses2
 (OpenPose-18 of the projected joints, one joint marked undetected) are consistent with
 the SMPL parameters; without, they are zeros.
 
-The release writing and labelling helpers are those of ``raytrain.data.synthetic_3dpw``
+The release writing and labelling helpers are those of ``raytrain.synthetic.pw3d_release``
 (which renders people into the images; here the images are noise, which is all the
 converter tests need).
 """
@@ -25,8 +25,14 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from raytrain.data.synthetic_3dpw import (J24_TO_OPENPOSE18, intrinsics_matrix, joint_labels,
-                                          world_from_camera, write_jpeg, write_sequence_file)
+from raytrain.body.joints import J24_TO_OPENPOSE18
+from raytrain.synthetic.pw3d_release import (
+    intrinsics_matrix,
+    joint_labels,
+    world_from_camera,
+    write_jpeg,
+    write_sequence_file,
+)
 
 #: (sequence name, campose_valid per actor)
 SEQUENCES = (

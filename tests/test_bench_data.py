@@ -1,7 +1,7 @@
 """``run_data_bench(quick=True)``: every key, positive values, within a minute (no speed checks)."""
 import time
 
-from raytrain.bench_data import run_data_bench
+from raytrain.bench.data import run_data_bench
 
 KEYS = ("decode_per_core", "crop_per_core", "stream_per_core", "full_frame_crop_per_core",
         "bytes_per_sample_context", "bytes_per_sample_full")

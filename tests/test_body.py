@@ -9,11 +9,22 @@ import pytest
 import smplx
 import torch
 
-from raytrain.body import (H36M_FLIP_PERM, H36M_TO_J14, J24_FLIP_PERM, J24_NAMES,
-                           SMPL_JOINT_FLIP_PERM, SMPL_PARENTS, SMPL_POSE_FLIP_PERM,
-                           BodyModelError, ensure_body_model_dir, flip_smpl_pose,
-                           load_body_model, load_mean_params, write_synthetic_body_model)
+from raytrain.body import (
+    H36M_FLIP_PERM,
+    H36M_TO_J14,
+    J24_FLIP_PERM,
+    J24_NAMES,
+    SMPL_JOINT_FLIP_PERM,
+    SMPL_PARENTS,
+    SMPL_POSE_FLIP_PERM,
+    BodyModelError,
+    ensure_body_model_dir,
+    flip_smpl_pose,
+    load_body_model,
+    load_mean_params,
+)
 from raytrain.body.model import GENDER_FILES, REQUIRED_FILES
+from raytrain.synthetic.body_model import default_body_model_dir, write_synthetic_body_model
 
 SMALL_FILES = ("J_regressor_h36m.npy", "smpl_mean_params.npz")
 
@@ -231,13 +242,13 @@ def test_flipped_pose_mirrors_joints(model):
 # --------------------------------------------------------------------------- directories
 
 
-def test_ensure_cache_dir_concurrent(tmp_path, monkeypatch):
+def test_default_body_model_dir_concurrent(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYTRAIN_HOME", str(tmp_path))
     results, errors = [], []
 
     def call():
         try:
-            results.append(ensure_body_model_dir(None))
+            results.append(default_body_model_dir())
         except Exception as exc:   # noqa: BLE001
             errors.append(exc)
 
@@ -250,8 +261,17 @@ def test_ensure_cache_dir_concurrent(tmp_path, monkeypatch):
     final = results[0]
     assert final == tmp_path / "body" / "synthetic-seed0"
     assert sorted(os.listdir(final.parent)) == ["synthetic-seed0"]    # no temp leftovers
-    assert ensure_body_model_dir(None) == final
-    assert load_mean_params()["pose"].shape == (144,)
+    assert default_body_model_dir() == final
+    assert load_mean_params(final)["pose"].shape == (144,)
+
+
+def test_library_never_makes_a_body_model(tmp_path, monkeypatch):
+    """Without a directory the library refuses, naming the key; it writes nothing."""
+    monkeypatch.setenv("RAYTRAIN_HOME", str(tmp_path))
+    for call in (lambda: ensure_body_model_dir(None), lambda: load_body_model(None), lambda: load_mean_params()):
+        with pytest.raises(BodyModelError, match="model.smpl_dir is not set"):
+            call()
+    assert not any(tmp_path.iterdir())
 
 
 def _user_dir(body_dir, tmp_path):

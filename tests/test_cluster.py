@@ -12,10 +12,10 @@ import re
 import shlex
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from conftest import LocalRayHead
 
@@ -148,7 +148,7 @@ def test_ray_up_installs_what_pyproject_pins(name):
     cmds = _all_commands(cfg)
 
     # Either the project is installed from its synced copy, so pip resolves pyproject's pins...
-    mounts = {os.path.normpath(os.path.expanduser(r)): l for r, l in (cfg.get("file_mounts") or {}).items()}
+    mounts = {os.path.normpath(os.path.expanduser(r)): local for r, local in (cfg.get("file_mounts") or {}).items()}
     editable = [c for c in cmds if re.search(r"pip install\b.*\s-e\s", c + " ")]
     for c in editable:
         m = re.search(r"cd\s+(\S+)\s*&&", c)

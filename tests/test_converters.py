@@ -11,16 +11,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import body_dir
+from fixtures_3dpw import UNDETECTED, UNDETECTED_J24, make_3dpw_release, write_sequence_file
 
 from raytrain.body import load_body_model
 from raytrain.data import ShardReader
-from raytrain.data.convert import (SequenceFileError, StorageConfig, convert_3dpw,
-                                   convert_spin_npz, load_sequence_file)
+from raytrain.data.convert import SequenceFileError, StorageConfig, convert_3dpw, convert_spin_npz, load_sequence_file
 from raytrain.data.convert import pw3d as pw3d_module
 from raytrain.data.convert import spin_npz as spin_module
 from raytrain.data.shards import read_manifest
-
-from fixtures_3dpw import UNDETECTED, UNDETECTED_J24, make_3dpw_release, write_sequence_file
 
 REPO = Path(__file__).resolve().parents[1]
 #: Moves the synthetic model's rest root joint to where real SMPL has it (about 0.2 m
@@ -30,7 +29,7 @@ ROOT_OFFSET = torch.tensor([0.01, -0.22, 0.03])
 
 @pytest.fixture(scope="module")
 def body_model():
-    model = load_body_model(None, genders=("male", "female"))
+    model = load_body_model(body_dir(), genders=("male", "female"))
     with torch.no_grad():
         for layer in model.smpl.values():
             layer.v_template += ROOT_OFFSET
@@ -157,7 +156,7 @@ def test_shard_3dpw_script(tmp_path, release):
     result = subprocess.run(
         [sys.executable, str(REPO / "datasets" / "shard_3dpw.py"), "--root", str(release["root"]),
          "--split", "test", "--out", str(out), "--limit", "2", "--workers", "1",
-         "--no-progress", "--storage", "full"],
+         "--no-progress", "--storage", "full", "--smpl-dir", body_dir()],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "written 2" in result.stdout and "total 2" in result.stdout
@@ -166,7 +165,7 @@ def test_shard_3dpw_script(tmp_path, release):
     # A missing split is a clear one-line error, not a traceback.
     result = subprocess.run(
         [sys.executable, str(REPO / "datasets" / "shard_3dpw.py"), "--root", str(release["root"]),
-         "--split", "train", "--out", str(tmp_path / "none"), "--no-progress"],
+         "--split", "train", "--out", str(tmp_path / "none"), "--no-progress", "--smpl-dir", body_dir()],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "sequenceFiles/train" in result.stderr
     assert "Traceback" not in result.stderr

@@ -3,14 +3,22 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import body_dir
 
-from raytrain.data.augment import (AugmentConfig, AugmentParams, augment_box, augment_cam_full,
-                                   augment_joints_3d, augment_keypoints, augment_pose)
+from raytrain.data.augment import (
+    AugmentConfig,
+    AugmentParams,
+    augment_box,
+    augment_cam_full,
+    augment_joints_3d,
+    augment_keypoints,
+    augment_pose,
+)
 from raytrain.data.collate import collate_crops
 from raytrain.data.crop import MultiRoICropper
 from raytrain.data.device_crop import DeviceCropPrep, crop_on_device
 from raytrain.data.schema import decode_sample
-from raytrain.data.synthetic import SyntheticConfig, SyntheticGenerator, with_storage
+from raytrain.synthetic.people import SyntheticConfig, SyntheticGenerator, with_storage
 
 HD = SyntheticConfig(image_sizes=((1920, 1080),))
 
@@ -18,7 +26,7 @@ HD = SyntheticConfig(image_sizes=((1920, 1080),))
 @pytest.fixture(scope="module")
 def body_model():
     from raytrain.body import load_body_model
-    return load_body_model()
+    return load_body_model(body_dir())
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +94,8 @@ def test_flip_twice_is_identity_on_labels():
     once = augment_keypoints(flip, lab["keypoints"], size)
     assert not np.allclose(once, lab["keypoints"])
     np.testing.assert_allclose(augment_keypoints(flip, once, size), lab["keypoints"], atol=1e-4)
-    np.testing.assert_allclose(augment_joints_3d(flip, augment_joints_3d(flip, lab["joints"])), lab["joints"], atol=1e-6)
+    twice = augment_joints_3d(flip, augment_joints_3d(flip, lab["joints"]))
+    np.testing.assert_allclose(twice, lab["joints"], atol=1e-6)
     np.testing.assert_allclose(augment_pose(flip, augment_pose(flip, lab["pose"])), lab["pose"], atol=1e-6)
     cam = augment_cam_full(flip, augment_cam_full(flip, lab["cam"], lab["betas"]), lab["betas"])
     np.testing.assert_allclose(cam, lab["cam"], atol=1e-6)
@@ -194,13 +203,20 @@ def test_resize_roi_on_smooth_image_is_exact_to_interpolation():
     assert not _resize_roi(image, out, -5.0, 100.0, 0.0, 105.0)  # leaves the image: warp
 
 
-def test_rotate_pose_equals_augment_pose():
-    from raytrain.data.crop import rotate_pose
+def test_augment_pose_rolls_the_root_like_scipy():
+    """The cv2.Rodrigues root roll equals the rotation composed with scipy, to float32 precision."""
+    from scipy.spatial.transform import Rotation
+
+    from raytrain.body.joints import flip_smpl_pose
     rng = np.random.default_rng(0)
     for i in range(50):
         params = AugmentParams(flip=bool(i % 2), angle=float(rng.normal() * 0.8))
         pose = rng.normal(0, 0.7, 72).astype(np.float32)
-        np.testing.assert_allclose(rotate_pose(params, pose), augment_pose(params, pose), atol=1e-5)
+        expected = flip_smpl_pose(pose.astype(np.float64)) if params.flip else pose.astype(np.float64)
+        c, s = np.cos(params.angle), np.sin(params.angle)
+        roll = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+        expected[:3] = Rotation.from_matrix(roll @ Rotation.from_rotvec(expected[:3]).as_matrix()).as_rotvec()
+        np.testing.assert_allclose(augment_pose(params, pose), expected, atol=1e-5)
 
 
 def test_four_channel_warp_equals_three_channel_warp(hd_pairs):

@@ -4,11 +4,11 @@ import socket
 
 import pytest
 import yaml
+from fixtures_data import make_fake_samples
 
+from raytrain.apps.doctor import run_doctor
 from raytrain.cli import main as cli_main
 from raytrain.data.shards import write_shards
-from raytrain.doctor import run_doctor
-from fixtures_data import make_fake_samples
 
 
 @pytest.fixture(autouse=True)

@@ -8,16 +8,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import body_dir
 
 from raytrain.body import load_body_model
 from raytrain.cli import main as cli_main
 from raytrain.config import load_config
 from raytrain.data.shards import write_shards
-from raytrain.data.synthetic import SyntheticConfig, SyntheticGenerator, encode_raw
-from raytrain.evaluate_cli import (Target, data_name, eval_config, evaluate_model, protocol_of,
-                                   run_eval, select_checkpoints, sequence_of, summarize)
-from raytrain.report import write_report
-from raytrain.train.loop import run_loop, validate
+from raytrain.eval.protocol import validate
+from raytrain.eval.report import write_report
+from raytrain.eval.run import (
+    Target,
+    data_name,
+    eval_config,
+    evaluate_model,
+    protocol_of,
+    run_eval,
+    select_checkpoints,
+    sequence_of,
+    summarize,
+)
+from raytrain.synthetic.people import SyntheticConfig, SyntheticGenerator, encode_raw
+from raytrain.train.loop import run_loop
 from raytrain.train.session import BareSession
 
 GENDERS = ("neutral", "male", "female")
@@ -30,7 +41,8 @@ def small_overrides(root):
             "data.loader_workers=0", "model.backbone=mobilenetv3_small_050",
             "model.decoder_hidden=32", "model.fusion_hidden=16", "model.proj_dim=8",
             "rois.num_rois=2", "optim.max_steps=2", "train.val_every=1",
-            "train.checkpoint_every=1", "train.tensorboard=false", "name=evaltest"]
+            "train.checkpoint_every=1", "train.tensorboard=false", "name=evaltest",
+            f"model.smpl_dir={body_dir()}"]
 
 
 def write_synthetic(out, n, seed, genders=("neutral",), sequences=1):
@@ -55,7 +67,7 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def body():
-    return load_body_model(None, genders=GENDERS)
+    return load_body_model(body_dir(), genders=GENDERS)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +104,7 @@ def axis_angle_matrix(axis, angle):
 
 
 def eval_cfg(data_root):
-    return eval_config(load_config(None, small_overrides(data_root)), str(data_root / "val"))
+    return eval_config(load_config(None, small_overrides(data_root)), str(data_root / "val"), smpl_dir=body_dir())
 
 
 def test_oracle_gives_zero_on_every_metric(data_root, body, tmp_path):
@@ -158,7 +170,7 @@ def test_run_eval_on_checkpoint_reproduces_validation(data_root, trained, body, 
     cfg, session = trained["trial_a"]
     checkpoint = session.latest_checkpoint_dir()
     out = tmp_path / "report"
-    result = run_eval(checkpoint=checkpoint, data=str(data_root / "val"), out=str(out), quiet=True)
+    result = run_eval(checkpoint=checkpoint, data=str(data_root / "val"), out=str(out), quiet=True, smpl_dir=body_dir())
     for name in ("metrics.json", "report.md", "per_joint.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     overlays = sorted((out / "overlays").glob("*.png"))
@@ -176,7 +188,7 @@ def test_run_eval_on_checkpoint_reproduces_validation(data_root, trained, body, 
     from raytrain.body import load_mean_params
     from raytrain.model import build_model
     from raytrain.train.checkpoint import load_checkpoint
-    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(None))
+    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(body_dir()))
     model.load_state_dict(load_checkpoint(checkpoint)["model"])
     fresh = validate(cfg, model, body, session, torch.device("cpu"))
     assert abs(result["overall"]["mpjpe"] - fresh["val_mpjpe"]) < 0.1
@@ -202,14 +214,15 @@ def test_experiment_best_and_top_k(data_root, trained, tmp_path):
         assert abs(row["mpjpe"] - row["stored_val_mpjpe"]) < 0.1
         assert (Path(row["out"]) / "metrics.json").is_file()
     # default output directory: <experiment>/eval/<data name>
-    default = run_eval(experiment=str(experiment), best=True, data=str(data_root / "val"), quiet=True)
+    default = run_eval(experiment=str(experiment), best=True, data=str(data_root / "val"), quiet=True,
+                       smpl_dir=body_dir())
     assert default["out"] == str(experiment / "eval" / "val")
     assert default["checkpoint"] == str(targets[0].path)
 
 
 def test_checkpoint_errors_are_clear(data_root, trained, tmp_path):
     with pytest.raises(Exception, match="--experiment"):
-        run_eval(checkpoint=str(data_root / "experiment"), data=str(data_root / "val"), quiet=True)
+        run_eval(checkpoint=str(data_root / "experiment"), data=str(data_root / "val"), quiet=True, smpl_dir=body_dir())
     with pytest.raises(Exception, match="exactly one"):
         run_eval(data=str(data_root / "val"))
 

@@ -4,10 +4,22 @@ import math
 import pytest
 import torch
 
-from raytrain.geometry import (PAPER_OFFSETS, PAPER_SCALES, axis_angle_to_rotmat, bbox_info,
-                               build_schedule, cam_crop_to_full, cam_full_to_crop, default_focal,
-                               multi_roi_boxes, perspective_projection, rot6d_to_rotmat,
-                               rotmat_to_axis_angle, rotmat_to_rot6d, to_roi_coords)
+from raytrain.geometry import (
+    PAPER_OFFSETS,
+    PAPER_SCALES,
+    axis_angle_to_rotmat,
+    bbox_info,
+    build_schedule,
+    cam_crop_to_full,
+    cam_full_to_crop,
+    default_focal,
+    multi_roi_boxes,
+    perspective_projection,
+    rot6d_to_rotmat,
+    rotmat_to_axis_angle,
+    rotmat_to_rot6d,
+    to_roi_coords,
+)
 
 
 def test_paper_schedule_boxes_by_hand():

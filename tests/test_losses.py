@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
+from raytrain.eval.metrics import mpjpe, pa_mpjpe, procrustes_align, pve
 from raytrain.geometry import axis_angle_to_rotmat, cam_full_to_crop, default_focal
 from raytrain.losses import camera_consistency_loss, contrastive_loss
-from raytrain.metrics import mpjpe, pa_mpjpe, procrustes_align, pve
 
 
 def _consistent_cameras(n=3, m=5, dtype=torch.float64, seed=0):

@@ -3,11 +3,22 @@ import math
 
 import pytest
 import torch
+from conftest import body_dir
 
 from raytrain.geometry import PAPER_OFFSETS, PAPER_SCALES, cam_crop_to_full, multi_roi_boxes
-from raytrain.model import (IMAGENET_MEAN, IMAGENET_STD, IterativeRegressor, build_model,
-                            create_backbone, create_fusion, encoding_dim, list_backbones,
-                            list_fusions, normalize_images, positional_encoding)
+from raytrain.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IterativeRegressor,
+    build_model,
+    create_backbone,
+    create_fusion,
+    encoding_dim,
+    list_backbones,
+    list_fusions,
+    normalize_images,
+    positional_encoding,
+)
 from raytrain.model.encoding import box_encoding
 
 FUSIONS = ["none", "h_null", "abs_pe", "raf", "self_attention"]
@@ -337,7 +348,7 @@ def _body_model_or_skip():
     body = pytest.importorskip("raytrain.body")
     if not hasattr(body, "load_body_model"):
         pytest.skip("raytrain.body.load_body_model is not built yet")
-    return body.load_body_model(), body.load_mean_params()
+    return body.load_body_model(body_dir()), body.load_mean_params(body_dir())
 
 
 def test_with_body_model_outputs_mesh_and_stays_out_of_state_dict():

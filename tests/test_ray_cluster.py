@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, LocalRayHead, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -36,6 +35,7 @@ def test_ray_job_submit_trains_and_checkpoints(synthetic_shards, tmp_path):
 def test_ray_job_submit_runs_a_sweep(synthetic_shards, tmp_path):
     """`raytrain tune` submitted as a Ray job: both trials finish and the best is exported."""
     import json
+
     from ray.job_submission import JobStatus
     train, val = synthetic_shards
     runs = tmp_path / "runs"
@@ -66,7 +66,7 @@ def test_two_node_ddp_replicas_agree(synthetic_shards, tmp_path):
 
     from raytrain.config import load_config, to_dict
     train, val = synthetic_shards
-    cfg = load_config(str(REPO / "configs/demo.yaml"), tiny_overrides(
+    cfg = load_config(str(REPO / "raytrain/configs/demo.yaml"), tiny_overrides(
         train, val, tmp_path / "runs", **{"ray.num_workers": 2, "data.batch_size": 8,
                                           "optim.max_steps": 4, "train.checkpoint_every": 100}))
     out = tmp_path / "digests"
@@ -75,10 +75,12 @@ def test_two_node_ddp_replicas_agree(synthetic_shards, tmp_path):
     def worker(raw):
         import ray.train
         import torch
-        from raytrain.train.loop import config_from_dict, run_loop
+
+        from raytrain.config import config_from_raw
+        from raytrain.train.loop import run_loop
         from raytrain.train.session import RaySession
         session = RaySession()
-        run_loop(config_from_dict(raw["cfg"]), session)
+        run_loop(config_from_raw(raw["cfg"]), session)
         module = session.model.module if hasattr(session.model, "module") else session.model
         flat = torch.cat([p.detach().flatten() for p in module.parameters()]).numpy().tobytes()
         node = ray.get_runtime_context().get_node_id()

@@ -11,12 +11,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from fixtures_data import make_fake_samples, rewrite_npz
 from torch.utils.data import DataLoader
 
 from raytrain.data import BadSample, SchemaError, ShardReader, TooManyBadSamples, resolve_shards, write_shards
-from raytrain.data.reader import positions_before
-
-from fixtures_data import make_fake_samples, rewrite_npz
+from raytrain.data.plan import positions_before
 
 
 def _write(path, n, maxcount=10, seed=0):
@@ -284,7 +283,7 @@ def test_transform_runs_in_reader_and_its_bad_samples_are_counted(tmp_path):
 
 
 def _loader_config(path, workers):
-    from raytrain.bench_data import bench_config
+    from raytrain.bench.data import bench_config
 
     cfg = bench_config(str(path), workers)
     cfg.data.crop_size = 32
@@ -425,10 +424,10 @@ def test_persistent_workers_after_abandoned_epochs(tmp_path):
     try:
         for epoch in range(4):
             loader = build_loader(cfg, "train", 0, 1, epoch, 0, 4, seed=0)
-            for index, batch in enumerate(loader):
+            for index, _batch in enumerate(loader):
                 if index == 1:
                     break
-        del batch
+        del _batch
         loader = build_loader(cfg, "train", 0, 1, 4, 0, 4, seed=0)
         assert sorted(_epoch_crops(loader)) == sorted(keys)
         # at most the part-filled last buffer of each worker (dropped with drop_last)
@@ -491,7 +490,7 @@ def test_stopping_persistent_workers_mid_epoch_is_an_error(tmp_path):
     loader = build_loader(_loader_config(tmp_path, workers=2), "train", 0, 1, 0, 0, 4, seed=0)
     batches = 0
     with pytest.raises(RuntimeError, match="stopped.*middle of an epoch"):
-        for batch in loader:
+        for _batch in loader:
             batches += 1
             if batches == 2:
                 close_loaders()

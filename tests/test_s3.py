@@ -9,9 +9,9 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from raytrain.data import ShardReader, read_manifest, verify_shards, write_shards  # noqa: E402
-
 from fixtures_data import make_fake_samples  # noqa: E402
+
+from raytrain.data import ShardReader, read_manifest, verify_shards, write_shards  # noqa: E402
 
 BUCKET = "bucket"
 pytestmark = pytest.mark.filterwarnings("ignore:Your installed version of s3fs is very old")

@@ -1,7 +1,6 @@
 """Training whose checkpoints live on S3 (a moto server on loopback) and resume from there."""
 
 import pytest
-
 from conftest import REPO, tiny_overrides
 
 boto3 = pytest.importorskip("boto3")
@@ -30,10 +29,11 @@ def s3_endpoint(monkeypatch):
 @pytest.mark.timeout(600)
 def test_checkpoints_on_s3_and_resume(synthetic_shards, s3_endpoint, capfd):
     import ray
+
     from raytrain.config import load_config
     from raytrain.train.launch import run_training
     train, val = synthetic_shards
-    config = str(REPO / "configs" / "demo.yaml")
+    config = str(REPO / "raytrain" / "configs" / "demo.yaml")
     first = load_config(config, tiny_overrides(train, val, "s3://runs/experiments", **{
         "optim.max_steps": 4, "train.checkpoint_every": 2, "name": "s3run"}))
     try:

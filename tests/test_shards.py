@@ -10,6 +10,7 @@ import tarfile
 import numpy as np
 import pytest
 import webdataset as wds
+from fixtures_data import fake_arrays, fake_jpeg, fake_meta, make_fake_samples, rewrite_npz
 
 from raytrain.data import (
     SCHEMA_VERSION,
@@ -22,8 +23,6 @@ from raytrain.data import (
     write_shards,
 )
 from raytrain.data.schema import ARRAY_SHAPES
-
-from fixtures_data import fake_arrays, fake_jpeg, fake_meta, make_fake_samples, rewrite_npz
 
 
 def _read_tar(path) -> list[dict]:
@@ -184,14 +183,15 @@ def test_fast_npz_parser_matches_np_load_and_falls_back_safely():
 
     import numpy as np
 
-    from raytrain.data.schema import ARRAY_SHAPES, BadSample, _load_arrays, _parse_npz
+    from raytrain.data.formats.npz import parse_npz
+    from raytrain.data.schema import ARRAY_SHAPES, BadSample, _load_arrays
 
     rng = np.random.default_rng(0)
     arrays = {name: rng.normal(size=shape).astype(np.float32) for name, shape in ARRAY_SHAPES.items()}
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     payload = buffer.getvalue()
-    fast = _parse_npz(payload)
+    fast = parse_npz(payload)
     assert fast is not None and fast.keys() == arrays.keys()
     for name, value in arrays.items():
         np.testing.assert_array_equal(fast[name], value)
@@ -199,18 +199,18 @@ def test_fast_npz_parser_matches_np_load_and_falls_back_safely():
     fortran = io.BytesIO()
     np.savez(fortran, pose=np.asfortranarray(rng.normal(size=(3, 4))))
     with np.load(io.BytesIO(fortran.getvalue())) as npz:
-        np.testing.assert_array_equal(_parse_npz(fortran.getvalue())["pose"], npz["pose"])
+        np.testing.assert_array_equal(parse_npz(fortran.getvalue())["pose"], npz["pose"])
     compressed = io.BytesIO()
     np.savez_compressed(compressed, **arrays)
-    assert _parse_npz(compressed.getvalue()) is None
+    assert parse_npz(compressed.getvalue()) is None
     np.testing.assert_array_equal(_load_arrays("k", compressed.getvalue())["pose"], arrays["pose"])
     objects = io.BytesIO()
     np.savez(objects, **{**arrays, "pose": np.array([{}] * 72, dtype=object)}, allow_pickle=True)
-    assert _parse_npz(objects.getvalue()) is None
+    assert parse_npz(objects.getvalue()) is None
     with pytest.raises(BadSample, match="bad_array"):
         _load_arrays("k", objects.getvalue())
     damaged = bytearray(payload)
     damaged[len(payload) // 3] ^= 0xFF
-    assert _parse_npz(bytes(damaged)) is None
+    assert parse_npz(bytes(damaged)) is None
     with pytest.raises(BadSample, match="bad_array"):
         _load_arrays("k", bytes(damaged))

@@ -4,18 +4,25 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import body_dir
 
-from raytrain.data.augment import AugmentParams, augment_cam_full, augment_joints_3d, augment_pose, root_joint_model
+from raytrain.body.model import root_joint_model
+from raytrain.data.augment import AugmentParams, augment_cam_full, augment_joints_3d, augment_pose
 from raytrain.data.schema import decode_sample
-from raytrain.data.synthetic import (SyntheticConfig, SyntheticGenerator, generate_synthetic_samples,
-                                     joint_limits, shard_synthetic)
 from raytrain.geometry import cam_crop_to_full, perspective_projection
+from raytrain.synthetic.people import (
+    SyntheticConfig,
+    SyntheticGenerator,
+    generate_synthetic_samples,
+    joint_limits,
+    shard_synthetic,
+)
 
 
 @pytest.fixture(scope="module")
 def body_model():
     from raytrain.body import load_body_model
-    return load_body_model()
+    return load_body_model(body_dir())
 
 
 @pytest.fixture(scope="module")

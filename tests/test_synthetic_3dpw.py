@@ -9,13 +9,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import body_dir
 from scipy.spatial.transform import Rotation
 
 from raytrain.body import load_body_model
 from raytrain.data import ShardReader
 from raytrain.data.convert import StorageConfig, convert_3dpw
-from raytrain.data.synthetic import SyntheticConfig, rasterize, render_background
-from raytrain.data.synthetic_3dpw import main, sequence_background, write_synthetic_3dpw
+from raytrain.synthetic.people import SyntheticConfig, rasterize, render_background
+from raytrain.synthetic.pw3d_release import main, sequence_background, write_synthetic_3dpw
 
 SIZE = (270, 480)  # portrait, 3DPW's 1080 x 1920 / 4
 SEED = 5
@@ -23,7 +24,7 @@ SEED = 5
 
 @pytest.fixture(scope="module")
 def body_model():
-    return load_body_model(None, genders=("male", "female"))
+    return load_body_model(body_dir(), genders=("male", "female"))
 
 
 @pytest.fixture(scope="module")

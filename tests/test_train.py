@@ -8,16 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, tiny_overrides
 
 from raytrain.config import ConfigError, load_config
-from raytrain.train.checkpoint import (is_complete, latest_complete_checkpoint, load_checkpoint,
-                                       save_checkpoint)
+from raytrain.train.checkpoint import is_complete, latest_complete_checkpoint, load_checkpoint, save_checkpoint
 from raytrain.train.loop import run_loop
 from raytrain.train.session import BareSession
 
-from conftest import REPO, tiny_overrides
-
-DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO = str(REPO / "raytrain" / "configs" / "demo.yaml")
 
 
 def _keys(log_prefix, rank=0):
@@ -88,6 +86,7 @@ def test_bad_input_stops_before_workers_start(synthetic_shards, tmp_path):
 @pytest.mark.slow
 def test_ray_gpu_request_fails_fast(synthetic_shards, tmp_path):
     import ray
+
     from raytrain.train.launch import init_ray, preflight_resources
     train, val = synthetic_shards
     cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path, **{"ray.use_gpu": True}))
@@ -108,6 +107,7 @@ def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path
     """SIGKILL the training worker mid-run: Ray restarts it, it resumes from the latest
     checkpoint, the step count is continuous and no sample of the epoch is lost or repeated."""
     import ray
+
     from raytrain.train.launch import run_training
     train, val = synthetic_shards
     log = tmp_path / "keys"
@@ -120,7 +120,7 @@ def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path
         deadline = time.time() + 300
         while time.time() < deadline:
             path = Path(f"{log}.rank0.txt")
-            steps = [int(l.split()[0]) for l in path.read_text().splitlines()] if path.exists() else []
+            steps = [int(row.split()[0]) for row in path.read_text().splitlines()] if path.exists() else []
             if steps and max(steps) >= 5:
                 pid = int(Path(f"{log}.rank0.pid").read_text())
                 os.kill(pid, signal.SIGKILL)

@@ -7,11 +7,11 @@ import sys
 import time
 
 import pytest
+from conftest import REPO, tiny_overrides
+from conftest import body_dir as tiny_body_dir
 
 from raytrain.config import ConfigError, load_config
 from raytrain.tuning.space import load_space
-
-from conftest import REPO, tiny_overrides
 
 SPACES = sorted((REPO / "tune" / "spaces").glob("*.yaml"))
 
@@ -20,7 +20,7 @@ SPACES = sorted((REPO / "tune" / "spaces").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
 def test_shipped_spaces_load(path):
-    for cfg in (load_config(), load_config(str(REPO / "configs" / "demo.yaml"))):
+    for cfg in (load_config(), load_config(str(REPO / "raytrain" / "configs" / "demo.yaml"))):
         space = load_space(str(path), cfg)
         assert space.params or space.variants
         space.tune_param_space()
@@ -28,9 +28,10 @@ def test_shipped_spaces_load(path):
 
 def test_shipped_space_names():
     assert {p.stem for p in SPACES} >= {"paper", "rois", "demo", "ablations"}
-    ablations = load_space(str(REPO / "tune/spaces/ablations.yaml"))
+    ablations = load_space(str(REPO / "raytrain/spaces/ablations.yaml"))
     assert ablations.has_grid and ablations.grid_size == 9
-    assert {"no_raf", "no_lcam", "no_lcont", "self_attention", "m1", "m2", "m3", "m4", "full"} == set(ablations.variants)
+    expected = {"no_raf", "no_lcam", "no_lcont", "self_attention", "m1", "m2", "m3", "m4", "full"}
+    assert expected == set(ablations.variants)
 
 
 def _write(tmp_path, text):
@@ -84,7 +85,7 @@ def test_space_per_element_and_list_choices(tmp_path):
 
 
 def test_ablation_variants_apply():
-    space = load_space(str(REPO / "tune/spaces/ablations.yaml"))
+    space = load_space(str(REPO / "raytrain/spaces/ablations.yaml"))
     base = load_config()
     assert space.trial_config(base, {"variant": "no_raf"}).model.fusion == "none"
     assert space.trial_config(base, {"variant": "no_lcam"}).loss.lambda_cam == 0.0
@@ -133,8 +134,8 @@ def test_sweep_8_trials_asha_and_export(synthetic_shards, tmp_path):
     train, val = synthetic_shards
     log = open(tmp_path / "tune.log", "w")
     start = time.time()
-    proc = _cli(["tune", "--config", str(REPO / "configs/demo.yaml"), "--space",
-                 str(REPO / "tune/spaces/demo.yaml"), "--trials", "8",
+    proc = _cli(["tune", "--config", str(REPO / "raytrain/configs/demo.yaml"), "--space",
+                 str(REPO / "raytrain/spaces/demo.yaml"), "--trials", "8",
                  *_tune_args(train, val, tmp_path / "runs", "sweep")], stdout=log, stderr=subprocess.STDOUT)
     rc = _finish(proc, 540)
     assert rc == 0, (tmp_path / "tune.log").read_text()[-4000:]
@@ -162,9 +163,9 @@ def test_sweep_8_trials_asha_and_export(synthetic_shards, tmp_path):
     rows = (best / "trials.csv").read_text().splitlines()
     assert len(rows) == 9
     # re-evaluating the exported checkpoint reproduces the MPJPE Tune recorded
-    from raytrain.evaluate_cli import run_eval
+    from raytrain.eval.run import run_eval
     evaluated = run_eval(checkpoint=str(best / "checkpoint"), data=val, out=str(tmp_path / "eval"),
-                         overlays=0, quiet=True)
+                         overlays=0, quiet=True, smpl_dir=tiny_body_dir())
     assert evaluated["overall"]["mpjpe"] == pytest.approx(summary["val_mpjpe"], abs=0.1)
     print(f"8-trial sweep: {time.time() - start:.0f}s")
 
@@ -175,7 +176,8 @@ def test_resume_after_killing_the_driver(synthetic_shards, tmp_path):
     from raytrain.tuning.export import load_trials
     train, val = synthetic_shards
     n = 4
-    args = ["tune", "--config", str(REPO / "configs/demo.yaml"), "--space", str(REPO / "tune/spaces/demo.yaml"),
+    args = ["tune", "--config", str(REPO / "raytrain/configs/demo.yaml"),
+            "--space", str(REPO / "raytrain/spaces/demo.yaml"),
             "--trials", str(n), *_tune_args(train, val, tmp_path / "runs", "resume",
                                             **{"optim.max_steps": 8})]
     exp = tmp_path / "runs" / "tune" / "resume"
@@ -212,8 +214,8 @@ def test_resume_after_killing_the_driver(synthetic_shards, tmp_path):
 def test_ablation_grid_writes_the_table(synthetic_shards, tmp_path):
     """tune/spaces/ablations.yaml runs every variant once (FIFO grid) and writes the table."""
     train, val = synthetic_shards
-    args = ["tune", "--config", str(REPO / "configs/demo.yaml"), "--space",
-            str(REPO / "tune/spaces/ablations.yaml"), "--trials", "9",
+    args = ["tune", "--config", str(REPO / "raytrain/configs/demo.yaml"), "--space",
+            str(REPO / "raytrain/spaces/ablations.yaml"), "--trials", "9",
             *_tune_args(train, val, tmp_path / "runs", "abl", **{"optim.max_steps": 2,
                                                                   "train.val_every": 2})]
     log = open(tmp_path / "abl.log", "w")

@@ -56,3 +56,7 @@ def flip_smpl_pose(pose):
     if isinstance(flipped, np.ndarray):
         return flipped * sign.astype(flipped.dtype)
     return flipped * flipped.new_tensor(sign)
+
+#: OpenPose-18 (COCO-18) index for each J24 joint that has one (docs/CONVENTIONS.md).
+J24_TO_OPENPOSE18 = {0: 10, 1: 9, 2: 8, 3: 11, 4: 12, 5: 13, 6: 4, 7: 3, 8: 2, 9: 5,
+                     10: 6, 11: 7, 12: 1, 19: 0, 20: 15, 21: 14, 22: 17, 23: 16}

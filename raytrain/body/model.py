@@ -1,8 +1,9 @@
 """SMPL body model (via smplx) with the H36M regressor and the project's joint sets.
 
 `smpl_dir` holds SMPL_{NEUTRAL,MALE,FEMALE}.pkl, J_regressor_h36m.npy and
-smpl_mean_params.npz (SPIN's files). `None` means the synthetic model (see synthetic.py),
-generated once into `$RAYTRAIN_HOME/body/synthetic-seed0` (default ~/.cache/raytrain).
+smpl_mean_params.npz (SPIN's files). The command-line entry points fill in the synthetic
+body model's directory when no SMPL files are given (`raytrain.synthetic.body_model`);
+this module only reads files it is pointed at.
 """
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import contextlib
 import io
 import os
 import pickle
-import shutil
-import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import smplx
@@ -22,13 +22,11 @@ from smplx.lbs import batch_rodrigues
 from smplx.utils import Struct
 
 from .joints import H36M_TO_J14
-from .synthetic import write_synthetic_body_model
 
 GENDER_FILES = {"neutral": "SMPL_NEUTRAL.pkl", "male": "SMPL_MALE.pkl", "female": "SMPL_FEMALE.pkl"}
 H36M_REGRESSOR_FILE = "J_regressor_h36m.npy"
 MEAN_PARAMS_FILE = "smpl_mean_params.npz"
 REQUIRED_FILES = (GENDER_FILES["neutral"], H36M_REGRESSOR_FILE, MEAN_PARAMS_FILE)
-SYNTHETIC_SEED = 0
 
 _SMPL_KEYS = ("v_template", "f", "weights", "kintree_table", "J_regressor", "shapedirs", "posedirs")
 # Indices of smplx's vertex-selected joints after the 24 SMPL joints.
@@ -56,42 +54,22 @@ def raytrain_home() -> Path:
 
 
 def ensure_body_model_dir(smpl_dir: str | os.PathLike | None) -> Path:
-    """A directory holding the body model files.
-
-    A user directory is checked for the required files; None gives the synthetic model,
-    generated on first use (safe with concurrent callers: temp dir + atomic rename).
-    """
-    if smpl_dir is not None:
-        path = Path(smpl_dir).expanduser()
-        if not path.is_dir():
-            raise BodyModelError(f"{path}: body model directory not found "
-                                 f"(expected {', '.join(REQUIRED_FILES)})")
-        for name in REQUIRED_FILES:
-            _require_file(path, name)
-        return path
-    return _synthetic_dir(raytrain_home() / "body" / f"synthetic-seed{SYNTHETIC_SEED}")
+    """`smpl_dir` checked for the required files (one-line BodyModelError otherwise)."""
+    if smpl_dir is None:
+        raise BodyModelError("model.smpl_dir is not set: point it at a directory with "
+                             f"{', '.join(REQUIRED_FILES)} (the raytrain commands use the "
+                             "synthetic body model when none is given)")
+    path = Path(smpl_dir).expanduser()
+    if not path.is_dir():
+        raise BodyModelError(f"{path}: body model directory not found "
+                             f"(expected {', '.join(REQUIRED_FILES)})")
+    for name in REQUIRED_FILES:
+        _require_file(path, name)
+    return path
 
 
-def _synthetic_dir(final: Path) -> Path:
-    """Generate the synthetic model into `final` unless it is complete already."""
-    if _is_complete(final):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        write_synthetic_body_model(tmp, seed=SYNTHETIC_SEED)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not _is_complete(final):      # not a concurrent winner: a stale partial dir
-                raise BodyModelError(f"{final}: exists but is not a complete body model "
-                                     "directory; remove it to regenerate") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _is_complete(path: Path) -> bool:
+def is_complete_body_model_dir(path: Path) -> bool:
+    """Every gender's SMPL file and the required files are there."""
     return all((path / name).is_file() for name in (*GENDER_FILES.values(), *REQUIRED_FILES))
 
 
@@ -294,3 +272,28 @@ def load_body_model(smpl_dir: str | os.PathLike | None = None,
                     genders: Sequence[str] = ("neutral",)) -> BodyModel:
     """BodyModel for `smpl_dir` (None: the synthetic model) with the given genders."""
     return BodyModel(smpl_dir, genders)
+
+
+def root_joint_model(body_model) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (3,), dirs (3, 10)) of the SMPL root joint as a linear function of betas.
+
+    ``body_model`` is a ``BodyModel`` (its first smplx layer is used) or a
+    smplx layer with ``J_regressor``, ``v_template`` and ``shapedirs``.
+    """
+    layer = smpl_layer(body_model)
+    regressor = _numpy(layer.J_regressor)[0]  # (V,)
+    mean = regressor @ _numpy(layer.v_template)  # (3,)
+    dirs = np.einsum("v,vcb->cb", regressor, _numpy(layer.shapedirs)[..., :10])  # (3, 10)
+    return mean, dirs
+
+
+def smpl_layer(body_model):
+    """The (first) smplx layer of a ``BodyModel`` (``.smpl`` ModuleDict) or the layer itself."""
+    layer = getattr(body_model, "smpl", body_model)
+    if hasattr(layer, "values") and not hasattr(layer, "v_template"):
+        layer = next(iter(layer.values()))
+    return layer
+
+
+def _numpy(value) -> np.ndarray:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)

@@ -1,5 +1,6 @@
-"""Data: shard schema, writer, streaming reader (cropper and renderer come beside them)."""
+"""Data: shard schema, writer, streaming reader, cropper, loader, converters."""
 
+from .reader import ShardReader, TooManyBadSamples
 from .schema import (
     BAD_REASONS,
     SCHEMA_VERSION,
@@ -10,5 +11,4 @@ from .schema import (
     decode_sample,
     encode_sample,
 )
-from .shards import read_manifest, verify_shards, write_shards
-from .reader import ShardReader, TooManyBadSamples, resolve_shards
+from .shards import read_manifest, resolve_shards, verify_shards, write_shards

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
-from scipy.spatial.transform import Rotation
 
 from raytrain.body.joints import J24_FLIP_PERM, flip_smpl_pose
 
@@ -150,9 +150,10 @@ def augment_pose(params: AugmentParams, pose: np.ndarray) -> np.ndarray:
     out = flip_smpl_pose(pose.astype(np.float64)) if params.flip else pose.astype(np.float64)
     if params.angle != 0.0:
         c, s = np.cos(params.angle), np.sin(params.angle)
-        roll = np.array([[c, -s, 0.0], [s, c, 0], [0, 0, 1]])
+        roll = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
         out = out.copy()
-        out[:3] = Rotation.from_matrix(roll @ Rotation.from_rotvec(out[:3]).as_matrix()).as_rotvec()
+        root = cv2.Rodrigues(np.ascontiguousarray(out[:3]))[0]  # ~10x faster than scipy for one vector
+        out[:3] = cv2.Rodrigues(roll @ root)[0].ravel()
     return out.astype(np.float32)
 
 
@@ -176,28 +177,3 @@ def root_position(betas: np.ndarray, root_joint=None) -> np.ndarray:
         return np.zeros(3)
     mean, dirs = root_joint
     return np.asarray(mean, np.float64) + np.asarray(dirs, np.float64) @ np.asarray(betas, np.float64)
-
-
-def root_joint_model(body_model) -> tuple[np.ndarray, np.ndarray]:
-    """(mean (3,), dirs (3, 10)) of the SMPL root joint as a linear function of betas.
-
-    ``body_model`` is a ``raytrain.body.BodyModel`` (its first smplx layer is used) or a
-    smplx layer with ``J_regressor``, ``v_template`` and ``shapedirs``.
-    """
-    layer = smpl_layer(body_model)
-    regressor = _numpy(layer.J_regressor)[0]  # (V,)
-    mean = regressor @ _numpy(layer.v_template)  # (3,)
-    dirs = np.einsum("v,vcb->cb", regressor, _numpy(layer.shapedirs)[..., :10])  # (3, 10)
-    return mean, dirs
-
-
-def smpl_layer(body_model):
-    """The (first) smplx layer of a ``BodyModel`` (``.smpl`` ModuleDict) or the layer itself."""
-    layer = getattr(body_model, "smpl", body_model)
-    if hasattr(layer, "values") and not hasattr(layer, "v_template"):
-        layer = next(iter(layer.values()))
-    return layer
-
-
-def _numpy(value) -> np.ndarray:
-    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)

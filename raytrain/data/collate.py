@@ -95,7 +95,7 @@ class BatchSink:
     cropper allocates, collate copies.
     """
 
-    def __init__(self, pool: "BatchPool", batch_size: int, item_shape):
+    def __init__(self, pool: BatchPool, batch_size: int, item_shape):
         self.pool, self.batch_size = pool, int(batch_size)
         self.item_shape = tuple(item_shape)
         self._forget_buffer()
@@ -205,7 +205,7 @@ class BatchPool:
     # -- reuse across epochs (receiving side)
 
     @classmethod
-    def acquire(cls, num_workers: int, size: int, shape) -> "BatchPool":
+    def acquire(cls, num_workers: int, size: int, shape) -> BatchPool:
         """A pool with buffers of ``shape``: an idle one from an epoch that ran to its end
         (its buffers' pages already in memory), else a new one. A pool serves one
         DataLoader iteration at a time: its user ``claim``s it before each iteration."""

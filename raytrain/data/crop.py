@@ -9,7 +9,7 @@ axis-aligned RoI inside the image (no rotation; flips allowed) takes the cheaper
 ``cv2.resize`` of a source rectangle instead (``_resize_roi``: same crop within
 interpolation error).
 
-Speed (see ``raytrain.bench_data``): when every RoI spans at least 2x (4x, 8x) S
+Speed (see ``raytrain.bench.data``): when every RoI spans at least 2x (4x, 8x) S
 stored pixels, the JPEG is decoded at 1/2 (1/4, 1/8) with libjpeg's DCT scaling;
 colour jitter and BGR -> RGB are one ``cv2.transform`` over the M small crops; all
 crops of a sample are written into one preallocated (M, S, S, 3) array.
@@ -31,7 +31,6 @@ import cv2
 import numpy as np
 import torch
 
-from raytrain.body.joints import flip_smpl_pose
 from raytrain.geometry import FixedSchedule, build_schedule
 
 from .augment import (
@@ -84,53 +83,6 @@ def homogeneous(affine: np.ndarray) -> np.ndarray:
     return np.vstack([np.asarray(affine, np.float64), [0.0, 0.0, 1.0]])
 
 
-def context_affine(box, crop_size: int = 224, min_roi_scale: float = 0.65,
-                   context: float = 2.0):
-    """Affine full px -> stored px of the context region, and the stored size (w, h).
-
-    The region is the square of side ``context * b`` around the box centre, stored at
-    the resolution where the smallest RoI (``min_roi_scale * b``) spans ``crop_size``
-    pixels (DESIGN.md's rule), i.e. always ``round(context * crop_size / min_roi_scale)``
-    pixels wide, whatever the person's size in the frame.
-    """
-    cx, cy, b = (float(v) for v in box)
-    side = int(round(context * crop_size / min_roi_scale))
-    k = side / (context * b)
-    affine = np.array([[k, 0.0, -k * (cx - context * b / 2)],
-                       [0.0, k, -k * (cy - context * b / 2)]])
-    return affine, (side, side)
-
-
-def extract_context(image: np.ndarray, box, crop_size: int = 224, min_roi_scale: float = 0.65,
-                    context: float = 2.0):
-    """Cut the context region out of a full frame: (stored image, affine (2, 3), (w, h)).
-
-    Downscaling by more than 1.5x blurs the frame's relevant window first (anti-aliasing);
-    outside the frame the region is black.
-    """
-    affine, size = context_affine(box, crop_size, min_roi_scale, context)
-    k = affine[0, 0]
-    source, offset = image, np.zeros(2)
-    if k < 1 / 1.5:
-        source, offset = _blurred_window(image, box, context, sigma=0.45 / k)
-    shifted = affine.copy()
-    shifted[:, 2] += affine[:, :2] @ offset
-    stored = cv2.warpAffine(source, cv2_affine(shifted), size, flags=cv2.INTER_LINEAR,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return stored, affine, size
-
-
-def _blurred_window(image, box, context, sigma):
-    """Gaussian-blurred window of the frame around the region; returns (window, origin)."""
-    cx, cy, b = (float(v) for v in box)
-    half = context * b / 2 + 3 * sigma + 2
-    h, w = image.shape[:2]
-    x0, y0 = max(int(cx - half), 0), max(int(cy - half), 0)
-    x1, y1 = min(int(cx + half) + 1, w), min(int(cy + half) + 1, h)
-    window = cv2.GaussianBlur(image[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)], (0, 0), sigma)
-    return window, np.array([x0, y0], np.float64)
-
-
 # --------------------------------------------------------------------------- cropper
 
 
@@ -139,7 +91,8 @@ class MultiRoICropper:
 
     schedule: a ``raytrain.geometry`` schedule (``.boxes(boxes (N,3), generator)``), or
     a kind name for ``build_schedule``; augment: ``AugmentConfig`` or None (no
-    augmentation); decode_coverage: see ``_reduction``; root_joint: (mean (3,), dirs (3, 10)) of the SMPL root joint for an
+    augmentation); decode_coverage: see ``_reduction``; root_joint: (mean (3,), dirs (3, 10)) of the SMPL
+    root joint for an
     exact camera label under rotation (``augment.root_joint_model``).
     """
 
@@ -300,7 +253,7 @@ class MultiRoICropper:
             "focal": np.float32(sample.focal),
             "keypoints_2d": augment_keypoints(params, sample.keypoints_2d, sample.image_size),
             "joints_3d": augment_joints_3d(params, sample.joints_3d),
-            "pose": rotate_pose(params, sample.pose),
+            "pose": augment_pose(params, sample.pose),
             "betas": sample.betas.astype(np.float32),
             "has_smpl": bool(sample.has_smpl),
             "has_3d": bool(sample.has_3d),
@@ -308,19 +261,6 @@ class MultiRoICropper:
             "has_cam": has_cam,
             "cam_full": cam,
         }
-
-
-def rotate_pose(params: AugmentParams, pose: np.ndarray) -> np.ndarray:
-    """``augment.augment_pose`` with the root roll done by ``cv2.Rodrigues`` (~10x faster
-    than scipy's ``Rotation`` for one vector; equal to float32 precision, see the tests)."""
-    if params.angle == 0.0:
-        return augment_pose(params, pose)
-    out = flip_smpl_pose(pose.astype(np.float64)) if params.flip else pose.astype(np.float64)
-    c, s = np.cos(params.angle), np.sin(params.angle)
-    roll = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    root = cv2.Rodrigues(np.ascontiguousarray(out[:3]))[0]
-    out[:3] = cv2.Rodrigues(roll @ root)[0].ravel()
-    return out.astype(np.float32)
 
 
 def occluder_rects(params: AugmentParams, boxes: np.ndarray, crop_size: int) -> np.ndarray:

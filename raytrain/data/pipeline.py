@@ -16,23 +16,20 @@ reader's position lives in shared memory and each `Loader` sets it before it ite
 """
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Dict, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..body.model import root_joint_model
 from ..geometry import build_schedule
-from .augment import AugmentConfig, root_joint_model
+from .augment import AugmentConfig
 from .collate import FREE, BatchPool, BatchSink, batch_to_torch, collate_arrays
 from .crop import MultiRoICropper
-from .reader import ShardReader, resolve_shards
-
-
-def count_samples(source: str) -> int:
-    """Samples in a shard set (manifest counts, else read once)."""
-    return sum(ref.num_samples for ref in resolve_shards(source))
+from .reader import ShardReader
+from .shards import count_samples, resolve_shards
 
 
 def epoch_length(cfg, split: str, rank: int, world_size: int) -> int:
@@ -56,7 +53,7 @@ def augment_from_config(data) -> AugmentConfig:
 
 
 @lru_cache(maxsize=4)
-def _root_joint(smpl_dir: Optional[str]):
+def _root_joint(smpl_dir: str | None):
     from ..body import load_body_model
     return root_joint_model(load_body_model(smpl_dir))
 
@@ -65,7 +62,7 @@ class CropTransform:
     """Picklable per-sample transform run inside the reader: sample -> cropped dict."""
 
     def __init__(self, cropper: MultiRoICropper, seed: int, epoch: int = 0,
-                 sink: Optional[BatchSink] = None):
+                 sink: BatchSink | None = None):
         self.cropper, self.seed, self.epoch = cropper, seed, epoch
         self.sink = sink  # in DataLoader workers: crops go straight into the batch buffer
 
@@ -165,7 +162,7 @@ class Loader:
     def __init__(self, source: EpochSource, epoch: int, skip: int, rebuild=None):
         self.source, self.epoch, self.skip = source, int(epoch), int(skip)
         self._rebuild = rebuild  # -> a private EpochSource when the shared one is busy
-        self._bad_by_worker: Dict[int, Counter] = {}
+        self._bad_by_worker: dict[int, Counter] = {}
 
     @property
     def reader(self) -> ShardReader:
@@ -176,15 +173,15 @@ class Loader:
         return self.source.loader
 
     @property
-    def pool(self) -> Optional[BatchPool]:
+    def pool(self) -> BatchPool | None:
         return self.source.pool
 
     @property
-    def max_batches(self) -> Optional[int]:
+    def max_batches(self) -> int | None:
         return self.source.max_batches
 
     @property
-    def bad_counts(self) -> Dict[str, int]:
+    def bad_counts(self) -> dict[str, int]:
         total = Counter()
         for counts in self._bad_by_worker.values():
             total.update(counts)
@@ -243,7 +240,7 @@ class Loader:
 
 
 #: The persistent ``EpochSource`` of each split, with the arguments it was built for.
-_PERSISTENT: Dict[str, tuple] = {}
+_PERSISTENT: dict[str, tuple] = {}
 
 
 def build_loader(cfg, split: str, rank: int, world_size: int, epoch: int, skip: int,
@@ -293,7 +290,7 @@ class _collate_with_counts:
     """Collate (labels stay numpy until ``Loader`` receives the batch: cheaper to send
     from a worker), and attach this worker's bad-sample counts of the epoch so far."""
 
-    def __init__(self, reader, pool: Optional[BatchPool] = None, sink: Optional[BatchSink] = None):
+    def __init__(self, reader, pool: BatchPool | None = None, sink: BatchSink | None = None):
         self.reader, self.pool, self.sink = reader, pool, sink
 
     def __call__(self, items):

@@ -22,7 +22,8 @@ samples of epoch ``e`` on this rank" (``state_dict``) maps to a number of positi
 each worker skips, without decoding, on resume: nothing of the epoch is repeated or
 skipped, and the rest of the epoch comes in the same order as without the interruption
 (with DataLoader workers: when ``consumed`` is a multiple of ``batch_size``, i.e. the
-position is saved between batches; otherwise still no repeat or skip, order aside). With ``num_workers=0`` the reader counts yields itself; with workers, call
+position is saved between batches; otherwise still no repeat or skip, order aside). With
+``num_workers=0`` the reader counts yields itself; with workers, call
 ``advance(n)`` in the training loop for every batch of ``n`` samples received.
 
 **Bad data.** A corrupt tar member, an undecodable JPEG, non-finite labels, a box
@@ -37,21 +38,19 @@ manifest with an unknown schema version is refused when the reader is built.
 from __future__ import annotations
 
 import logging
-import posixpath
 import random
-import tarfile
 from collections import Counter
-from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-import numpy as np
 import torch
-from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .io import dirname_url, exists, isdir, join_url, list_files, open_url
+from .formats.tar import CORRUPT_FLAG, tar_samples
+from .io import open_url
+from .plan import WorkerPlan, buffer_shuffle, epoch_shard_order, plan_worker
 from .schema import BadSample, Sample, SchemaError, decode_sample
-from .shards import MANIFEST_NAME, read_manifest
+from .shards import ShardRef, resolve_shards
 
 log = logging.getLogger(__name__)
 
@@ -67,314 +66,6 @@ class TooManyBadSamples(RuntimeError):
         )
 
 
-# ============================================================================ tar stream
-# Python's tarfile stops silently (or raises) at the first damaged header, losing the
-# rest of a shard. This reader walks the 512-byte blocks itself (headers parsed by
-# tarfile.TarInfo.frombuf) so that it reports a damaged header or a truncated member as a
-# "corrupt" event, then resynchronises on the next valid header. Samples are consecutive
-# members sharing a key: "dir/key.ext" -> key "dir/key", extension "ext" (as webdataset).
-
-BLOCK = 512
-
-#: Extra entries a raw sample dict may carry besides ``__key__`` and its members.
-CORRUPT_FLAG = "__corrupt__"  # a damaged member was next to this sample
-
-
-def _read_exact(handle: IO[bytes], size: int) -> bytes:
-    """Read ``size`` bytes unless the stream ends first."""
-    parts, left = [], size
-    while left > 0:
-        chunk = handle.read(left)
-        if not chunk:
-            break
-        parts.append(chunk)
-        left -= len(chunk)
-    return b"".join(parts)
-
-
-def _padded(size: int) -> int:
-    return -(-size // BLOCK) * BLOCK
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The ``path`` record of a pax extended header, if any."""
-    position = 0
-    while position < len(data):
-        space = data.find(b" ", position)
-        if space < 0:
-            return None
-        try:
-            length = int(data[position:space])
-        except ValueError:
-            return None
-        if length <= 0:
-            return None
-        record = data[space + 1 : position + length - 1]
-        name, _, value = record.partition(b"=")
-        if name == b"path":
-            return value.decode("utf-8", "surrogateescape")
-        position += length
-    return None
-
-
-_REGULAR = (b"0", b"\0")
-_USTAR = (b"ustar\x0000", b"ustar  \x00")
-
-
-def _fast_header(header: bytes) -> tuple[str, int] | None:
-    """(name, size) of a plain regular-file header, else None (-> ``TarInfo.frombuf``).
-
-    Plain: ustar/GNU magic, type '0', octal size, no prefix, a name not ending in '/',
-    and an unsigned checksum that matches; anything else (links, pax/GNU long names,
-    base-256 numbers, a bad checksum) takes tarfile's own parser, with its errors."""
-    if header[156:157] not in _REGULAR or header[257:265] not in _USTAR or header[345] != 0:
-        return None
-    try:
-        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        return None
-    if stored != sum(header) - sum(header[148:156]) + 256:
-        return None
-    raw_name = header[:100].split(b"\0", 1)[0]
-    if raw_name.endswith(b"/"):
-        return None
-    return raw_name.decode("utf-8", "surrogateescape"), size
-
-
-def tar_events(handle: IO[bytes]) -> Iterator[tuple[str, str, bytes]]:
-    """Yield ``("member", name, data)`` for regular files and ``("corrupt", detail, b"")``.
-
-    One ``corrupt`` event is emitted per run of damaged blocks; a truncated member ends
-    the stream after its event. Directories, links and global headers are skipped.
-    """
-    long_name: str | None = None
-    resyncing = False
-    read = handle.read
-    while True:
-        header = read(BLOCK)
-        if len(header) < BLOCK and header:
-            header += _read_exact(handle, BLOCK - len(header))
-        if not header:
-            return
-        if len(header) < BLOCK:
-            yield ("corrupt", "truncated header at end of file", b"")
-            return
-        fast = _fast_header(header) if long_name is None else None
-        if fast is not None:  # the common case: a plain member, read with its padding
-            name, size = fast
-            resyncing = False
-            padded = _padded(size)
-            data = read(padded)
-            if len(data) < padded:
-                data += _read_exact(handle, padded - len(data))
-            if len(data) < size:
-                yield ("corrupt", f"truncated member {name}", b"")
-                return
-            yield ("member", name, data[:size] if padded != size else data)
-            continue
-        if header.count(0) == BLOCK:
-            if resyncing:  # zeros inside a damaged member's data: keep scanning
-                continue
-            return  # end-of-archive marker
-        try:
-            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-        except tarfile.HeaderError as error:
-            if not resyncing:
-                yield ("corrupt", f"invalid tar header ({error})", b"")
-                resyncing = True
-            continue
-        resyncing = False
-        data = _read_exact(handle, info.size)
-        if len(data) < info.size:
-            yield ("corrupt", f"truncated member {info.name}", b"")
-            return
-        _read_exact(handle, _padded(info.size) - info.size)
-        if info.type == tarfile.GNUTYPE_LONGNAME:
-            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-        elif info.type == tarfile.XHDTYPE:
-            long_name = _pax_path(data) or long_name
-        elif info.isreg():
-            yield ("member", long_name or info.name, data)
-            long_name = None
-        else:
-            long_name = None
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """``"a/b/c.seg.npz"`` -> ``("a/b/c", "seg.npz")``; no dot -> extension ``""``."""
-    if "/" not in name:
-        stem, _, ext = name.partition(".")
-        return stem, ext
-    folder, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return (posixpath.join(folder, stem) if folder else stem), ext
-
-
-def tar_samples(handle: IO[bytes]) -> Iterator[dict]:
-    """Group a tar stream into raw samples ``{"__key__": key, ext: bytes, ...}``.
-
-    A sample next to a damaged region (the one open when it happened and the one that
-    starts right after) carries ``CORRUPT_FLAG: True``, so that an incomplete sample can
-    be told apart from one written without a member.
-    """
-    current: dict | None = None
-    flag_next = False
-    for kind, name, data in tar_events(handle):
-        if kind == "corrupt":
-            if current is not None:
-                current[CORRUPT_FLAG] = True
-            flag_next = True
-            continue
-        key, ext = split_name(name)
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                yield current
-            current = {"__key__": key}
-            if flag_next:
-                current[CORRUPT_FLAG] = True
-                flag_next = False
-        current[ext] = data
-    if current is not None:
-        yield current
-
-
-# ============================================================================ shard lists
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """One shard: where it is, its name, and how many samples it holds."""
-
-    url: str
-    name: str
-    num_samples: int
-
-
-def resolve_shards(source: str | Sequence[str], storage_options: dict | None = None) -> list[ShardRef]:
-    """Shard list from a manifest, a directory, a brace pattern or a list of tar URLs.
-
-    Counts come from the manifest (``manifest.json`` beside the shards, which is checked
-    for its schema version); shards without one are counted by reading them once.
-    """
-    if isinstance(source, (list, tuple)):
-        urls = [str(url) for url in source]
-    elif source.endswith(".json"):
-        return _from_manifest(source, storage_options)
-    elif "{" in source:
-        urls = list(braceexpand(source))
-    elif isdir(source, storage_options):
-        if exists(join_url(source, MANIFEST_NAME), storage_options):
-            return _from_manifest(join_url(source, MANIFEST_NAME), storage_options)
-        urls = list_files(source, ".tar", storage_options)
-    else:
-        urls = [source]
-    if not urls:
-        raise FileNotFoundError(f"no tar shards found at {source}")
-    return _with_counts(urls, storage_options)
-
-
-def _from_manifest(url: str, storage_options: dict | None) -> list[ShardRef]:
-    manifest = read_manifest(url, storage_options)
-    base = dirname_url(url)
-    return [
-        ShardRef(join_url(base, entry["name"]), entry["name"], entry["num_samples"])
-        for entry in manifest["shards"]
-    ]
-
-
-def _with_counts(urls: list[str], storage_options: dict | None) -> list[ShardRef]:
-    """Attach counts from the manifests beside the shards, else by reading the shards."""
-    known: dict[str, int] = {}
-    for folder in sorted({dirname_url(url) for url in urls}):
-        if exists(join_url(folder, MANIFEST_NAME), storage_options):
-            for ref in _from_manifest(join_url(folder, MANIFEST_NAME), storage_options):
-                known[ref.url] = ref.num_samples
-    unknown = [url for url in urls if url not in known]
-    if unknown:
-        log.warning("no manifest for %d shard(s); counting their samples by reading them", len(unknown))
-    for url in unknown:
-        with open_url(url, "rb", storage_options) as handle:
-            known[url] = sum(1 for _ in tar_samples(handle))
-    return [ShardRef(url, posixpath.basename(url), known[url]) for url in urls]
-
-
-# ============================================================================ epoch plan
-
-
-def epoch_shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """Shard indices in the order of this epoch (a seeded permutation when shuffling)."""
-    if not shuffle:
-        return list(range(num_shards))
-    return np.random.default_rng([seed, epoch]).permutation(num_shards).tolist()
-
-
-def positions_before(n: int, worker: int, num_workers: int, batch_size: int) -> int:
-    """How many rank-local positions ``j < n`` belong to ``worker``.
-
-    Position ``j`` belongs to worker ``(j // batch_size) % num_workers``: the order of a
-    torch DataLoader that takes one batch from each worker in turn.
-    """
-    full_chunks, rest = divmod(n, batch_size)
-    owned_chunks = max(0, (full_chunks - worker + num_workers - 1) // num_workers)
-    partial = rest if full_chunks % num_workers == worker else 0
-    return owned_chunks * batch_size + partial
-
-
-def sequence_segments(
-    order: Sequence[int], counts: Sequence[int], start: int, stop: int
-) -> list[tuple[int, int, int]]:
-    """``(shard index, first, end)`` pieces of the global sequence ``[start, stop)``."""
-    pieces, offset = [], 0
-    for shard in order:
-        lo, hi = max(start, offset), min(stop, offset + counts[shard])
-        if lo < hi:
-            pieces.append((shard, lo - offset, hi - offset))
-        offset += counts[shard]
-        if offset >= stop:
-            break
-    return pieces
-
-
-@dataclass
-class WorkerPlan:
-    """What one (rank, worker) reads and yields in one epoch."""
-
-    segments: list[tuple[int, int, int]]  # (shard index, first, end) read in this order
-    quota: int  # positions this worker yields in the whole epoch
-    skip: int  # positions already consumed before a resume
-
-
-def plan_worker(
-    counts: Sequence[int], order: Sequence[int], rank: int, world_size: int,
-    worker: int, num_workers: int, batch_size: int, consumed: int,
-) -> WorkerPlan:
-    """The contiguous range of the epoch sequence that one (rank, worker) owns."""
-    per_rank = sum(counts) // world_size
-    quotas = [positions_before(per_rank, w, num_workers, batch_size) for w in range(num_workers)]
-    start = rank * per_rank + sum(quotas[:worker])
-    return WorkerPlan(
-        segments=sequence_segments(order, counts, start, start + quotas[worker]),
-        quota=quotas[worker],
-        skip=positions_before(min(consumed, per_rank), worker, num_workers, batch_size),
-    )
-
-
-def buffer_shuffle(items: Iterable, size: int, rng: random.Random) -> Iterator:
-    """Shuffle a stream with a buffer of ``size`` items (no shuffle for size <= 1)."""
-    if size <= 1:
-        yield from items
-        return
-    buffer: list = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(size)
-        yield buffer[index]
-        buffer[index] = item
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 LOST_FLAG = "__lost__"  # a sample the manifest promises but the tar did not deliver
@@ -610,7 +301,7 @@ class ShardReader(IterableDataset):
         substitute = getattr(self.transform, "substitute", None)
         return item if substitute is None else substitute(item)
 
-    def _decode(self, raw: dict, tally: "_BadTally") -> Any:
+    def _decode(self, raw: dict, tally: _BadTally) -> Any:
         """Decode (and transform) one raw sample, or count it as bad and return None."""
         shard = raw.get("__shard__", "?")
         try:

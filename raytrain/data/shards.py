@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import webdataset as wds
+from braceexpand import braceexpand
 
-from .io import HashingWriter, get_fs, is_remote, join_url, open_url, sha256_of
+from .formats.tar import tar_samples
+from .io import HashingWriter, dirname_url, exists, get_fs, is_remote, isdir, join_url, list_files, open_url, sha256_of
 from .schema import KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, SchemaError
 
 log = logging.getLogger(__name__)
@@ -165,3 +169,67 @@ def verify_shards(path_or_url: str, storage_options: dict | None = None) -> list
         if size != entry.get("bytes") or digest != entry.get("sha256"):
             problems.append(f"{shard_url}: size/sha256 differ from the manifest")
     return problems
+
+
+# ----------------------------------------------------------------------------- shard lists
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard: where it is, its name, and how many samples it holds."""
+
+    url: str
+    name: str
+    num_samples: int
+
+
+def resolve_shards(source: str | Sequence[str], storage_options: dict | None = None) -> list[ShardRef]:
+    """Shard list from a manifest, a directory, a brace pattern or a list of tar URLs.
+
+    Counts come from the manifest (``manifest.json`` beside the shards, which is checked
+    for its schema version); shards without one are counted by reading them once.
+    """
+    if isinstance(source, (list, tuple)):
+        urls = [str(url) for url in source]
+    elif source.endswith(".json"):
+        return _from_manifest(source, storage_options)
+    elif "{" in source:
+        urls = list(braceexpand(source))
+    elif isdir(source, storage_options):
+        if exists(join_url(source, MANIFEST_NAME), storage_options):
+            return _from_manifest(join_url(source, MANIFEST_NAME), storage_options)
+        urls = list_files(source, ".tar", storage_options)
+    else:
+        urls = [source]
+    if not urls:
+        raise FileNotFoundError(f"no tar shards found at {source}")
+    return _with_counts(urls, storage_options)
+
+
+def _from_manifest(url: str, storage_options: dict | None) -> list[ShardRef]:
+    manifest = read_manifest(url, storage_options)
+    base = dirname_url(url)
+    return [
+        ShardRef(join_url(base, entry["name"]), entry["name"], entry["num_samples"])
+        for entry in manifest["shards"]
+    ]
+
+
+def _with_counts(urls: list[str], storage_options: dict | None) -> list[ShardRef]:
+    """Attach counts from the manifests beside the shards, else by reading the shards."""
+    known: dict[str, int] = {}
+    for folder in sorted({dirname_url(url) for url in urls}):
+        if exists(join_url(folder, MANIFEST_NAME), storage_options):
+            for ref in _from_manifest(join_url(folder, MANIFEST_NAME), storage_options):
+                known[ref.url] = ref.num_samples
+    unknown = [url for url in urls if url not in known]
+    if unknown:
+        log.warning("no manifest for %d shard(s); counting their samples by reading them", len(unknown))
+    for url in unknown:
+        with open_url(url, "rb", storage_options) as handle:
+            known[url] = sum(1 for _ in tar_samples(handle))
+    return [ShardRef(url, posixpath.basename(url), known[url]) for url in urls]
+
+
+def count_samples(source: str | Sequence[str], storage_options: dict | None = None) -> int:
+    """Samples in a shard set (manifest counts, else read once)."""
+    return sum(ref.num_samples for ref in resolve_shards(source, storage_options))

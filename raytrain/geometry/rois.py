@@ -3,8 +3,8 @@
 A schedule maps boxes (N, 3) to RoI boxes (N, M, 3); RoI 0 is always the detected box.
 Schedules are small builders in a registry so the schedule is a tunable hyperparameter.
 """
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ class FixedSchedule:
         if len(self.scales) < self.num_rois - 1:
             raise ValueError(f"fixed schedule needs {self.num_rois - 1} scales, got {len(self.scales)}")
 
-    def boxes(self, boxes: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def boxes(self, boxes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         k = self.num_rois - 1
         offsets = FIXED_DIRECTIONS[:k] * self.offset
         scales = torch.as_tensor(list(self.scales[:k]), dtype=torch.float32)
@@ -68,7 +68,7 @@ class RandomSchedule:
             raise ValueError(f"random schedule needs 0 < scale_min <= scale_max, got "
                              f"{self.scale_min}, {self.scale_max}")
 
-    def boxes(self, boxes: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def boxes(self, boxes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         k = self.num_rois - 1
         lead = boxes.shape[:-1]
         u = torch.rand(*lead, k, 3, generator=generator)
@@ -93,7 +93,7 @@ def _check_num_rois(num_rois: int):
         raise ValueError(f"num_rois must be in 1..{MAX_ROIS}, got {num_rois}")
 
 
-_SCHEDULES: Dict[str, Callable] = {"paper": FixedSchedule, "fixed": FixedSchedule,
+_SCHEDULES: dict[str, Callable] = {"paper": FixedSchedule, "fixed": FixedSchedule,
                                    "random": RandomSchedule}
 
 

@@ -3,5 +3,12 @@ from .backbones import create_backbone, list_backbones, load_backbone_weights, r
 from .decoders import CameraDecoder, IterativeRegressor, MeshDecoder, ProjectionHead
 from .encoding import box_encoding, encoding_dim, positional_encoding
 from .fusion import Fusion, create_fusion, list_fusions, register_fusion
-from .network import (IMAGENET_MEAN, IMAGENET_STD, ModelSpec, MultiRoINet, build_model,
-                      default_mean_params, normalize_images)
+from .network import (
+                      IMAGENET_MEAN,
+                      IMAGENET_STD,
+                      ModelSpec,
+                      MultiRoINet,
+                      build_model,
+                      default_mean_params,
+                      normalize_images,
+)

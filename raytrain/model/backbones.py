@@ -9,7 +9,7 @@ from a local checkpoint file when one is given.
 """
 import logging
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 import timm
 import torch
@@ -17,7 +17,7 @@ import torch.nn as nn
 
 log = logging.getLogger(__name__)
 
-_BACKBONES: Dict[str, Callable[[], Tuple[nn.Module, int]]] = {}
+_BACKBONES: dict[str, Callable[[], tuple[nn.Module, int]]] = {}
 
 
 def register_backbone(name: str):
@@ -30,11 +30,11 @@ def register_backbone(name: str):
     return decorator
 
 
-def list_backbones() -> List[str]:
+def list_backbones() -> list[str]:
     return sorted(_BACKBONES)
 
 
-def create_backbone(name: str, checkpoint: Optional[str] = None) -> Tuple[nn.Module, int]:
+def create_backbone(name: str, checkpoint: str | None = None) -> tuple[nn.Module, int]:
     """Build the backbone `name`; load weights from the local file `checkpoint` if given."""
     if name not in _BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}")
@@ -94,7 +94,7 @@ class HRNetBranches(nn.Module):
         return torch.cat([f.mean(dim=(2, 3)) for f in self.net(x)], dim=1)
 
 
-def _pooled(name: str, **kwargs) -> Tuple[nn.Module, int]:
+def _pooled(name: str, **kwargs) -> tuple[nn.Module, int]:
     module = PooledTimm(name, **kwargs)
     return module, module.dim
 
@@ -140,7 +140,7 @@ def mobilenetv3_small_050():  # fastest on CPU, d = 1024 (after its conv head), 
 _PREFIXES = ("module.", "backbone.", "encoder.", "model.", "net.")
 
 
-def _unwrap_state_dict(obj) -> Dict[str, torch.Tensor]:
+def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

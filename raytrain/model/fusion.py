@@ -19,13 +19,12 @@ same functions as abs_pe. Only a non-linear score (hidden > 0) makes the relativ
 encoding matter. The same holds for h_null and abs_pe with any score: nothing depends on m.
 """
 import math
-from typing import Dict, List, Tuple, Type
 
 import torch
 import torch.nn as nn
 
 Tensor = torch.Tensor
-_FUSIONS: Dict[str, Type["Fusion"]] = {}
+_FUSIONS: dict[str, type["Fusion"]] = {}
 
 
 def register_fusion(name: str):
@@ -39,7 +38,7 @@ def register_fusion(name: str):
     return decorator
 
 
-def list_fusions() -> List[str]:
+def list_fusions() -> list[str]:
     return sorted(_FUSIONS)
 
 
@@ -53,7 +52,7 @@ def create_fusion(name: str, dim: int, pe_dim: int, hidden: int = 0, heads: int 
 class Fusion(nn.Module):
     name = "base"
 
-    def forward(self, h: Tensor, pe: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, h: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         """h (N,M,d), pe (N,M,P) -> u (N,M,d), w (N,M,M)."""
         raise NotImplementedError
 

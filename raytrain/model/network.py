@@ -12,7 +12,6 @@ With `bbox_info_to_decoders`, D_cam sees u_m ⊕ bbox_info(B_m) and D_mesh sees
 feeds its box descriptor to the regressor.
 """
 from dataclasses import dataclass, fields
-from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -39,7 +38,7 @@ class ModelSpec:
     the fusion; > 0 = a 2-layer MLP score of that width (see fusion.py on why it matters).
     """
     backbone: str = "resnet50"
-    backbone_checkpoint: Optional[str] = None
+    backbone_checkpoint: str | None = None
     fusion: str = "raf"
     pe_bands: int = 32
     decoder_iters: int = 3
@@ -62,7 +61,7 @@ class ModelSpec:
         return cls(**{**values, **overrides})
 
 
-def default_mean_params() -> Dict[str, Tensor]:
+def default_mean_params() -> dict[str, Tensor]:
     """A neutral start when no SMPL mean is given: identity rotations, zero betas, s = 0.9.
 
     Training should pass `raytrain.body.load_mean_params(...)` instead (SPIN/CLIFF start from
@@ -80,8 +79,8 @@ def normalize_images(images: Tensor) -> Tensor:
 
 
 class MultiRoINet(nn.Module):
-    def __init__(self, spec: ModelSpec, body_model: Optional[nn.Module] = None,
-                 mean_params: Optional[Dict[str, Tensor]] = None):
+    def __init__(self, spec: ModelSpec, body_model: nn.Module | None = None,
+                 mean_params: dict[str, Tensor] | None = None):
         super().__init__()
         self.spec = spec
         mean = mean_params if mean_params is not None else default_mean_params()
@@ -106,10 +105,10 @@ class MultiRoINet(nn.Module):
     # synthetic body must not overwrite real SMPL tensors on load), out of parameters() and
     # out of DDP's buffer broadcast. It still follows .to(device) / .double() via _apply.
     @property
-    def body_model(self) -> Optional[nn.Module]:
+    def body_model(self) -> nn.Module | None:
         return self._body
 
-    def set_body_model(self, body_model: Optional[nn.Module]) -> None:
+    def set_body_model(self, body_model: nn.Module | None) -> None:
         if body_model is not None:
             body_model.requires_grad_(False)
             param = next(self.parameters())
@@ -127,7 +126,7 @@ class MultiRoINet(nn.Module):
         N, M = images.shape[:2]
         return self.encoder(images.flatten(0, 1)).view(N, M, -1)
 
-    def forward(self, images: Tensor, boxes: Tensor, image_size: Tensor, focal: Tensor) -> Dict[str, Tensor]:
+    def forward(self, images: Tensor, boxes: Tensor, image_size: Tensor, focal: Tensor) -> dict[str, Tensor]:
         """images (N,M,3,S,S) normalised float, boxes (N,M,3) px, image_size (N,2) (W,H), focal (N,)."""
         N, M = images.shape[:2]
         h = self.encode(images)                                              # (N,M,d)
@@ -167,8 +166,8 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def build_model(cfg=None, body_model: Optional[nn.Module] = None,
-                mean_params: Optional[Dict[str, Tensor]] = None, **overrides) -> MultiRoINet:
+def build_model(cfg=None, body_model: nn.Module | None = None,
+                mean_params: dict[str, Tensor] | None = None, **overrides) -> MultiRoINet:
     """Build the network from a ModelConfig-like object and/or keyword settings.
 
     `cfg` is read by attribute (raytrain.config.ModelConfig, a ModelSpec, or None for the

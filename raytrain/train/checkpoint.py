@@ -10,7 +10,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def save_checkpoint(directory: str, state: Dict[str, Any]) -> Path:
+def save_checkpoint(directory: str, state: dict[str, Any]) -> Path:
     """Write `state` (torch-serialisable, no pickled objects) atomically into `directory`."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
@@ -48,7 +48,7 @@ def is_complete(directory: str) -> bool:
         return False
 
 
-def load_checkpoint(directory: str, map_location="cpu") -> Dict[str, Any]:
+def load_checkpoint(directory: str, map_location="cpu") -> dict[str, Any]:
     """Load a complete checkpoint; refuse an incomplete or tampered one."""
     if not is_complete(directory):
         raise CheckpointError(f"checkpoint {directory} is incomplete (no valid {COMMIT_FILE}); "
@@ -60,18 +60,18 @@ def checkpoint_step(directory: str) -> int:
     return int(json.loads((Path(directory) / COMMIT_FILE).read_text())["step"])
 
 
-def list_complete_checkpoints(run_dir: str) -> List[Path]:
+def list_complete_checkpoints(run_dir: str) -> list[Path]:
     """Complete checkpoint directories below a run directory, oldest step first."""
     found = [p.parent for p in Path(run_dir).rglob(COMMIT_FILE) if is_complete(p.parent)]
     return sorted(found, key=checkpoint_step)
 
 
-def latest_complete_checkpoint(run_dir: str) -> Optional[Path]:
+def latest_complete_checkpoint(run_dir: str) -> Path | None:
     found = list_complete_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states as tensors and plain lists (weights_only-safe)."""
     np_state = np.random.get_state()
     return {
@@ -82,7 +82,7 @@ def rng_state() -> Dict[str, Any]:
     }
 
 
-def set_rng_state(state: Dict[str, Any]):
+def set_rng_state(state: dict[str, Any]):
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],

@@ -2,7 +2,6 @@
 import os
 import time
 from pathlib import Path
-from typing import Dict
 
 
 class RunLogger:
@@ -22,7 +21,7 @@ class RunLogger:
             self.key_log = open(path, "a", buffering=1)
             Path(f"{cfg.train.sample_log}.rank{self.rank}.pid").write_text(str(os.getpid()))
 
-    def step(self, pos, terms: Dict[str, float], num_samples: int, lr: float, keys):
+    def step(self, pos, terms: dict[str, float], num_samples: int, lr: float, keys):
         if self.key_log:
             self.key_log.writelines(f"{pos.step} {pos.epoch} {k}\n" for k in keys)
         self.samples += num_samples
@@ -42,7 +41,7 @@ class RunLogger:
         self._scalars({f"train/{k}": v for k, v in terms.items()} | {"train/lr": lr,
                       "train/persons_per_s": rate}, pos.step)
 
-    def validation(self, pos, metrics: Dict[str, float]):
+    def validation(self, pos, metrics: dict[str, float]):
         if self.rank != 0:
             return
         shown = " ".join(f"{k}={v:.1f}" for k, v in metrics.items() if k != "val_samples")
@@ -56,7 +55,7 @@ class RunLogger:
         if self.key_log:
             self.key_log.close()
 
-    def _scalars(self, values: Dict[str, float], step: int):
+    def _scalars(self, values: dict[str, float], step: int):
         if self.tb:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
@@ -80,7 +79,8 @@ class RunLogger:
         try:
             import mlflow
         except ImportError:
-            raise RuntimeError("train.mlflow_uri is set but mlflow is not installed: pip install 'raytrain[mlflow]'")
+            raise RuntimeError("train.mlflow_uri is set but mlflow is not installed: "
+                               "pip install 'raytrain[mlflow]'") from None
         mlflow.set_tracking_uri(self.cfg.train.mlflow_uri)
         mlflow.set_experiment(self.cfg.name)
         mlflow.start_run()
@@ -89,4 +89,6 @@ class RunLogger:
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -12,15 +12,13 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Dict, Optional
 
 import torch
 
 from ..body import load_body_model, load_mean_params
-from ..config import ExperimentConfig, from_dict, to_dict, with_legacy_defaults
-from ..config import validate as validate_config
+from ..config import ExperimentConfig, config_from_raw, to_dict, with_legacy_defaults
 from ..data.pipeline import build_loader, close_loaders, epoch_length
-from ..evaluation import camera_error, mesh_protocol
+from ..eval.protocol import validate
 from ..losses import compute_losses, gather_negatives
 from ..model import build_model, normalize_images
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -55,19 +53,13 @@ class Throughput:
         return self.persons / self.elapsed if self.elapsed > 0 else 0.0
 
 
-def config_from_dict(raw: Dict) -> ExperimentConfig:
-    cfg = from_dict(ExperimentConfig, raw, prefix="")
-    validate_config(cfg)
-    return cfg
-
-
-def ray_train_worker(raw_cfg: Dict):
+def ray_train_worker(raw_cfg: dict):
     """Entry point of every Ray Train worker."""
     from .session import RaySession
-    run_loop(config_from_dict(raw_cfg), RaySession())
+    run_loop(config_from_raw(raw_cfg), RaySession())
 
 
-def run_loop(cfg: ExperimentConfig, session, max_steps: Optional[int] = None) -> Dict:
+def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> dict:
     torch.manual_seed(cfg.seed + session.rank)
     torch.set_num_threads(max(1, int(round(cfg.ray.cpus_per_worker))))
     device = session.device
@@ -120,7 +112,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: Optional[int] = None) ->
     return metrics
 
 
-def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device) -> Dict[str, float]:
+def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device) -> dict[str, float]:
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     model.train()
     with _autocast(cfg, device):
@@ -141,59 +133,6 @@ def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device) ->
     terms = {k: float(v) for k, v in terms.items()}
     terms["total"] = float(total.detach())
     return terms
-
-
-@torch.no_grad()
-def predict(model, batch, device):
-    """Network output for a batch (eval mode), float32, on `device`."""
-    model.eval()
-    return model(normalize_images(batch["images"].to(device)), batch["boxes"].to(device),
-                 batch["image_size"].to(device), batch["focal"].to(device))
-
-
-@torch.no_grad()
-def evaluate_batch(model, body, batch, device, pred=None):
-    """The validation protocol on one batch -> (prediction, per-sample errors).
-
-    errors: mesh_protocol's mpjpe, pa_mpjpe, pve (N,) and per_joint (N, 14) in mm, plus
-    cam_err (N,) mm (camera translation of RoI 0) and has_cam (N,) bool. Shared by
-    `validate` and `raytrain eval` so both report the same numbers. `pred` (vertices,
-    joints_h36m, cam_full on `device`) replaces the model's output (oracle checks).
-    """
-    if pred is None:
-        pred = predict(model, batch, device)
-    gt = body.forward_axis_angle(batch["pose"].to(device), batch["betas"].to(device),
-                                 gender=batch.get("gender"))
-    errors = mesh_protocol(pred["joints_h36m"], gt.joints_h36m, pred["vertices"], gt.vertices)
-    errors["cam_err"] = camera_error(pred["cam_full"][:, 0], batch["cam_full"].to(device))
-    errors["has_cam"] = batch["has_cam"].to(device)
-    return pred, errors
-
-
-@torch.no_grad()
-def validate(cfg, model, body, session, device) -> Dict[str, float]:
-    """Mean errors (mm) over this rank's part of the validation set, reduced over ranks."""
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # mpjpe, pa, pve, n, cam, n_cam
-    loader = build_loader(cfg, "val", session.rank, session.world_size, epoch=0, skip=0,
-                          batch_size=cfg.data.val_batch_size, seed=cfg.seed)
-    for batch in loader:
-        _, errors = evaluate_batch(model, body, batch, device)
-        sums[0] += errors["mpjpe"].sum()
-        sums[1] += errors["pa_mpjpe"].sum()
-        sums[2] += errors["pve"].sum()
-        sums[3] += len(batch["keys"])
-        has_cam = errors["has_cam"]
-        if has_cam.any():
-            sums[4] += errors["cam_err"][has_cam].sum()
-            sums[5] += has_cam.sum()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-    n, n_cam = max(sums[3].item(), 1.0), sums[5].item()
-    out = {"val_mpjpe": sums[0].item() / n, "val_pa_mpjpe": sums[1].item() / n,
-           "val_pve": sums[2].item() / n, "val_samples": int(sums[3].item())}
-    if n_cam > 0:
-        out["val_cam_err"] = sums[4].item() / n_cam
-    return out
 
 
 def _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, loader):

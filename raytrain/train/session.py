@@ -4,7 +4,7 @@ Both expose the same small surface so `loop.run_loop` is one piece of code.
 """
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -15,7 +15,7 @@ class BareSession:
     """One process, no Ray: checkpoints go to `run_dir/checkpoints/step_XXXXXXX`."""
     rank, world_size, local_rank = 0, 1, 0
 
-    def __init__(self, run_dir: str, device: Optional[str] = None):
+    def __init__(self, run_dir: str, device: str | None = None):
         self.run_dir = Path(run_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.reports = []
@@ -23,14 +23,14 @@ class BareSession:
     def prepare_model(self, model):
         return model.to(self.device)
 
-    def latest_checkpoint_dir(self) -> Optional[str]:
+    def latest_checkpoint_dir(self) -> str | None:
         found = latest_complete_checkpoint(str(self.run_dir / "checkpoints"))
         return str(found) if found else None
 
     def checkpoint_dir(self, step: int) -> str:
         return str(self.run_dir / "checkpoints" / f"step_{step:08d}")
 
-    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None):
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None):
         self.reports.append(dict(metrics, checkpoint=checkpoint_dir))
 
     def barrier(self):
@@ -55,9 +55,10 @@ class RaySession:
         from ray.train.torch import prepare_model
         return prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
-    def latest_checkpoint_dir(self) -> Optional[str]:
+    def latest_checkpoint_dir(self) -> str | None:
         """The latest *complete* checkpoint Ray knows, else the newest complete one on disk."""
         import ray.train
+
         from .checkpoint import is_complete
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
@@ -74,7 +75,7 @@ class RaySession:
         path.mkdir(parents=True, exist_ok=True)
         return str(path)
 
-    def report(self, metrics: Dict[str, Any], checkpoint_dir: Optional[str] = None):
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None):
         import ray.train
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -10,11 +10,10 @@ trained model, not a validation-selected checkpoint): MPJPE / PA-MPJPE / PVE in 
 where the data carries the true camera (synthetic data) — the camera translation error
 `val_cam_err` in mm, the quantity L_cam is meant to improve.
 """
-import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
-from .export import TrialRecord, load_trials
+from .export import TrialRecord, is_finite_number, load_trials
 from .space import VARIANT_KEY
 
 TABLE_FILE = "ablation_table.md"
@@ -31,7 +30,7 @@ COLUMNS = (("val_mpjpe", "MPJPE ↓"), ("val_pa_mpjpe", "PA-MPJPE ↓"), ("val_p
            ("val_cam_err", "Cam. transl. err ↓"))
 
 
-def ablation_rows(experiment_dir: str) -> List[Dict[str, Any]]:
+def ablation_rows(experiment_dir: str) -> list[dict[str, Any]]:
     """One row per trial: variant (or parameter summary), final metrics, status."""
     rows = []
     for t in load_trials(experiment_dir):
@@ -50,9 +49,9 @@ def ablation_table(experiment_dir: str) -> str:
     rows = ablation_rows(experiment_dir)
     if not rows:
         raise FileNotFoundError(f"no trials under {experiment_dir}")
-    with_cam = any(_num(r.get("val_cam_err")) for r in rows)
+    with_cam = any(is_finite_number(r.get("val_cam_err")) for r in rows)
     columns = [c for c in COLUMNS if with_cam or c[0] != "val_cam_err"]
-    reference = next((r for r in rows if r["variant"] == "full" and _num(r.get("val_mpjpe"))), None)
+    reference = next((r for r in rows if r["variant"] == "full" and is_finite_number(r.get("val_mpjpe"))), None)
     header = ["Variant", *[label for _, label in columns]]
     if reference:
         header.append("Δ MPJPE")
@@ -60,9 +59,10 @@ def ablation_table(experiment_dir: str) -> str:
     for r in rows:
         cells = [r["label"]]
         for key, _ in columns:
-            cells.append(f"{r[key]:.1f}" if _num(r.get(key)) else ("failed" if r["errored"] else "–"))
+            cells.append(f"{r[key]:.1f}" if is_finite_number(r.get(key)) else ("failed" if r["errored"] else "–"))
         if reference:
-            cells.append(f"{r['val_mpjpe'] - reference['val_mpjpe']:+.1f}" if _num(r.get("val_mpjpe")) else "–")
+            delta = r.get("val_mpjpe")
+            cells.append(f"{delta - reference['val_mpjpe']:+.1f}" if is_finite_number(delta) else "–")
         lines.append("| " + " | ".join(cells) + " |")
     steps = sorted({r["step"] for r in rows if r.get("step") is not None})
     note = (f"\nErrors in mm on the validation set after {', '.join(map(str, steps))} steps "
@@ -72,27 +72,17 @@ def ablation_table(experiment_dir: str) -> str:
     return "\n".join(lines) + note + ".\n"
 
 
-def write_ablation_table(experiment_dir: str, path: Optional[str] = None) -> Path:
+def write_ablation_table(experiment_dir: str, path: str | None = None) -> Path:
     out = Path(path) if path else Path(experiment_dir) / TABLE_FILE
     out.write_text(ablation_table(experiment_dir))
     return out
 
 
-def run_ablations(cfg, space_path: str = "tune/spaces/ablations.yaml", **kwargs):
-    """`run_tune` on an ablation grid (it writes the table when the space has `variants`)."""
-    from .driver import run_tune
-    return run_tune(cfg, space_path, trials=1, **kwargs)
-
-
-def _last_validation(t: TrialRecord) -> Optional[Dict[str, Any]]:
-    rows = [r for r in t.results if _num(r.get("val_mpjpe"))]
+def _last_validation(t: TrialRecord) -> dict[str, Any] | None:
+    rows = [r for r in t.results if is_finite_number(r.get("val_mpjpe"))]
     return rows[-1] if rows else None
 
 
-def _describe(params: Dict[str, Any]) -> str:
+def _describe(params: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in params.items()) or "base"
-
-
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -13,27 +13,25 @@ attribute, or FIFO. The experiment lives in `<train.storage_path>/tune/<cfg.name
 run the best trial is exported to `<experiment>/best/` (export.py).
 """
 import dataclasses
-import json
 import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from ..config import ConfigError, ExperimentConfig, dump_yaml, to_dict
+from .ablations import write_ablation_table
+from .experiment import BASE_CONFIG_FILE, SPACE_FILE, TRAIN_RUNS_DIR, TRIAL_CONFIG_FILE, experiment_dir
+from .export import export_best
+from .ray_workarounds import placement_group_recorder, release_callback
 from .space import SearchSpace, load_space
-
-BASE_CONFIG_FILE = "raytrain_base_config.yaml"
-SPACE_FILE = "raytrain_space.yaml"
-TRIAL_CONFIG_FILE = "trial_config.yaml"
-TRAIN_RUNS_DIR = "train_runs"      # <experiment>/train_runs/<trial_id>: each trial's Ray Train run
 
 
 @dataclass
 class TuneSettings:
-    """Driver settings. Sources, later wins: defaults, a `tune` section of the experiment
-    config (if config.py grows one), the space file's `tune:` block, run_tune(settings=...)."""
+    """Driver settings. Sources, later wins: defaults, the space file's `tune:` block,
+    run_tune(settings=...)."""
     metric: str = "val_mpjpe"
     mode: str = "min"
     scheduler: str = "asha"               # asha | fifo (grid spaces default to fifo)
@@ -47,14 +45,10 @@ class TuneSettings:
     export: bool = True                   # export the best trial when the run ends
 
     @classmethod
-    def from_sources(cls, cfg: ExperimentConfig, space: SearchSpace, overrides: Optional[Dict] = None):
-        values: Dict[str, Any] = {}
+    def from_sources(cls, cfg: ExperimentConfig, space: SearchSpace, overrides: dict | None = None):
+        values: dict[str, Any] = {}
         if space.has_grid:
             values["scheduler"] = "fifo"
-        section = getattr(cfg, "tune", None)
-        if section is not None:
-            raw = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(section)
-            values.update({k: v for k, v in raw.items() if k in _FIELDS})
         for source, label in ((space.tune, f"{space.path}: tune"), (overrides or {}, "settings")):
             for key, value in source.items():
                 if key not in _FIELDS:
@@ -83,12 +77,6 @@ class TuneSettings:
 _FIELDS = [f.name for f in dataclasses.fields(TuneSettings)]
 
 
-def experiment_dir(cfg: ExperimentConfig) -> str:
-    """`<train.storage_path>/tune/<cfg.name>` (absolute for local paths)."""
-    from ..train.launch import storage_uri
-    return f"{storage_uri(cfg.train.storage_path).rstrip('/')}/tune/{cfg.name}"
-
-
 # ----------------------------------------------------------------------------- the trial
 
 class _ValidationReportCallback:
@@ -112,27 +100,27 @@ class _ValidationReportCallback:
         return ForwardValidations()
 
 
-def make_trainable(base: Dict[str, Any], space: SearchSpace, exp_path: str, metric: str):
+def make_trainable(base: dict[str, Any], space: SearchSpace, exp_path: str, metric: str):
     """The function trainable of every trial (closes over plain, picklable data)."""
 
-    def raytrain_trial(params: Dict[str, Any]):
+    def raytrain_trial(params: dict[str, Any]):
         from ray import tune
 
+        from ..config import config_from_raw
         from ..train.launch import build_trainer
-        from ..train.loop import config_from_dict
         ctx = tune.get_context()
         trial_id = ctx.get_trial_id()
         raw = space.apply(base, params)
         raw["name"] = trial_id
         raw["train"]["storage_path"] = f"{exp_path}/{TRAIN_RUNS_DIR}"
-        cfg = config_from_dict(raw)
+        cfg = config_from_raw(raw)
         trial_dir = Path(ctx.get_trial_dir())
         trial_dir.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, str(trial_dir / TRIAL_CONFIG_FILE))
         trainer = build_trainer(cfg)
         callbacks = list(trainer.run_config.callbacks or [])
         callbacks.append(_ValidationReportCallback.create(cfg.train.val_every, metric))
-        recorder = _placement_group_recorder(trial_id)
+        recorder = placement_group_recorder(trial_id)
         if recorder is not None:
             callbacks.append(recorder)
         trainer.run_config.callbacks = callbacks
@@ -141,80 +129,10 @@ def make_trainable(base: Dict[str, Any], space: SearchSpace, exp_path: str, metr
     return raytrain_trial
 
 
-# ----------------------------------------------------------------------------- cleanup
-#
-# When ASHA stops a trial (or the trial fails), Tune kills the trial's actor; the Train
-# controller it owns dies with it, before removing its workers' placement group. Ray 2.60's
-# detached PlacementGroupCleaner should then remove it, but it polls the state API, which
-# fails without the dashboard or with several Ray instances on one machine, so the group
-# leaks and the next trials wait for CPUs forever. The trial therefore records its group's
-# id in Ray's internal KV, and a driver-side Tune callback removes it when the trial ends.
-
-_KV_NAMESPACE = "raytrain_tune"
-
-
-def _placement_group_recorder(trial_id: str):
-    try:
-        from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-    except ImportError:                          # not Train V2: nothing to do
-        return None
-
-    class RecordPlacementGroup(WorkerGroupCallback):
-        def after_worker_group_start(self, worker_group):
-            try:
-                from ray.experimental import internal_kv
-                pg = worker_group._worker_group_state.placement_group_handle.placement_group
-                internal_kv._internal_kv_put(f"pg/{trial_id}", pg.id.hex(), overwrite=True,
-                                             namespace=_KV_NAMESPACE)
-            except Exception as err:             # noqa: BLE001 - best effort, never fail training
-                print(f"[raytrain] could not record the placement group of {trial_id}: {err}", flush=True)
-
-    return RecordPlacementGroup()
-
-
-def release_trial_placement_group(trial_id: str) -> bool:
-    """Remove the trial's Train placement group if it is still there; True if it was."""
-    from ray._raylet import PlacementGroupID
-    from ray.experimental import internal_kv
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-    key = f"pg/{trial_id}"
-    value = internal_kv._internal_kv_get(key, namespace=_KV_NAMESPACE)
-    if not value:
-        return False
-    internal_kv._internal_kv_del(key, namespace=_KV_NAMESPACE)
-    pg = PlacementGroup(PlacementGroupID(bytes.fromhex(value.decode())))
-    state = placement_group_table(pg).get("state")
-    if state in (None, "REMOVED"):
-        return False
-    remove_placement_group(pg)
-    return True
-
-
-def _release_callback():
-    from ray import tune
-
-    class ReleaseTrialResources(tune.Callback):
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._release(trial)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._release(trial)
-
-        @staticmethod
-        def _release(trial):
-            try:
-                if release_trial_placement_group(trial.trial_id):
-                    print(f"[raytrain] released the workers of stopped trial {trial.trial_id}", flush=True)
-            except Exception as err:             # noqa: BLE001 - never break the experiment loop
-                print(f"[raytrain] could not release trial {trial.trial_id}'s workers: {err}", flush=True)
-
-    return ReleaseTrialResources()
-
-
 # ----------------------------------------------------------------------------- the driver
 
 def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool = False,
-             storage_path: Optional[str] = None, settings: Optional[Dict[str, Any]] = None,
+             storage_path: str | None = None, settings: dict[str, Any] | None = None,
              check_data: bool = True):
     """Run (or with resume=True, finish) a search; returns Ray Tune's ResultGrid.
 
@@ -269,21 +187,20 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
                 scheduler=_scheduler(cfg, tset),
                 max_concurrent_trials=concurrency,
             ),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=f"{storage_uri(cfg.train.storage_path).rstrip('/')}/tune",
+            run_config=tune.RunConfig(name=cfg.name,
+                                      storage_path=f"{storage_uri(cfg.train.storage_path).rstrip('/')}/tune",
                                       failure_config=tune.FailureConfig(max_failures=0),
-                                      callbacks=[_release_callback()],
+                                      callbacks=[release_callback()],
                                       verbose=1),
         )
     grid = tuner.fit()
     if space.variants and local:
-        from .ablations import write_ablation_table
         try:
             table = write_ablation_table(exp_path)
             print(table.read_text(), flush=True)
         except FileNotFoundError as err:
             print(f"[raytrain] no ablation table: {err}", flush=True)
     if tset.export and local:
-        from .export import export_best
         try:
             out = export_best(exp_path, metric=tset.metric, mode=tset.mode)
             print(f"[raytrain] best trial exported to {out}", flush=True)
@@ -344,21 +261,3 @@ def _total_steps(cfg: ExperimentConfig) -> int:
         per_epoch = 10 ** 6
     total = cfg.optim.epochs * per_epoch
     return min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
-
-
-def load_experiment_inputs(exp_path: str):
-    """(base config, SearchSpace) saved beside a local experiment."""
-    from ..config import load_config
-    base = load_config(str(Path(exp_path) / BASE_CONFIG_FILE))
-    space = load_space(str(Path(exp_path) / SPACE_FILE), base)
-    return base, space
-
-
-def read_trial_config(trial_dir: str) -> Optional[ExperimentConfig]:
-    from ..config import load_config
-    path = Path(trial_dir) / TRIAL_CONFIG_FILE
-    return load_config(str(path)) if path.exists() else None
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, default=str)

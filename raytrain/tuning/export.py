@@ -17,7 +17,9 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
+
+from .experiment import load_experiment_inputs, read_trial_config
 
 CHECKPOINT_KEY = "checkpoint_path"
 METRIC_COLUMNS = ("val_mpjpe", "val_pa_mpjpe", "val_pve", "val_cam_err")
@@ -27,8 +29,8 @@ METRIC_COLUMNS = ("val_mpjpe", "val_pa_mpjpe", "val_pve", "val_cam_err")
 class TrialRecord:
     trial_id: str
     directory: Path
-    params: Dict[str, Any]
-    results: List[Dict[str, Any]] = field(default_factory=list)
+    params: dict[str, Any]
+    results: list[dict[str, Any]] = field(default_factory=list)
     errored: bool = False
 
     @property
@@ -39,8 +41,8 @@ class TrialRecord:
     def start_time(self) -> float:
         return float(self.results[0].get("timestamp", 0)) if self.results else math.inf
 
-    def best(self, metric="val_mpjpe", mode="min", with_checkpoint=False) -> Optional[Dict[str, Any]]:
-        rows = [r for r in self.results if _finite(r.get(metric))
+    def best(self, metric="val_mpjpe", mode="min", with_checkpoint=False) -> dict[str, Any] | None:
+        rows = [r for r in self.results if is_finite_number(r.get(metric))
                 and (not with_checkpoint or r.get(CHECKPOINT_KEY))]
         if not rows:
             return None
@@ -48,7 +50,7 @@ class TrialRecord:
         return pick(rows, key=lambda r: r[metric])
 
 
-def load_trials(exp_path: str) -> List[TrialRecord]:
+def load_trials(exp_path: str) -> list[TrialRecord]:
     """Every trial directory of a local Tune experiment, oldest first."""
     from .space import decode_params
     trials = []
@@ -72,7 +74,7 @@ def load_trials(exp_path: str) -> List[TrialRecord]:
     return trials
 
 
-def best_trial(trials: List[TrialRecord], metric="val_mpjpe", mode="min"):
+def best_trial(trials: list[TrialRecord], metric="val_mpjpe", mode="min"):
     """(trial, report) with the best checkpointed value of `metric` over all trials."""
     scored = [(t, t.best(metric, mode, with_checkpoint=True)) for t in trials]
     scored = [(t, r) for t, r in scored if r is not None]
@@ -82,7 +84,7 @@ def best_trial(trials: List[TrialRecord], metric="val_mpjpe", mode="min"):
     return pick(scored, key=lambda tr: tr[1][metric])
 
 
-def export_best(exp_path: str, out: Optional[str] = None, metric="val_mpjpe", mode="min",
+def export_best(exp_path: str, out: str | None = None, metric="val_mpjpe", mode="min",
                 plots: bool = True) -> Path:
     trials = load_trials(exp_path)
     if not trials:
@@ -139,7 +141,7 @@ def write_trials_csv(trials, path, metric="val_mpjpe", mode="min", max_step=None
 
 # ----------------------------------------------------------------------------- plots
 
-def write_plots(trials, out_dir: Path, metric="val_mpjpe", mode="min", exp_path=None) -> List[Path]:
+def write_plots(trials, out_dir: Path, metric="val_mpjpe", mode="min", exp_path=None) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -247,7 +249,6 @@ def _rank_importances(rows, names):
 # ----------------------------------------------------------------------------- helpers
 
 def _trial_config(exp_path, trial: TrialRecord):
-    from .driver import load_experiment_inputs, read_trial_config
     cfg = read_trial_config(str(trial.directory))
     if cfg is None:
         base, space = load_experiment_inputs(exp_path)
@@ -259,8 +260,8 @@ def _stopped_early(t: TrialRecord, max_step: int) -> bool:
     return bool(t.results) and not t.errored and t.last_step < max_step
 
 
-def _param_names(trials) -> List[str]:
-    names: List[str] = []
+def _param_names(trials) -> list[str]:
+    names: list[str] = []
     for t in trials:
         for n in t.params:
             if n not in names:
@@ -273,7 +274,8 @@ def _trial_id_from_dir(name: str) -> str:
     return match.group(1) if match else name
 
 
-def _finite(v) -> bool:
+def is_finite_number(v) -> bool:
+    """A real, finite number (not a bool, not NaN or inf)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 

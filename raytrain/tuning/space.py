@@ -24,10 +24,9 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
-from ..config import (ConfigError, ExperimentConfig, from_dict, read_yaml, set_dotted, to_dict,
-                      validate)
+from ..config import ConfigError, ExperimentConfig, config_from_raw, from_dict, read_yaml, set_dotted, to_dict, validate
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "int", "grid")
 VARIANT_KEY = "variant"          # the Tune parameter name of the `variants` grid
@@ -38,15 +37,15 @@ TOP_LEVEL = ("space", "variants", "fixed", "tune", "description")
 class Param:
     key: str                     # dotted config key, list elements as `key.N`
     dist: str
-    low: Optional[float] = None
-    high: Optional[float] = None
-    values: Optional[List[Any]] = None
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
 
     @property
     def is_grid(self) -> bool:
         return self.dist == "grid"
 
-    def extremes(self) -> List[Any]:
+    def extremes(self) -> list[Any]:
         if self.dist in ("choice", "grid"):
             return list(self.values)
         if self.dist == "int":
@@ -74,10 +73,10 @@ class Param:
 @dataclass
 class SearchSpace:
     path: str
-    params: List[Param] = field(default_factory=list)
-    variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    fixed: Dict[str, Any] = field(default_factory=dict)
-    tune: Dict[str, Any] = field(default_factory=dict)
+    params: list[Param] = field(default_factory=list)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)
+    tune: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
     @property
@@ -92,11 +91,11 @@ class SearchSpace:
                 n *= len(p.values)
         return n
 
-    def param_names(self) -> List[str]:
+    def param_names(self) -> list[str]:
         names = [p.key for p in self.params]
         return ([VARIANT_KEY] if self.variants else []) + names
 
-    def tune_param_space(self) -> Dict[str, Any]:
+    def tune_param_space(self) -> dict[str, Any]:
         """Flat {dotted key: Tune domain}; Tune/Optuna never see nested config."""
         from ray import tune
         out = {p.key: p.tune_domain() for p in self.params}
@@ -104,7 +103,7 @@ class SearchSpace:
             out[VARIANT_KEY] = tune.grid_search(list(self.variants))
         return out
 
-    def apply(self, cfg_dict: Dict[str, Any], params: Dict[str, Any]) -> Dict[str, Any]:
+    def apply(self, cfg_dict: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         """The trial's config dict: base, then `fixed`, then the variant, then sampled params."""
         raw = copy.deepcopy(cfg_dict)
         for key, value in self.fixed.items():
@@ -118,7 +117,7 @@ class SearchSpace:
                 set_value(raw, p.key, _decode_choice(params[p.key]))
         return raw
 
-    def trial_config(self, cfg: ExperimentConfig, params: Dict[str, Any]) -> ExperimentConfig:
+    def trial_config(self, cfg: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
         out = from_dict(ExperimentConfig, self.apply(to_dict(cfg), params), prefix="")
         validate(out)
         return out
@@ -126,7 +125,7 @@ class SearchSpace:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_space(path: str, base_cfg: Optional[ExperimentConfig] = None) -> SearchSpace:
+def load_space(path: str, base_cfg: ExperimentConfig | None = None) -> SearchSpace:
     """Read and validate a space file against `base_cfg` (defaults: ExperimentConfig())."""
     raw = read_yaml(path)
     where = f"{path}"
@@ -166,15 +165,14 @@ def check_space(space: SearchSpace, base_cfg: ExperimentConfig):
             _check_one(fixed_base, {p.key: value}, f"{where}: entry {p.key!r} ({p.describe()}) at value {value!r}")
 
 
-def _check_one(base: Dict[str, Any], overrides: Dict[str, Any], label: str):
+def _check_one(base: dict[str, Any], overrides: dict[str, Any], label: str):
     raw = copy.deepcopy(base)
     try:
         for key, value in overrides.items():
             set_value(raw, key, value)
-        cfg = from_dict(ExperimentConfig, raw, prefix="")
-        validate(cfg)
     except ConfigError as err:
         raise ConfigError(f"{label}: {err}") from None
+    config_from_raw(raw, label)
 
 
 def _check_type(p: Param, where: str):
@@ -202,7 +200,7 @@ def field_type(key: str, where: str = ""):
             tp = hints[part]
             continue
         origin = typing.get_origin(tp)
-        if origin in (list, List) and part.isdigit():
+        if origin in (list, list) and part.isdigit():
             tp = typing.get_args(tp)[0]
             continue
         raise ConfigError(f"{where}: entry {key!r}: {'.'.join(parts[:i])} is a value, not a section or list")
@@ -211,7 +209,7 @@ def field_type(key: str, where: str = ""):
     return tp
 
 
-def set_value(tree: Dict[str, Any], key: str, value: Any):
+def set_value(tree: dict[str, Any], key: str, value: Any):
     """set_dotted, plus `list_field.N` for one element of a list field."""
     parts = key.split(".")
     if len(parts) >= 2 and parts[-1].isdigit():
@@ -266,7 +264,7 @@ def _parse_param(key: str, spec: Any, where: str) -> Param:
     return Param(key, dist, low=low, high=high)
 
 
-def _mapping(value, label) -> Dict[str, Any]:
+def _mapping(value, label) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -282,7 +280,7 @@ def _type_name(tp) -> str:
 _LIST_TAG = "list:"
 
 
-def _encode_choices(values: List[Any]) -> List[Any]:
+def _encode_choices(values: list[Any]) -> list[Any]:
     import json
     return [_LIST_TAG + json.dumps(v) if isinstance(v, (list, dict)) else v for v in values]
 
@@ -294,5 +292,5 @@ def _decode_choice(value: Any) -> Any:
     return value
 
 
-def decode_params(params: Dict[str, Any]) -> Dict[str, Any]:
+def decode_params(params: dict[str, Any]) -> dict[str, Any]:
     return {k: _decode_choice(v) for k, v in params.items()}

@@ -33,16 +33,16 @@ import os
 import re
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
 
-from ..crop import extract_context
 from ..schema import ARRAY_SHAPES, encode_sample
 from ..shards import write_shards
+from ..storage import extract_context
 
 #: Why a record was not written (counted in ``ConversionSummary.skipped``).
 SKIP_REASONS = (

@@ -35,16 +35,25 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from raytrain.body.joints import J24_TO_OPENPOSE18
+from raytrain.body.model import BodyModelError
 from raytrain.geometry import axis_angle_to_rotmat, rotmat_to_axis_angle
 
-from .common import (ConversionSummary, Record, StorageConfig, add_output_args, make_key,
-                     run_conversion, storage_from_args)
+from .common import (
+    ConversionSummary,
+    Record,
+    StorageConfig,
+    add_output_args,
+    make_key,
+    run_conversion,
+    storage_from_args,
+)
 
 SOURCE = "3dpw"
 PW3D_LICENCE = ("3DPW: non-commercial scientific research only (3DPW licence, "
@@ -55,9 +64,6 @@ REQUIRED_KEYS = ("sequence", "genders", "poses", "betas", "trans", "cam_poses",
                  "cam_intrinsics", "campose_valid")
 BOX_SCALE = 1.2
 
-#: OpenPose-18 (COCO-18) index for each J24 joint that has one (docs/CONVENTIONS.md).
-OPENPOSE18_TO_J24 = {0: 10, 1: 9, 2: 8, 3: 11, 4: 12, 5: 13, 6: 4, 7: 3, 8: 2, 9: 5,
-                     10: 6, 11: 7, 12: 1, 19: 0, 20: 15, 21: 14, 22: 17, 23: 16}
 _GENDERS = {"m": "male", "male": "male", "f": "female", "female": "female"}
 
 
@@ -199,7 +205,7 @@ def _visibility_from_poses2d(poses2d: np.ndarray) -> np.ndarray:
     confidence = poses2d[2]
     if not np.any(confidence > 0):  # no detection for this actor: no information
         return keep
-    for j24, op18 in OPENPOSE18_TO_J24.items():
+    for j24, op18 in J24_TO_OPENPOSE18.items():
         if confidence[op18] <= 0:
             keep[j24] = 0.0
     return keep
@@ -288,8 +294,7 @@ def convert_3dpw(root: str | os.PathLike, split: str, out: str, *, smpl_dir=None
     """Convert one split of the raw 3DPW release into shards under ``out``.
 
     Every sequence file is checked before anything is written. ``body_model``: a
-    ``BodyModel`` with 'male' and 'female' (default: ``load_body_model(smpl_dir)``, the
-    synthetic model when ``smpl_dir`` is None).
+    ``BodyModel`` with 'male' and 'female' (default: ``load_body_model(smpl_dir)``).
     """
     files, total = scan_split(root, split)
     if body_model is None:
@@ -313,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img-root", help="with --npz: directory imgname is relative to "
                                            "(the 3DPW root)")
     parser.add_argument("--smpl-dir", default=None,
-                        help="SMPL files (SMPL_{NEUTRAL,MALE,FEMALE}.pkl, J_regressor_h36m.npy, "
-                             "smpl_mean_params.npz); default: the synthetic model")
+                        help="with --root: SMPL files (SMPL_{NEUTRAL,MALE,FEMALE}.pkl, "
+                             "J_regressor_h36m.npy, smpl_mean_params.npz) to compute the joints")
     parser.add_argument("--visibility", choices=("poses2d", "projection"), default="poses2d",
                         help="2D confidence: projection in the image, and (poses2d) 0 where "
                              "the actor's OpenPose detection misses the joint")
@@ -336,10 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                          limit=args.limit, workers=args.workers, maxcount=args.maxcount,
                          storage=storage, progress=not args.no_progress)
         return 0
+    if not args.smpl_dir:
+        parser.error("--root needs --smpl-dir (the SMPL files the joints are computed with)")
     try:
         convert_3dpw(args.root, args.split, args.out, smpl_dir=args.smpl_dir,
                      visibility=args.visibility, limit=args.limit, workers=args.workers,
                      maxcount=args.maxcount, storage=storage, progress=not args.no_progress)
-    except (SequenceFileError, FileNotFoundError) as error:
+    except (SequenceFileError, FileNotFoundError, BodyModelError) as error:
         parser.exit(2, f"error: {error}\n")
     return 0

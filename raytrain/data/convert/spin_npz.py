@@ -25,13 +25,20 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import PurePosixPath
-from typing import Iterator, Sequence
 
 import numpy as np
 
-from .common import (ConversionSummary, Record, StorageConfig, add_output_args, make_key,
-                     run_conversion, storage_from_args)
+from .common import (
+    ConversionSummary,
+    Record,
+    StorageConfig,
+    add_output_args,
+    make_key,
+    run_conversion,
+    storage_from_args,
+)
 
 #: Source name -> licence note written into the manifest (see datasets/README.md).
 SOURCES = {

@@ -14,7 +14,7 @@ training validation (`val_mpjpe` reported to Ray/Tune) runs, over the same loade
 validation shards reproduces the validation numbers it was saved with.
 
 Output (``out``, default ``<checkpoint or experiment>/eval/<data name>``): metrics.json,
-report.md, per_joint.png, overlays/*.png (``raytrain.report``). With several checkpoints
+report.md, per_joint.png, overlays/*.png (``raytrain.eval.report``). With several checkpoints
 (``--top K``) every one gets a sub-directory and ``out`` holds summary.json + report.md.
 """
 import copy
@@ -23,15 +23,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from .body.joints import J14_NAMES
-from .config import (ConfigError, ExperimentConfig, from_dict, load_config, read_yaml, validate,
-                     with_legacy_defaults)
-from .train.checkpoint import CheckpointError, STATE_FILE, is_complete, list_complete_checkpoints, load_checkpoint
+from ..body.joints import J14_NAMES
+from ..config import ConfigError, ExperimentConfig, config_from_raw, load_config, read_yaml, with_legacy_defaults
+from ..train.checkpoint import STATE_FILE, CheckpointError, is_complete, list_complete_checkpoints, load_checkpoint
 
 OVERLAYS = 4
 
@@ -39,10 +37,10 @@ OVERLAYS = 4
 # ----------------------------------------------------------------------------- public API
 
 
-def run_eval(checkpoint: Optional[str] = None, experiment: Optional[str] = None, best: bool = False,
-             top: int = 1, data: Optional[str] = None, out: Optional[str] = None,
-             config: Optional[str] = None, max_samples: int = 0, overlays: int = OVERLAYS,
-             device: Optional[str] = None, quiet: bool = False) -> Dict:
+def run_eval(checkpoint: str | None = None, experiment: str | None = None, best: bool = False,
+             top: int = 1, data: str | None = None, out: str | None = None,
+             config: str | None = None, max_samples: int = 0, overlays: int = OVERLAYS,
+             device: str | None = None, quiet: bool = False, smpl_dir: str | None = None) -> dict:
     """Evaluate one checkpoint (``checkpoint``) or the best / latest of an experiment.
 
     checkpoint: a checkpoint directory (state.pt + COMMIT.json). experiment: a train or
@@ -50,7 +48,9 @@ def run_eval(checkpoint: Optional[str] = None, experiment: Optional[str] = None,
     ``val_mpjpe`` (the tuning export ``<experiment>/best/`` when present and top == 1),
     else the latest checkpoint of each trial; ``top`` trials at most. data: shards (any
     form `resolve_shards` accepts). config: a YAML used when the checkpoint stores no
-    config. max_samples: cap on evaluated samples (0: all).
+    config. max_samples: cap on evaluated samples (0: all). smpl_dir: the body model to score
+    with (never taken from a stored config: a downloaded checkpoint must not choose files
+    to read).
 
     Returns the metrics dict of the first (best) checkpoint, as written to metrics.json,
     plus ``out``; with several checkpoints also ``evaluations`` (one entry each).
@@ -74,7 +74,7 @@ def run_eval(checkpoint: Optional[str] = None, experiment: Optional[str] = None,
     results = []
     for rank, target in enumerate(targets):
         target_out = out_dir if len(targets) == 1 else out_dir / f"{rank + 1:02d}-{target.label}"
-        cfg = eval_config(target.config, data, max_samples)
+        cfg = eval_config(target.config, data, max_samples, smpl_dir)
         evaluation = evaluate_checkpoint(cfg, target.path, device=device, overlays=overlays)
         metrics = summarize(evaluation, target, data)
         metrics["out"] = str(target_out)
@@ -99,28 +99,28 @@ class Target:
     config: ExperimentConfig
     config_source: str
     label: str
-    stored_metrics: Dict[str, float] = field(default_factory=dict)
-    step: Optional[int] = None
+    stored_metrics: dict[str, float] = field(default_factory=dict)
+    step: int | None = None
 
 
 @dataclass
 class Evaluation:
     """Per-sample results of one checkpoint over a shard set (numpy, mm)."""
-    keys: List[str]
+    keys: list[str]
     mpjpe: np.ndarray
     pa_mpjpe: np.ndarray
     pve: np.ndarray
     per_joint: np.ndarray          # (N, 14)
     cam_err: np.ndarray            # (N,), NaN where the sample has no camera label
     gendered: bool                 # whether the batches carried per-sample genders
-    overlay_samples: List[Dict] = field(default_factory=list)
-    faces: Optional[np.ndarray] = None
+    overlay_samples: list[dict] = field(default_factory=list)
+    faces: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoint_target(path: str, config: Optional[str]) -> Target:
+def _checkpoint_target(path: str, config: str | None) -> Target:
     path = Path(path)
     if not is_complete(path):
         found = list_complete_checkpoints(str(path)) if path.is_dir() else []
@@ -134,7 +134,7 @@ def _checkpoint_target(path: str, config: Optional[str]) -> Target:
                   stored_metrics=dict(state.get("metrics") or {}), step=state.get("step"))
 
 
-def _load_light(path: Path) -> Dict:
+def _load_light(path: Path) -> dict:
     """The checkpoint state, memory-mapped (tensors are only read when touched)."""
     try:
         return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
@@ -142,7 +142,7 @@ def _load_light(path: Path) -> Dict:
         return load_checkpoint(str(path))
 
 
-def checkpoint_config(path: Path, state: Dict, config: Optional[str] = None):
+def checkpoint_config(path: Path, state: dict, config: str | None = None):
     """(ExperimentConfig, where it came from) of a checkpoint.
 
     Order: the explicit ``config`` YAML; the config stored in the checkpoint (JSON text,
@@ -174,17 +174,12 @@ def checkpoint_config(path: Path, state: Dict, config: Optional[str] = None):
                       "params.json of a Ray trial, no config YAML beside it); pass config=...")
 
 
-def _config(raw: Dict, where: str) -> ExperimentConfig:
-    try:
-        cfg = from_dict(ExperimentConfig, raw, prefix="")
-        validate(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    return cfg
+def _config(raw: dict, where: str) -> ExperimentConfig:
+    return config_from_raw(raw, where)
 
 
 def select_checkpoints(experiment: str, best: bool = False, top: int = 1,
-                       config: Optional[str] = None) -> List[Target]:
+                       config: str | None = None) -> list[Target]:
     """The checkpoints of an experiment to evaluate, best first.
 
     With ``best`` and top == 1, the tuning export ``<experiment>/best/`` is used when it
@@ -207,7 +202,7 @@ def select_checkpoints(experiment: str, best: bool = False, top: int = 1,
                   if not {"best", "eval"} & set(p.relative_to(root).parts)]
     if not candidates:
         raise CheckpointError(f"no complete checkpoint below {root}")
-    by_trial: Dict[Path, List[Path]] = {}
+    by_trial: dict[Path, list[Path]] = {}
     for path in candidates:
         by_trial.setdefault(path.parent, []).append(path)
     chosen = [(_best_of(paths) if best else paths[-1]) for paths in by_trial.values()]
@@ -215,13 +210,13 @@ def select_checkpoints(experiment: str, best: bool = False, top: int = 1,
     return [_checkpoint_target(str(p), config) for p in chosen[:top]]
 
 
-def _exported_config(folder: Path) -> Optional[str]:
+def _exported_config(folder: Path) -> str | None:
     yamls = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
     preferred = [p for p in yamls if "config" in p.name] or yamls
     return str(preferred[0]) if preferred else None
 
 
-def _best_of(paths: List[Path]) -> Path:
+def _best_of(paths: list[Path]) -> Path:
     return min(paths, key=lambda p: (_stored_val_mpjpe(p), str(p)))
 
 
@@ -251,20 +246,23 @@ def data_name(data: str) -> str:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def eval_config(cfg: ExperimentConfig, data: str, max_samples: int = 0) -> ExperimentConfig:
-    """The training config pointed at ``data`` as its validation set."""
+def eval_config(cfg: ExperimentConfig, data: str, max_samples: int = 0,
+                smpl_dir: str | None = None) -> ExperimentConfig:
+    """The training config pointed at ``data`` as its validation set, scored with the body
+    model in ``smpl_dir``."""
     cfg = copy.deepcopy(cfg)
+    cfg.model.smpl_dir = smpl_dir
     cfg.data.val_shards = str(data)
     cfg.data.max_val_samples = int(max_samples or 0)
     return cfg
 
 
 @torch.no_grad()
-def evaluate_checkpoint(cfg: ExperimentConfig, path, device: Optional[str] = None,
+def evaluate_checkpoint(cfg: ExperimentConfig, path, device: str | None = None,
                         overlays: int = OVERLAYS) -> Evaluation:
     """Load the checkpoint's weights into the model its config describes and evaluate."""
-    from .body import load_body_model, load_mean_params
-    from .model import build_model
+    from ..body import load_body_model, load_mean_params
+    from ..model import build_model
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
     model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
@@ -290,8 +288,8 @@ def evaluate_model(cfg: ExperimentConfig, model, body, device, overlays: int = O
     predictor: optional ``batch -> {vertices, joints_h36m, cam_full (N, M, 3)}`` used instead
     of the model (e.g. ground-truth parameters for the oracle check).
     """
-    from .data.pipeline import build_loader
-    from .train.loop import evaluate_batch
+    from ..data.pipeline import build_loader
+    from .protocol import evaluate_batch
     loader = build_loader(cfg, "val", 0, 1, epoch=0, skip=0,
                           batch_size=cfg.data.val_batch_size, seed=cfg.seed)
     keys, parts, gendered = [], {k: [] for k in ("mpjpe", "pa_mpjpe", "pve", "per_joint", "cam_err")}, True
@@ -319,7 +317,7 @@ def evaluate_model(cfg: ExperimentConfig, model, body, device, overlays: int = O
     return Evaluation(keys=keys, gendered=gendered, overlay_samples=picked, faces=faces, **arrays)
 
 
-def _overlay_sample(batch, pred, errors, i: int) -> Dict:
+def _overlay_sample(batch, pred, errors, i: int) -> dict:
     """What report.py needs to draw the predicted mesh over RoI 0's crop."""
     return {
         "key": batch["keys"][i],
@@ -347,7 +345,7 @@ def source_of(key: str) -> str:
     return key.split("/", 1)[0]
 
 
-def protocol_of(keys: List[str]) -> Dict[str, str]:
+def protocol_of(keys: list[str]) -> dict[str, str]:
     """Which published protocol the shard set corresponds to, with a note for the report."""
     sources = sorted({source_of(k).lower() for k in keys})
     if sources and all(("h36m" in s or "human36m" in s or "h3.6m" in s) for s in sources):
@@ -372,7 +370,7 @@ def protocol_of(keys: List[str]) -> Dict[str, str]:
         "PVE in mm.")}
 
 
-def _stats(ev: Evaluation, index) -> Dict[str, float]:
+def _stats(ev: Evaluation, index) -> dict[str, float]:
     cam = ev.cam_err[index]
     cam = cam[np.isfinite(cam)]
     out = {"mpjpe": float(ev.mpjpe[index].mean()), "pa_mpjpe": float(ev.pa_mpjpe[index].mean()),
@@ -382,9 +380,9 @@ def _stats(ev: Evaluation, index) -> Dict[str, float]:
     return out
 
 
-def summarize(ev: Evaluation, target: Target, data: str) -> Dict:
+def summarize(ev: Evaluation, target: Target, data: str) -> dict:
     """metrics.json content: overall, per sequence, per joint (mm), and provenance."""
-    sequences: Dict[str, List[int]] = {}
+    sequences: dict[str, list[int]] = {}
     for i, key in enumerate(ev.keys):
         sequences.setdefault(sequence_of(key), []).append(i)
     per_joint = ev.per_joint.mean(axis=0)

@@ -12,8 +12,8 @@ import os
 import platform
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, List, Optional
 
 OK, MISSING = "OK", "MISSING"
 
@@ -34,12 +34,12 @@ class Check:
         return f"{self.status:<8} {self.name}{optional}: {self.message}"
 
 
-def run_doctor(config: Optional[str] = None, smpl_dir: Optional[str] = None,
+def run_doctor(config: str | None = None, smpl_dir: str | None = None,
                print_fn: Callable[[str], None] = print) -> int:
     """Run every check, print one line each and a verdict; return the exit code."""
     cfg, checks = None, []
     if config:
-        from .config import ConfigError, load_config
+        from ..config import ConfigError, load_config
         try:
             cfg = load_config(config)
             checks.append(Check(OK, "config", f"{config} is valid"))
@@ -121,15 +121,16 @@ def check_gpus(cfg=None) -> Check:
         if wants_gpu:
             return Check(MISSING, "gpus", "ray.use_gpu=true but torch sees no CUDA GPU on this machine; fix: "
                                           "run on a GPU node (RAY_ADDRESS) or set ray.use_gpu=false")
-        return Check(OK, "gpus", f"none visible to torch (CUDA {'built' if torch.backends.cuda.is_built() else 'not built'}"
+        return Check(OK, "gpus", "none visible to torch (CUDA "
+                                 f"{'built' if torch.backends.cuda.is_built() else 'not built'}"
                                  "): training runs on CPU (ray.use_gpu=false)")
     names = [torch.cuda.get_device_name(i) for i in range(count)]
     return Check(OK, "gpus", f"{count} visible to torch: {', '.join(names)}")
 
 
-def check_body_model(smpl_dir: Optional[str], from_flag: bool = True) -> Check:
+def check_body_model(smpl_dir: str | None, from_flag: bool = True) -> Check:
     """SMPL files in `smpl_dir`, or the one-line note that the synthetic body model is used."""
-    from .body.model import GENDER_FILES, REQUIRED_FILES
+    from ..body.model import GENDER_FILES, REQUIRED_FILES
     if not smpl_dir:
         return Check(MISSING, "body model", "no SMPL files configured, the synthetic body model is used; "
                                             "fix: pass --smpl-dir DIR (config key model.smpl_dir)",
@@ -149,7 +150,7 @@ def check_body_model(smpl_dir: Optional[str], from_flag: bool = True) -> Check:
     return Check(OK, "body model", f"SMPL files in {smpl_dir}: {', '.join(needed)}")
 
 
-def check_shards(cfg=None, config_given: bool = False) -> List[Check]:
+def check_shards(cfg=None, config_given: bool = False) -> list[Check]:
     """Every shard set the config names: manifest readable, shards present, samples > 0."""
     if cfg is None:
         if config_given:
@@ -165,8 +166,8 @@ def check_shard_set(key: str, source: str) -> Check:
            f"or set {key} to existing shards")
     if not source:
         return Check(MISSING, key, f"not set; {fix}")
-    from .data.io import exists
-    from .data.reader import resolve_shards
+    from ..data.io import exists
+    from ..data.shards import resolve_shards
     if "{" not in source and not exists(source):
         return Check(MISSING, key, f"{source}: not found; {fix}")
     try:

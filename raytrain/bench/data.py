@@ -24,7 +24,8 @@ first touch of their buffers), ``stream_wall_per_core``
 ((c) as batches/s of wall time divided by the loader workers), ``stream_workers``.
 
 "Per core" is samples per CPU-second (``time.process_time`` of this single-threaded
-process; ``/proc/<pid>/stat`` of the live loader workers, ``getrusage`` of reaped ones), so that other load on the machine slows
+process; ``/proc/<pid>/stat`` of the live loader workers, ``getrusage`` of reaped ones), so that
+other load on the machine slows
 every measurement alike; (a), (b), (d) run one thread (cv2, torch) in interleaved rounds
 and the median round is reported.
 """
@@ -44,7 +45,7 @@ import torch
 from raytrain.data.augment import AugmentConfig
 from raytrain.data.crop import MultiRoICropper
 from raytrain.data.schema import decode_sample
-from raytrain.data.synthetic import SyntheticConfig, SyntheticGenerator, with_storage
+from raytrain.synthetic.people import SyntheticConfig, SyntheticGenerator, with_storage
 
 HD = SyntheticConfig(image_sizes=((1920, 1080),))
 
@@ -73,10 +74,12 @@ def _decode(sample):
 
 
 def bench_config(shards: str = "", workers: int | None = None):
-    """The default experiment config (what training uses), pointed at ``shards``."""
+    """The default experiment config (what training uses), pointed at ``shards``, with the
+    synthetic body model."""
     from raytrain.config import ExperimentConfig
+    from raytrain.synthetic.body_model import with_default_body_model
 
-    cfg = ExperimentConfig()
+    cfg = with_default_body_model(ExperimentConfig())
     cfg.data.train_shards = shards
     if workers is not None:
         cfg.data.loader_workers = workers

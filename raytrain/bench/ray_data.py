@@ -8,7 +8,7 @@ training worker) is the mechanism training uses; this module builds the alternat
 
 with the same cropper, so that ``compare`` can measure both in one run:
 
-    python -m raytrain.data.ray_data [--samples 768] [--cpus 2]
+    python -m raytrain.bench.ray_data [--samples 768] [--cpus 2]
 
 prints one JSON object (samples/s per core of each, and their ratio).
 """
@@ -33,8 +33,8 @@ class _CropShard:
 
         import cv2
 
-        from .reader import tar_samples
-        from .schema import BadSample, decode_sample
+        from ..data.formats.tar import tar_samples
+        from ..data.schema import BadSample, decode_sample
 
         cv2.setNumThreads(1)
         for raw in tar_samples(io.BytesIO(row["bytes"])):
@@ -63,15 +63,15 @@ def compare(samples: int = 768, cpus: int = 2, batch_size: int = 16, seed: int =
 
     import ray
 
-    from raytrain.bench_data import (
+    from raytrain.bench.data import (
         HD,
         bench_config,
         stream_rate,
         training_cropper,
         write_bench_shards,
     )
-    from raytrain.data.reader import resolve_shards
-    from raytrain.data.synthetic import SyntheticGenerator
+    from raytrain.data.shards import resolve_shards
+    from raytrain.synthetic.people import SyntheticGenerator
 
     encoded = SyntheticGenerator(HD).encoded(seed, range(48))
     result = {"cpus": cpus}

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
+from ..config import load_config
+from ..synthetic.body_model import with_default_body_model
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -43,7 +44,8 @@ DEMO_TILT_SCALE = 0.5
 def demo_synthetic_config(crop_size: int):
     """The SyntheticConfig of the demo shards (stored at the demo's crop resolution)."""
     import math
-    from .data.synthetic import SyntheticConfig
+
+    from ..synthetic.people import SyntheticConfig
     return SyntheticConfig(crop_size=crop_size, heading_range=math.radians(DEMO_HEADING_DEG),
                            tilt_scale=DEMO_TILT_SCALE, pose_modes=DEMO_POSE_MODES,
                            pose_mode_jitter=DEMO_POSE_JITTER)
@@ -59,14 +61,14 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
     if quick:
         overrides += ["optim.max_steps=6", "train.val_every=6", "train.checkpoint_every=6",
                       "train.log_every=2"]
-    cfg = load_config(config or str(DEMO_CONFIG), overrides)
+    cfg = with_default_body_model(load_config(config or str(DEMO_CONFIG), overrides))
     previous = out_dir / "ray"
     if previous.exists():  # a finished run of the same name would be resumed, not retrained
         print(f"  removing the previous demo run in {previous}")
         shutil.rmtree(previous)
     _step(f"1/6 sharding {n_train} + {n_val} synthetic people into {out_dir / 'shards'}")
     synthetic = demo_synthetic_config(cfg.data.crop_size)
-    from .data.synthetic import ensure_synthetic_shards
+    from ..synthetic.people import ensure_synthetic_shards
     for name, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
         workers = max(1, min(2, os.cpu_count() or 1, n // 200))
         ensure_synthetic_shards(out_dir / "shards" / name, n, seed, synthetic, workers=workers)
@@ -78,7 +80,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
     print(f"  untrained network:  PA-MPJPE {before['val_pa_mpjpe']:.1f} mm, MPJPE {before['val_mpjpe']:.1f} mm")
 
     _step(f"3/6 training {cfg.model.backbone} with Ray Train ({cfg.ray.num_workers} worker)")
-    from .train.launch import run_training
+    from ..train.launch import run_training
     result = run_training(cfg)
     if result.error is not None:
         raise SystemExit(f"demo training failed: {result.error}")
@@ -106,12 +108,12 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
     _step("5/6 sweep: 4 short trials over lr and lambda_cam (Optuna TPE + ASHA)")
     experiment = demo_sweep(cfg, quick)
     _step("6/6 evaluation on a synthetic 3DPW-format test set")
-    shards_3dpw = demo_3dpw_set(out_dir, synthetic, quick)
-    from .evaluate_cli import run_eval
+    shards_3dpw = demo_3dpw_set(out_dir, synthetic, quick, cfg.model.smpl_dir)
+    from ..eval.run import run_eval
     best = run_eval(experiment=str(experiment), best=True, data=str(shards_3dpw),
-                    out=str(out_dir / "report" / "best-trial"), quiet=True)
+                    out=str(out_dir / "report" / "best-trial"), quiet=True, smpl_dir=cfg.model.smpl_dir)
     model = run_eval(checkpoint=summary["checkpoint"], data=str(shards_3dpw),
-                     out=str(out_dir / "report" / "demo-model"), quiet=True)
+                     out=str(out_dir / "report" / "demo-model"), quiet=True, smpl_dir=cfg.model.smpl_dir)
     summary.update({
         "sweep": str(experiment), "sweep_best": str(experiment / "best"),
         "3dpw_format_best_trial": best["overall"], "3dpw_format_demo_model": model["overall"],
@@ -136,9 +138,9 @@ def _step(text):
 @torch.no_grad()
 def mean_pose_baseline(cfg):
     """Predict the training set's mean body pose and shape for every validation person."""
-    from .body import load_body_model
-    from .data.reader import ShardReader
-    from .evaluation import mesh_protocol
+    from ..body import load_body_model
+    from ..data.reader import ShardReader
+    from ..eval.protocol import mesh_protocol
     body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
     poses, betas = [], []
     for sample in ShardReader(cfg.data.train_shards, shuffle=False, decode_images=False):
@@ -164,11 +166,11 @@ def mean_pose_baseline(cfg):
 
 def evaluate_untrained(cfg):
     """Validation metrics of the freshly initialised network (bare, one process)."""
-    from .body import load_body_model, load_mean_params
-    from .model import build_model
-    from .data.pipeline import close_loaders
-    from .train.loop import validate
-    from .train.session import BareSession
+    from ..body import load_body_model, load_mean_params
+    from ..data.pipeline import close_loaders
+    from ..eval.protocol import validate
+    from ..model import build_model
+    from ..train.session import BareSession
     body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
@@ -183,13 +185,13 @@ def evaluate_untrained(cfg):
 # ----------------------------------------------------------------------------- sweep and report
 
 DEMO_SPACE = Path(__file__).resolve().parents[1] / "tune" / "spaces" / "demo.yaml"
-SHARD_3DPW = Path(__file__).resolve().parents[1] / "datasets" / "shard_3dpw.py"
 
 
 def demo_sweep(cfg, quick: bool):
     """Four short trials over the learning rate and lambda_cam, ASHA stopping the weak ones."""
-    from .config import to_dict, from_dict
-    from .tuning.driver import experiment_dir, run_tune
+    from ..config import from_dict, to_dict
+    from ..tuning.driver import run_tune
+    from ..tuning.experiment import experiment_dir
     steps = 4 if quick else 60
     raw = to_dict(cfg)
     raw.update(name="demo-sweep")
@@ -202,15 +204,13 @@ def demo_sweep(cfg, quick: bool):
     return Path(experiment_dir(sweep_cfg))
 
 
-def demo_3dpw_set(out_dir: Path, synthetic, quick: bool) -> Path:
-    """A synthetic release in 3DPW's on-disk format, converted by datasets/shard_3dpw.py."""
-    import subprocess
-    import sys
-    from .data.synthetic_3dpw import write_synthetic_3dpw
+def demo_3dpw_set(out_dir: Path, synthetic, quick: bool, smpl_dir: str) -> Path:
+    """A synthetic release in 3DPW's on-disk format, converted by the 3DPW converter."""
+    from ..data.convert.pw3d import convert_3dpw
+    from ..synthetic.pw3d_release import write_synthetic_3dpw
     root, shards = out_dir / "3DPW", out_dir / "shards" / "3dpw-test"
     if not (shards / "manifest.json").exists():
         write_synthetic_3dpw(str(root), split="test", sequences=2 if quick else 4,
                              frames=4 if quick else 12, pose_cfg=synthetic)
-        subprocess.run([sys.executable, str(SHARD_3DPW), "--root", str(root), "--split", "test",
-                        "--out", str(shards), "--workers", "1"], check=True)
+        convert_3dpw(str(root), "test", str(shards), smpl_dir=smpl_dir, workers=1, progress=False)
     return shards

@@ -1,13 +1,13 @@
 """A synthetic 3DPW release: rendered people in the raw 3DPW on-disk format.
 
     write_synthetic_3dpw("data/3DPW-synthetic", split="test", sequences=3, frames=8)
-    python -m raytrain.data.synthetic_3dpw --root data/3DPW-synthetic --split test
+    python -m raytrain.synthetic.pw3d_release --root data/3DPW-synthetic --split test
     python datasets/shard_3dpw.py --root data/3DPW-synthetic --split test --out shards/3dpw-test
 
 Writes ``sequenceFiles/<split>/<sequence>.pkl`` (dicts pickled with protocol 2, as the
 python-2 release files, see ``raytrain.data.convert.pw3d``) and
 ``imageFiles/<sequence>/image_XXXXX.jpg``. The images are the people of the pickles,
-rendered by the synthetic renderer (``raytrain.data.synthetic``: per-part colours,
+rendered by the synthetic renderer (``raytrain.synthetic.people``: per-part colours,
 Lambertian shading, procedural textured background) through the stored camera: the
 gendered SMPL-format body of ``poses``/``betas``/``trans`` (world frame) moved by
 ``cam_poses`` (world -> camera) and projected through ``cam_intrinsics`` (fx = fy,
@@ -42,13 +42,9 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation, Slerp
 
-from .convert.pw3d import OPENPOSE18_TO_J24
-from .synthetic import (Body, SyntheticConfig, body_from_model, render_person, sample_background,
-                        sample_body_pose)
+from ..body.joints import J24_TO_OPENPOSE18
+from .people import Body, SyntheticConfig, body_from_model, render_person, sample_background, sample_body_pose
 
-#: OpenPose-18 (COCO-18) index of each J24 joint that has one (docs/CONVENTIONS.md); the
-#: converter's table (keyed by J24 despite its name).
-J24_TO_OPENPOSE18 = dict(OPENPOSE18_TO_J24)
 DETECTION_CONFIDENCE = 0.9
 GENDER_NAMES = {"m": "male", "f": "female"}
 #: A key pose every this many frames (the body pose blends between them).
@@ -368,7 +364,9 @@ def write_synthetic_3dpw(root, split: str = "test", sequences: int = 3, frames: 
     if body_model is None:
         from raytrain.body import load_body_model
 
-        body_model = load_body_model(smpl_dir, genders=("male", "female"))
+        from .body_model import default_body_model_dir
+
+        body_model = load_body_model(smpl_dir or default_body_model_dir(), genders=("male", "female"))
     body = body_from_model(body_model)
     names, valid_samples = [], 0
     for index in range(sequences):
@@ -422,7 +420,7 @@ def _write_sequence(root: Path, split: str, plan: SequencePlan, body_model, body
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m raytrain.data.synthetic_3dpw",
+        prog="python -m raytrain.synthetic.pw3d_release",
         description="Write a synthetic 3DPW release (rendered people, the raw on-disk "
                     "format) for datasets/shard_3dpw.py.")
     parser.add_argument("--root", required=True, help="output release root")

@@ -1,20 +1,20 @@
 """The README's method figure: the paper's five RoIs drawn on a synthetic person.
 
-    python -m raytrain.figures docs/rois.png
+    python -m raytrain.bench.figures docs/rois.png
 """
 import sys
 
 import cv2
 import torch
 
-from .geometry import PAPER_OFFSETS, PAPER_SCALES, multi_roi_boxes
+from ..geometry import PAPER_OFFSETS, PAPER_SCALES, multi_roi_boxes
 
 ROI_COLOURS = [(255, 255, 255), (230, 60, 60), (60, 200, 60), (70, 110, 255), (250, 200, 40)]
 
 
 def roi_figure(path: str, seed: int = 3, index: int = 0):
     """Render one synthetic person in its full frame and draw RoIs 0..4 with their labels."""
-    from .data.synthetic import SyntheticConfig, SyntheticGenerator
+    from ..synthetic.people import SyntheticConfig, SyntheticGenerator
     generator = SyntheticGenerator(SyntheticConfig(storage="full", image_sizes=((960, 540),),
                                                    box_fraction=(0.6, 0.7)))
     raw = generator.samples(seed, [index])[0]
@@ -22,7 +22,7 @@ def roi_figure(path: str, seed: int = 3, index: int = 0):
     box = torch.tensor([raw["meta"]["box"]], dtype=torch.float64)
     rois = multi_roi_boxes(box, PAPER_OFFSETS, PAPER_SCALES)[0].numpy()
     labels = ["0: box", "1: +0.1b x, 1.5", "2: -0.1b x, 1.25", "3: +0.1b y, 0.8", "4: -0.1b y, 0.65"]
-    for (cx, cy, b), colour, label in zip(rois, ROI_COLOURS, labels):
+    for (cx, cy, b), colour in zip(rois, ROI_COLOURS):
         p0 = (int(round(cx - b / 2)), int(round(cy - b / 2)))
         p1 = (int(round(cx + b / 2)), int(round(cy + b / 2)))
         cv2.rectangle(image, p0, p1, colour, 2, cv2.LINE_AA)

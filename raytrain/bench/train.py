@@ -10,37 +10,38 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import load_config
+from ..config import load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def bench_shards(n_train: int, n_val: int = 16) -> tuple:
     """Synthetic shards for the bench, cached under $RAYTRAIN_HOME/bench."""
-    from .body.model import raytrain_home
-    from .data.synthetic import ensure_synthetic_shards
+    from ..body.model import raytrain_home
+    from ..synthetic.people import ensure_synthetic_shards
     root = raytrain_home() / "bench" / f"synthetic-{n_train}"
     return (ensure_synthetic_shards(root / "train", n_train, seed=1, maxcount=256),
             ensure_synthetic_shards(root / "val", n_val, seed=2, maxcount=256))
 
 
 def bench_config(train: str, val: str, steps: int, run_dir: str, extra=()):
-    return load_config(str(DEMO_CONFIG), [
+    from ..synthetic.body_model import with_default_body_model
+    return with_default_body_model(load_config(str(DEMO_CONFIG), [
         f"data.train_shards={train}", f"data.val_shards={val}", f"optim.max_steps={steps}",
         f"train.val_every={steps}", f"train.checkpoint_every={steps}", f"train.log_every={steps}",
         "train.tensorboard=false", "data.max_val_samples=16", "ray.num_workers=1",
         "ray.cpus_per_worker=1", "ray.num_cpus=2", f"train.storage_path={run_dir}", "name=bench",
-        *extra])
+        *extra]))
 
 
 def bare_rate(cfg, run_dir: str) -> float:
-    from .train.loop import run_loop
-    from .train.session import BareSession
+    from ..train.loop import run_loop
+    from ..train.session import BareSession
     return run_loop(cfg, BareSession(run_dir, device="cpu"))["train_persons_per_s"]
 
 
 def ray_rate(cfg) -> float:
-    from .train.launch import build_trainer
+    from ..train.launch import build_trainer
     result = build_trainer(cfg).fit()
     if result.error is not None:
         raise RuntimeError(f"Ray Train run failed: {result.error}")

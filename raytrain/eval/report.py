@@ -1,6 +1,6 @@
 """Evaluation report: metrics.json, report.md, a per-joint bar chart and mesh overlays.
 
-    write_report(out_dir, metrics, evaluation)      # one checkpoint (raytrain.evaluate_cli)
+    write_report(out_dir, metrics, evaluation)      # one checkpoint (raytrain.eval.run)
     write_summary_report(out_dir, results)          # several checkpoints (--top K)
 
 Plots use matplotlib's object API on the Agg canvas (no pyplot, no global backend
@@ -12,7 +12,6 @@ edges over the (upscaled) crop; ground-truth 2D keypoints are drawn as green dot
 import json
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
@@ -24,7 +23,7 @@ OVERLAY_SIZE = 320
 # ----------------------------------------------------------------------------- files
 
 
-def write_report(out_dir, metrics: Dict, evaluation=None) -> Dict[str, str]:
+def write_report(out_dir, metrics: dict, evaluation=None) -> dict[str, str]:
     """Write metrics.json, per_joint.png, overlays/*.png and report.md; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -43,7 +42,7 @@ def write_report(out_dir, metrics: Dict, evaluation=None) -> Dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-def write_summary_report(out_dir, results: List[Dict]) -> Dict[str, str]:
+def write_summary_report(out_dir, results: list[dict]) -> dict[str, str]:
     """Several evaluated checkpoints: summary.json and a ranking table in report.md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +66,7 @@ def write_summary_report(out_dir, results: List[Dict]) -> Dict[str, str]:
 # ----------------------------------------------------------------------------- markdown
 
 
-def report_markdown(metrics: Dict, overlays=()) -> str:
+def report_markdown(metrics: dict, overlays=()) -> str:
     o = metrics["overall"]
     gt = ("the gendered body models (per-sample gender from the data)" if metrics.get("gendered_gt")
           else "the neutral body model (the batches carry no per-sample gender)")
@@ -115,7 +114,7 @@ def report_markdown(metrics: Dict, overlays=()) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_per_joint(per_joint: Dict[str, float], path) -> str:
+def plot_per_joint(per_joint: dict[str, float], path) -> str:
     """Bar chart of the per-joint MPJPE (mm) -> PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -142,7 +141,7 @@ def plot_per_joint(per_joint: Dict[str, float], path) -> str:
 def project_vertices(vertices: np.ndarray, cam_full: np.ndarray, focal: float,
                      image_size: np.ndarray) -> np.ndarray:
     """(V, 3) body frame + translation (3,) -> (V, 2) full-image px (principal point at centre)."""
-    from .geometry import perspective_projection
+    from ..geometry import perspective_projection
     pixels = perspective_projection(torch.as_tensor(np.asarray(vertices, np.float64))[None],
                                     torch.as_tensor(np.asarray(cam_full, np.float64))[None],
                                     torch.tensor([float(focal)], dtype=torch.float64),
@@ -152,12 +151,12 @@ def project_vertices(vertices: np.ndarray, cam_full: np.ndarray, focal: float,
 
 def full_to_crop(points: np.ndarray, box: np.ndarray, crop_size: int) -> np.ndarray:
     """Full-image px (K, 2) -> px of the crop of square box (cx, cy, b) resized to S x S."""
-    from .data.crop import crop_transform
+    from ..data.crop import crop_transform
     matrix = crop_transform(np.asarray(box, np.float64), crop_size)
     return points @ matrix[:2, :2].T + matrix[:2, 2]
 
 
-def draw_overlay(sample: Dict, faces: Optional[np.ndarray], path, size: int = OVERLAY_SIZE) -> str:
+def draw_overlay(sample: dict, faces: np.ndarray | None, path, size: int = OVERLAY_SIZE) -> str:
     """The predicted mesh's edges over RoI 0's crop (upscaled to `size`) -> PNG."""
     crop = np.ascontiguousarray(sample["crop"])
     crop_size = crop.shape[0]

@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import scipy.sparse
 from scipy.spatial import cKDTree
 
-from .joints import SMPL_PARENTS
+from ..body.joints import SMPL_PARENTS
+from ..body.model import BodyModelError, is_complete_body_model_dir, raytrain_home
 
 NUM_VERTICES = 6890
 NUM_JOINTS = 24
@@ -656,19 +660,10 @@ def mean_params() -> dict:
     aa = np.zeros((NUM_JOINTS, 3))
     for j, v in MEAN_POSE_AXIS_ANGLE.items():
         aa[j] = v
-    rot = np.stack([_rodrigues(a) for a in aa])                 # (24, 3, 3)
+    rot = np.stack([_axis_angle_matrix(a) for a in aa])                 # (24, 3, 3)
     pose6d = rot[:, :, :2].reshape(-1)                          # rows of the 3x2 block
     return {"pose": pose6d.astype(np.float32), "shape": np.zeros(NUM_BETAS, np.float32),
             "cam": np.asarray(MEAN_CAM, np.float32)}
-
-
-def _rodrigues(aa: np.ndarray) -> np.ndarray:
-    angle = np.linalg.norm(aa)
-    if angle < 1e-12:
-        return np.eye(3)
-    k = aa / angle
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(angle) * kx + (1 - np.cos(angle)) * kx @ kx
 
 
 def write_synthetic_body_model(out_dir, seed: int = 0) -> Path:
@@ -685,7 +680,7 @@ def write_synthetic_body_model(out_dir, seed: int = 0) -> Path:
     j_regressor = smpl_joint_regressor(parts, layout)
     for gender in GENDERS:
         model = gender_model(gender, layout, weights, j_regressor, seed)
-        _write(out / f"SMPL_{gender.upper()}.pkl", lambda fh: pickle.dump(model, fh, protocol=4))
+        _write(out / f"SMPL_{gender.upper()}.pkl", lambda fh, model=model: pickle.dump(model, fh, protocol=4))
     h36m = h36m_joint_regressor(parts, layout)
     _write(out / "J_regressor_h36m.npy", lambda fh: np.save(fh, h36m))
     _write(out / "smpl_mean_params.npz", lambda fh: np.savez(fh, **mean_params()))
@@ -698,3 +693,42 @@ def _write(path: Path, writer) -> None:
         writer(fh)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _axis_angle_matrix(aa: np.ndarray) -> np.ndarray:
+    """(3,) axis-angle -> (3, 3) rotation matrix."""
+    return cv2.Rodrigues(np.asarray(aa, np.float64).reshape(3, 1))[0]
+
+
+# --------------------------------------------------------------------------- the default model
+
+SYNTHETIC_SEED = 0
+
+
+def default_body_model_dir() -> Path:
+    """The synthetic model's directory, `$RAYTRAIN_HOME/body/synthetic-seed0`, generated on
+    first use (safe with concurrent callers: temp dir + atomic rename)."""
+    final = raytrain_home() / "body" / f"synthetic-seed{SYNTHETIC_SEED}"
+    if is_complete_body_model_dir(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        write_synthetic_body_model(tmp, seed=SYNTHETIC_SEED)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not is_complete_body_model_dir(final):  # not a concurrent winner: a stale partial dir
+                raise BodyModelError(f"{final}: exists but is not a complete body model "
+                                     "directory; remove it to regenerate") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def with_default_body_model(cfg):
+    """`cfg` with `model.smpl_dir` set to the synthetic model's directory when it is unset
+    (the entry points call this; the library never makes a body model on its own)."""
+    if cfg.model.smpl_dir is None:
+        cfg.model.smpl_dir = str(default_body_model_dir())
+    return cfg

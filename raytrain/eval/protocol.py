@@ -1,0 +1,95 @@
+"""Evaluation protocols (METHOD.md §7) on top of the pure metrics, and the validation pass.
+
+3DPW / H36M protocol: 14 LSP joints regressed from the mesh with the H36M regressor,
+both skeletons aligned at the pelvis (mid-hips of the 14), errors in millimetres.
+"""
+
+import torch
+
+from ..body.joints import H36M_TO_J14
+from ..data.pipeline import build_loader
+from ..model import normalize_images
+from .metrics import align_by_root, mpjpe, pa_mpjpe, per_joint_error, pve
+
+PELVIS_J14 = (2, 3)  # right hip, left hip
+
+
+def pelvis_j14(joints14: torch.Tensor) -> torch.Tensor:
+    """(N, 14, 3) -> (N, 3) mid-hips."""
+    return joints14[:, list(PELVIS_J14)].mean(dim=1)
+
+
+def mesh_protocol(pred_h36m: torch.Tensor, gt_h36m: torch.Tensor, pred_vertices: torch.Tensor,
+                  gt_vertices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample errors in mm. *_h36m (N, 17, 3) metres; *_vertices (N, V, 3) metres.
+
+    Returns mpjpe, pa_mpjpe, pve (N,) and per_joint (N, 14).
+    """
+    pred14, gt14 = pred_h36m[:, H36M_TO_J14], gt_h36m[:, H36M_TO_J14]
+    pred_root, gt_root = pelvis_j14(pred14), pelvis_j14(gt14)
+    pred14, gt14 = align_by_root(pred14, pred_root), align_by_root(gt14, gt_root)
+    pred_v, gt_v = align_by_root(pred_vertices, pred_root), align_by_root(gt_vertices, gt_root)
+    return {
+        "mpjpe": 1000 * mpjpe(pred14, gt14),
+        "pa_mpjpe": 1000 * pa_mpjpe(pred14, gt14),
+        "pve": 1000 * pve(pred_v, gt_v),
+        "per_joint": 1000 * per_joint_error(pred14, gt14),
+    }
+
+
+def camera_error(pred_cam_full: torch.Tensor, gt_cam_full: torch.Tensor) -> torch.Tensor:
+    """Full-camera translation error in mm. (N, 3) x2 -> (N,)."""
+    return 1000 * (pred_cam_full - gt_cam_full).norm(dim=-1)
+
+
+@torch.no_grad()
+def predict(model, batch, device):
+    """Network output for a batch (eval mode), float32, on `device`."""
+    model.eval()
+    return model(normalize_images(batch["images"].to(device)), batch["boxes"].to(device),
+                 batch["image_size"].to(device), batch["focal"].to(device))
+
+
+@torch.no_grad()
+def evaluate_batch(model, body, batch, device, pred=None):
+    """The validation protocol on one batch -> (prediction, per-sample errors).
+
+    errors: mesh_protocol's mpjpe, pa_mpjpe, pve (N,) and per_joint (N, 14) in mm, plus
+    cam_err (N,) mm (camera translation of RoI 0) and has_cam (N,) bool. Shared by
+    `validate` and `raytrain eval` so both report the same numbers. `pred` (vertices,
+    joints_h36m, cam_full on `device`) replaces the model's output (oracle checks).
+    """
+    if pred is None:
+        pred = predict(model, batch, device)
+    gt = body.forward_axis_angle(batch["pose"].to(device), batch["betas"].to(device),
+                                 gender=batch.get("gender"))
+    errors = mesh_protocol(pred["joints_h36m"], gt.joints_h36m, pred["vertices"], gt.vertices)
+    errors["cam_err"] = camera_error(pred["cam_full"][:, 0], batch["cam_full"].to(device))
+    errors["has_cam"] = batch["has_cam"].to(device)
+    return pred, errors
+
+
+@torch.no_grad()
+def validate(cfg, model, body, session, device) -> dict[str, float]:
+    """Mean errors (mm) over this rank's part of the validation set, reduced over ranks."""
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # mpjpe, pa, pve, n, cam, n_cam
+    loader = build_loader(cfg, "val", session.rank, session.world_size, epoch=0, skip=0,
+                          batch_size=cfg.data.val_batch_size, seed=cfg.seed)
+    for batch in loader:
+        _, errors = evaluate_batch(model, body, batch, device)
+        sums[0] += errors["mpjpe"].sum()
+        sums[1] += errors["pa_mpjpe"].sum()
+        sums[2] += errors["pve"].sum()
+        sums[3] += len(batch["keys"])
+        has_cam = errors["has_cam"]
+        if has_cam.any():
+            sums[4] += errors["cam_err"][has_cam].sum()
+            sums[5] += has_cam.sum()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    n, n_cam = max(sums[3].item(), 1.0), sums[5].item()
+    out = {"val_mpjpe": sums[0].item() / n, "val_pa_mpjpe": sums[1].item() / n,
+           "val_pve": sums[2].item() / n, "val_samples": int(sums[3].item())}
+    if n_cam > 0:
+        out["val_cam_err"] = sums[4].item() / n_cam
+    return out

@@ -1,0 +1,76 @@
+"""Ray 2.60 workaround: release the placement group of a trial that Tune stopped.
+
+When ASHA stops a trial (or the trial fails), Tune kills the trial's actor; the Train
+controller it owns dies with it, before removing its workers' placement group. Ray 2.60's
+detached PlacementGroupCleaner should then remove it, but it polls the state API, which
+fails without the dashboard or with several Ray instances on one machine, so the group
+leaks and the next trials wait for CPUs forever. The trial therefore records its group's
+id in Ray's internal KV, and a driver-side Tune callback removes it when the trial ends.
+
+Upstream: ray-project/ray#62753 (the cleaner can orphan a group when its controller dies)
+and ray-project/ray#65447 (the cleaner's state-API queries fail and it skips the
+controller: "Failed to query Ray Train Controller actor state"). This module is the only
+place that touches Ray internals (`ray.train.v2._internal`, the worker group's state,
+`ray._raylet`, `ray.experimental.internal_kv`); written against ray==2.60.0 (the pin):
+re-check it on every Ray upgrade and delete it once Ray's own cleanup works there.
+"""
+
+_KV_NAMESPACE = "raytrain_tune"
+
+
+def placement_group_recorder(trial_id: str):
+    try:
+        from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    except ImportError:                          # not Train V2: nothing to do
+        return None
+
+    class RecordPlacementGroup(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group):
+            try:
+                from ray.experimental import internal_kv
+                pg = worker_group._worker_group_state.placement_group_handle.placement_group
+                internal_kv._internal_kv_put(f"pg/{trial_id}", pg.id.hex(), overwrite=True,
+                                             namespace=_KV_NAMESPACE)
+            except Exception as err:             # noqa: BLE001 - best effort, never fail training
+                print(f"[raytrain] could not record the placement group of {trial_id}: {err}", flush=True)
+
+    return RecordPlacementGroup()
+
+
+def release_trial_placement_group(trial_id: str) -> bool:
+    """Remove the trial's Train placement group if it is still there; True if it was."""
+    from ray._raylet import PlacementGroupID
+    from ray.experimental import internal_kv
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    key = f"pg/{trial_id}"
+    value = internal_kv._internal_kv_get(key, namespace=_KV_NAMESPACE)
+    if not value:
+        return False
+    internal_kv._internal_kv_del(key, namespace=_KV_NAMESPACE)
+    pg = PlacementGroup(PlacementGroupID(bytes.fromhex(value.decode())))
+    state = placement_group_table(pg).get("state")
+    if state in (None, "REMOVED"):
+        return False
+    remove_placement_group(pg)
+    return True
+
+
+def release_callback():
+    from ray import tune
+
+    class ReleaseTrialResources(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._release(trial)
+
+        @staticmethod
+        def _release(trial):
+            try:
+                if release_trial_placement_group(trial.trial_id):
+                    print(f"[raytrain] released the workers of stopped trial {trial.trial_id}", flush=True)
+            except Exception as err:             # noqa: BLE001 - never break the experiment loop
+                print(f"[raytrain] could not release trial {trial.trial_id}'s workers: {err}", flush=True)
+
+    return ReleaseTrialResources()
