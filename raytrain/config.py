@@ -80,7 +80,7 @@ class ModelConfig:
     bbox_info_to_decoders: bool = opt(True, "feed CLIFF's bbox_info to the decoders")
     cam_init: str = opt("consistent", "start of D_cam's refinement: 'consistent' = the mean crop camera in the RoIs' "
                                       "mean box, carried to every RoI through its full camera, so L_cam starts at 0 "
-                                      "[choice, docs/NOTES.md]; 'mean' = the mean crop camera in every RoI "
+                                      "[choice, docs/method.md §9.3]; 'mean' = the mean crop camera in every RoI "
                                       "(SPIN/CLIFF)", choices=["consistent", "mean"])
     proj_dim: int = opt(128, "contrastive projection dimension", min=2)
     proj_hidden: int = opt(0, "hidden width of the projection MLP (0: same as the encoder's)", min=0)

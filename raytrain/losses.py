@@ -1,4 +1,4 @@
-"""Losses (METHOD.md §6): camera consistency, contrastive, and SPIN-style supervision.
+"""Losses (docs/method.md §6): camera consistency, contrastive, and SPIN-style supervision.
 
 Pure functions on tensors; `compute_losses` weighs them and returns every term for logging.
 """
@@ -16,7 +16,7 @@ PELVIS_J24 = (2, 3)  # pelvis for 3D alignment = mid-hips of the J24 set (SPIN c
 def camera_consistency_loss(cam: torch.Tensor, boxes: torch.Tensor, image_size: torch.Tensor,
                             focal: torch.Tensor, weights: Sequence[float] = (0.1, 0.1, 1e-4)
                             ) -> torch.Tensor:
-    """L_cam: every RoI's full camera should agree (METHOD.md §6).
+    """L_cam: every RoI's full camera should agree (docs/method.md §6).
 
     cam (N, M, 3) crop cameras (s, tx, ty); boxes (N, M, 3); image_size (N, 2); focal (N,).
     Sum over ordered pairs m != n of weighted squared differences of (X, Y, S) with
@@ -32,7 +32,7 @@ def camera_consistency_loss(cam: torch.Tensor, boxes: torch.Tensor, image_size: 
 
 def contrastive_loss(z: torch.Tensor, tau: float = 0.5,
                      extra_negatives: torch.Tensor | None = None) -> torch.Tensor:
-    """L_cont: RoIs of one person attract, RoIs of other persons repel (METHOD.md §6).
+    """L_cont: RoIs of one person attract, RoIs of other persons repel (docs/method.md §6).
 
     z (N, M, D) projections (L2-normalised here). The denominator holds negatives only:
     all RoIs of the other persons in the batch, plus `extra_negatives` (K, D), e.g. the

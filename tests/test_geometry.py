@@ -1,4 +1,4 @@
-"""Geometry against hand-worked values (METHOD.md §2, §4, §5)."""
+"""Geometry against hand-worked values (docs/method.md §2, §4, §5)."""
 import math
 
 import pytest

@@ -36,7 +36,7 @@ def test_reprojection_through_crop_camera_matches_keypoints(samples):
     for s in samples:
         (cx, cy, b), (w, h), f = s.box.astype(np.float64), s.image_size, s.focal
         tx, ty, tz = s.cam_full.astype(np.float64)
-        scale = 2 * f / (b * tz)  # weak-perspective crop camera of this box (METHOD.md §4)
+        scale = 2 * f / (b * tz)  # weak-perspective crop camera of this box (docs/method.md §4)
         crop_cam = torch.tensor([[scale, tx - 2 * (cx - w / 2) / (b * scale), ty - 2 * (cy - h / 2) / (b * scale)]],
                                 dtype=torch.float64)
         box = torch.tensor([[cx, cy, b]], dtype=torch.float64)

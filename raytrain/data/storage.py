@@ -2,7 +2,7 @@
 
 The stored region is the square of side ``context * b`` around the person's box, at the
 resolution where the smallest RoI (``min_roi_scale * b``) spans ``crop_size`` pixels, so
-that every RoI crop of training is a downscale (docs/design.md, "Shard schema"). Used by
+that every RoI crop of training is a downscale (docs/design.md §3.2). Used by
 the converters and the synthetic writer; the reader only applies the stored affine.
 """
 

@@ -1,4 +1,4 @@
-"""Evaluation protocols (METHOD.md §7) on top of the pure metrics, and the validation pass.
+"""Evaluation protocols (docs/method.md §7) on top of the pure metrics, and the validation pass.
 
 3DPW / H36M protocol: 14 LSP joints regressed from the mesh with the H36M regressor,
 both skeletons aligned at the pelvis (mid-hips of the 14), errors in millimetres.

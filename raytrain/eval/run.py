@@ -3,7 +3,7 @@
     raytrain eval --checkpoint runs/demo/ray/demo/<trial>/checkpoint_000003 --data shards/val
     raytrain eval --experiment runs/tune/<name> --best --top 3 --data shards/3dpw-test
 
-Protocol (METHOD.md §7): 14 LSP joints regressed from the predicted and ground-truth
+Protocol (docs/method.md §7): 14 LSP joints regressed from the predicted and ground-truth
 meshes with the H36M regressor, both pelvis-aligned; MPJPE, PA-MPJPE, PVE in mm; GT meshes
 from the gendered body models when the batch carries genders. Human3.6M protocol 2 is the
 same computation on H36M shards of the frontal camera, subjects 9 and 11.
@@ -361,11 +361,11 @@ def protocol_of(keys: list[str]) -> dict[str, str]:
         return {"name": "h36m_p2", "note": note}
     if sources and all("3dpw" in s for s in sources):
         return {"name": "3dpw", "note": (
-            "3DPW protocol (METHOD.md §7): 14 LSP joints regressed from the predicted and "
+            "3DPW protocol (docs/method.md §7): 14 LSP joints regressed from the predicted and "
             "ground-truth meshes with the H36M regressor, pelvis-aligned; MPJPE, PA-MPJPE "
             "(similarity Procrustes), PVE in mm.")}
     return {"name": "mesh", "note": (
-        f"Mesh protocol of 3DPW (METHOD.md §7) on `{', '.join(sources)}` shards: 14 LSP joints "
+        f"Mesh protocol of 3DPW (docs/method.md §7) on `{', '.join(sources)}` shards: 14 LSP joints "
         "regressed from the meshes with the H36M regressor, pelvis-aligned; MPJPE, PA-MPJPE, "
         "PVE in mm.")}
 

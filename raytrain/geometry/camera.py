@@ -2,7 +2,7 @@
 
 Boxes are (cx, cy, b) in full-image pixels; image sizes (W, H); focal lengths in pixels.
 Crop camera (s, tx, ty) is weak perspective in the box's normalised frame; the full
-camera (tx, ty, tz) is a translation in the camera frame (METHOD.md §4).
+camera (tx, ty, tz) is a translation in the camera frame (docs/method.md §4).
 """
 import torch
 
@@ -20,7 +20,7 @@ def _centre_offset(boxes, image_size):
 
 
 def bbox_info(boxes: torch.Tensor, image_size: torch.Tensor, focal: torch.Tensor) -> torch.Tensor:
-    """CLIFF's normalised box descriptor (METHOD.md §5). boxes (..., 3) -> (..., 3)."""
+    """CLIFF's normalised box descriptor (docs/method.md §5). boxes (..., 3) -> (..., 3)."""
     focal = torch.as_tensor(focal, dtype=boxes.dtype, device=boxes.device)[..., None]
     centre = _centre_offset(boxes, image_size) / focal * 2.8
     size = (boxes[..., 2:3] - 0.24 * focal) / (0.06 * focal)

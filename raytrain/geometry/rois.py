@@ -1,4 +1,4 @@
-"""RoI schedules (METHOD.md §2): which M boxes are cropped around each detected box.
+"""RoI schedules (docs/method.md §2): which M boxes are cropped around each detected box.
 
 A schedule maps boxes (N, 3) to RoI boxes (N, M, 3); RoI 0 is always the detected box.
 Schedules are small builders in a registry so the schedule is a tunable hyperparameter.

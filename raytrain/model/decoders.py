@@ -1,4 +1,4 @@
-"""HMR/SPIN/CLIFF-style iterative regressors (METHOD.md §3.5) and the contrastive head.
+"""HMR/SPIN/CLIFF-style iterative regressors (docs/method.md §3.5) and the contrastive head.
 
     D_mesh(ū ⊕ extra) -> θ (N,24,6) in 6D, β (N,10)      from the mean pose / shape
     D_cam(u_m ⊕ extra) -> C_m = (s, tx, ty)              from the mean camera, or from one
@@ -103,7 +103,7 @@ class CameraDecoder(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """Contrastive projection z = P(h): Linear-ReLU-Linear (METHOD.md §3.6). Not normalised;
+    """Contrastive projection z = P(h): Linear-ReLU-Linear (docs/method.md §3.6). Not normalised;
     the contrastive loss L2-normalises z."""
 
     def __init__(self, in_dim: int, out_dim: int = 128, hidden: int = 0):

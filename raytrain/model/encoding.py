@@ -1,4 +1,4 @@
-"""Positional encoding of RoI boxes (METHOD.md §3.2).
+"""Positional encoding of RoI boxes (docs/method.md §3.2).
 
     γ(p) = (p, sin(2^0 πp), cos(2^0 πp), ..., sin(2^L πp), cos(2^L πp))
 

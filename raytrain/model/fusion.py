@@ -1,4 +1,4 @@
-"""RoI fusion (METHOD.md §3.3-3.4) and the ablation variants, as a registry.
+"""RoI fusion (docs/method.md §3.3-3.4) and the ablation variants, as a registry.
 
 Every variant maps per-RoI features h (N,M,d) and box encodings γ(B) (N,M,P) to fused
 features u (N,M,d) and fusion weights w (N,M,M) with w[:, m, :] summing to 1 over n.

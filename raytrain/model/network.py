@@ -1,4 +1,4 @@
-"""The multi-RoI network (METHOD.md §3): encoder -> fusion -> D_mesh(ū), D_cam(u_m), P(h_m).
+"""The multi-RoI network (docs/method.md §3): encoder -> fusion -> D_mesh(ū), D_cam(u_m), P(h_m).
 
     images (N,M,3,S,S) ─E (one batch of N·M crops)─▶ h (N,M,d)
     boxes ─bbox_info (float64)─▶ γ(B) (N,M,P) ─┐

@@ -11,7 +11,7 @@ keypoints are the projected J24 joints, the 3D joints are in the camera frame an
 full camera is the translation added to the posed body (CONVENTIONS.md).
 
 Storage: ``context`` (default) renders only the region of side ``context * b`` around
-the person at the resolution rule of DESIGN.md (``crop.context_affine``), and records
+the person at the resolution rule of docs/design.md §3.2 (``storage.context_affine``), and records
 the affine full px -> stored px; ``full`` stores the whole frame (identity affine). The
 scene (background included) is a function of full-image coordinates, so both storages
 show the same picture. Everything is a function of ``(seed, index)``: any split of the

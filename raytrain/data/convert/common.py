@@ -17,7 +17,7 @@ docs/CONVENTIONS.md (full-image pixels, camera-frame metres, SMPL axis-angle):
     }
 
 ``convert_record`` (run in worker processes) reads the image, checks the labels, cuts the
-stored region (``crop.extract_context``, the context rule of DESIGN.md, or the full frame)
+stored region (``storage.extract_context``, the context rule of docs/design.md §3.2, or the full frame)
 and returns the encoded sample or a skip reason. ``run_conversion`` drives it with a
 ``tqdm`` bar, ``limit``, ``workers`` and prints the written / skipped / total summary.
 Output order is the records' order whatever the number of workers (``Pool.imap``), so
@@ -62,7 +62,7 @@ GENDER_NAMES = {"m": "male", "male": "male", "f": "female", "female": "female",
 
 @dataclass
 class StorageConfig:
-    """How the image of a sample is stored (DESIGN.md: context region or full frame)."""
+    """How the image of a sample is stored (docs/design.md §3.2: context region or full frame)."""
 
     storage: str = "context"  # "context" or "full"
     crop_size: int = 224  # S: the smallest RoI still covers S stored pixels
