@@ -16,14 +16,17 @@ from typing import Any
 
 import yaml
 
+from .registry import lookup
+
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the key."""
 
 
-def opt(default, help: str, *, min=None, max=None, choices=None, factory=False):
-    """A dataclass field with help text and bounds."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices}
+def opt(default, help: str, *, min=None, max=None, choices=None, registry=None, factory=False):
+    """A dataclass field with help text and bounds; `registry` names the registry
+    (raytrain.registry.lookup) whose names the value must be one of."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "registry": registry}
     if factory:
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -54,7 +57,7 @@ class DataConfig:
 
 @dataclass
 class RoIConfig:
-    schedule: str = opt("paper", "RoI schedule", choices=["paper", "fixed", "random"])
+    schedule: str = opt("paper", "RoI schedule", registry="schedule")
     num_rois: int = opt(5, "M, RoIs per person", min=1, max=5)
     offset: float = opt(0.1, "fixed schedule: offset magnitude in units of the box side", min=0.0, max=1.0)
     scales: list[float] = opt(lambda: [1.5, 1.25, 0.8, 0.65], "fixed schedule: resize factors of RoIs 1..4",
@@ -66,10 +69,10 @@ class RoIConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = opt("resnet50", "encoder from the backbone registry (resnet50, hrnet_w48, resnet18, ...)")
+    backbone: str = opt("resnet50", "encoder from the backbone registry", registry="backbone")
     backbone_checkpoint: str | None = opt(None, "local checkpoint for the backbone (no downloads: pretrained weights "
                                                 "come from disk)")
-    fusion: str = opt("raf", "RoI fusion variant", choices=["none", "h_null", "abs_pe", "raf", "self_attention"])
+    fusion: str = opt("raf", "RoI fusion variant", registry="fusion")
     fusion_hidden: int = opt(256, "fusion scorer: 0 = the paper's single Linear over F_mn (then RAF's weights cannot "
                                   "depend on m and equal abs_pe's: softmax over n cancels the gamma_m term); > 0 = a "
                                   "2-layer MLP of this width [choice]", min=0)
@@ -341,6 +344,9 @@ def _check_fields(obj, prefix: str):
         meta = f.metadata
         if meta.get("choices") is not None and value not in meta["choices"]:
             raise ConfigError(f"{key}: {value!r} is not one of {meta['choices']}")
+        if meta.get("registry") is not None and value not in lookup(meta["registry"]):
+            names = ", ".join(lookup(meta["registry"]).names())
+            raise ConfigError(f"{key}: {value!r} is not a registered {meta['registry']} (registered: {names})")
         if value is None or isinstance(value, (list, str, bool)):
             continue
         if meta.get("min") is not None and value < meta["min"]:
@@ -379,6 +385,8 @@ def _reference_row(key, default, meta):
     bounds = []
     if meta.get("choices"):
         bounds.append("one of " + ", ".join(f"`{c}`" for c in meta["choices"]))
+    if meta.get("registry"):
+        bounds.append("registered: " + ", ".join(f"`{c}`" for c in lookup(meta["registry"]).names()))
     if meta.get("min") is not None:
         bounds.append(f"≥ {meta['min']}")
     if meta.get("max") is not None:

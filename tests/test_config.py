@@ -101,3 +101,37 @@ def test_stored_configs_keep_the_behaviour_of_their_time():
     new = to_dict(ExperimentConfig())
     assert from_dict(ExperimentConfig, with_legacy_defaults(new), prefix="").model.cam_init == "consistent"
     assert ExperimentConfig().model.cam_init == "consistent"
+
+
+def test_names_are_checked_against_the_registries():
+    for override, key in (("model.backbone=resnet5O", "model.backbone"), ("model.fusion=rafx", "model.fusion"),
+                          ("rois.schedule=spiral", "rois.schedule")):
+        with pytest.raises(ConfigError, match=rf"^{key}: .* is not a registered .*registered: "):
+            load_config(str(CONFIGS / "demo.yaml"), [override])
+
+
+def test_a_registered_schedule_is_accepted_and_built():
+    """A schedule added to the registry passes validation and is the one the loader builds."""
+    from raytrain.geometry import SCHEDULES, FixedSchedule, schedule_from_config
+
+    class Tight(FixedSchedule):
+        @classmethod
+        def from_config(cls, rois):
+            return cls(rois.num_rois, offset=0.0, scales=(1.0, 1.0, 1.0, 1.0))
+
+    SCHEDULES.register("tight_test", Tight)
+    try:
+        cfg = load_config(str(CONFIGS / "demo.yaml"), ["rois.schedule=tight_test"])
+        schedule = schedule_from_config(cfg.rois)
+        assert isinstance(schedule, Tight) and schedule.offset == 0.0
+    finally:
+        SCHEDULES._entries.pop("tight_test")
+
+
+def test_cli_refuses_an_unknown_backbone_before_ray(capsys):
+    from raytrain.cli import main
+    assert main(["train", "--config", str(CONFIGS / "demo.yaml"), "model.backbone=resnet5O"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.backbone" in err[0] and "resnet5O" in err[0]
+    import ray
+    assert not ray.is_initialized()

@@ -227,7 +227,7 @@ def test_build_from_config_object():
     class Cfg:  # any object with ModelConfig's attribute names
         backbone, fusion, pe_bands, decoder_hidden, proj_dim = TINY, "abs_pe", 6, 32, 16
     model = build_model(Cfg(), dropout=0.1)
-    assert model.spec.fusion == "abs_pe" and model.spec.pe_bands == 6 and model.spec.dropout == 0.1
+    assert model.cfg.fusion == "abs_pe" and model.cfg.pe_bands == 6 and model.cfg.dropout == 0.1
     assert model.proj.net[-1].out_features == 16
     with pytest.raises(TypeError, match="bogus"):
         build_model(Cfg(), bogus=1)
@@ -236,8 +236,8 @@ def test_build_from_config_object():
 def test_build_from_model_config():
     from raytrain.config import ModelConfig
     model = build_model(ModelConfig(backbone=TINY, fusion="self_attention", decoder_hidden=32))
-    assert model.spec.backbone == TINY and model.spec.fusion == "self_attention"
-    assert model.spec.pe_bands == 32 and model.spec.proj_dim == 128
+    assert model.cfg.backbone == TINY and model.cfg.fusion == "self_attention"
+    assert model.cfg.pe_bands == 32 and model.cfg.proj_dim == 128
 
 
 def test_autocast_bfloat16_keeps_cameras_in_float32():

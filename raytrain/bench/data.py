@@ -45,6 +45,7 @@ import torch
 from raytrain.data.augment import AugmentConfig
 from raytrain.data.crop import MultiRoICropper
 from raytrain.data.schema import decode_sample
+from raytrain.geometry import schedule_from_config
 from raytrain.synthetic.people import SyntheticConfig, SyntheticGenerator, with_storage
 
 HD = SyntheticConfig(image_sizes=((1920, 1080),))
@@ -91,7 +92,6 @@ def training_cropper(cfg, **overrides) -> MultiRoICropper:
     from raytrain.data.pipeline import (
         _root_joint,
         augment_from_config,
-        schedule_from_config,
     )
 
     kwargs = {"crop_size": cfg.data.crop_size, "augment": augment_from_config(cfg.data),

@@ -9,6 +9,7 @@ can be shipped to DataLoader or Ray worker processes.
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 from typing import IO, Any
 
@@ -39,7 +40,7 @@ def open_url(url: str, mode: str = "rb", storage_options: dict | None = None) ->
     """Open a local path or URL; the caller closes it (use ``with``)."""
     fs, path = get_fs(url, storage_options)
     if "w" in mode and not is_remote(url):
-        fs.makedirs(fs._parent(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     return fs.open(path, mode)
 
 

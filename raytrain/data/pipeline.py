@@ -24,9 +24,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..body.model import root_joint_model
-from ..geometry import build_schedule
+from ..geometry import schedule_from_config
 from .augment import AugmentConfig
-from .collate import FREE, BatchPool, BatchSink, batch_to_torch, collate_arrays
+from .collate import BatchSink, batch_to_torch, collate_arrays
 from .crop import MultiRoICropper
 from .reader import ShardReader
 from .shards import count_samples, resolve_shards
@@ -35,14 +35,6 @@ from .shards import count_samples, resolve_shards
 def epoch_length(cfg, split: str, rank: int, world_size: int) -> int:
     """Samples each rank sees per epoch of `split` (the same on every rank)."""
     return count_samples(_source(cfg, split)) // world_size
-
-
-def schedule_from_config(rois):
-    """The RoI schedule of a `RoIConfig`."""
-    if rois.schedule == "random":
-        return build_schedule("random", rois.num_rois, max_offset=rois.max_offset,
-                              scale_min=rois.scale_min, scale_max=rois.scale_max)
-    return build_schedule("fixed", rois.num_rois, offset=rois.offset, scales=tuple(rois.scales))
 
 
 def augment_from_config(data) -> AugmentConfig:
@@ -87,7 +79,7 @@ class CropTransform:
 
 
 class EpochSource:
-    """What iterates one rank's epochs of a split: reader, DataLoader, buffer pool.
+    """What iterates one rank's epochs of a split: the reader and its DataLoader.
 
     With ``persistent`` (``data.persistent_workers``), the DataLoader's worker processes
     are forked once and serve every later epoch: each ``Loader`` sets the reader's
@@ -111,48 +103,25 @@ class EpochSource:
         self.persistent = persistent and workers > 0
         if self.persistent:
             self.reader.share_position()
-        prefetch = 2
-        # per worker: `prefetch` batches in flight, one being filled, one held by the
-        # training loop, one spare; a batch that finds no free buffer gets a fresh one
         item_shape = (cropper.num_rois, cropper.crop_size, cropper.crop_size, 3)
-        self.pool = (BatchPool.acquire(workers, prefetch + 3, (batch_size, *item_shape))
-                     if workers else None)
-        sink = BatchSink(self.pool, batch_size, item_shape) if workers else None
+        sink = BatchSink(batch_size, item_shape) if workers else None
         self.reader.transform = CropTransform(cropper, seed, sink=sink)
         self.loader = DataLoader(self.reader, batch_size=batch_size, num_workers=workers,
-                                 collate_fn=_collate_with_counts(self.reader, self.pool, sink),
+                                 collate_fn=_collate_with_counts(self.reader, sink),
                                  drop_last=train, pin_memory=torch.cuda.is_available(),
                                  persistent_workers=self.persistent,
-                                 prefetch_factor=prefetch if workers else None)
-        if self.pool is not None:
-            self.pool.claim(self)
+                                 prefetch_factor=2 if workers else None)
         self.max_batches = None
         if not train and cfg.data.max_val_samples:
             self.max_batches = max(1, cfg.data.max_val_samples // world_size // batch_size)
         self.owner = None
         self.closed = False
 
-    def ensure_pool(self) -> None:
-        """Before an iteration: keep the pool, or take another when this (non-persistent)
-        source recycled it at an epoch's end and another source has claimed it since. A
-        persistent source holds its pool for its workers' life."""
-        if self.pool is None or self.pool.claim(self):
-            return
-        pool = BatchPool.acquire(self.pool.num_workers, self.pool.size, self.pool.shape)
-        pool.claim(self)
-        self.pool = self.loader.collate_fn.pool = pool
-        if self.loader.collate_fn.sink is not None:
-            self.loader.collate_fn.sink.pool = pool
-
     def close(self) -> None:
-        """Stop the persistent workers (joined: their CPU time is reaped)."""
+        """Stop the persistent workers: dropping the DataLoader drops its iterator, which
+        shuts its workers down and joins them (their CPU time is reaped)."""
         self.closed = True
-        iterator = getattr(self.loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self.loader._iterator = None
-        if self.persistent:
-            self.pool.recycle()  # its workers are gone: a later loader may take it
+        self.loader = None
 
 
 class Loader:
@@ -173,10 +142,6 @@ class Loader:
         return self.source.loader
 
     @property
-    def pool(self) -> BatchPool | None:
-        return self.source.pool
-
-    @property
     def max_batches(self) -> int | None:
         return self.source.max_batches
 
@@ -192,7 +157,6 @@ class Loader:
         if source.persistent and (source.closed or source.owner not in (None, self)):
             # the shared workers iterate for another loader now (or were stopped)
             source = self.source = self._rebuild()
-        source.ensure_pool()
         source.owner = self
         self._bad_by_worker = {}
         source.reader.load_state_dict({"epoch": self.epoch, "consumed": self.skip})
@@ -207,26 +171,16 @@ class Loader:
                 source.owner = None
 
     def _batches(self, source: EpochSource) -> Iterator[dict]:
-        pool = source.pool
-        for index, batch in enumerate(source.loader):
+        batches = iter(source.loader)
+        for index, batch in enumerate(batches):
             if self.max_batches is not None and index >= self.max_batches:
                 break
             worker, counts = batch.pop("bad_counts", (0, {}))
             self._bad_by_worker[worker] = Counter(counts)
-            slot = batch.pop("pool_slot", (-1, -1))
-            if pool is not None:
-                if source.loader.pin_memory:  # the images were copied to pinned memory
-                    pool.release(slot)
-                else:
-                    pool.received(slot, batch["images"])
-                pool.release_unused()
             yield batch_to_torch(batch)
-        else:  # the DataLoader iterator ran out: without persistence, its workers exited
-            if source.closed:  # stopped under this iteration: torch ends it without error
+            if source.closed:  # stopped under this iteration: the epoch cannot complete
                 raise RuntimeError("the loader's workers were stopped (close_loaders) in the "
                                    "middle of an epoch; the epoch is incomplete")
-            if pool is not None and self.max_batches is None and not source.persistent:
-                pool.recycle()
 
     def close(self) -> None:
         """Stop the (persistent) workers this loader iterates with, e.g. after a one-off
@@ -290,24 +244,16 @@ class _collate_with_counts:
     """Collate (labels stay numpy until ``Loader`` receives the batch: cheaper to send
     from a worker), and attach this worker's bad-sample counts of the epoch so far."""
 
-    def __init__(self, reader, pool: BatchPool | None = None, sink: BatchSink | None = None):
-        self.reader, self.pool, self.sink = reader, pool, sink
+    def __init__(self, reader, sink: BatchSink | None = None):
+        self.reader, self.sink = reader, sink
 
     def __call__(self, items):
-        images, spare = None, None
+        images = None
         taken = self.sink.take() if self.sink is not None else None
-        if taken is not None and taken[2] == len(items):  # crops already in place
-            slot, buffer, _ = taken
+        if taken is not None and taken[1] == len(items):  # crops already in place
+            buffer = taken[0]
             images = buffer if len(items) == buffer.shape[0] else buffer[:len(items)]
-        elif self.pool is not None:
-            if taken is not None:
-                spare = taken[0]  # not what was yielded: copy, then free it
-            slot, images = self.pool.buffer((len(items), *items[0]["images"].shape))
         batch = collate_arrays(items, images)
-        if spare is not None and spare[0] >= 0:
-            self.pool.state[spare] = FREE  # never sent
-        if self.pool is not None:
-            batch["pool_slot"] = slot
         batch["gender"] = [item["gender"] for item in items]
         info = torch.utils.data.get_worker_info()
         reader = info.dataset if info is not None else self.reader

@@ -5,11 +5,12 @@ from .rois import (
                      MAX_ROIS,
                      PAPER_OFFSETS,
                      PAPER_SCALES,
+                     SCHEDULES,
                      FixedSchedule,
                      RandomSchedule,
                      build_schedule,
                      multi_roi_boxes,
-                     register_schedule,
+                     schedule_from_config,
                      schedule_names,
 )
 from .rotation import axis_angle_to_rotmat, rot6d_to_rotmat, rotmat_to_axis_angle, rotmat_to_quaternion, rotmat_to_rot6d

@@ -3,10 +3,12 @@
 A schedule maps boxes (N, 3) to RoI boxes (N, M, 3); RoI 0 is always the detected box.
 Schedules are small builders in a registry so the schedule is a tunable hyperparameter.
 """
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from ..registry import Registry
 
 # Paper schedule for RoIs 1..4 (RoI 0 is the detected box), offsets in units of b.
 PAPER_OFFSETS = torch.tensor([[0.1, 0.0], [-0.1, 0.0], [0.0, 0.1], [0.0, -0.1]])
@@ -42,6 +44,10 @@ class FixedSchedule:
         if len(self.scales) < self.num_rois - 1:
             raise ValueError(f"fixed schedule needs {self.num_rois - 1} scales, got {len(self.scales)}")
 
+    @classmethod
+    def from_config(cls, rois) -> "FixedSchedule":
+        return cls(rois.num_rois, offset=rois.offset, scales=tuple(rois.scales))
+
     def boxes(self, boxes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         k = self.num_rois - 1
         offsets = FIXED_DIRECTIONS[:k] * self.offset
@@ -68,6 +74,10 @@ class RandomSchedule:
             raise ValueError(f"random schedule needs 0 < scale_min <= scale_max, got "
                              f"{self.scale_min}, {self.scale_max}")
 
+    @classmethod
+    def from_config(cls, rois) -> "RandomSchedule":
+        return cls(rois.num_rois, max_offset=rois.max_offset, scale_min=rois.scale_min, scale_max=rois.scale_max)
+
     def boxes(self, boxes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         k = self.num_rois - 1
         lead = boxes.shape[:-1]
@@ -93,24 +103,23 @@ def _check_num_rois(num_rois: int):
         raise ValueError(f"num_rois must be in 1..{MAX_ROIS}, got {num_rois}")
 
 
-_SCHEDULES: dict[str, Callable] = {"paper": FixedSchedule, "fixed": FixedSchedule,
-                                   "random": RandomSchedule}
-
-
-def register_schedule(name: str):
-    """Decorator adding a schedule builder to the registry."""
-    def wrap(builder):
-        _SCHEDULES[name] = builder
-        return builder
-    return wrap
+#: name -> schedule class with `from_config(rois)` (a RoIConfig-like object) and
+#: `__init__(num_rois, **settings)`.
+SCHEDULES = Registry("RoI schedule")
+SCHEDULES.register("paper", FixedSchedule)
+SCHEDULES.register("fixed", FixedSchedule)
+SCHEDULES.register("random", RandomSchedule)
 
 
 def build_schedule(kind: str = "paper", num_rois: int = 5, **kwargs):
-    """Build a registered schedule: 'paper'/'fixed' or 'random'."""
-    if kind not in _SCHEDULES:
-        raise ValueError(f"unknown RoI schedule {kind!r}; known: {sorted(_SCHEDULES)}")
-    return _SCHEDULES[kind](num_rois=num_rois, **kwargs)
+    """Build the registered schedule `kind` with its own settings."""
+    return SCHEDULES.get(kind)(num_rois=num_rois, **kwargs)
 
 
-def schedule_names():
-    return sorted(_SCHEDULES)
+def schedule_from_config(rois):
+    """The schedule a RoIConfig describes (`rois.schedule` looked up in the registry)."""
+    return SCHEDULES.get(rois.schedule).from_config(rois)
+
+
+def schedule_names() -> list[str]:
+    return SCHEDULES.names()

@@ -9,38 +9,29 @@ from a local checkpoint file when one is given.
 """
 import logging
 import os
-from collections.abc import Callable
 
 import timm
 import torch
 import torch.nn as nn
 
+from ..registry import Registry
+
 log = logging.getLogger(__name__)
 
-_BACKBONES: dict[str, Callable[[], tuple[nn.Module, int]]] = {}
-
-
-def register_backbone(name: str):
-    """Decorator: register `fn() -> (module, feature_dim)` under `name`."""
-    def decorator(fn):
-        if name in _BACKBONES:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _BACKBONES[name] = fn
-        return fn
-    return decorator
+#: name -> builder `() -> (module, feature_dim)`.
+BACKBONES = Registry("backbone")
 
 
 def list_backbones() -> list[str]:
-    return sorted(_BACKBONES)
+    return BACKBONES.names()
 
 
 def create_backbone(name: str, checkpoint: str | None = None) -> tuple[nn.Module, int]:
     """Build the backbone `name`; load weights from the local file `checkpoint` if given."""
-    if name not in _BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(list_backbones())}")
+    builder = BACKBONES.get(name)
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"backbone checkpoint not found: {checkpoint}")
-    module, dim = _BACKBONES[name]()
+    module, dim = builder()
     if checkpoint is not None:
         load_backbone_weights(module.weights_target(), checkpoint)
     return module, dim
@@ -102,34 +93,34 @@ def _pooled(name: str, **kwargs) -> tuple[nn.Module, int]:
 # -----------------------------------------------------------------------------
 # registry entries
 
-@register_backbone("resnet50")
+@BACKBONES.register("resnet50")
 def resnet50():  # the paper's R50, d = 2048
     return _pooled("resnet50")
 
 
-@register_backbone("hrnet_w48")
+@BACKBONES.register("hrnet_w48")
 def hrnet_w48():  # the paper's H48, d = 720
     module = HRNetBranches("hrnet_w48")
     return module, module.dim
 
 
-@register_backbone("hrnet_w32")
+@BACKBONES.register("hrnet_w32")
 def hrnet_w32():  # d = 32 + 64 + 128 + 256 = 480
     module = HRNetBranches("hrnet_w32")
     return module, module.dim
 
 
-@register_backbone("resnet18")
+@BACKBONES.register("resnet18")
 def resnet18():  # CPU flavour, d = 512, 11.2 M params
     return _pooled("resnet18")
 
 
-@register_backbone("resnet10t")
+@BACKBONES.register("resnet10t")
 def resnet10t():  # CPU flavour, d = 512, 4.9 M params (tiered stem); demo default
     return _pooled("resnet10t")
 
 
-@register_backbone("mobilenetv3_small_050")
+@BACKBONES.register("mobilenetv3_small_050")
 def mobilenetv3_small_050():  # fastest on CPU, d = 1024 (after its conv head), 0.57 M params
     return _pooled("mobilenetv3_small_050")
 

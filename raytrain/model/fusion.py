@@ -23,41 +23,30 @@ import math
 import torch
 import torch.nn as nn
 
+from ..registry import Registry
+
 Tensor = torch.Tensor
-_FUSIONS: dict[str, type["Fusion"]] = {}
-
-
-def register_fusion(name: str):
-    """Class decorator: register a `Fusion` subclass under `name`."""
-    def decorator(cls):
-        if name in _FUSIONS:
-            raise ValueError(f"fusion {name!r} is already registered")
-        _FUSIONS[name] = cls
-        cls.name = name
-        return cls
-    return decorator
+#: name -> `Fusion` subclass.
+FUSIONS = Registry("fusion")
 
 
 def list_fusions() -> list[str]:
-    return sorted(_FUSIONS)
+    return FUSIONS.names()
 
 
 def create_fusion(name: str, dim: int, pe_dim: int, hidden: int = 0, heads: int = 8) -> "Fusion":
     """Build fusion `name` for features of size `dim` and box encodings of size `pe_dim`."""
-    if name not in _FUSIONS:
-        raise ValueError(f"unknown fusion {name!r}; registered: {', '.join(list_fusions())}")
-    return _FUSIONS[name](dim, pe_dim, hidden=hidden, heads=heads)
+    return FUSIONS.get(name)(dim, pe_dim, hidden=hidden, heads=heads)
 
 
 class Fusion(nn.Module):
-    name = "base"
 
     def forward(self, h: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
         """h (N,M,d), pe (N,M,P) -> u (N,M,d), w (N,M,M)."""
         raise NotImplementedError
 
 
-@register_fusion("none")
+@FUSIONS.register("none")
 class NoFusion(Fusion):
     """u_m = h_m; the weights are the identity."""
 
@@ -102,7 +91,7 @@ def _over_m(x: Tensor) -> Tensor:
     return x[:, None].expand(N, M, M, C)
 
 
-@register_fusion("h_null")
+@FUSIONS.register("h_null")
 class HNullFusion(ScoredFusion):
     """F_mn = h_n ⊕ NULL (features only)."""
 
@@ -112,7 +101,7 @@ class HNullFusion(ScoredFusion):
         return _over_m(h)
 
 
-@register_fusion("abs_pe")
+@FUSIONS.register("abs_pe")
 class AbsolutePEFusion(ScoredFusion):
     """F_mn = h_n ⊕ γ(B_n)."""
 
@@ -120,7 +109,7 @@ class AbsolutePEFusion(ScoredFusion):
         return _over_m(torch.cat([h, pe], dim=-1))
 
 
-@register_fusion("raf")
+@FUSIONS.register("raf")
 class RoIAwareFusion(ScoredFusion):
     """RAF: F_mn = h_n ⊕ γ_mn with γ_mn = γ(B_m) - γ(B_n)."""
 
@@ -129,7 +118,7 @@ class RoIAwareFusion(ScoredFusion):
         return torch.cat([_over_m(h), rel], dim=-1)
 
 
-@register_fusion("self_attention")
+@FUSIONS.register("self_attention")
 class SelfAttentionFusion(Fusion):
     """Multi-head self-attention over the M tokens h_m ⊕ γ(B_m), output projected to d.
 

@@ -11,11 +11,12 @@ With `bbox_info_to_decoders`, D_cam sees u_m ⊕ bbox_info(B_m) and D_mesh sees
 ū ⊕ mean_m bbox_info(B_m) (the mean keeps θ, β invariant to the RoI order), as CLIFF
 feeds its box descriptor to the regressor.
 """
-from dataclasses import dataclass, fields
+from dataclasses import fields, replace
 
 import torch
 import torch.nn as nn
 
+from raytrain.config import ModelConfig
 from raytrain.geometry import cam_crop_to_full, rot6d_to_rotmat, rotmat_to_rot6d
 
 from .backbones import create_backbone
@@ -28,37 +29,6 @@ Tensor = torch.Tensor
 CAM_INITS = ("consistent", "mean")  # D_cam's start: one shared full camera, or SPIN's mean
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class ModelSpec:
-    """The model settings read from a config object (same names as raytrain.config.ModelConfig).
-
-    `fusion_hidden` and `attention_heads` are extras: 0 = the paper's single Linear score in
-    the fusion; > 0 = a 2-layer MLP score of that width (see fusion.py on why it matters).
-    """
-    backbone: str = "resnet50"
-    backbone_checkpoint: str | None = None
-    fusion: str = "raf"
-    pe_bands: int = 32
-    decoder_iters: int = 3
-    decoder_hidden: int = 1024
-    bbox_info_to_decoders: bool = True
-    cam_init: str = "consistent"
-    proj_dim: int = 128
-    proj_hidden: int = 0
-    dropout: float = 0.5
-    fusion_hidden: int = 0
-    attention_heads: int = 8
-
-    @classmethod
-    def from_config(cls, cfg=None, **overrides) -> "ModelSpec":
-        """Read every known field from `cfg` by attribute (missing ones keep the default)."""
-        values = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown model setting(s): {', '.join(sorted(unknown))}")
-        return cls(**{**values, **overrides})
 
 
 def default_mean_params() -> dict[str, Tensor]:
@@ -79,24 +49,24 @@ def normalize_images(images: Tensor) -> Tensor:
 
 
 class MultiRoINet(nn.Module):
-    def __init__(self, spec: ModelSpec, body_model: nn.Module | None = None,
+    def __init__(self, cfg: ModelConfig, body_model: nn.Module | None = None,
                  mean_params: dict[str, Tensor] | None = None):
         super().__init__()
-        self.spec = spec
+        self.cfg = cfg
         mean = mean_params if mean_params is not None else default_mean_params()
         mean = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in mean.items()}
-        if spec.cam_init not in CAM_INITS:
-            raise ValueError(f"unknown cam_init {spec.cam_init!r}: one of {', '.join(CAM_INITS)}")
-        self.encoder, d = create_backbone(spec.backbone, spec.backbone_checkpoint)
+        if cfg.cam_init not in CAM_INITS:
+            raise ValueError(f"unknown cam_init {cfg.cam_init!r}: one of {', '.join(CAM_INITS)}")
+        self.encoder, d = create_backbone(cfg.backbone, cfg.backbone_checkpoint)
         self.feature_dim = d
-        pe_dim = encoding_dim(spec.pe_bands)
-        self.fusion = create_fusion(spec.fusion, d, pe_dim, hidden=spec.fusion_hidden,
-                                    heads=spec.attention_heads)
-        extra = 3 if spec.bbox_info_to_decoders else 0
-        dec = dict(hidden=spec.decoder_hidden, iters=spec.decoder_iters, dropout=spec.dropout)
+        pe_dim = encoding_dim(cfg.pe_bands)
+        self.fusion = create_fusion(cfg.fusion, d, pe_dim, hidden=cfg.fusion_hidden,
+                                    heads=cfg.attention_heads)
+        extra = 3 if cfg.bbox_info_to_decoders else 0
+        dec = dict(hidden=cfg.decoder_hidden, iters=cfg.decoder_iters, dropout=cfg.dropout)
         self.mesh_decoder = MeshDecoder(d + extra, mean["pose"], mean["shape"], **dec)
         self.cam_decoder = CameraDecoder(d + extra, mean["cam"], **dec)
-        self.proj = ProjectionHead(d, spec.proj_dim, spec.proj_hidden)
+        self.proj = ProjectionHead(d, cfg.proj_dim, cfg.proj_hidden)
         self._body = None
         self.set_body_model(body_model)
 
@@ -131,15 +101,15 @@ class MultiRoINet(nn.Module):
         N, M = images.shape[:2]
         h = self.encode(images)                                              # (N,M,d)
         # float64 inside; handed over in the parameters' dtype (float32 under autocast)
-        pe, info = box_encoding(boxes, image_size, focal, self.spec.pe_bands, dtype=self.cam_decoder.mean.dtype)
+        pe, info = box_encoding(boxes, image_size, focal, self.cfg.pe_bands, dtype=self.cam_decoder.mean.dtype)
         u, w = self.fusion(h, pe)                                            # (N,M,d), (N,M,M)
         mesh_in, cam_in = u.mean(dim=1), u                                   # ū (N,d), u (N,M,d)
-        if self.spec.bbox_info_to_decoders:
+        if self.cfg.bbox_info_to_decoders:
             mesh_in = torch.cat([mesh_in, info.mean(dim=1)], dim=-1)         # (N,d+3)
             cam_in = torch.cat([cam_in, info], dim=-1)                       # (N,M,d+3)
         pose_6d, betas = self.mesh_decoder(mesh_in)                          # (N,24,6), (N,10)
         cam_start = None
-        if self.spec.cam_init == "consistent":
+        if self.cfg.cam_init == "consistent":
             cam_start = self.cam_decoder.consistent_start(boxes, image_size, focal)
         cam = self.cam_decoder(cam_in, cam_start)                            # (N,M,3) (s,tx,ty)
         out = {
@@ -168,10 +138,11 @@ def _at_least_float32(x: Tensor) -> Tensor:
 
 def build_model(cfg=None, body_model: nn.Module | None = None,
                 mean_params: dict[str, Tensor] | None = None, **overrides) -> MultiRoINet:
-    """Build the network from a ModelConfig-like object and/or keyword settings.
-
-    `cfg` is read by attribute (raytrain.config.ModelConfig, a ModelSpec, or None for the
-    defaults); keywords override it. `mean_params`: {"pose": (144,) 6D, "shape": (10,),
-    "cam": (3,)}, e.g. raytrain.body.load_mean_params(); None -> default_mean_params().
+    """Build the network from a ModelConfig (or any object with its attribute names; None for
+    the defaults), keyword settings overriding it. `mean_params`: {"pose": (144,) 6D,
+    "shape": (10,), "cam": (3,)}, e.g. raytrain.body.load_mean_params(); None ->
+    default_mean_params().
     """
-    return MultiRoINet(ModelSpec.from_config(cfg, **overrides), body_model, mean_params)
+    if not isinstance(cfg, ModelConfig):
+        cfg = ModelConfig(**{f.name: getattr(cfg, f.name) for f in fields(ModelConfig) if hasattr(cfg, f.name)})
+    return MultiRoINet(replace(cfg, **overrides), body_model, mean_params)
