@@ -13,7 +13,7 @@ from conftest import body_dir as tiny_body_dir
 from raytrain.config import ConfigError, load_config
 from raytrain.tuning.space import load_space
 
-SPACES = sorted((REPO / "tune" / "spaces").glob("*.yaml"))
+SPACES = sorted((REPO / "raytrain" / "spaces").glob("*.yaml"))
 
 
 # ----------------------------------------------------------------------------- space loader

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, ExperimentConfig, dump_yaml, to_dict
+from ..config import ConfigError, ExperimentConfig, dump_yaml, shipped_path, to_dict
 from .ablations import write_ablation_table
 from .experiment import BASE_CONFIG_FILE, SPACE_FILE, TRAIN_RUNS_DIR, TRIAL_CONFIG_FILE, experiment_dir
 from .export import export_best
@@ -149,6 +149,7 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage_path))
     if trials < 1:
         raise ConfigError(f"--trials: must be at least 1, got {trials}")
+    space_path = shipped_path(space_path)
     space = load_space(space_path, cfg)
     tset = TuneSettings.from_sources(cfg, space, settings)
     exp_path = experiment_dir(cfg)
