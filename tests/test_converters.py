@@ -15,10 +15,11 @@ from conftest import body_dir
 from fixtures_3dpw import UNDETECTED, UNDETECTED_J24, make_3dpw_release, write_sequence_file
 
 from raytrain.body import load_body_model
+from raytrain.cli import main as cli_main
 from raytrain.data import ShardReader
 from raytrain.data.convert import SequenceFileError, StorageConfig, convert_3dpw, convert_spin_npz, load_sequence_file
-from raytrain.data.convert import pw3d as pw3d_module
 from raytrain.data.convert import spin_npz as spin_module
+from raytrain.data.convert.sources import CONVERTERS
 from raytrain.data.shards import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,20 +263,20 @@ def test_spin_npz_3dpw_form_and_scripts(tmp_path):
     del data["part"], data["has_smpl"]
     np.savez(path, **data)
     out = tmp_path / "out"
-    assert pw3d_module.main(["--npz", str(path), "--img-root", str(img_root), "--out", str(out),
-                             "--workers", "1", "--no-progress"]) == 0
+    assert cli_main(["shard", "3dpw", "--npz", str(path), "--img-root", str(img_root), "--out",
+                     str(out), "--workers", "1", "--no-progress"]) == 0
     samples = list(ShardReader(str(out), shuffle=False, rank=0, world_size=1))
     assert len(samples) == 6
     assert all(s.has_smpl and not s.has_2d and not s.has_3d for s in samples)
     assert "3DPW" in read_manifest(str(out))["licence"]
-    # The SPIN-npz scripts share one entry point per source.
-    for source in ("h36m", "mpi_inf_3dhp", "coco", "mpii"):
+    # The scripts are thin wrappers of `raytrain shard <source>`, one registry entry each.
+    for source in ("3dpw", "h36m", "mpi_inf_3dhp", "coco", "mpii"):
         script = (REPO / "datasets" / f"shard_{source}.py").read_text()
-        assert f'main("{source}")' in script
-        assert source in spin_module.SOURCES
-    assert spin_module.main("mpii", ["--npz", str(path), "--img-root", str(img_root), "--out",
-                                     str(tmp_path / "mpii"), "--limit", "2", "--workers", "1",
-                                     "--no-progress"]) == 0
+        assert f'main(["shard", "{source}", *sys.argv[1:]])' in script
+        assert source in CONVERTERS and source in spin_module.SOURCES
+    assert cli_main(["shard", "mpii", "--npz", str(path), "--img-root", str(img_root), "--out",
+                     str(tmp_path / "mpii"), "--limit", "2", "--workers", "1",
+                     "--no-progress"]) == 0
     manifest = json.loads((tmp_path / "mpii" / "manifest.json").read_text())
     assert manifest["num_samples"] == 2 and "BSD" in manifest["licence"]
 
@@ -289,3 +290,74 @@ def test_spin_npz_bad_files(tmp_path):
              scale=np.ones(1))
     with pytest.raises(ValueError, match="object arrays"):
         spin_module.read_spin_npz(path)
+
+
+# ----------------------------------------------------------------------------- CLIFF pseudo-GT
+
+
+def _cliff_npz(tmp_path: Path, n: int = 5) -> tuple[Path, Path, dict]:
+    """A pseudo-GT file in CLIFF's released layout (coco2014part_cliffGT.npz): SPIN's keys
+    plus per-row focal_l and global_t, and keys the converter has no use for."""
+    rng = np.random.default_rng(7)
+    img_root = tmp_path / "coco"
+    names = [f"train2014/COCO_train2014_{i:012d}.jpg" for i in range(n)]
+    for i, name in enumerate(names):
+        _write_image(img_root / name, 240, 180, i)
+    part = np.concatenate([rng.uniform(70, 170, size=(n, 24, 2)), np.ones((n, 24, 1))], axis=2)
+    data = {
+        "imgname": np.array(names), "center": rng.uniform(100, 140, size=(n, 2)),
+        "scale": rng.uniform(0.5, 0.8, size=n), "part": part,
+        "pose": rng.normal(scale=0.2, size=(n, 72)), "shape": rng.normal(size=(n, 10)),
+        "focal_l": rng.uniform(250.0, 900.0, size=n),
+        "global_t": np.stack([rng.normal(scale=0.3, size=n), rng.normal(scale=0.3, size=n),
+                              rng.uniform(3.0, 12.0, size=n)], axis=1),
+        "openpose": np.zeros((n, 25, 3)), "annot_id": np.arange(n),
+    }
+    path = tmp_path / "coco2014part_cliffGT.npz"
+    np.savez(path, **data)
+    return path, img_root, data
+
+
+def test_cliff_npz_keeps_focal_and_full_camera(tmp_path):
+    path, img_root, data = _cliff_npz(tmp_path)
+    lines = []
+    summary = convert_spin_npz(path, img_root, str(tmp_path / "out"), "coco", progress=False,
+                               printer=lines.append, storage=StorageConfig(crop_size=64))
+    assert summary.written == 5
+    assert summary.ignored_keys == ["annot_id", "openpose"]  # named, not dropped silently
+    assert "ignored input keys (not converted): annot_id, openpose" in lines[0]
+    samples = list(ShardReader(str(tmp_path / "out"), shuffle=False, rank=0, world_size=1))
+    assert len(samples) == 5
+    for row, sample in enumerate(samples):
+        assert sample.key.endswith(f"/{row}")
+        assert sample.focal == pytest.approx(data["focal_l"][row], rel=1e-12)
+        np.testing.assert_allclose(sample.cam_full, data["global_t"][row], rtol=1e-6)
+        assert sample.has_smpl and sample.has_2d
+    # has_cam follows cam_full into the training batch
+    from raytrain.data.crop import MultiRoICropper
+    from raytrain.geometry import build_schedule
+    cropper = MultiRoICropper(build_schedule("fixed", 2, offset=0.1, scales=(1.5,)), crop_size=64)
+    item = cropper(samples[0], np.random.default_rng(0))
+    assert item["has_cam"] and np.allclose(item["cam_full"], data["global_t"][0], rtol=1e-6)
+
+
+def test_spin_npz_without_cliff_keys_has_no_camera(tmp_path):
+    path, img_root, data = _cliff_npz(tmp_path, n=2)
+    del data["global_t"], data["openpose"], data["annot_id"]
+    data["focal_length"] = np.float64(500.0)  # one focal for the whole file
+    np.savez(path, **data)
+    summary = convert_spin_npz(path, img_root, str(tmp_path / "out"), "coco", progress=False,
+                               printer=None)
+    assert summary.ignored_keys == [] and "focal_l" in data  # focal_l wins over focal_length
+    samples = list(ShardReader(str(tmp_path / "out"), shuffle=False, rank=0, world_size=1))
+    assert [s.focal for s in samples] == pytest.approx(list(data["focal_l"]))
+    assert all(s.cam_full is None for s in samples)
+    np.savez(path, **{**data, "global_t": np.zeros((2, 2))})
+    with pytest.raises(ValueError, match=r"global_t has shape \(2, 2\), expected \(2, 3\)"):
+        spin_module.read_spin_npz(path)
+
+
+def test_3dpw_summary_names_ignored_sequence_keys(converted):
+    summary = converted[0]
+    assert summary.ignored_keys == ["img_frame_ids", "jointPositions"]
+    assert "ignored input keys (not converted): img_frame_ids, jointPositions" in summary.format()
