@@ -7,6 +7,7 @@ the cross-field rules, and every error names the dotted key. The README's config
 reference is generated from these dataclasses (`config_reference_markdown`).
 """
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -30,9 +31,20 @@ def opt(default, help: str, *, min=None, max=None, choices=None, factory=False):
 
 
 @dataclass
+class MixtureSource:
+    name: str = opt("", "label of the source in progress lines and TensorBoard (e.g. h36m)")
+    shards: str = opt("", "the source's shards, same forms as data.train_shards")
+    weight: float = opt(1.0, "share of every training epoch drawn from this source (weights are normalised)",
+                        min=0.0)
+
+
+@dataclass
 class DataConfig:
     train_shards: str = opt("", "training shards: a directory, a brace pattern or a manifest.json (local path or "
                                 "s3://, gs:// URL)")
+    mixture: list[MixtureSource] = opt(list, "train on several shard sets in fixed ratios instead of "
+                                             "data.train_shards: a list of {name, shards, weight} (docs/design.md)",
+                                       factory=True)
     val_shards: str = opt("", "validation shards, same forms as train_shards")
     crop_size: int = opt(224, "side S of each square RoI crop in pixels", min=32, max=1024)
     batch_size: int = opt(48, "persons per optimisation step over all workers (each brings M crops)", min=1)
@@ -327,8 +339,32 @@ def validate(cfg: ExperimentConfig):
     if cfg.loss.lambda_cont > 0 and cfg.rois.num_rois >= 2 and per_worker < 2 and not cfg.loss.gather_negatives:
         raise ConfigError("loss.lambda_cont > 0 needs at least 2 persons per worker (data.batch_size) or "
                           "loss.gather_negatives=true")
+    _check_mixture(cfg.data)
     if cfg.optim.amp != "none" and not cfg.ray.use_gpu:
         raise ConfigError(f"optim.amp={cfg.optim.amp} needs ray.use_gpu=true (mixed precision runs on GPU only)")
+
+
+def _check_mixture(data: DataConfig):
+    """data.mixture: named sources with shards and finite weights of positive sum; not both
+    a mixture and data.train_shards."""
+    if not data.mixture:
+        return
+    if data.train_shards:
+        raise ConfigError("data.train_shards: set data.train_shards or data.mixture, not both")
+    names = []
+    for i, source in enumerate(data.mixture):
+        key = f"data.mixture[{i}]"
+        if not source.name or not source.shards:
+            raise ConfigError(f"{key}: needs a name and shards, got name={source.name!r} "
+                              f"shards={source.shards!r}")
+        if not math.isfinite(source.weight) or source.weight < 0:
+            raise ConfigError(f"{key}.weight: {source.weight} is not a finite number >= 0")
+        names.append(source.name)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.mixture: source names repeat: {names}")
+    total = sum(source.weight for source in data.mixture)
+    if not total > 0:
+        raise ConfigError(f"data.mixture: weights sum to {total}, need a positive sum")
 
 
 def _check_fields(obj, prefix: str):

@@ -28,12 +28,15 @@ from ..geometry import build_schedule
 from .augment import AugmentConfig
 from .collate import FREE, BatchPool, BatchSink, batch_to_torch, collate_arrays
 from .crop import MultiRoICropper
+from .mixture import MixtureReader
 from .reader import ShardReader
 from .shards import count_samples, resolve_shards
 
 
 def epoch_length(cfg, split: str, rank: int, world_size: int) -> int:
     """Samples each rank sees per epoch of `split` (the same on every rank)."""
+    if _mixture(cfg, split):  # MixtureReader: the largest source's per-rank length
+        return max(count_samples(m.shards) // world_size for m in cfg.data.mixture if m.weight > 0)
     return count_samples(_source(cfg, split)) // world_size
 
 
@@ -102,11 +105,7 @@ class EpochSource:
         cropper = MultiRoICropper(schedule_from_config(cfg.rois), crop_size=cfg.data.crop_size,
                                   augment=augment_from_config(cfg.data) if train else None,
                                   root_joint=_root_joint(cfg.model.smpl_dir))
-        self.reader = ShardReader(_source(cfg, split), seed=seed, shuffle=train,
-                                  shuffle_buffer=cfg.data.shuffle_buffer, rank=rank,
-                                  world_size=world_size, batch_size=batch_size,
-                                  max_bad_fraction=cfg.data.max_bad_fraction,
-                                  decode_images=False)
+        self.reader = _reader(cfg, split, rank, world_size, batch_size, seed)
         workers = cfg.data.loader_workers
         self.persistent = persistent and workers > 0
         if self.persistent:
@@ -165,7 +164,7 @@ class Loader:
         self._bad_by_worker: dict[int, Counter] = {}
 
     @property
-    def reader(self) -> ShardReader:
+    def reader(self) -> ShardReader | MixtureReader:
         return self.source.reader
 
     @property
@@ -309,10 +308,38 @@ class _collate_with_counts:
         if self.pool is not None:
             batch["pool_slot"] = slot
         batch["gender"] = [item["gender"] for item in items]
+        if "source" in items[0]:  # a mixture names each item's shard set
+            batch["sources"] = [item["source"] for item in items]
         info = torch.utils.data.get_worker_info()
         reader = info.dataset if info is not None else self.reader
         batch["bad_counts"] = (info.id if info is not None else -1, dict(reader.bad_counts))
         return batch
+
+
+def _reader(cfg, split: str, rank: int, world_size: int, batch_size: int, seed: int):
+    """The split's ShardReader, or for a training mixture its MixtureReader."""
+    train = split == "train"
+    if _mixture(cfg, split):
+        mixture = cfg.data.mixture
+        return MixtureReader({m.name: m.shards for m in mixture}, {m.name: m.weight for m in mixture},
+                             seed=seed, shuffle_buffer=cfg.data.shuffle_buffer, rank=rank,
+                             world_size=world_size, batch_size=batch_size,
+                             max_bad_fraction=cfg.data.max_bad_fraction, decode_images=False)
+    return ShardReader(_source(cfg, split), seed=seed, shuffle=train,
+                       shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size,
+                       batch_size=batch_size, max_bad_fraction=cfg.data.max_bad_fraction,
+                       decode_images=False)
+
+
+def _mixture(cfg, split: str) -> bool:
+    return split == "train" and bool(cfg.data.mixture)
+
+
+def _sources(cfg, split: str) -> list[str]:
+    """Every shard set `split` reads."""
+    if _mixture(cfg, split):
+        return [m.shards for m in cfg.data.mixture if m.weight > 0]
+    return [_source(cfg, split)]
 
 
 def _source(cfg, split: str) -> str:
