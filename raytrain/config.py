@@ -79,8 +79,14 @@ class RoIConfig:
 @dataclass
 class ModelConfig:
     backbone: str = opt("resnet50", "encoder from the backbone registry (resnet50, hrnet_w48, resnet18, ...)")
-    backbone_checkpoint: str | None = opt(None, "local checkpoint for the backbone (no downloads: pretrained weights "
-                                                "come from disk)")
+    backbone_checkpoint: str | None = opt(None, "local checkpoint for the backbone: HRNet-pose pose_hrnet_*.pth, "
+                                                "SimpleBaseline pose_resnet_*.pth, timm or torchvision ImageNet files "
+                                                "(.pth, .safetensors)")
+    backbone_partial_ok: bool = opt(False, "accept a backbone checkpoint that matches less than 90% of the backbone's "
+                                           "tensors (the rest stays at random init)")
+    pretrained: str = opt("none", "'imagenet': ImageNet weights through timm's hub loading (needs the network or a "
+                                  "filled Hugging Face cache); exclusive with model.backbone_checkpoint",
+                          choices=["none", "imagenet"])
     fusion: str = opt("raf", "RoI fusion variant", choices=["none", "h_null", "abs_pe", "raf", "self_attention"])
     fusion_hidden: int = opt(256, "fusion scorer: 0 = the paper's single Linear over F_mn (then RAF's weights cannot "
                                   "depend on m and equal abs_pe's: softmax over n cancels the gamma_m term); > 0 = a "
@@ -340,6 +346,9 @@ def validate(cfg: ExperimentConfig):
         raise ConfigError("loss.lambda_cont > 0 needs at least 2 persons per worker (data.batch_size) or "
                           "loss.gather_negatives=true")
     _check_mixture(cfg.data)
+    if cfg.model.pretrained != "none" and cfg.model.backbone_checkpoint:
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained} and model.backbone_checkpoint are exclusive: "
+                          "weights come from timm's hub or from the file")
     if cfg.optim.amp != "none" and not cfg.ray.use_gpu:
         raise ConfigError(f"optim.amp={cfg.optim.amp} needs ray.use_gpu=true (mixed precision runs on GPU only)")
 

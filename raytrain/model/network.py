@@ -39,6 +39,8 @@ class ModelSpec:
     """
     backbone: str = "resnet50"
     backbone_checkpoint: str | None = None
+    backbone_partial_ok: bool = False
+    pretrained: str = "none"
     fusion: str = "raf"
     pe_bands: int = 32
     decoder_iters: int = 3
@@ -87,7 +89,8 @@ class MultiRoINet(nn.Module):
         mean = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in mean.items()}
         if spec.cam_init not in CAM_INITS:
             raise ValueError(f"unknown cam_init {spec.cam_init!r}: one of {', '.join(CAM_INITS)}")
-        self.encoder, d = create_backbone(spec.backbone, spec.backbone_checkpoint)
+        self.encoder, d = create_backbone(spec.backbone, spec.backbone_checkpoint, pretrained=spec.pretrained,
+                                          partial_ok=spec.backbone_partial_ok)
         self.feature_dim = d
         pe_dim = encoding_dim(spec.pe_bands)
         self.fusion = create_fusion(spec.fusion, d, pe_dim, hidden=spec.fusion_hidden,
