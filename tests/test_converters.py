@@ -361,3 +361,58 @@ def test_3dpw_summary_names_ignored_sequence_keys(converted):
     summary = converted[0]
     assert summary.ignored_keys == ["img_frame_ids", "jointPositions"]
     assert "ignored input keys (not converted): img_frame_ids, jointPositions" in summary.format()
+
+
+# ----------------------------------------------------------------------------- Ray tasks
+
+
+def _shard_members(out: Path) -> list[tuple[str, dict]]:
+    """Every (key, {extension: bytes}) of a shard set, in manifest order."""
+    from raytrain.data.formats.tar import tar_samples
+
+    members = []
+    for entry in read_manifest(str(out))["shards"]:
+        with open(out / entry["name"], "rb") as handle:
+            members += [(raw["__key__"], {k: v for k, v in raw.items() if not k.startswith("__")})
+                        for raw in tar_samples(handle)]
+    return members
+
+
+def test_task_options_ask_for_data_cpu_where_the_cluster_has_it():
+    from raytrain.data.convert.distributed import chunk_ranges, task_options
+
+    assert task_options({"CPU": 8.0}) == {"num_cpus": 1, "max_retries": 3}
+    assert task_options({"CPU": 8.0, "data_cpu": 64.0})["resources"] == {"data_cpu": 1}
+    assert chunk_ranges(10, 4) == [(0, 0, 4), (1, 4, 8), (2, 8, 10)]
+
+
+@pytest.mark.slow
+def test_shard_3dpw_with_ray_gives_the_same_samples(tmp_path, release, capsys):
+    import ray
+
+    from raytrain.data.shards import verify_shards
+
+    common = ["--root", str(release["root"]), "--split", "test", "--smpl-dir", body_dir(),
+              "--maxcount", "2", "--no-progress"]
+    local, tasks = tmp_path / "local", tmp_path / "ray"
+    assert cli_main(["shard", "3dpw", *common, "--out", str(local), "--workers", "1"]) == 0
+    ray.init(num_cpus=2, resources={"data_cpu": 2}, include_dashboard=False)
+    try:
+        assert cli_main(["shard", "3dpw", *common, "--out", str(tasks), "--ray", "--chunk", "4"]) == 0
+        out = capsys.readouterr().out
+        assert "3 chunks of 4 records, 3 to convert as Ray tasks on data_cpu, 0 done before" in out
+        assert f"written {release['num_valid']}" in out and "img_frame_ids" in out
+        expected = _shard_members(local)
+        assert len(expected) == release["num_valid"] and _shard_members(tasks) == expected
+        assert verify_shards(str(tasks)) == []
+        # chunks of 4 records cut at shard boundaries of 2: the very same shard bytes
+        digests = [[e["sha256"] for e in read_manifest(str(d))["shards"]] for d in (local, tasks)]
+        assert digests[0] == digests[1]
+        # restartable: a lost chunk (its part record and a shard) is converted again, alone
+        (tasks / "parts" / "part-00001.json").unlink()
+        (tasks / "part-00001-000000.tar").unlink()
+        assert cli_main(["shard", "3dpw", *common, "--out", str(tasks), "--ray", "--chunk", "4"]) == 0
+        assert "1 to convert as Ray tasks on data_cpu, 2 done before" in capsys.readouterr().out
+        assert _shard_members(tasks) == expected and verify_shards(str(tasks)) == []
+    finally:
+        ray.shutdown()

@@ -293,12 +293,21 @@ def _actor_records(seq: dict, actor: int, frames: np.ndarray, root, body_model,
 
 def _records_from_release(files: list[str], root: str, smpl_dir, body_model,
                           visibility: str) -> Iterator[Record]:
-    """The records of a release's sequence files (a ``RecordSet`` factory: picklable)."""
+    """The records of a release's sequence files (a ``RecordSet`` factory: picklable).
+
+    The SMPL forward passes run on one thread: float sums do not depend on the thread
+    count then, so a Ray task (one CPU) makes the bytes this process makes.
+    """
     if body_model is None:
         from raytrain.body import load_body_model
 
         body_model = load_body_model(smpl_dir, genders=("male", "female"))
-    return pw3d_records(files, root, body_model, visibility=visibility)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield from pw3d_records(files, root, body_model, visibility=visibility)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def pw3d_record_set(root: str | os.PathLike, split: str, *, smpl_dir=None, body_model=None,
