@@ -176,3 +176,20 @@ def test_pretrained_imagenet_through_timm_hub_cache(tmp_path):
     assert result.returncode != 0
     assert "model.pretrained=imagenet: timm could not load ImageNet weights for mobilenetv3_small_050" in result.stderr
     assert "model.backbone_checkpoint" in result.stderr
+
+
+def test_refused_checkpoint_stops_a_run_before_ray_starts(tmp_path):
+    import ray
+
+    from raytrain.train.launch import preflight_model
+    torch.manual_seed(8)
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    torch.save({k: v for k, v in state.items() if not k.startswith(("layer3", "layer4"))}, tmp_path / "half.pth")
+    demo = str(REPO / "raytrain" / "configs" / "demo.yaml")
+    cfg = load_config(demo, ["model.backbone=resnet18", f"model.backbone_checkpoint={tmp_path / 'half.pth'}"])
+    with pytest.raises(ConfigError, match=r"model.backbone_checkpoint: backbone checkpoint .*half.pth matches only "
+                                          r"50/100 tensors"):
+        preflight_model(cfg)
+    with pytest.raises(ConfigError, match=r"model.backbone: unknown backbone 'resnet5'; known: .*resnet50"):
+        preflight_model(load_config(demo, ["model.backbone=resnet5"]))
+    assert not ray.is_initialized()

@@ -39,6 +39,22 @@ def _count_shards(key: str, source: str) -> int:
     return total
 
 
+def preflight_model(cfg: ExperimentConfig):
+    """An unknown backbone, or a backbone checkpoint that is unreadable or matches too little
+    (see model.backbones.load_backbone_weights), fails here, naming the key."""
+    from ..model.backbones import BACKBONES, BackboneLoadError, create_backbone
+    try:
+        BACKBONES.get(cfg.model.backbone)
+    except ValueError as err:
+        raise ConfigError(f"model.backbone: {err}") from None
+    if cfg.model.backbone_checkpoint:
+        try:
+            create_backbone(cfg.model.backbone, cfg.model.backbone_checkpoint,
+                            partial_ok=cfg.model.backbone_partial_ok)
+        except (BackboneLoadError, FileNotFoundError) as err:
+            raise ConfigError(f"model.backbone_checkpoint: {err}") from None
+
+
 def init_ray(cfg: ExperimentConfig):
     """Connect to `ray.address` / RAY_ADDRESS, or start a local instance with ray.num_cpus."""
     import ray
@@ -95,6 +111,7 @@ def run_training(cfg: ExperimentConfig, check_data: bool = True):
     """Validate, start or connect to Ray, train, and return the Ray Train Result."""
     if check_data:
         preflight_data(cfg)
+    preflight_model(cfg)
     init_ray(cfg)
     preflight_resources(cfg)
     result = build_trainer(cfg).fit()
