@@ -357,6 +357,19 @@ def test_spin_npz_without_cliff_keys_has_no_camera(tmp_path):
         spin_module.read_spin_npz(path)
 
 
+def test_shard_command_bad_input_is_one_line(tmp_path, capsys):
+    args = ["--img-root", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert cli_main(["shard", "coco", "--npz", str(tmp_path / "none.npz"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raytrain shard: error: ") and "none.npz: npz file not found" in err
+    np.savez(tmp_path / "short.npz", imgname=np.array(["a.jpg"]), center=np.zeros((1, 2)))
+    assert cli_main(["shard", "mpii", "--npz", str(tmp_path / "short.npz"), *args]) == 2
+    assert "missing keys ['scale']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["shard", "lsp", "--npz", "x"])  # argparse names the known sources
+    assert "invalid choice: 'lsp'" in capsys.readouterr().err
+
+
 def test_3dpw_summary_names_ignored_sequence_keys(converted):
     summary = converted[0]
     assert summary.ignored_keys == ["img_frame_ids", "jointPositions"]
