@@ -112,19 +112,37 @@ def test_training_on_a_mixture_resumes_exactly_and_logs_sources(synthetic_shards
     def run(folder, steps):
         cfg = load_config(DEMO, tiny_overrides("", val, tmp_path / folder, **{
             "data.mixture": mixture, "optim.max_steps": steps, "train.checkpoint_every": 9,
-            "train.val_every": 100, "train.sample_log": tmp_path / folder / "keys"}))
+            "train.val_every": 100, "train.sample_log": tmp_path / folder / "keys",
+            "data.loader_workers": 2, "train.tensorboard": folder == "a"}))  # persistent workers
         run_loop(cfg, BareSession(str(tmp_path / folder), device="cpu"))
 
-    run("a", 16)
-    progress = [line for line in capsys.readouterr().out.splitlines() if " step 12/16 " in line]
+    run("a", 13)
+    progress = [line for line in capsys.readouterr().out.splitlines() if " step 12/13 " in line]
     assert progress and "sources synth_a=36 synth_b=12" in progress[0]  # epoch 0: 3 to 1
+    scalars = _scalars(next((tmp_path / "a").rglob("events.out.tfevents.*")))
+    assert scalars[("data/samples_synth_a", 12)] == 36 and scalars[("data/samples_synth_b", 12)] == 12
     run("b", 9)
-    run("b", 16)
+    run("b", 13)
     whole = (tmp_path / "a/keys.rank0.txt").read_text().splitlines()
     resumed = (tmp_path / "b/keys.rank0.txt").read_text().splitlines()
-    assert resumed == whole  # 9 steps, then the rest from the checkpoint: the same 64 samples
+    assert resumed == whole  # 9 steps, then the rest from the checkpoint: the same 52 samples
     epoch0 = [line.split()[2] for line in whole if line.split()[1] == "0"]
     assert len(epoch0) == len(set(epoch0)) == 48  # L = 48 (the larger source): 36 + 12
+
+
+def _scalars(path) -> dict:
+    """(tag, step) -> value of a TensorBoard event file (TFRecord framing, tensorboardX protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    data, out, offset = path.read_bytes(), {}, 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+        offset += 12 + length + 4
+        for value in event.summary.value:
+            out[(value.tag, event.step)] = value.simple_value
+    return out
 
 
 def test_bad_mixtures_stop_before_workers_start(synthetic_shards, tmp_path, capsys):

@@ -258,7 +258,8 @@ def build_loader(cfg, split: str, rank: int, world_size: int, epoch: int, skip: 
     if not (cfg.data.persistent_workers and cfg.data.loader_workers > 0):
         return Loader(private(), epoch, skip, private)
     key = (repr(cfg.data), repr(cfg.rois), cfg.model.smpl_dir, *args,
-           tuple((ref.url, ref.num_samples) for ref in resolve_shards(_source(cfg, split))))
+           tuple((ref.url, ref.num_samples) for source in _sources(cfg, split)
+                 for ref in resolve_shards(source)))
     cached = _PERSISTENT.get(split)
     if cached is not None and cached[0] == key and not cached[1].closed:
         return Loader(cached[1], epoch, skip, private)

@@ -47,7 +47,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --ray: cluster address (default: RAY_ADDRESS, else a local "
                              "Ray instance)")
     parser.add_argument("--chunk", type=int, default=2000,
-                        help="with --ray: records per Ray task")
+                        help="with --ray: records per Ray task (one CPU each; --workers applies "
+                             "without --ray only)")
 
 
 def run_record_set(make: Callable[[argparse.Namespace], RecordSet], args: argparse.Namespace) -> int:
