@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import body_dir
 from fixtures_3dpw import UNDETECTED, UNDETECTED_J24, make_3dpw_release, write_sequence_file
+from fixtures_data import make_cliff_npz
 
 from raytrain.body import load_body_model
 from raytrain.cli import main as cli_main
@@ -295,31 +296,8 @@ def test_spin_npz_bad_files(tmp_path):
 # ----------------------------------------------------------------------------- CLIFF pseudo-GT
 
 
-def _cliff_npz(tmp_path: Path, n: int = 5) -> tuple[Path, Path, dict]:
-    """A pseudo-GT file in CLIFF's released layout (coco2014part_cliffGT.npz): SPIN's keys
-    plus per-row focal_l and global_t, and keys the converter has no use for."""
-    rng = np.random.default_rng(7)
-    img_root = tmp_path / "coco"
-    names = [f"train2014/COCO_train2014_{i:012d}.jpg" for i in range(n)]
-    for i, name in enumerate(names):
-        _write_image(img_root / name, 240, 180, i)
-    part = np.concatenate([rng.uniform(70, 170, size=(n, 24, 2)), np.ones((n, 24, 1))], axis=2)
-    data = {
-        "imgname": np.array(names), "center": rng.uniform(100, 140, size=(n, 2)),
-        "scale": rng.uniform(0.5, 0.8, size=n), "part": part,
-        "pose": rng.normal(scale=0.2, size=(n, 72)), "shape": rng.normal(size=(n, 10)),
-        "focal_l": rng.uniform(250.0, 900.0, size=n),
-        "global_t": np.stack([rng.normal(scale=0.3, size=n), rng.normal(scale=0.3, size=n),
-                              rng.uniform(3.0, 12.0, size=n)], axis=1),
-        "openpose": np.zeros((n, 25, 3)), "annot_id": np.arange(n),
-    }
-    path = tmp_path / "coco2014part_cliffGT.npz"
-    np.savez(path, **data)
-    return path, img_root, data
-
-
 def test_cliff_npz_keeps_focal_and_full_camera(tmp_path):
-    path, img_root, data = _cliff_npz(tmp_path)
+    path, img_root, data = make_cliff_npz(tmp_path)
     lines = []
     summary = convert_spin_npz(path, img_root, str(tmp_path / "out"), "coco", progress=False,
                                printer=lines.append, storage=StorageConfig(crop_size=64))
@@ -342,7 +320,7 @@ def test_cliff_npz_keeps_focal_and_full_camera(tmp_path):
 
 
 def test_spin_npz_without_cliff_keys_has_no_camera(tmp_path):
-    path, img_root, data = _cliff_npz(tmp_path, n=2)
+    path, img_root, data = make_cliff_npz(tmp_path, n=2)
     del data["global_t"], data["openpose"], data["annot_id"]
     data["focal_length"] = np.float64(500.0)  # one focal for the whole file
     np.savez(path, **data)

@@ -17,8 +17,8 @@ on a GPU node; a cluster without it runs them on plain CPUs. Input files (npz, i
 3DPW release) must be readable at the same path on every node (a shared filesystem or
 the image); output may be a local path (one machine) or an ``s3://`` / ``gs://`` URL.
 
-**Restart.** A chunk whose ``parts/part-<i>.json`` exists for the same record range and
-source is not converted again: a rerun of the same command after a crash or preemption
+**Restart.** A chunk whose ``parts/part-<i>.json`` exists for the same record range,
+source and record count is not converted again: a rerun of the same command after a crash or preemption
 converts only the missing chunks, then writes the manifest.
 """
 from __future__ import annotations
@@ -62,15 +62,17 @@ def convert_chunk(record_set: RecordSet, index: int, start: int, end: int, out: 
                              progress=False, printer=None, storage_options=storage_options,
                              prefix=f"part-{index:05d}", write_manifest=False)
     part = {"index": index, "start": start, "end": end, "source": record_set.source,
+            "records": record_set.total,
             "shards": summary.manifest["shards"], "written": summary.written,
             "skipped": dict(summary.skipped), "examples": summary.examples}
     write_json(part_url(out, index), part, storage_options)  # last: marks the chunk done
     return part
 
 
-def read_done_part(out: str, index: int, start: int, end: int, source: str,
+def read_done_part(out: str, index: int, start: int, end: int, record_set: RecordSet,
                    storage_options: dict | None) -> dict | None:
-    """The part record of a chunk converted before (same range and source), else None."""
+    """The part record of a chunk converted before (same range, source and number of
+    records), else None."""
     url = part_url(out, index)
     if not exists(url, storage_options):
         return None
@@ -81,7 +83,8 @@ def read_done_part(out: str, index: int, start: int, end: int, source: str,
         log.warning("%s unreadable (%s): converting that chunk again", url, error)
         return None
     same = (isinstance(part, dict) and part.get("start") == start and part.get("end") == end
-            and part.get("source") == source and isinstance(part.get("shards"), list))
+            and part.get("source") == record_set.source and part.get("records") == record_set.total
+            and isinstance(part.get("shards"), list))
     if not same:
         log.warning("%s is from another conversion: converting that chunk again", url)
     return part if same else None
@@ -109,7 +112,7 @@ def shard_with_ray(record_set: RecordSet, out: str, *, chunk: int = 2000, maxcou
     chunks = chunk_ranges(total, chunk)
     parts: dict[int, dict] = {}
     for index, start, end in chunks:
-        done = read_done_part(out, index, start, end, record_set.source, storage_options)
+        done = read_done_part(out, index, start, end, record_set, storage_options)
         if done is not None:
             parts[index] = done
     options = task_options(ray.cluster_resources())
