@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raytrain.data.convert.pw3d import main  # noqa: E402
+from raytrain.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["shard", "3dpw", *sys.argv[1:]]))  # = raytrain shard 3dpw ...

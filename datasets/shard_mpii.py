@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raytrain.data.convert.spin_npz import main  # noqa: E402
+from raytrain.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main("mpii"))
+    sys.exit(main(["shard", "mpii", *sys.argv[1:]]))  # = raytrain shard mpii ...

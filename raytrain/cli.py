@@ -24,16 +24,14 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="raytrain", description=__doc__)
     sub = parser.add_subparsers(dest="command")
 
-    shard = sub.add_parser("shard", help="write WebDataset shards")
+    shard = sub.add_parser("shard", help="write WebDataset shards (one converter per source)")
     shard_sub = shard.add_subparsers(dest="source")
-    synth = shard_sub.add_parser("synthetic", help="render synthetic people with exact labels")
-    synth.add_argument("--out", required=True, help="output directory or s3://, gs:// URL")
-    synth.add_argument("--n", type=int, default=1000, help="number of person samples")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--workers", type=int, default=1, help="parallel rendering processes")
-    synth.add_argument("--maxcount", type=int, default=500, help="samples per shard")
-    synth.add_argument("--full-frame", action="store_true", help="store full frames instead of context regions")
-    synth.set_defaults(func=cmd_shard_synthetic)
+    converters = _converters()
+    for name in converters.names():
+        entry = converters.get(name)
+        source = shard_sub.add_parser(name, help=entry.help, description=entry.help)
+        entry.add_arguments(source)
+        source.set_defaults(func=entry.run)
 
     train = sub.add_parser("train", help="train with Ray Train (DDP) from a YAML config")
     _config_args(train)
@@ -80,6 +78,25 @@ def build_parser():
 def _config_args(p):
     p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.backbone=hrnet_w48")
+
+
+def _converters():
+    """The converter registry, with the synthetic source (library code never imports it)."""
+    from .data.convert.sources import CONVERTERS, ShardSource
+    if "synthetic" not in CONVERTERS:
+        CONVERTERS.register("synthetic", ShardSource(
+            help="render synthetic people with exact labels", add_arguments=_synthetic_args,
+            run=cmd_shard_synthetic))
+    return CONVERTERS
+
+
+def _synthetic_args(synth):
+    synth.add_argument("--out", required=True, help="output directory or s3://, gs:// URL")
+    synth.add_argument("--n", type=int, default=1000, help="number of person samples")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=1, help="parallel rendering processes")
+    synth.add_argument("--maxcount", type=int, default=500, help="samples per shard")
+    synth.add_argument("--full-frame", action="store_true", help="store full frames instead of context regions")
 
 
 def cmd_shard_synthetic(args):

@@ -7,6 +7,7 @@ the cross-field rules, and every error names the dotted key. The README's config
 reference is generated from these dataclasses (`config_reference_markdown`).
 """
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -33,9 +34,20 @@ def opt(default, help: str, *, min=None, max=None, choices=None, registry=None, 
 
 
 @dataclass
+class MixtureSource:
+    name: str = opt("", "label of the source in progress lines and TensorBoard (e.g. h36m)")
+    shards: str = opt("", "the source's shards, same forms as data.train_shards")
+    weight: float = opt(1.0, "share of every training epoch drawn from this source (weights are normalised)",
+                        min=0.0)
+
+
+@dataclass
 class DataConfig:
     train_shards: str = opt("", "training shards: a directory, a brace pattern or a manifest.json (local path or "
                                 "s3://, gs:// URL)")
+    mixture: list[MixtureSource] = opt(list, "train on several shard sets in fixed ratios instead of "
+                                             "data.train_shards: a list of {name, shards, weight} (docs/design.md)",
+                                       factory=True)
     val_shards: str = opt("", "validation shards, same forms as train_shards")
     crop_size: int = opt(224, "side S of each square RoI crop in pixels", min=32, max=1024)
     batch_size: int = opt(48, "persons per optimisation step over all workers (each brings M crops)", min=1)
@@ -70,8 +82,14 @@ class RoIConfig:
 @dataclass
 class ModelConfig:
     backbone: str = opt("resnet50", "encoder from the backbone registry", registry="backbone")
-    backbone_checkpoint: str | None = opt(None, "local checkpoint for the backbone (no downloads: pretrained weights "
-                                                "come from disk)")
+    backbone_checkpoint: str | None = opt(None, "local checkpoint for the backbone: HRNet-pose pose_hrnet_*.pth, "
+                                                "SimpleBaseline pose_resnet_*.pth, timm or torchvision ImageNet files "
+                                                "(.pth, .safetensors)")
+    backbone_partial_ok: bool = opt(False, "accept a backbone checkpoint that matches less than 90% of the backbone's "
+                                           "tensors (the rest stays at random init)")
+    pretrained: str = opt("none", "'imagenet': ImageNet weights through timm's hub loading (needs the network or a "
+                                  "filled Hugging Face cache); exclusive with model.backbone_checkpoint",
+                          choices=["none", "imagenet"])
     fusion: str = opt("raf", "RoI fusion variant", registry="fusion")
     fusion_hidden: int = opt(256, "fusion scorer: 0 = the paper's single Linear over F_mn (then RAF's weights cannot "
                                   "depend on m and equal abs_pe's: softmax over n cancels the gamma_m term); > 0 = a "
@@ -330,8 +348,35 @@ def validate(cfg: ExperimentConfig):
     if cfg.loss.lambda_cont > 0 and cfg.rois.num_rois >= 2 and per_worker < 2 and not cfg.loss.gather_negatives:
         raise ConfigError("loss.lambda_cont > 0 needs at least 2 persons per worker (data.batch_size) or "
                           "loss.gather_negatives=true")
+    _check_mixture(cfg.data)
+    if cfg.model.pretrained != "none" and cfg.model.backbone_checkpoint:
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained} and model.backbone_checkpoint are exclusive: "
+                          "weights come from timm's hub or from the file")
     if cfg.optim.amp != "none" and not cfg.ray.use_gpu:
         raise ConfigError(f"optim.amp={cfg.optim.amp} needs ray.use_gpu=true (mixed precision runs on GPU only)")
+
+
+def _check_mixture(data: DataConfig):
+    """data.mixture: named sources with shards and finite weights of positive sum; not both
+    a mixture and data.train_shards."""
+    if not data.mixture:
+        return
+    if data.train_shards:
+        raise ConfigError("data.train_shards: set data.train_shards or data.mixture, not both")
+    names = []
+    for i, source in enumerate(data.mixture):
+        key = f"data.mixture[{i}]"
+        if not source.name or not source.shards:
+            raise ConfigError(f"{key}: needs a name and shards, got name={source.name!r} "
+                              f"shards={source.shards!r}")
+        if not math.isfinite(source.weight) or source.weight < 0:
+            raise ConfigError(f"{key}.weight: {source.weight} is not a finite number >= 0")
+        names.append(source.name)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.mixture: source names repeat: {names}")
+    total = sum(source.weight for source in data.mixture)
+    if not total > 0:
+        raise ConfigError(f"data.mixture: weights sum to {total}, need a positive sum")
 
 
 def _check_fields(obj, prefix: str):

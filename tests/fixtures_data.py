@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 
@@ -63,3 +65,33 @@ def rewrite_npz(raw: dict, name: str, value) -> dict:
     np.savez(buffer, **arrays)
     raw["npz"] = buffer.getvalue()
     return raw
+
+
+def _write_image(path: Path, width: int, height: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(path), image)
+
+
+def make_cliff_npz(tmp_path: Path, n: int = 5) -> tuple[Path, Path, dict]:
+    """A pseudo-GT file in CLIFF's released layout (coco2014part_cliffGT.npz): SPIN's keys
+    plus per-row focal_l and global_t, and keys the converter has no use for."""
+    rng = np.random.default_rng(7)
+    img_root = tmp_path / "coco"
+    names = [f"train2014/COCO_train2014_{i:012d}.jpg" for i in range(n)]
+    for i, name in enumerate(names):
+        _write_image(img_root / name, 240, 180, i)
+    part = np.concatenate([rng.uniform(70, 170, size=(n, 24, 2)), np.ones((n, 24, 1))], axis=2)
+    data = {
+        "imgname": np.array(names), "center": rng.uniform(100, 140, size=(n, 2)),
+        "scale": rng.uniform(0.5, 0.8, size=n), "part": part,
+        "pose": rng.normal(scale=0.2, size=(n, 72)), "shape": rng.normal(size=(n, 10)),
+        "focal_l": rng.uniform(250.0, 900.0, size=n),
+        "global_t": np.stack([rng.normal(scale=0.3, size=n), rng.normal(scale=0.3, size=n),
+                              rng.uniform(3.0, 12.0, size=n)], axis=1),
+        "openpose": np.zeros((n, 25, 3)), "annot_id": np.arange(n),
+    }
+    path = tmp_path / "coco2014part_cliffGT.npz"
+    np.savez(path, **data)
+    return path, img_root, data

@@ -362,8 +362,19 @@ def test_submit_help():
 def test_submit_rejects_bad_usage():
     r = _run_submit()
     assert r.returncode == 2 and "Usage" in r.stderr
-    r = _run_submit("shard", env={"RAY_ADDRESS": "http://127.0.0.1:1"})
-    assert r.returncode == 2 and "unknown command 'shard'" in r.stderr
+    r = _run_submit("demo", env={"RAY_ADDRESS": "http://127.0.0.1:1"})
+    assert r.returncode == 2 and "unknown command 'demo'" in r.stderr
+
+
+def test_submit_shard_runs_the_conversion_on_the_cluster():
+    r = _run_submit("shard", "coco", "--npz", "/data/c.npz", "--img-root", "/data/coco", "--out",
+                    "s3://bucket/shards/coco", "--ray",
+                    env={"RAY_ADDRESS": "http://10.0.0.1:8265", "RAYTRAIN_DRY_RUN": "1"})
+    assert r.returncode == 0, r.stderr
+    argv = shlex.split(r.stdout.splitlines()[0])
+    assert argv[argv.index("--") + 1:] == ["raytrain", "shard", "coco", "--npz", "/data/c.npz", "--img-root",
+                                           "/data/coco", "--out", "s3://bucket/shards/coco", "--ray"]
+    assert "the shards and manifest.json under s3://bucket/shards/coco" in r.stdout
 
 
 def test_submit_without_ray_address_says_so():

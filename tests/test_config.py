@@ -8,7 +8,7 @@ from raytrain.config import ConfigError, ExperimentConfig, config_reference_mark
 CONFIGS = Path(__file__).resolve().parents[1] / "raytrain" / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo", "r50_paper", "h48_paper", "finetune_3dpw"])
+@pytest.mark.parametrize("name", ["demo", "r50_paper", "h48_paper", "finetune_3dpw", "coco_3dpw_ablation"])
 def test_shipped_configs_load(name):
     cfg = load_config(str(CONFIGS / f"{name}.yaml"))
     assert isinstance(cfg, ExperimentConfig)
@@ -24,6 +24,13 @@ def test_paper_numbers():
         assert (cfg.loss.lambda_cam, cfg.loss.lambda_cont, cfg.loss.tau) == (1.0, 0.1, 0.5)
         assert cfg.loss.cam_weights == [0.1, 0.1, 1e-4]
         assert cfg.rois.scales == [1.5, 1.25, 0.8, 0.65] and cfg.rois.num_rois == 5
+        # SPIN's MixedDataset ratios: 30% H36M, 10% MPI-INF-3DHP, 60% in the wild
+        weights = {m.name: m.weight for m in cfg.data.mixture}
+        assert (weights["h36m"], weights["mpi_inf_3dhp"]) == (0.3, 0.1)
+        assert weights["coco"] + weights["mpii"] == pytest.approx(0.6)
+        assert cfg.data.train_shards == "" and cfg.data.val_shards == "shards/3dpw-test"
+    ablation = load_config(str(CONFIGS / "coco_3dpw_ablation.yaml"))
+    assert (ablation.data.train_shards, ablation.data.val_shards) == ("shards/coco", "shards/3dpw-test")
 
 
 def test_dotted_overrides_are_typed():

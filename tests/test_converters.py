@@ -13,12 +13,14 @@ import pytest
 import torch
 from conftest import body_dir
 from fixtures_3dpw import UNDETECTED, UNDETECTED_J24, make_3dpw_release, write_sequence_file
+from fixtures_data import make_cliff_npz
 
 from raytrain.body import load_body_model
+from raytrain.cli import main as cli_main
 from raytrain.data import ShardReader
 from raytrain.data.convert import SequenceFileError, StorageConfig, convert_3dpw, convert_spin_npz, load_sequence_file
-from raytrain.data.convert import pw3d as pw3d_module
 from raytrain.data.convert import spin_npz as spin_module
+from raytrain.data.convert.sources import CONVERTERS
 from raytrain.data.shards import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,20 +264,20 @@ def test_spin_npz_3dpw_form_and_scripts(tmp_path):
     del data["part"], data["has_smpl"]
     np.savez(path, **data)
     out = tmp_path / "out"
-    assert pw3d_module.main(["--npz", str(path), "--img-root", str(img_root), "--out", str(out),
-                             "--workers", "1", "--no-progress"]) == 0
+    assert cli_main(["shard", "3dpw", "--npz", str(path), "--img-root", str(img_root), "--out",
+                     str(out), "--workers", "1", "--no-progress"]) == 0
     samples = list(ShardReader(str(out), shuffle=False, rank=0, world_size=1))
     assert len(samples) == 6
     assert all(s.has_smpl and not s.has_2d and not s.has_3d for s in samples)
     assert "3DPW" in read_manifest(str(out))["licence"]
-    # The SPIN-npz scripts share one entry point per source.
-    for source in ("h36m", "mpi_inf_3dhp", "coco", "mpii"):
+    # The scripts are thin wrappers of `raytrain shard <source>`, one registry entry each.
+    for source in ("3dpw", "h36m", "mpi_inf_3dhp", "coco", "mpii"):
         script = (REPO / "datasets" / f"shard_{source}.py").read_text()
-        assert f'main("{source}")' in script
-        assert source in spin_module.SOURCES
-    assert spin_module.main("mpii", ["--npz", str(path), "--img-root", str(img_root), "--out",
-                                     str(tmp_path / "mpii"), "--limit", "2", "--workers", "1",
-                                     "--no-progress"]) == 0
+        assert f'main(["shard", "{source}", *sys.argv[1:]])' in script
+        assert source in CONVERTERS and source in spin_module.SOURCES
+    assert cli_main(["shard", "mpii", "--npz", str(path), "--img-root", str(img_root), "--out",
+                     str(tmp_path / "mpii"), "--limit", "2", "--workers", "1",
+                     "--no-progress"]) == 0
     manifest = json.loads((tmp_path / "mpii" / "manifest.json").read_text())
     assert manifest["num_samples"] == 2 and "BSD" in manifest["licence"]
 
@@ -289,3 +291,120 @@ def test_spin_npz_bad_files(tmp_path):
              scale=np.ones(1))
     with pytest.raises(ValueError, match="object arrays"):
         spin_module.read_spin_npz(path)
+
+
+# ----------------------------------------------------------------------------- CLIFF pseudo-GT
+
+
+def test_cliff_npz_keeps_focal_and_full_camera(tmp_path):
+    path, img_root, data = make_cliff_npz(tmp_path)
+    lines = []
+    summary = convert_spin_npz(path, img_root, str(tmp_path / "out"), "coco", progress=False,
+                               printer=lines.append, storage=StorageConfig(crop_size=64))
+    assert summary.written == 5
+    assert summary.ignored_keys == ["annot_id", "openpose"]  # named, not dropped silently
+    assert "ignored input keys (not converted): annot_id, openpose" in lines[0]
+    samples = list(ShardReader(str(tmp_path / "out"), shuffle=False, rank=0, world_size=1))
+    assert len(samples) == 5
+    for row, sample in enumerate(samples):
+        assert sample.key.endswith(f"/{row}")
+        assert sample.focal == data["focal_l"][row]  # exact: the json keeps float64
+        assert sample.meta["cam_full"] == list(data["global_t"][row])
+        np.testing.assert_array_equal(sample.cam_full, data["global_t"][row].astype(np.float32))
+        assert sample.has_smpl and sample.has_2d
+    # has_cam follows cam_full into the training batch
+    from raytrain.data.crop import MultiRoICropper
+    from raytrain.geometry import build_schedule
+    cropper = MultiRoICropper(build_schedule("fixed", 2, offset=0.1, scales=(1.5,)), crop_size=64)
+    item = cropper(samples[0], np.random.default_rng(0))
+    assert item["has_cam"] and np.allclose(item["cam_full"], data["global_t"][0], rtol=1e-6)
+
+
+def test_spin_npz_without_cliff_keys_has_no_camera(tmp_path):
+    path, img_root, data = make_cliff_npz(tmp_path, n=2)
+    del data["global_t"], data["openpose"], data["annot_id"]
+    data["focal_length"] = np.float64(500.0)  # one focal for the whole file
+    np.savez(path, **data)
+    summary = convert_spin_npz(path, img_root, str(tmp_path / "out"), "coco", progress=False,
+                               printer=None)
+    assert summary.ignored_keys == [] and "focal_l" in data  # focal_l wins over focal_length
+    samples = list(ShardReader(str(tmp_path / "out"), shuffle=False, rank=0, world_size=1))
+    assert [s.focal for s in samples] == pytest.approx(list(data["focal_l"]))
+    assert all(s.cam_full is None for s in samples)
+    np.savez(path, **{**data, "global_t": np.zeros((2, 2))})
+    with pytest.raises(ValueError, match=r"global_t has shape \(2, 2\), expected \(2, 3\)"):
+        spin_module.read_spin_npz(path)
+
+
+def test_shard_command_bad_input_is_one_line(tmp_path, capsys):
+    args = ["--img-root", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert cli_main(["shard", "coco", "--npz", str(tmp_path / "none.npz"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raytrain shard: error: ") and "none.npz: npz file not found" in err
+    np.savez(tmp_path / "short.npz", imgname=np.array(["a.jpg"]), center=np.zeros((1, 2)))
+    assert cli_main(["shard", "mpii", "--npz", str(tmp_path / "short.npz"), *args]) == 2
+    assert "missing keys ['scale']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["shard", "lsp", "--npz", "x"])  # argparse names the known sources
+    assert "invalid choice: 'lsp'" in capsys.readouterr().err
+
+
+def test_3dpw_summary_names_ignored_sequence_keys(converted):
+    summary = converted[0]
+    assert summary.ignored_keys == ["img_frame_ids", "jointPositions"]
+    assert "ignored input keys (not converted): img_frame_ids, jointPositions" in summary.format()
+
+
+# ----------------------------------------------------------------------------- Ray tasks
+
+
+def _shard_members(out: Path) -> list[tuple[str, dict]]:
+    """Every (key, {extension: bytes}) of a shard set, in manifest order."""
+    from raytrain.data.formats.tar import tar_samples
+
+    members = []
+    for entry in read_manifest(str(out))["shards"]:
+        with open(out / entry["name"], "rb") as handle:
+            members += [(raw["__key__"], {k: v for k, v in raw.items() if not k.startswith("__")})
+                        for raw in tar_samples(handle)]
+    return members
+
+
+def test_task_options_ask_for_data_cpu_where_the_cluster_has_it():
+    from raytrain.data.convert.distributed import chunk_ranges, task_options
+
+    assert task_options({"CPU": 8.0}) == {"num_cpus": 1, "max_retries": 3}
+    assert task_options({"CPU": 8.0, "data_cpu": 64.0})["resources"] == {"data_cpu": 1}
+    assert chunk_ranges(10, 4) == [(0, 0, 4), (1, 4, 8), (2, 8, 10)]
+
+
+@pytest.mark.slow
+def test_shard_3dpw_with_ray_gives_the_same_samples(tmp_path, release, capsys):
+    import ray
+
+    from raytrain.data.shards import verify_shards
+
+    common = ["--root", str(release["root"]), "--split", "test", "--smpl-dir", body_dir(),
+              "--maxcount", "2", "--no-progress"]
+    local, tasks = tmp_path / "local", tmp_path / "ray"
+    assert cli_main(["shard", "3dpw", *common, "--out", str(local), "--workers", "1"]) == 0
+    ray.init(num_cpus=2, resources={"data_cpu": 2}, include_dashboard=False)
+    try:
+        assert cli_main(["shard", "3dpw", *common, "--out", str(tasks), "--ray", "--chunk", "4"]) == 0
+        out = capsys.readouterr().out
+        assert "3 chunks of 4 records, 3 to convert as Ray tasks on data_cpu, 0 done before" in out
+        assert f"written {release['num_valid']}" in out and "img_frame_ids" in out
+        expected = _shard_members(local)
+        assert len(expected) == release["num_valid"] and _shard_members(tasks) == expected
+        assert verify_shards(str(tasks)) == []
+        # chunks of 4 records cut at shard boundaries of 2: the very same shard bytes
+        digests = [[e["sha256"] for e in read_manifest(str(d))["shards"]] for d in (local, tasks)]
+        assert digests[0] == digests[1]
+        # restartable: a lost chunk (its part record and a shard) is converted again, alone
+        (tasks / "parts" / "part-00001.json").unlink()
+        (tasks / "part-00001-000000.tar").unlink()
+        assert cli_main(["shard", "3dpw", *common, "--out", str(tasks), "--ray", "--chunk", "4"]) == 0
+        assert "1 to convert as Ray tasks on data_cpu, 2 done before" in capsys.readouterr().out
+        assert _shard_members(tasks) == expected and verify_shards(str(tasks)) == []
+    finally:
+        ray.shutdown()

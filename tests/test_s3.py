@@ -66,3 +66,42 @@ def test_s3_brace_pattern_and_rank_split(s3_options):
     assert sorted(keys[0] + keys[1]) == sorted(s["__key__"] for s in samples)
     image = next(iter(ShardReader(pattern, rank=0, world_size=1, storage_options=s3_options))).image
     assert image.dtype == np.uint8 and image.shape == (40, 48, 3)
+
+
+@pytest.mark.slow
+def test_ray_tasks_write_a_cliff_npz_to_s3(s3_options, tmp_path):
+    """`raytrain shard <source> --ray` with an s3:// output: Ray tasks on a local instance
+    write the same samples as the single-machine path, and a rerun converts nothing twice."""
+    import ray
+    from fixtures_data import make_cliff_npz
+
+    from raytrain.data.convert import convert_record_set, spin_npz_record_set
+    from raytrain.data.convert.distributed import shard_with_ray
+    from raytrain.data.formats.tar import tar_samples
+    from raytrain.data.io import open_url
+
+    def members(out, options=None):
+        found = []
+        for entry in read_manifest(out, options)["shards"]:
+            with open_url(f"{out}/{entry['name']}", "rb", options) as handle:
+                found += [(raw["__key__"], raw["json"], raw["npz"], raw["jpg"]) for raw in tar_samples(handle)]
+        return found
+
+    npz, img_root, data = make_cliff_npz(tmp_path, n=7)
+    record_set = spin_npz_record_set(npz, img_root, "coco")
+    convert_record_set(record_set, str(tmp_path / "local"), maxcount=2, progress=False, printer=None)
+    out = f"s3://{BUCKET}/coco-ray"
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        lines = []
+        summary = shard_with_ray(record_set, out, chunk=3, maxcount=2, storage_options=s3_options,
+                                 printer=lines.append)
+        assert summary.written == 7 and summary.ignored_keys == ["annot_id", "openpose"]
+        assert "3 chunks of 3 records, 3 to convert as Ray tasks on CPU, 0 done before" in lines[0]
+        assert members(out, s3_options) == members(str(tmp_path / "local"))
+        assert verify_shards(out, s3_options) == []
+        lines.clear()
+        shard_with_ray(record_set, out, chunk=3, maxcount=2, storage_options=s3_options, printer=lines.append)
+        assert "0 to convert as Ray tasks on CPU, 3 done before" in lines[0]
+    finally:
+        ray.shutdown()

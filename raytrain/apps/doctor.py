@@ -4,8 +4,9 @@
 
 Checks: Python / torch / Ray versions; the Ray cluster (RAY_ADDRESS or `ray.address`,
 else this machine's CPUs and GPUs); GPUs as torch sees them; the body model files; the
-shard manifests of the config (`data.train_shards`, `data.val_shards`). Every line starts
-with OK or MISSING; a MISSING line names the fix. Lines marked "(optional)" do not fail.
+shard manifests of the config (`data.train_shards` or each `data.mixture` source, and
+`data.val_shards`). Every line starts with OK or MISSING; a MISSING line names the fix.
+Lines marked "(optional)" do not fail.
 Exit code: 0 when every required check passes, 1 otherwise.
 """
 import os
@@ -157,8 +158,9 @@ def check_shards(cfg=None, config_given: bool = False) -> list[Check]:
             return []            # the config line already failed
         return [Check(MISSING, "shards", "no --config given, no shard manifest to check; fix: "
                                          "raytrain doctor --config configs/demo.yaml", required=False)]
-    return [check_shard_set(f"data.{key}", getattr(cfg.data, key))
-            for key in ("train_shards", "val_shards")]
+    sets = ([(f"data.mixture[{i}].shards", m.shards) for i, m in enumerate(cfg.data.mixture)]
+            if cfg.data.mixture else [("data.train_shards", cfg.data.train_shards)])
+    return [check_shard_set(key, source) for key, source in [*sets, ("data.val_shards", cfg.data.val_shards)]]
 
 
 def check_shard_set(key: str, source: str) -> Check:

@@ -28,12 +28,15 @@ from ..geometry import schedule_from_config
 from .augment import AugmentConfig
 from .collate import BatchSink, batch_to_torch, collate_arrays
 from .crop import MultiRoICropper
+from .mixture import MixtureReader
 from .reader import ShardReader
 from .shards import count_samples, resolve_shards
 
 
 def epoch_length(cfg, split: str, rank: int, world_size: int) -> int:
     """Samples each rank sees per epoch of `split` (the same on every rank)."""
+    if _mixture(cfg, split):  # MixtureReader: the largest source's per-rank length
+        return max(count_samples(m.shards) // world_size for m in cfg.data.mixture if m.weight > 0)
     return count_samples(_source(cfg, split)) // world_size
 
 
@@ -94,11 +97,7 @@ class EpochSource:
         cropper = MultiRoICropper(schedule_from_config(cfg.rois), crop_size=cfg.data.crop_size,
                                   augment=augment_from_config(cfg.data) if train else None,
                                   root_joint=_root_joint(cfg.model.smpl_dir))
-        self.reader = ShardReader(_source(cfg, split), seed=seed, shuffle=train,
-                                  shuffle_buffer=cfg.data.shuffle_buffer, rank=rank,
-                                  world_size=world_size, batch_size=batch_size,
-                                  max_bad_fraction=cfg.data.max_bad_fraction,
-                                  decode_images=False)
+        self.reader = _reader(cfg, split, rank, world_size, batch_size, seed)
         workers = cfg.data.loader_workers
         self.persistent = persistent and workers > 0
         if self.persistent:
@@ -134,7 +133,7 @@ class Loader:
         self._bad_by_worker: dict[int, Counter] = {}
 
     @property
-    def reader(self) -> ShardReader:
+    def reader(self) -> ShardReader | MixtureReader:
         return self.source.reader
 
     @property
@@ -213,7 +212,8 @@ def build_loader(cfg, split: str, rank: int, world_size: int, epoch: int, skip: 
     if not (cfg.data.persistent_workers and cfg.data.loader_workers > 0):
         return Loader(private(), epoch, skip, private)
     key = (repr(cfg.data), repr(cfg.rois), cfg.model.smpl_dir, *args,
-           tuple((ref.url, ref.num_samples) for ref in resolve_shards(_source(cfg, split))))
+           tuple((ref.url, ref.num_samples) for source in _sources(cfg, split)
+                 for ref in resolve_shards(source)))
     cached = _PERSISTENT.get(split)
     if cached is not None and cached[0] == key and not cached[1].closed:
         return Loader(cached[1], epoch, skip, private)
@@ -255,10 +255,38 @@ class _collate_with_counts:
             images = buffer if len(items) == buffer.shape[0] else buffer[:len(items)]
         batch = collate_arrays(items, images)
         batch["gender"] = [item["gender"] for item in items]
+        if "source" in items[0]:  # a mixture names each item's shard set
+            batch["sources"] = [item["source"] for item in items]
         info = torch.utils.data.get_worker_info()
         reader = info.dataset if info is not None else self.reader
         batch["bad_counts"] = (info.id if info is not None else -1, dict(reader.bad_counts))
         return batch
+
+
+def _reader(cfg, split: str, rank: int, world_size: int, batch_size: int, seed: int):
+    """The split's ShardReader, or for a training mixture its MixtureReader."""
+    train = split == "train"
+    if _mixture(cfg, split):
+        mixture = cfg.data.mixture
+        return MixtureReader({m.name: m.shards for m in mixture}, {m.name: m.weight for m in mixture},
+                             seed=seed, shuffle_buffer=cfg.data.shuffle_buffer, rank=rank,
+                             world_size=world_size, batch_size=batch_size,
+                             max_bad_fraction=cfg.data.max_bad_fraction, decode_images=False)
+    return ShardReader(_source(cfg, split), seed=seed, shuffle=train,
+                       shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size,
+                       batch_size=batch_size, max_bad_fraction=cfg.data.max_bad_fraction,
+                       decode_images=False)
+
+
+def _mixture(cfg, split: str) -> bool:
+    return split == "train" and bool(cfg.data.mixture)
+
+
+def _sources(cfg, split: str) -> list[str]:
+    """Every shard set `split` reads."""
+    if _mixture(cfg, split):
+        return [m.shards for m in cfg.data.mixture if m.weight > 0]
+    return [_source(cfg, split)]
 
 
 def _source(cfg, split: str) -> str:

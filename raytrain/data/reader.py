@@ -263,6 +263,11 @@ class ShardReader(IterableDataset):
             self.consumed += 1
             yield sample
 
+    def stream_plan(self, plan: WorkerPlan, worker: int, epoch: int) -> Iterator[Any]:
+        """The items of a plan made elsewhere (``mixture.MixtureReader``): read, shuffle,
+        skip ``plan.skip``, decode and substitute as ``__iter__`` does."""
+        return self._stream(plan, worker, epoch)
+
     def _stream(self, plan: WorkerPlan, worker: int, epoch: int) -> Iterator[Any]:
         """Read, shuffle, skip the consumed positions, decode and substitute bad ones."""
         raws = (

@@ -43,11 +43,13 @@ def write_shards(
     maxsize: float = 1e9,
     prefix: str = "shard",
     storage_options: dict | None = None,
+    write_manifest: bool = True,
 ) -> dict:
     """Write encoded samples into tar shards under ``out`` and return the manifest.
 
     A new shard starts after ``maxcount`` samples or once ``maxsize`` payload bytes
     are written. ``out`` is a local directory or an fsspec URL (``s3://``, ``gs://``).
+    ``write_manifest=False``: only return it (a part of a larger conversion).
     """
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
@@ -77,7 +79,8 @@ def write_shards(
         writer.close()
     shards = [_shard_entry(url, counts[url], handle) for url, handle in files.items()]
     manifest = make_manifest(shards, source, licence)
-    _write_json(join_url(out, MANIFEST_NAME), manifest, storage_options)
+    if write_manifest:
+        write_json(join_url(out, MANIFEST_NAME), manifest, storage_options)
     log.info("wrote %d samples in %d shards to %s", manifest["num_samples"], len(shards), out)
     return manifest
 
@@ -103,7 +106,7 @@ def make_manifest(shards: list[dict], source: str, licence: str) -> dict:
     }
 
 
-def _write_json(url: str, payload: dict, storage_options: dict | None) -> None:
+def write_json(url: str, payload: dict, storage_options: dict | None = None) -> None:
     with open_url(url, "wb", storage_options) as handle:
         handle.write(json.dumps(payload, indent=1).encode("utf-8"))
 

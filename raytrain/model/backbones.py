@@ -1,14 +1,22 @@
 """Backbone registry: the shared encoder E that maps one RoI crop to a feature h in R^d.
 
-Every entry is a small builder returning `(module, d)` where `module(x (B,3,S,S)) -> (B,d)`.
-Models come from timm with `pretrained=False` (no network access); weights are loaded
-from a local checkpoint file when one is given.
+Every entry is a small builder `fn(pretrained: bool) -> (module, d)` where
+`module(x (B,3,S,S)) -> (B,d)`. Weights come from a local checkpoint file
+(`model.backbone_checkpoint`: the HRNet pose repository's `pose_hrnet_w48_*.pth`,
+SimpleBaseline's `pose_resnet_50_*.pth`, timm or torchvision ImageNet files, `.pth` or
+`.safetensors`), or from timm's own hub loading (`model.pretrained=imagenet`, needs the
+network or a filled Hugging Face cache).
 
-    backbone, d = create_backbone("resnet50")                   # d = 2048
-    backbone, d = create_backbone("hrnet_w48", "pose_hrnet.pth")  # d = 720
+    backbone, d = create_backbone("resnet50")                           # d = 2048, random init
+    backbone, d = create_backbone("hrnet_w48", "pose_hrnet_w48_256x192.pth")  # d = 720
+
+A checkpoint load prints `matched/total` backbone tensors always, warns below 98 % and
+refuses below 90 % (naming what did not match) unless `partial_ok` (`model.backbone_partial_ok`).
 """
 import logging
 import os
+from collections import Counter
+from dataclasses import dataclass, field
 
 import timm
 import torch
@@ -18,7 +26,7 @@ from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
-#: name -> builder `() -> (module, feature_dim)`.
+#: name -> builder `(pretrained: bool) -> (module, feature_dim)`.
 BACKBONES = Registry("backbone")
 
 
@@ -26,14 +34,33 @@ def list_backbones() -> list[str]:
     return BACKBONES.names()
 
 
-def create_backbone(name: str, checkpoint: str | None = None) -> tuple[nn.Module, int]:
-    """Build the backbone `name`; load weights from the local file `checkpoint` if given."""
+def create_backbone(name: str, checkpoint: str | None = None, *, pretrained: str = "none",
+                    partial_ok: bool = False) -> tuple[nn.Module, int]:
+    """Build the backbone `name`; weights from the local file `checkpoint` if given, or
+    ImageNet weights through timm's hub loading with `pretrained="imagenet"`."""
     builder = BACKBONES.get(name)
+    if pretrained not in ("none", "imagenet"):
+        raise ValueError(f"pretrained must be 'none' or 'imagenet', got {pretrained!r}")
+    if checkpoint is not None and pretrained != "none":
+        raise ValueError("pass a backbone checkpoint or pretrained='imagenet', not both")
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"backbone checkpoint not found: {checkpoint}")
-    module, dim = builder()
+    try:
+        module, dim = builder(pretrained == "imagenet")
+    except Exception as error:  # no network, no cache entry, a hub error: one clear line
+        if pretrained == "none":
+            raise
+        raise BackboneLoadError(
+            f"model.pretrained=imagenet: timm could not load ImageNet weights for {name} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); without "
+            "network access, put a checkpoint on disk and set model.backbone_checkpoint") from None
+    if pretrained == "imagenet":
+        source = module.weights_target().pretrained_cfg.get("hf_hub_id") or "timm"
+        print(f"[raytrain] backbone {name}: ImageNet weights from timm ({source})", flush=True)
     if checkpoint is not None:
-        load_backbone_weights(module.weights_target(), checkpoint)
+        report = load_backbone_weights(module.weights_target(), checkpoint, partial_ok=partial_ok)
+        prefix = "warning: " if report.fraction < QUIET_FRACTION else ""
+        print(f"[raytrain] {prefix}backbone {name}: {report.format()}", flush=True)
     return module, dim
 
 
@@ -43,9 +70,9 @@ def create_backbone(name: str, checkpoint: str | None = None) -> tuple[nn.Module
 class PooledTimm(nn.Module):
     """A timm classifier with its classifier removed: globally average-pooled features."""
 
-    def __init__(self, name: str, **kwargs):
+    def __init__(self, name: str, pretrained: bool = False, **kwargs):
         super().__init__()
-        self.net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="avg", **kwargs)
+        self.net = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="avg", **kwargs)
         # head_hidden_size covers nets with a conv head after pooling (MobileNetV3: 1024).
         self.dim = getattr(self.net, "head_hidden_size", None) or self.net.num_features
 
@@ -72,9 +99,9 @@ class HRNetBranches(nn.Module):
     The incre/classifier layers are never built, so DDP sees no unused parameters.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, pretrained: bool = False):
         super().__init__()
-        self.net = timm.create_model(name, pretrained=False, features_only=True,
+        self.net = timm.create_model(name, pretrained=pretrained, features_only=True,
                                      feature_location="", out_indices=(1, 2, 3, 4))
         self.dim = sum(self.net.feature_info.channels())
 
@@ -85,8 +112,13 @@ class HRNetBranches(nn.Module):
         return torch.cat([f.mean(dim=(2, 3)) for f in self.net(x)], dim=1)
 
 
-def _pooled(name: str, **kwargs) -> tuple[nn.Module, int]:
-    module = PooledTimm(name, **kwargs)
+def _pooled(name: str, pretrained: bool) -> tuple[nn.Module, int]:
+    module = PooledTimm(name, pretrained)
+    return module, module.dim
+
+
+def _hrnet(name: str, pretrained: bool) -> tuple[nn.Module, int]:
+    module = HRNetBranches(name, pretrained)
     return module, module.dim
 
 
@@ -94,41 +126,93 @@ def _pooled(name: str, **kwargs) -> tuple[nn.Module, int]:
 # registry entries
 
 @BACKBONES.register("resnet50")
-def resnet50():  # the paper's R50, d = 2048
-    return _pooled("resnet50")
+def resnet50(pretrained=False):  # the paper's R50, d = 2048
+    return _pooled("resnet50", pretrained)
 
 
 @BACKBONES.register("hrnet_w48")
-def hrnet_w48():  # the paper's H48, d = 720
-    module = HRNetBranches("hrnet_w48")
-    return module, module.dim
+def hrnet_w48(pretrained=False):  # the paper's H48, d = 720
+    return _hrnet("hrnet_w48", pretrained)
 
 
 @BACKBONES.register("hrnet_w32")
-def hrnet_w32():  # d = 32 + 64 + 128 + 256 = 480
-    module = HRNetBranches("hrnet_w32")
-    return module, module.dim
+def hrnet_w32(pretrained=False):  # d = 32 + 64 + 128 + 256 = 480
+    return _hrnet("hrnet_w32", pretrained)
+
+
+@BACKBONES.register("hrnet_w18_small")
+def hrnet_w18_small(pretrained=False):  # CPU flavour of the HRNet layout, d = 16 + 32 + 64 + 128 = 240
+    return _hrnet("hrnet_w18_small", pretrained)
 
 
 @BACKBONES.register("resnet18")
-def resnet18():  # CPU flavour, d = 512, 11.2 M params
-    return _pooled("resnet18")
+def resnet18(pretrained=False):  # CPU flavour, d = 512, 11.2 M params
+    return _pooled("resnet18", pretrained)
 
 
 @BACKBONES.register("resnet10t")
-def resnet10t():  # CPU flavour, d = 512, 4.9 M params (tiered stem); demo default
-    return _pooled("resnet10t")
+def resnet10t(pretrained=False):  # CPU flavour, d = 512, 4.9 M params (tiered stem); demo default
+    return _pooled("resnet10t", pretrained)
 
 
 @BACKBONES.register("mobilenetv3_small_050")
-def mobilenetv3_small_050():  # fastest on CPU, d = 1024 (after its conv head), 0.57 M params
-    return _pooled("mobilenetv3_small_050")
+def mobilenetv3_small_050(pretrained=False):  # fastest on CPU, d = 1024 (after its conv head), 0.57 M params
+    return _pooled("mobilenetv3_small_050", pretrained)
 
 
 # -----------------------------------------------------------------------------
 # checkpoints
 
+QUIET_FRACTION = 0.98  # below: the summary line is a warning
+MIN_FRACTION = 0.90  # below: refused unless partial_ok (model.backbone_partial_ok)
 _PREFIXES = ("module.", "backbone.", "encoder.", "model.", "net.")
+
+
+class BackboneLoadError(ValueError):
+    """A backbone checkpoint that cannot be used as asked (the message says why)."""
+
+
+@dataclass
+class LoadReport:
+    """How a checkpoint matched a backbone: counts of its tensors (num_batches_tracked aside)."""
+
+    path: str
+    total: int  # backbone tensors
+    matched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # backbone tensors the file lacks
+    mismatched: list[str] = field(default_factory=list)  # in both, other shape
+    unused: list[str] = field(default_factory=list)  # file tensors nothing takes (heads)
+    layout_gap: list[str] = field(default_factory=list)  # missing because the layout has none
+
+    @property
+    def fraction(self) -> float:
+        """Matched share of the tensors the file's layout can hold."""
+        return len(self.matched) / max(self.total - len(self.layout_gap), 1)
+
+    def format(self) -> str:
+        line = f"loaded {len(self.matched)}/{self.total} tensors"
+        if self.layout_gap:
+            line += (f" ({self.fraction:.1%} of the {self.total - len(self.layout_gap)} its layout has: "
+                     f"{len(self.layout_gap)} {HRNET_POSE_GAP}, left at init)")
+        else:
+            line += f" ({self.fraction:.1%})"
+        line += f" from {self.path}"
+        if self.missing or self.mismatched:
+            line += f"; left at init: {_groups(self.missing + self.mismatched)}"
+        if self.mismatched:
+            line += f"; shape differs: {_groups(self.mismatched)}"
+        if self.unused:
+            line += f"; file tensors not used: {_groups(self.unused)}"
+        return line
+
+
+def _groups(keys: list[str]) -> str:
+    """'layer3 (30, e.g. layer3.0.conv1.weight), ...': keys by top-level module."""
+    by_top = Counter(key.split(".", 1)[0] for key in keys)
+    first = {}
+    for key in keys:
+        first.setdefault(key.split(".", 1)[0], key)
+    return ", ".join(f"{top} ({count}, e.g. {first[top]})" for top, count in by_top.most_common())
 
 
 def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
@@ -145,27 +229,82 @@ def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
             for prefix in _PREFIXES:
                 if key.startswith(prefix):
                     key, changed = key[len(prefix):], True
-        out[key] = value
+        if torch.is_tensor(value):
+            out[key] = value
     return out
 
 
-def load_backbone_weights(module: nn.Module, path: str) -> None:
-    """Load matching tensors from a local checkpoint (timm/torchvision/pose-HRNet layouts).
+def _read_state(path: str) -> dict[str, torch.Tensor]:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return _unwrap_state_dict(load_file(path, device="cpu"))
+        return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # unpickling refused, truncated file, wrong format
+        raise BackboneLoadError(f"cannot read backbone checkpoint {path}: {e}") from None
 
-    Keys are matched by name after stripping wrapper prefixes; tensors whose shape differs
-    (a classifier or pose head) are skipped. Fails when nothing at all matches.
+
+HRNET_POSE_GAP = ("stage-4 fusion tensors into branches 1-3 (the HRNet pose net's last module "
+                  "fuses into branch 0 only)")
+
+
+def hrnet_pose_gap(missing: list[str], state: dict[str, torch.Tensor]) -> list[str]:
+    """Missing keys that are the HRNet pose layout's known gap: its last stage-4 module
+    has ``multi_scale_output=False``, so a pose file has no ``stage4.<last>.fuse_layers.{1,2,3}``
+    (timm's HRNet, built for all four branch outputs, has them)."""
+    modules = [int(k.split(".")[1]) for k in state if k.startswith("stage4.") and k.split(".")[1].isdigit()]
+    if not modules:
+        return []
+    last = f"stage4.{max(modules)}.fuse_layers."
+    if not any(k.startswith(last + "0.") for k in state) or any(k.startswith(last + "1.") for k in state):
+        return []
+    return [k for k in missing if k.startswith(last) and k[len(last)] in "123"]
+
+
+def match_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: str) -> LoadReport:
+    """Which tensors of `state` fit the backbone's own state dict (by name and shape)."""
+    def counted(key):
+        return not key.endswith("num_batches_tracked")
+    report = LoadReport(path=path, total=sum(1 for k in own if counted(k)))
+    for key, tensor in own.items():
+        if not counted(key):
+            continue
+        if key not in state:
+            report.missing.append(key)
+        elif state[key].shape != tensor.shape:
+            report.mismatched.append(key)
+        else:
+            report.matched.append(key)
+    report.unused = [k for k in state if counted(k) and k not in own]
+    report.layout_gap = hrnet_pose_gap(report.missing, state)
+    report.missing = [k for k in report.missing if k not in report.layout_gap]
+    return report
+
+
+def load_backbone_weights(module: nn.Module, path: str, partial_ok: bool = False) -> LoadReport:
+    """Load the matching tensors of a local checkpoint into `module`; returns the report.
+
+    Keys are matched by name after stripping wrapper prefixes (`module.`, `backbone.`, ...);
+    timm, torchvision, HRNet-pose and SimpleBaseline files use the backbone's own names,
+    their heads (`fc`, `classifier`, `final_layer`, `deconv_layers`) are reported unused.
+    Refuses (BackboneLoadError naming what did not match) when less than MIN_FRACTION of
+    the backbone's tensors match, unless `partial_ok`.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"backbone checkpoint not found: {path}")
-    try:
-        state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as e:  # unpickling refused, truncated file, wrong format
-        raise ValueError(f"cannot read backbone checkpoint {path}: {e}") from e
     own = module.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not matched:
-        raise ValueError(f"backbone checkpoint {path} has no tensor matching the model "
-                         f"(e.g. model key {next(iter(own))!r})")
-    module.load_state_dict(matched, strict=False)
-    missing = len(own) - len(matched)
-    log.info("loaded %d/%d backbone tensors from %s (%d left at init)", len(matched), len(own), path, missing)
+    state = _read_state(path)
+    report = match_state(own, state, path)
+    if not report.matched:
+        raise BackboneLoadError(f"backbone checkpoint {path} has no tensor matching the model "
+                                f"(e.g. model key {next(iter(own))!r}, file key "
+                                f"{next(iter(state), None)!r})")
+    if report.fraction < MIN_FRACTION and not partial_ok:
+        raise BackboneLoadError(
+            f"backbone checkpoint {path} matches only {len(report.matched)}/{report.total} tensors "
+            f"({report.fraction:.0%}); left at init: {_groups(report.missing + report.mismatched)}"
+            + (f"; file tensors not used: {_groups(report.unused)}" if report.unused else "")
+            + "; set model.backbone_partial_ok=true to train from it anyway")
+    module.load_state_dict({k: state[k] for k in report.matched}, strict=False)
+    log.debug("backbone load report: %s", report)
+    return report

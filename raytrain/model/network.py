@@ -57,7 +57,8 @@ class MultiRoINet(nn.Module):
         mean = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in mean.items()}
         if cfg.cam_init not in CAM_INITS:
             raise ValueError(f"unknown cam_init {cfg.cam_init!r}: one of {', '.join(CAM_INITS)}")
-        self.encoder, d = create_backbone(cfg.backbone, cfg.backbone_checkpoint)
+        self.encoder, d = create_backbone(cfg.backbone, cfg.backbone_checkpoint, pretrained=cfg.pretrained,
+                                          partial_ok=cfg.backbone_partial_ok)
         self.feature_dim = d
         pe_dim = encoding_dim(cfg.pe_bands)
         self.fusion = create_fusion(cfg.fusion, d, pe_dim, hidden=cfg.fusion_hidden,

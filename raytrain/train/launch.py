@@ -11,21 +11,45 @@ def storage_uri(path: str) -> str:
 
 
 def preflight_data(cfg: ExperimentConfig):
-    """Missing shards or zero samples fail here, naming the key."""
+    """Missing shards or zero samples fail here, naming the key (each source of a mixture)."""
+    if cfg.data.mixture:
+        sets = [(f"data.mixture[{i}].shards ({m.name})", m.shards) for i, m in enumerate(cfg.data.mixture)]
+    else:
+        sets = [("data.train_shards", cfg.data.train_shards)]
+    largest = 0
+    for key, source in [*sets, ("data.val_shards", cfg.data.val_shards)]:
+        total = _count_shards(key, source)
+        if key != "data.val_shards":
+            largest = max(largest, total)
+    if largest < cfg.data.batch_size:
+        raise ConfigError(f"{sets[0][0] if len(sets) == 1 else 'data.mixture'}: {largest} samples is "
+                          f"fewer than one batch (data.batch_size={cfg.data.batch_size})")
+
+
+def _count_shards(key: str, source: str) -> int:
     from ..data.pipeline import count_samples
-    for key in ("train_shards", "val_shards"):
-        source = getattr(cfg.data, key)
-        if not source:
-            raise ConfigError(f"data.{key}: not set")
+    if not source:
+        raise ConfigError(f"{key}: not set")
+    try:
+        total = count_samples(source)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise ConfigError(f"{key}: cannot read shards at {source!r}: {err}") from None
+    if total == 0:
+        raise ConfigError(f"{key}: {source!r} holds zero samples")
+    return total
+
+
+def preflight_model(cfg: ExperimentConfig):
+    """A backbone checkpoint that is unreadable or matches too little (see
+    model.backbones.load_backbone_weights) fails here, naming the key (the backbone's name
+    is checked against the registry by config validation)."""
+    from ..model.backbones import BackboneLoadError, create_backbone
+    if cfg.model.backbone_checkpoint:
         try:
-            total = count_samples(source)
-        except (FileNotFoundError, ValueError, OSError) as err:
-            raise ConfigError(f"data.{key}: cannot read shards at {source!r}: {err}") from None
-        if total == 0:
-            raise ConfigError(f"data.{key}: {source!r} holds zero samples")
-        if key == "train_shards" and total < cfg.data.batch_size:
-            raise ConfigError(f"data.train_shards: {total} samples is fewer than one batch "
-                              f"(data.batch_size={cfg.data.batch_size})")
+            create_backbone(cfg.model.backbone, cfg.model.backbone_checkpoint,
+                            partial_ok=cfg.model.backbone_partial_ok)
+        except (BackboneLoadError, FileNotFoundError) as err:
+            raise ConfigError(f"model.backbone_checkpoint: {err}") from None
 
 
 def init_ray(cfg: ExperimentConfig):
@@ -84,6 +108,7 @@ def run_training(cfg: ExperimentConfig, check_data: bool = True):
     """Validate, start or connect to Ray, train, and return the Ray Train Result."""
     if check_data:
         preflight_data(cfg)
+    preflight_model(cfg)
     init_ray(cfg)
     preflight_resources(cfg)
     result = build_trainer(cfg).fit()

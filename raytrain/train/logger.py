@@ -1,6 +1,7 @@
 """Progress lines, TensorBoard events, MLflow (optional) and the sample-key audit log."""
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 
@@ -12,6 +13,7 @@ class RunLogger:
         self.rank = session.rank
         self.t0 = time.perf_counter()
         self.last_t, self.last_step, self.samples = self.t0, None, 0
+        self.source_counts: Counter = Counter()  # data.mixture: samples per source, this rank
         self.tb = self._tensorboard() if self.rank == 0 and cfg.train.tensorboard else None
         self.mlflow = self._mlflow() if self.rank == 0 and cfg.train.mlflow_uri else None
         self.key_log = None
@@ -21,10 +23,13 @@ class RunLogger:
             self.key_log = open(path, "a", buffering=1)
             Path(f"{cfg.train.sample_log}.rank{self.rank}.pid").write_text(str(os.getpid()))
 
-    def step(self, pos, terms: dict[str, float], num_samples: int, lr: float, keys):
+    def step(self, pos, terms: dict[str, float], num_samples: int, lr: float, keys,
+             sources: list[str] | None = None):
         if self.key_log:
             self.key_log.writelines(f"{pos.step} {pos.epoch} {k}\n" for k in keys)
         self.samples += num_samples
+        if sources:
+            self.source_counts.update(sources)
         if self.last_step is None:
             self.last_step = pos.step - 1
         if pos.step % self.cfg.train.log_every and pos.step != self.total_steps:
@@ -36,10 +41,13 @@ class RunLogger:
         if self.rank != 0:
             return
         losses = " ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        mix = (" sources " + " ".join(f"{k}={v}" for k, v in sorted(self.source_counts.items()))
+               if self.source_counts else "")
         print(f"[raytrain] step {pos.step}/{self.total_steps} epoch {pos.epoch} "
-              f"{rate:.1f} persons/s lr={lr:.3g} {losses} eta {_duration(eta)}", flush=True)
+              f"{rate:.1f} persons/s lr={lr:.3g} {losses}{mix} eta {_duration(eta)}", flush=True)
         self._scalars({f"train/{k}": v for k, v in terms.items()} | {"train/lr": lr,
-                      "train/persons_per_s": rate}, pos.step)
+                      "train/persons_per_s": rate}
+                      | {f"data/samples_{k}": v for k, v in self.source_counts.items()}, pos.step)
 
     def validation(self, pos, metrics: dict[str, float]):
         if self.rank != 0:

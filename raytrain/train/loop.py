@@ -87,7 +87,8 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
                 pos.step += 1
                 pos.samples_in_epoch += len(batch["keys"])
                 throughput.tick(len(batch["keys"]) * session.world_size)
-                logger.step(pos, terms, len(batch["keys"]), scheduler.get_last_lr()[0], batch["keys"])
+                logger.step(pos, terms, len(batch["keys"]), scheduler.get_last_lr()[0], batch["keys"],
+                            batch.get("sources"))
                 done = pos.step >= total_steps
                 want_checkpoint = pos.step % cfg.train.checkpoint_every == 0 or done
                 # every checkpoint carries a fresh val_mpjpe: Ray keeps the best K by it

@@ -256,8 +256,8 @@ def _scheduler(cfg: ExperimentConfig, tset: TuneSettings):
 
 def _total_steps(cfg: ExperimentConfig) -> int:
     try:
-        from ..data.pipeline import count_samples
-        per_epoch = max(1, count_samples(cfg.data.train_shards) // cfg.data.batch_size)
+        from ..data.pipeline import epoch_length
+        per_epoch = max(1, epoch_length(cfg, "train", 0, 1) // cfg.data.batch_size)
     except Exception:                           # noqa: BLE001 - only an upper bound for ASHA
         per_epoch = 10 ** 6
     total = cfg.optim.epochs * per_epoch

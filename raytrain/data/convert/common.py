@@ -33,7 +33,7 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -88,6 +88,18 @@ class Record:
 
 
 @dataclass
+class RecordSet:
+    """What one conversion converts: the records (a picklable factory that yields them
+    afresh each call, so a Ray task can take its slice), their number and provenance."""
+
+    source: str
+    licence: str
+    total: int  # records make_records() yields (written + skipped)
+    make_records: Callable[[], Iterator[Record]]
+    ignored_keys: list[str] = field(default_factory=list)  # input keys nothing reads
+
+
+@dataclass
 class Outcome:
     key: str
     sample: dict | None = None
@@ -105,6 +117,7 @@ class ConversionSummary:
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)
     manifest: dict | None = None
+    ignored_keys: list[str] = field(default_factory=list)  # input keys the converter ignored
 
     @property
     def total(self) -> int:
@@ -119,6 +132,8 @@ class ConversionSummary:
                  f"skipped {sum(self.skipped.values())}, total {self.total}"]
         for reason, count in sorted(self.skipped.items()):
             lines.append(f"  skipped {reason}: {count} (e.g. {self.examples.get(reason, '')})")
+        if self.ignored_keys:
+            lines.append(f"  ignored input keys (not converted): {', '.join(self.ignored_keys)}")
         return "\n".join(lines)
 
 
@@ -146,6 +161,12 @@ class _Skip(Exception):
     def __init__(self, reason: str, detail: str = ""):
         self.reason, self.detail = reason, detail
         super().__init__(f"{reason}: {detail}")
+
+
+def convert_record_set(record_set: RecordSet, out: str, **options) -> ConversionSummary:
+    """``run_conversion`` over a ``RecordSet`` (options: those of ``run_conversion``)."""
+    return run_conversion(record_set.make_records(), out, record_set.source, record_set.licence,
+                          total=record_set.total, ignored_keys=record_set.ignored_keys, **options)
 
 
 def convert_record(record: Record, source: str, storage: StorageConfig | None = None) -> Outcome:
@@ -290,12 +311,15 @@ def run_conversion(records: Iterable[Record], out: str, source: str, licence: st
                    limit: int | None = None, workers: int = 1, maxcount: int = 1000,
                    total: int | None = None, storage: StorageConfig | None = None,
                    progress: bool = True, storage_options: dict | None = None,
-                   printer: Callable[[str], None] | None = print) -> ConversionSummary:
+                   printer: Callable[[str], None] | None = print,
+                   ignored_keys: Sequence[str] = (), prefix: str = "shard",
+                   write_manifest: bool = True) -> ConversionSummary:
     """Convert ``records`` into shards under ``out``; returns (and prints) the summary.
 
     limit: convert at most this many records (written or skipped); workers: processes
     that read, crop and encode images (1: in this process); total: the number of
-    records, for the progress bar.
+    records, for the progress bar; ignored_keys: input keys no record carries, named in
+    the summary; prefix, write_manifest: as ``write_shards`` (a part of a conversion).
     """
     storage = storage or StorageConfig()
     if limit is not None:
@@ -303,7 +327,7 @@ def run_conversion(records: Iterable[Record], out: str, source: str, licence: st
             raise ValueError(f"limit must be >= 0, got {limit}")
         records = itertools.islice(records, limit)
         total = limit if total is None else min(total, limit)
-    summary = ConversionSummary(source=source, out=out)
+    summary = ConversionSummary(source=source, out=out, ignored_keys=sorted(ignored_keys))
     job = partial(convert_record, source=source, storage=storage)
 
     def outcomes() -> Iterator[Outcome]:
@@ -327,7 +351,8 @@ def run_conversion(records: Iterable[Record], out: str, source: str, licence: st
                     yield outcome.sample
 
     summary.manifest = write_shards(samples(), out, source=source, licence=licence,
-                                    maxcount=maxcount, storage_options=storage_options)
+                                    maxcount=maxcount, storage_options=storage_options,
+                                    prefix=prefix, write_manifest=write_manifest)
     if printer is not None:
         printer(summary.format())
     return summary

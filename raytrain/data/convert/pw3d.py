@@ -36,23 +36,22 @@ import argparse
 import os
 import pickle
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from raytrain.body.joints import J24_TO_OPENPOSE18
-from raytrain.body.model import BodyModelError
 from raytrain.geometry import axis_angle_to_rotmat, rotmat_to_axis_angle
 
 from .common import (
     ConversionSummary,
     Record,
+    RecordSet,
     StorageConfig,
-    add_output_args,
+    convert_record_set,
     make_key,
-    run_conversion,
-    storage_from_args,
 )
 
 SOURCE = "3dpw"
@@ -62,6 +61,7 @@ PW3D_LICENCE = ("3DPW: non-commercial scientific research only (3DPW licence, "
 SPLITS = ("train", "validation", "test")
 REQUIRED_KEYS = ("sequence", "genders", "poses", "betas", "trans", "cam_poses",
                  "cam_intrinsics", "campose_valid")
+USED_KEYS = frozenset({*REQUIRED_KEYS, "poses2d"})  # any other key is reported as ignored
 BOX_SCALE = 1.2
 
 _GENDERS = {"m": "male", "male": "male", "f": "female", "female": "female"}
@@ -111,9 +111,11 @@ def load_sequence_file(path: str | os.PathLike) -> dict:
         raise SequenceFileError(f"{path}: missing keys {missing} (a 3DPW sequence file has "
                                 f"{list(REQUIRED_KEYS)})")
     try:
-        return _normalise(data)
+        normalised = _normalise(data)
     except (ValueError, TypeError, IndexError) as error:
         raise SequenceFileError(f"{path}: {error}") from None
+    normalised["ignored_keys"] = sorted(str(key) for key in set(data) - USED_KEYS)
+    return normalised
 
 
 def _normalise(data: dict) -> dict:
@@ -163,14 +165,16 @@ def _text(value) -> str:
     return value.decode("latin1") if isinstance(value, bytes) else str(value)
 
 
-def scan_split(root: str | os.PathLike, split: str) -> tuple[list[Path], int]:
-    """Check every sequence file of the split up front; -> (files, valid actor-frames)."""
+def scan_split(root: str | os.PathLike, split: str) -> tuple[list[Path], int, list[str]]:
+    """Check every sequence file of the split up front;
+    -> (files, valid actor-frames, the keys of the files no record uses)."""
     files = sequence_files(root, split)
-    total = 0
+    total, ignored = 0, set()
     for path in files:
         seq = load_sequence_file(path)
         total += int(sum(v.sum() for v in seq["campose_valid"]))
-    return files, total
+        ignored.update(seq["ignored_keys"])
+    return files, total, sorted(ignored)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -287,6 +291,45 @@ def _actor_records(seq: dict, actor: int, frames: np.ndarray, root, body_model,
 # ----------------------------------------------------------------------------- driver
 
 
+def _records_from_release(files: list[str], root: str, smpl_dir, body_model,
+                          visibility: str) -> Iterator[Record]:
+    """The records of a release's sequence files (a ``RecordSet`` factory: picklable).
+
+    The SMPL forward passes run on one thread: float sums do not depend on the thread
+    count then, so a Ray task (one CPU) makes the bytes this process makes.
+    """
+    if body_model is None:
+        from raytrain.body import load_body_model
+
+        body_model = load_body_model(smpl_dir, genders=("male", "female"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield from pw3d_records(files, root, body_model, visibility=visibility)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pw3d_record_set(root: str | os.PathLike, split: str, *, smpl_dir=None, body_model=None,
+                    visibility: str = "poses2d") -> RecordSet:
+    """The ``RecordSet`` of one split of the raw 3DPW release (every file checked now).
+
+    ``body_model``: a ``BodyModel`` with 'male' and 'female' (default: loaded from
+    ``smpl_dir`` where the records are made).
+    """
+    if visibility not in ("poses2d", "projection"):
+        raise ValueError(f"visibility must be 'poses2d' or 'projection', got {visibility!r}")
+    files, total, ignored = scan_split(root, split)
+    if body_model is None:
+        from raytrain.body import load_body_model
+
+        load_body_model(smpl_dir, genders=("male", "female"))  # fail now, not in a worker
+    factory = partial(_records_from_release, [os.fspath(f) for f in files], os.fspath(root),
+                      None if smpl_dir is None else os.fspath(smpl_dir), body_model, visibility)
+    return RecordSet(source=SOURCE, licence=PW3D_LICENCE, total=total, make_records=factory,
+                     ignored_keys=ignored)
+
+
 def convert_3dpw(root: str | os.PathLike, split: str, out: str, *, smpl_dir=None,
                  body_model=None, visibility: str = "poses2d", limit: int | None = None,
                  workers: int = 1, maxcount: int = 1000, storage: StorageConfig | None = None,
@@ -296,21 +339,14 @@ def convert_3dpw(root: str | os.PathLike, split: str, out: str, *, smpl_dir=None
     Every sequence file is checked before anything is written. ``body_model``: a
     ``BodyModel`` with 'male' and 'female' (default: ``load_body_model(smpl_dir)``).
     """
-    files, total = scan_split(root, split)
-    if body_model is None:
-        from raytrain.body import load_body_model
-
-        body_model = load_body_model(smpl_dir, genders=("male", "female"))
-    records = pw3d_records(files, root, body_model, visibility=visibility)
-    return run_conversion(records, out, SOURCE, PW3D_LICENCE, limit=limit, workers=workers,
-                          maxcount=maxcount, total=total, storage=storage, progress=progress,
-                          printer=printer)
+    record_set = pw3d_record_set(root, split, smpl_dir=smpl_dir, body_model=body_model,
+                                 visibility=visibility)
+    return convert_record_set(record_set, out, limit=limit, workers=workers, maxcount=maxcount,
+                              storage=storage, progress=progress, printer=printer)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Shard 3DPW into schema-v1 WebDataset shards: the raw release "
-                    "(--root, --split) or a SPIN-style .npz (--npz, --img-root).")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``raytrain shard 3dpw`` options: the raw release or a SPIN-style npz."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--root", help="3DPW release root (sequenceFiles/, imageFiles/)")
     source.add_argument("--npz", help="SPIN-style 3DPW label file (e.g. 3dpw_test.npz)")
@@ -323,30 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--visibility", choices=("poses2d", "projection"), default="poses2d",
                         help="2D confidence: projection in the image, and (poses2d) 0 where "
                              "the actor's OpenPose detection misses the joint")
-    add_output_args(parser)
-    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``datasets/shard_3dpw.py``."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    storage = storage_from_args(args)
+def record_set_from_args(args: argparse.Namespace) -> RecordSet:
     if args.npz:
         if not args.img_root:
-            parser.error("--npz needs --img-root")
-        from .spin_npz import convert_spin_npz
+            raise ValueError("--npz needs --img-root")
+        from .spin_npz import spin_npz_record_set
 
-        convert_spin_npz(args.npz, args.img_root, args.out, SOURCE, licence=PW3D_LICENCE,
-                         limit=args.limit, workers=args.workers, maxcount=args.maxcount,
-                         storage=storage, progress=not args.no_progress)
-        return 0
+        return spin_npz_record_set(args.npz, args.img_root, SOURCE, licence=PW3D_LICENCE)
     if not args.smpl_dir:
-        parser.error("--root needs --smpl-dir (the SMPL files the joints are computed with)")
-    try:
-        convert_3dpw(args.root, args.split, args.out, smpl_dir=args.smpl_dir,
-                     visibility=args.visibility, limit=args.limit, workers=args.workers,
-                     maxcount=args.maxcount, storage=storage, progress=not args.no_progress)
-    except (SequenceFileError, FileNotFoundError, BodyModelError) as error:
-        parser.exit(2, f"error: {error}\n")
-    return 0
+        raise ValueError("--root needs --smpl-dir (the SMPL files the joints are computed with)")
+    return pw3d_record_set(args.root, args.split, smpl_dir=args.smpl_dir,
+                           visibility=args.visibility)

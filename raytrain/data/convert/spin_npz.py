@@ -13,6 +13,23 @@ pseudo-GT files):
     has_smpl (N,)        0/1 (default: 1 where pose is given)  (optional)
     gender   (N,)        'm' / 'f' (other: neutral)           (optional)
     focal_length (N,) or ()  pixels (optional; default: default_focal of the image size)
+    focal_l  (N,)        pixels: CLIFF's name for the per-row focal length   (optional)
+    global_t (N, 3)      CLIFF: SMPL translation in the camera frame, metres (optional)
+
+CLIFF's pseudo-GT files (``coco2014part_cliffGT.npz``, ``mpii_cliffGT.npz``) add
+``focal_l`` and ``global_t`` to SPIN's keys. Their convention, from CLIFF's published
+viewer (huawei-noah/noah-research, ``CLIFF/viz_cliffGT_perImg.py`` and
+``CLIFF/common/renderer_pyrd.py``): the mesh is ``smplx.create(...)(global_orient=pose[:3],
+body_pose=pose[3:], betas=shape, transl=global_t)``, i.e. ``R (X - J0) + J0 + global_t``
+in an OpenCV camera frame (x right, y down, z forward) at the origin, projected with
+``fx = fy = focal_l`` about the image centre ``(w // 2, h // 2)``. That is raytrain's
+``cam_full`` (docs/design.md: SMPL translation in the camera frame, principal point at
+the image centre), so ``global_t`` is stored as ``cam_full`` unchanged (``has_cam`` follows)
+and ``focal_l`` as ``focal``. CLIFF's integer centre differs from the exact centre by at
+most half a pixel.
+
+Keys the converter does not use (SPIN's ``openpose``, ``maskname``, ...) are named in
+the summary (``ConversionSummary.ignored_keys``), never dropped silently.
 
 The file is loaded with ``allow_pickle=False``: an object-array npz is refused with a
 message (re-save its string arrays as fixed-width unicode). 3D joints stored in
@@ -25,7 +42,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from functools import partial
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -33,11 +51,10 @@ import numpy as np
 from .common import (
     ConversionSummary,
     Record,
+    RecordSet,
     StorageConfig,
-    add_output_args,
+    convert_record_set,
     make_key,
-    run_conversion,
-    storage_from_args,
 )
 
 #: Source name -> licence note written into the manifest (see datasets/README.md).
@@ -54,6 +71,10 @@ SOURCES = {
 }
 
 REQUIRED_NPZ_KEYS = ("imgname", "center", "scale")
+#: Every key the converter reads; any other key of the file is reported as ignored.
+USED_NPZ_KEYS = frozenset({*REQUIRED_NPZ_KEYS, "part", "S", "pose", "shape", "has_smpl", "gender",
+                           "focal_length", "focal", "focal_l", "global_t"})
+FOCAL_KEYS = ("focal_l", "focal_length", "focal")  # the first present is used
 PELVIS_J24 = 14
 
 
@@ -86,7 +107,17 @@ def read_spin_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: S has shape {data['S'].shape}, expected ({n}, 24, 4)")
     if "pose" in data and "shape" not in data:
         raise ValueError(f"{path}: has pose but no shape")
+    if "global_t" in data and data["global_t"].shape != (n, 3):
+        raise ValueError(f"{path}: global_t has shape {data['global_t'].shape}, expected ({n}, 3)")
+    for key in FOCAL_KEYS:
+        if key in data and data[key].shape not in ((), (n,), (n, 1)):
+            raise ValueError(f"{path}: {key} has shape {data[key].shape}, expected ({n},) or ()")
     return data
+
+
+def ignored_npz_keys(data: dict) -> list[str]:
+    """Keys of a loaded npz the converter does not read (named in the summary)."""
+    return sorted(set(data) - USED_NPZ_KEYS)
 
 
 def _text(value) -> str:
@@ -115,7 +146,8 @@ def spin_npz_records(data: dict[str, np.ndarray], img_root: str, source: str) ->
     S = _joints_in_metres(data["S"]) if "S" in data else None
     has_smpl = (np.asarray(data["has_smpl"]).astype(bool) if "has_smpl" in data
                 else np.ones(n, dtype=bool))
-    focal = data.get("focal_length", data.get("focal"))
+    focal = next((data[key] for key in FOCAL_KEYS if key in data), None)
+    global_t = data.get("global_t")
     if focal is not None:
         focal = np.broadcast_to(np.asarray(focal, dtype=np.float64).reshape(-1)
                                 if np.ndim(focal) else np.asarray(focal, np.float64), (n,))
@@ -128,6 +160,7 @@ def spin_npz_records(data: dict[str, np.ndarray], img_root: str, source: str) ->
             "keypoints_2d": data["part"][row] if "part" in data else None,
             "gender": _text(data["gender"][row]) if "gender" in data else None,
             "focal": None if focal is None else float(focal[row]),
+            "cam_full": None if global_t is None else np.asarray(global_t[row], np.float64),
             "meta": {"imgname": name},
         }
         if S is not None:
@@ -142,39 +175,43 @@ def spin_npz_records(data: dict[str, np.ndarray], img_root: str, source: str) ->
                      image_path=os.path.join(img_root, *rel.parts), labels=labels)
 
 
-def convert_spin_npz(npz: str | os.PathLike, img_root: str | os.PathLike, out: str,
-                     source: str, *, licence: str | None = None, limit: int | None = None,
-                     workers: int = 1, maxcount: int = 1000,
-                     storage: StorageConfig | None = None, progress: bool = True,
-                     printer=print) -> ConversionSummary:
-    """Convert one SPIN-style npz (images under ``img_root``) into shards under ``out``."""
+def _records_from_file(npz: str, img_root: str, source: str) -> Iterator[Record]:
+    """The records of an npz file, read afresh (a ``RecordSet`` factory: picklable)."""
+    return spin_npz_records(read_spin_npz(npz), img_root, source)
+
+
+def spin_npz_record_set(npz: str | os.PathLike, img_root: str | os.PathLike, source: str,
+                        licence: str | None = None) -> RecordSet:
+    """The ``RecordSet`` of one SPIN/CLIFF-style npz (checked now, read again per use)."""
     if licence is None:
         if source not in SOURCES:
             raise ValueError(f"unknown source {source!r} (known: {sorted(SOURCES)}); "
                              "pass licence=...")
         licence = SOURCES[source]
     data = read_spin_npz(npz)
-    records = spin_npz_records(data, os.fspath(img_root), source)
-    return run_conversion(records, out, source, licence, limit=limit, workers=workers,
-                          maxcount=maxcount, total=len(data["imgname"]), storage=storage,
-                          progress=progress, printer=printer)
+    return RecordSet(source=source, licence=licence, total=len(data["imgname"]),
+                     make_records=partial(_records_from_file, os.fspath(npz),
+                                          os.fspath(img_root), source),
+                     ignored_keys=ignored_npz_keys(data))
 
 
-def build_parser(source: str, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description or f"Shard SPIN/CLIFF-style {source} .npz labels and images "
-                                   "into schema-v1 WebDataset shards.")
-    parser.add_argument("--npz", required=True, help="SPIN-style label file (.npz)")
+def convert_spin_npz(npz: str | os.PathLike, img_root: str | os.PathLike, out: str,
+                     source: str, *, licence: str | None = None, limit: int | None = None,
+                     workers: int = 1, maxcount: int = 1000,
+                     storage: StorageConfig | None = None, progress: bool = True,
+                     printer=print) -> ConversionSummary:
+    """Convert one SPIN-style npz (images under ``img_root``) into shards under ``out``."""
+    record_set = spin_npz_record_set(npz, img_root, source, licence)
+    return convert_record_set(record_set, out, limit=limit, workers=workers, maxcount=maxcount,
+                              storage=storage, progress=progress, printer=printer)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``raytrain shard <source>`` options of a SPIN/CLIFF-style npz source."""
+    parser.add_argument("--npz", required=True, help="SPIN/CLIFF-style label file (.npz)")
     parser.add_argument("--img-root", required=True,
                         help="directory the npz's imgname paths are relative to")
-    add_output_args(parser)
-    return parser
 
 
-def main(source: str, argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``datasets/shard_<source>.py``."""
-    args = build_parser(source).parse_args(argv)
-    convert_spin_npz(args.npz, args.img_root, args.out, source, limit=args.limit,
-                     workers=args.workers, maxcount=args.maxcount,
-                     storage=storage_from_args(args), progress=not args.no_progress)
-    return 0
+def record_set_from_args(source: str, args: argparse.Namespace) -> RecordSet:
+    return spin_npz_record_set(args.npz, args.img_root, source)
