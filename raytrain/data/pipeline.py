@@ -13,6 +13,11 @@ With `data.persistent_workers` (default) the workers are forked once per split a
 serve every later epoch and validation pass of the same config (`EpochSource`): the
 reader's position lives in shared memory and each `Loader` sets it before it iterates.
 `close_loaders()` stops them (`train.loop.run_loop` does at its end).
+
+With `data.device_crop` the workers of the training split only decode and draw the
+augmentation (`device_crop.DeviceCropPrep`): a batch carries the decoded regions and
+the crops are made after the move to the device (`train.loop.batch_to_device`).
+Validation always crops in the workers.
 """
 import zlib
 from collections import Counter
@@ -28,6 +33,7 @@ from ..geometry import build_schedule
 from .augment import AugmentConfig
 from .collate import FREE, BatchPool, BatchSink, batch_to_torch, collate_arrays
 from .crop import MultiRoICropper
+from .device_crop import DeviceCropPrep, collate_regions
 from .reader import ShardReader
 from .shards import count_samples, resolve_shards
 
@@ -99,6 +105,9 @@ class EpochSource:
     def __init__(self, cfg, split: str, rank: int, world_size: int, batch_size: int,
                  seed: int, persistent: bool):
         train = split == "train"
+        # with data.device_crop the training workers only decode (device_crop.py);
+        # validation always crops here, on the CPU
+        device_crop = train and cfg.data.device_crop
         cropper = MultiRoICropper(schedule_from_config(cfg.rois), crop_size=cfg.data.crop_size,
                                   augment=augment_from_config(cfg.data) if train else None,
                                   root_joint=_root_joint(cfg.model.smpl_dir))
@@ -115,12 +124,15 @@ class EpochSource:
         # per worker: `prefetch` batches in flight, one being filled, one held by the
         # training loop, one spare; a batch that finds no free buffer gets a fresh one
         item_shape = (cropper.num_rois, cropper.crop_size, cropper.crop_size, 3)
+        pooled = workers > 0 and not device_crop
         self.pool = (BatchPool.acquire(workers, prefetch + 3, (batch_size, *item_shape))
-                     if workers else None)
-        sink = BatchSink(self.pool, batch_size, item_shape) if workers else None
-        self.reader.transform = CropTransform(cropper, seed, sink=sink)
+                     if pooled else None)
+        sink = BatchSink(self.pool, batch_size, item_shape) if pooled else None
+        prep = DeviceCropPrep(cropper) if device_crop else cropper
+        self.reader.transform = CropTransform(prep, seed, sink=sink)
+        collate = collate_regions if device_crop else collate_arrays
         self.loader = DataLoader(self.reader, batch_size=batch_size, num_workers=workers,
-                                 collate_fn=_collate_with_counts(self.reader, self.pool, sink),
+                                 collate_fn=_collate_with_counts(self.reader, self.pool, sink, collate),
                                  drop_last=train, pin_memory=torch.cuda.is_available(),
                                  persistent_workers=self.persistent,
                                  prefetch_factor=prefetch if workers else None)
@@ -151,7 +163,7 @@ class EpochSource:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
         self.loader._iterator = None
-        if self.persistent:
+        if self.persistent and self.pool is not None:
             self.pool.recycle()  # its workers are gone: a later loader may take it
 
 
@@ -290,8 +302,9 @@ class _collate_with_counts:
     """Collate (labels stay numpy until ``Loader`` receives the batch: cheaper to send
     from a worker), and attach this worker's bad-sample counts of the epoch so far."""
 
-    def __init__(self, reader, pool: BatchPool | None = None, sink: BatchSink | None = None):
-        self.reader, self.pool, self.sink = reader, pool, sink
+    def __init__(self, reader, pool: BatchPool | None = None, sink: BatchSink | None = None,
+                 collate=collate_arrays):
+        self.reader, self.pool, self.sink, self.collate = reader, pool, sink, collate
 
     def __call__(self, items):
         images, spare = None, None
@@ -303,7 +316,7 @@ class _collate_with_counts:
             if taken is not None:
                 spare = taken[0]  # not what was yielded: copy, then free it
             slot, images = self.pool.buffer((len(items), *items[0]["images"].shape))
-        batch = collate_arrays(items, images)
+        batch = self.collate(items, images)
         if spare is not None and spare[0] >= 0:
             self.pool.state[spare] = FREE  # never sent
         if self.pool is not None:
