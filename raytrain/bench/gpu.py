@@ -92,7 +92,8 @@ def run_gpu_bench(quick: bool = False, device: str | None = None, out: str | Non
     loader_workers = max(1, min(12, (os.cpu_count() or 2) - 4))
     result = {"device": _device_name(device), "torch": torch.__version__, "quick": quick,
               "crop_size": sizes.crop, "num_rois": 5, "steps_per_run": sizes.steps,
-              "loader_workers": loader_workers, "memory": _memory_kind(device), "train": {}}
+              "loader_workers": loader_workers, "memory": _memory_kind(device),
+              "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "train": {}}
     with tempfile.TemporaryDirectory(prefix="raytrain-bench-gpu-") as tmp:
         shards = _write_shards(tmp, sizes, max(m[2] for m in sizes.models.values()))
         result["startup_s"] = round(time.perf_counter() - start, 1)
@@ -100,7 +101,7 @@ def run_gpu_bench(quick: bool = False, device: str | None = None, out: str | Non
         for name, model, fast, device_crop in TRAIN_RUNS:
             cfg = _config(sizes, model, shards, f"{tmp}/{name}", device, fast, device_crop, loader_workers)
             result["train"][name], trained = _train_run(cfg, device, fast, sizes.steps)
-            models.setdefault(model, (cfg, trained))
+            models.setdefault(model, (cfg, trained.cpu()))  # off the device: not in later peaks
             _log(f"train {name}: {result['train'][name]}")
         result["data_path"] = {
             "cpu_crop": _data_path_cost(models["r50"][0], device, device_crop=False),
@@ -166,7 +167,7 @@ def _config(sizes: _Sizes, model: str, shards, run_dir: str, device: torch.devic
     amp = "bf16" if fast and device.type == "cuda" else "none"
     return with_default_body_model(load_config(str(CONFIGS / config), [
         f"data.train_shards={shards[0]}", f"data.val_shards={shards[1]}",
-        f"data.crop_size={sizes.crop}", f"data.batch_size={batch}", f"data.val_batch_size={batch}",
+        f"data.crop_size={sizes.crop}", f"data.batch_size={batch}", f"data.val_batch_size={min(batch, 8)}",
         f"data.loader_workers={loader_workers}", "data.shuffle_buffer=256", "data.max_val_samples=8",
         f"data.device_crop={str(device_crop).lower()}", f"model.backbone={backbone}",
         f"optim.amp={amp}", f"optim.max_steps={sizes.steps}", "optim.epochs=1000",
@@ -253,7 +254,7 @@ def _precision_check(cfg, model, device: torch.device) -> dict:
 
     batch = _one_batch(cfg, device)
     body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female")).to(device)
-    model = model.float()
+    model = model.to(device).float()
     results = {}
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -266,7 +267,7 @@ def _precision_check(cfg, model, device: torch.device) -> dict:
             total, _ = batch_losses(cfg, body, pred, batch)
             total.backward()
             grads = [p.grad.flatten().double() for p in copy_.parameters() if p.grad is not None]
-            results[name] = (float(total), torch.cat(grads))
+            results[name] = (float(total.detach()), torch.cat(grads))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     (loss32, g32), (loss16, g16) = results["fp32"], results["bf16"]
@@ -282,7 +283,7 @@ def _precision_check(cfg, model, device: torch.device) -> dict:
 def _inference(cfg, model, device: torch.device, sizes: _Sizes, deadline: float) -> dict:
     """5-RoI images/s (persons/s) of the network: fp32 batch 1, bf16 batched, compiled."""
     batch = _one_batch(cfg, device)
-    model = model.float().eval()
+    model = model.to(device).float().eval()
     out = {"fp32_batch1": _images_per_s(model, _first(batch, 1), device, False, sizes)}
     model = model.to(memory_format=torch.channels_last)
     batched = f"bf16_batch{len(batch['keys'])}"
