@@ -1,10 +1,13 @@
 # `make test` builds the environment from nothing and runs the suite; `make demo` runs the demo.
+# `make bench-gpu` runs the GPU check with the machine's own python3 (BENCHMARKS.md "GPU").
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+BENCH_GPU_OUT ?= runs/bench_gpu.json
+
+.PHONY: test demo venv clean bench-gpu
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +22,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/raytrain demo
+
+bench-gpu:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m raytrain.cli bench gpu --json --out $(BENCH_GPU_OUT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,7 @@
 """`raytrain {shard,train,tune,eval,demo,bench,doctor}`: thin argument parsing over the package."""
 import argparse
 import contextlib
+import functools
 import json
 import sys
 
@@ -63,9 +64,11 @@ def build_parser():
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (results go to BENCHMARKS.md)")
-    bench.add_argument("what", choices=["data", "train"])
+    bench.add_argument("what", choices=["data", "train", "gpu"])
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--quick", action="store_true", help="finish within a minute")
+    bench.add_argument("--device", default=None, help="gpu: torch device (default: cuda)")
+    bench.add_argument("--out", default="runs/bench_gpu.json", help="gpu: JSON file to write")
     bench.set_defaults(func=cmd_bench)
 
     doctor = sub.add_parser("doctor", help="check the environment and say what is missing")
@@ -150,6 +153,9 @@ def cmd_demo(args):
 def cmd_bench(args):
     if args.what == "data":
         from .bench.data import run_data_bench as bench
+    elif args.what == "gpu":
+        from .bench.gpu import run_gpu_bench
+        bench = functools.partial(run_gpu_bench, device=args.device, out=args.out)
     else:
         from .bench.train import run_train_bench as bench
     if args.json:  # stdout carries the JSON object alone; progress goes to stderr

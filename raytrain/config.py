@@ -59,7 +59,9 @@ class DataConfig:
     max_bad_fraction: float = opt(0.01, "stop the run when more than this fraction of an epoch's samples is bad",
                                   min=0.0, max=1.0)
     max_val_samples: int = opt(0, "cap on validation samples (0: all)", min=0)
-    device_crop: bool = opt(False, "crop RoIs on the training device (affine_grid) instead of in CPU workers")
+    device_crop: bool = opt(False, "training split: the loader workers only decode; the RoI crops and their "
+                                   "augmentation are made on the training device (grid_sample); validation "
+                                   "crops in the workers")
     flip_prob: float = opt(0.5, "probability of a horizontal flip (all RoIs of a person together)", min=0.0, max=1.0)
     scale_jitter: float = opt(0.25, "box scale jitter: factor drawn from [1 - x, 1 + x]", min=0.0, max=0.9)
     rot_jitter_deg: float = opt(30.0, "rotation jitter in degrees (applied with probability 0.4)", min=0.0, max=180.0)

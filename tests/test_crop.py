@@ -14,9 +14,9 @@ from raytrain.data.augment import (
     augment_keypoints,
     augment_pose,
 )
-from raytrain.data.collate import collate_crops
+from raytrain.data.collate import FLAG_KEYS, FLOAT_KEYS, batch_to_torch, collate_crops
 from raytrain.data.crop import MultiRoICropper
-from raytrain.data.device_crop import DeviceCropPrep, crop_on_device
+from raytrain.data.device_crop import DeviceCropPrep, collate_regions, crop_batch, grid_theta, grid_to_region
 from raytrain.data.schema import decode_sample
 from raytrain.synthetic.people import SyntheticConfig, SyntheticGenerator, with_storage
 
@@ -152,17 +152,94 @@ def test_reduced_decode_matches_full_decode(hd_pairs):
     assert np.abs(a["images"].astype(int) - b["images"].astype(int)).mean() < 4.0
 
 
-def test_device_crop_matches_cpu_crop(hd_pairs):
+def _device_and_cpu(cropper, samples, seed):
+    """The same samples and generators through the device path (crops made here, on the
+    CPU device) and through the CPU cropper -> (device batch, CPU batch, params drawn)."""
+    prep = DeviceCropPrep(cropper)
+    items = [prep(s, np.random.default_rng([seed, i])) for i, s in enumerate(samples)]
+    device = crop_batch(batch_to_torch(collate_regions(items)), cropper.crop_size)
+    cpu = collate_crops([cropper(s, np.random.default_rng([seed, i])) for i, s in enumerate(samples)])
+    params = [cropper.draw(s, np.random.default_rng([seed, i]))[0] for i, s in enumerate(samples)]
+    return device, cpu, params
+
+
+def _assert_same_labels(device, cpu):
+    assert device["keys"] == cpu["keys"]
+    assert set(device) == set(cpu), set(device) ^ set(cpu)
+    for name in (*FLOAT_KEYS, *FLAG_KEYS):
+        torch.testing.assert_close(device[name], cpu[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("storage", [0, 1])
+def test_device_crop_matches_cpu_crop(hd_pairs, storage):
+    """Context regions and full frames (decoded at a DCT reduction), with flips, rotations,
+    scale and colour jitter and occluders: the device crops equal the CPU cropper's
+    exact warps within interpolation error; the labels are identical."""
+    samples = _samples(hd_pairs[storage])
+    augment = AugmentConfig(rot_prob=0.5, flip_prob=0.5, occlusion_prob=0.5)
+    cropper = MultiRoICropper("paper", 5, crop_size=96, augment=augment, fast_resize=False)
+    drawn = []
+    for seed in range(3):
+        device, cpu, params = _device_and_cpu(cropper, samples, seed)
+        _assert_same_labels(device, cpu)
+        assert device["images"].shape == cpu["images"].shape == (4, 5, 3, 96, 96)
+        assert device["images"].dtype == torch.uint8
+        diff = (device["images"].int() - cpu["images"].int()).abs()
+        assert diff.float().mean() < 0.5 and diff.max() <= 2, (diff.float().mean(), diff.max())
+        drawn += params
+    assert any(p.flip for p in drawn) and any(p.angle != 0 for p in drawn)
+    assert any(p.occluder is not None for p in drawn) and any(p.scale != 1 for p in drawn)
+    if storage == 1:  # full frames: the workers decode at a reduced size
+        _, boxes = cropper.draw(samples[0], np.random.default_rng(0))
+        assert cropper._reduction(samples[0], boxes) >= 2
+
+
+def test_grid_theta_hand_worked():
+    """Crop px = region px - 10 (S = W = H = 100): normalised crop u -> crop px 50 (u + 1)
+    -> region px + 10 -> normalised u + 0.2; a region twice as wide halves the x terms."""
+    shift = np.array([[[1.0, 0, -10], [0, 1, -10], [0, 0, 1]]])
+    to_region = grid_to_region(shift, 100)
+    np.testing.assert_allclose(grid_theta(to_region, (100, 100)), [[[1, 0, 0.2], [0, 1, 0.2]]], atol=1e-6)
+    np.testing.assert_allclose(grid_theta(to_region, (200, 100)), [[[0.5, 0, -0.4], [0, 1, 0.2]]], atol=1e-6)
+
+
+def test_device_crop_wrong_params_differ(hd_pairs):
+    """The comparison can fail: another generator seed gives other crops and labels."""
     samples = _samples(hd_pairs[0])
-    cropper = MultiRoICropper("random", 5, augment=AugmentConfig(occlusion_prob=1.0, rot_prob=1.0))
-    batch = DeviceCropPrep(cropper)(samples, np.random.default_rng(5))
-    device = crop_on_device(batch, cropper.crop_size)  # (N, M, 3, S, S) uint8
-    rng = np.random.default_rng(5)
-    cpu = collate_crops([cropper(s, rng) for s in samples])
-    diff = (device.int() - cpu["images"].int()).abs()
-    assert diff.float().mean() < 0.5 and diff.max() <= 2
-    for name in ("boxes", "keypoints_2d", "joints_3d", "pose", "cam_full"):
-        torch.testing.assert_close(batch[name], cpu[name])
+    cropper = MultiRoICropper("paper", 5, crop_size=64, augment=AugmentConfig())
+    device, _, _ = _device_and_cpu(cropper, samples, 0)
+    _, cpu, _ = _device_and_cpu(cropper, samples, 1)
+    assert (device["images"].int() - cpu["images"].int()).abs().float().mean() > 5
+    assert not torch.equal(device["boxes"], cpu["boxes"])
+
+
+def test_loader_with_device_crop_matches_cpu_loader(hd_pairs, tmp_path):
+    """``data.device_crop``: the training loader's workers send decoded regions, the crops
+    are made after the move to the device (here the CPU); same samples, same order, same
+    labels as the default loader, crops within the CPU fast path's interpolation error."""
+    from raytrain.bench.data import bench_config, write_bench_shards
+    from raytrain.data.pipeline import build_loader, close_loaders
+    from raytrain.train.loop import batch_to_device
+
+    write_bench_shards(hd_pairs[0], str(tmp_path), copies=3, per_shard=6)
+    batches = {}
+    for device_crop in (False, True):
+        cfg = bench_config(str(tmp_path), workers=1)
+        cfg.data.crop_size, cfg.data.shuffle_buffer, cfg.data.occlusion_prob = 64, 8, 0.5
+        cfg.data.device_crop = device_crop
+        try:
+            loader = build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)
+            batches[device_crop] = [batch_to_device(b, torch.device("cpu"), 64) for b in loader]
+        finally:
+            close_loaders()
+    cpu, device = batches[False], batches[True]
+    assert len(cpu) == len(device) == 3
+    for a, b in zip(cpu, device):
+        assert b["images"].shape == a["images"].shape == (4, 5, 3, 64, 64)
+        _assert_same_labels(b, a)
+        assert b["gender"] == a["gender"]
+        diff = (a["images"].int() - b["images"].int()).abs().float()
+        assert diff.mean() < 2.0, diff.mean()
 
 
 @pytest.mark.parametrize("storage", [0, 1])

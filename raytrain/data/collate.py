@@ -45,7 +45,7 @@ def collate_arrays(samples: list[dict], images: torch.Tensor | None = None) -> d
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     if images is None:
-        images = _batch_buffer((len(samples), *samples[0]["images"].shape))
+        images = batch_buffer((len(samples), *samples[0]["images"].shape))
     target = images.numpy()
     for i, s in enumerate(samples):
         if not _is_at(s["images"], target, i):  # else written in place already (``BatchSink``)
@@ -99,7 +99,7 @@ class BatchSink:
         if self._filled >= self.batch_size:  # collate did not take it: stop writing in place
             return None
         if self._buffer is None:
-            self._buffer = _batch_buffer((self.batch_size, *self.item_shape))
+            self._buffer = batch_buffer((self.batch_size, *self.item_shape))
             self._array = self._buffer.numpy()
         return self._array[self._filled]
 
@@ -142,7 +142,7 @@ def batch_to_torch(batch: dict, contiguous: bool = False) -> dict:
     return batch
 
 
-def _batch_buffer(shape) -> torch.Tensor:
+def batch_buffer(shape) -> torch.Tensor:
     """uint8 tensor for the batch's crops; in a DataLoader worker, allocated in shared
     memory (as torch's ``default_collate`` does) so that sending the batch to the main
     process does not copy it once more."""

@@ -1,14 +1,19 @@
 """Crop all RoIs of a batch on the training device (``affine_grid`` + ``grid_sample``).
 
-With this option the CPU workers only decode: they ship the decoded stored regions
-(zero-padded to a common size) and, per RoI, the 3x3 matrix stored px -> crop px that
-the CPU cropper would have used (augmentation folded in), plus colour gains and the
-occluder. ``crop_on_device`` then produces the same (N, M, 3, S, S) crops as
-``crop.MultiRoICropper`` within interpolation error (bilinear, zero border).
+With ``data.device_crop`` the DataLoader workers of the training split only decode:
+``DeviceCropPrep`` draws the cropper's augmentation and RoIs (the same draws, from the
+same generator, as ``crop.MultiRoICropper``), decodes the stored region (with the same
+DCT reduction), computes the labels and, per RoI, the 3x3 matrix decoded px -> crop px
+the CPU cropper would warp with (RoI box, flip, rotation, scale folded in), plus the
+colour gains and the occluder. ``collate_regions`` pads the regions to a common size
+and turns the matrices into ``grid_sample``'s normalised form. After the batch is
+moved to the device, ``crop_batch`` makes the (N, M, 3, S, S) uint8 crops there; they
+equal the CPU cropper's within interpolation error (bilinear, zero border) and the
+labels are identical.
 
-    prep = DeviceCropPrep(cropper)                     # CPU worker
-    batch = prep(samples, rng)                         # labels + 'regions', 'roi_matrices', ...
-    images = crop_on_device(batch, crop_size=224)      # on the GPU, after .to(device)
+    prep = DeviceCropPrep(cropper)                              # in the workers
+    batch = batch_to_torch(collate_regions([prep(s, rng) for s in samples]))
+    batch = crop_batch({k: v.to(device) ...}, crop_size=224)     # on the device
 """
 
 from __future__ import annotations
@@ -18,60 +23,125 @@ import torch
 import torch.nn.functional as F
 
 from .augment import virtual_transform
-from .collate import collate_crops
-from .crop import MultiRoICropper, crop_transform, homogeneous, occluder_rects
-from .schema import Sample, decode_jpeg
+from .collate import batch_buffer, collate_arrays
+from .crop import MultiRoICropper, crop_transform, invert_affine, occluder_rects
+from .schema import Sample
+
+#: Batch keys that only the device step reads (dropped once the crops are made).
+DEVICE_KEYS = ("regions", "roi_theta", "colour", "occluders", "occluder_colour")
 
 
-def roi_matrices(affine: np.ndarray, boxes: np.ndarray, crop_size: int,
-                 full_to_virtual: np.ndarray | None = None) -> np.ndarray:
-    """(2, 3) affine full -> stored, boxes (M, 3) virtual px -> (M, 3, 3) stored -> crop px."""
-    virtual = np.eye(3) if full_to_virtual is None else full_to_virtual
-    stored_to_virtual = virtual @ np.linalg.inv(homogeneous(affine))
-    return np.stack([crop_transform(box, crop_size) @ stored_to_virtual for box in boxes])
+def roi_matrices(decoded_to_virtual: np.ndarray, boxes: np.ndarray, crop_size: int) -> np.ndarray:
+    """(3, 3) decoded px -> virtual px, boxes (M, 3) virtual px -> (M, 3, 3) decoded px -> crop px."""
+    return np.stack([crop_transform(box, crop_size) @ decoded_to_virtual for box in boxes])
 
 
-def sample_grid(matrices: torch.Tensor, region_size: torch.Tensor, crop_size: int) -> torch.Tensor:
-    """Sampling grids (N*M, S, S, 2) for ``grid_sample`` (align_corners=False).
-
-    matrices (N, M, 3, 3) stored px -> crop px (pixel-edge convention); region_size
-    (N, 2) (W, H) of the padded region tensor the grid will sample.
-    """
-    n, m = matrices.shape[:2]
-    dtype, device = matrices.dtype, matrices.device
+def grid_to_region(matrices: np.ndarray, crop_size: int) -> np.ndarray:
+    """matrices (M, 3, 3) region px -> crop px -> (M, 3, 3) normalised crop coords
+    (``affine_grid``'s [-1, 1], align_corners=False) -> region px."""
     s = float(crop_size)
-    crop_to_norm = torch.tensor([[2 / s, 0, -1], [0, 2 / s, -1], [0, 0, 1]], dtype=dtype, device=device)
-    w, h = region_size[:, 0].to(dtype), region_size[:, 1].to(dtype)
-    stored_to_norm = torch.zeros(n, 1, 3, 3, dtype=dtype, device=device)
-    stored_to_norm[:, 0, 0, 0], stored_to_norm[:, 0, 1, 1] = 2 / w, 2 / h
-    stored_to_norm[:, 0, :2, 2], stored_to_norm[:, 0, 2, 2] = -1, 1
-    theta = stored_to_norm @ torch.linalg.inv(matrices) @ torch.linalg.inv(crop_to_norm)
-    return F.affine_grid(theta[:, :, :2].reshape(n * m, 2, 3), [n * m, 3, crop_size, crop_size],
-                         align_corners=False)
+    crop_to_norm = np.array([[2 / s, 0, -1], [0, 2 / s, -1], [0, 0, 1]])
+    return np.linalg.inv(matrices) @ np.linalg.inv(crop_to_norm)
+
+
+def grid_theta(to_region: np.ndarray, region_size) -> np.ndarray:
+    """(..., 3, 3) normalised crop -> region px, region_size (W, H) of the padded region
+    tensor -> ``affine_grid`` matrices (..., 2, 3) normalised crop -> normalised region."""
+    w, h = float(region_size[0]), float(region_size[1])
+    region_to_norm = np.array([[2 / w, 0, -1], [0, 2 / h, -1], [0, 0, 1]])
+    return (region_to_norm @ to_region)[..., :2, :].astype(np.float32)
+
+
+class DeviceCropPrep:
+    """Worker side, per sample: decode, draw augmentation and RoIs, labels, matrices.
+
+    Called like the cropper (``prep(sample, rng)``), so ``pipeline.CropTransform`` runs
+    either; the result's ``images`` is an empty (M, 0, 0, 3) placeholder."""
+
+    def __init__(self, cropper: MultiRoICropper):
+        self.cropper = cropper
+
+    @property
+    def num_rois(self) -> int:
+        return self.cropper.num_rois
+
+    @property
+    def crop_size(self) -> int:
+        return self.cropper.crop_size
+
+    def __call__(self, sample: Sample, rng: np.random.Generator, out=None) -> dict:
+        cropper = self.cropper
+        params, boxes = cropper.draw(sample, rng)
+        stored_to_virtual = virtual_transform(params, sample.image_size) @ invert_affine(sample.affine)
+        image, reduction, _ = cropper._decode(sample, boxes)
+        decoded_to_virtual = stored_to_virtual.copy()
+        decoded_to_virtual[:, :2] *= float(reduction)
+        placeholder = np.empty((len(boxes), 0, 0, 3), np.uint8)
+        item = cropper._labels(sample, params, boxes, placeholder)
+        item["region"] = image  # (h, w, 3) uint8 RGB
+        matrices = roi_matrices(decoded_to_virtual, boxes, cropper.crop_size)
+        item["grid_to_region"] = grid_to_region(matrices, cropper.crop_size)  # (M, 3, 3)
+        item["colour"] = np.asarray(params.color, np.float32)
+        item["occluders"] = occluder_rects(params, boxes, cropper.crop_size)
+        item["occluder_colour"] = params.occluder_color.astype(np.uint8).astype(np.float32)
+        return item
+
+
+def collate_regions(items: list[dict], images=None) -> dict:
+    """``DeviceCropPrep`` items -> the batch of ``collate.collate_arrays`` (labels as numpy,
+    ``images`` an empty (N, M, 0, 0, 3) placeholder) plus ``regions`` (N, H, W, 3) uint8
+    zero-padded at the bottom/right (shared memory in a worker), ``roi_theta``
+    (N, M, 2, 3), ``colour`` (N, 3), ``occluders`` (N, M, 4) crop-px rectangles
+    (x0, y0, x1, y1; empty: none) and ``occluder_colour`` (N, 3)."""
+    n, m = len(items), len(items[0]["grid_to_region"])
+    batch = collate_arrays(items, torch.empty((n, m, 0, 0, 3), dtype=torch.uint8))
+    h = max(item["region"].shape[0] for item in items)
+    w = max(item["region"].shape[1] for item in items)
+    regions = batch_buffer((n, h, w, 3))
+    target = regions.numpy()
+    for i, item in enumerate(items):
+        rh, rw = item["region"].shape[:2]
+        target[i, :rh, :rw] = item["region"]
+        target[i, rh:], target[i, :rh, rw:] = 0, 0
+    batch["regions"] = regions
+    batch["roi_theta"] = grid_theta(np.stack([item["grid_to_region"] for item in items]), (w, h))
+    for name in ("colour", "occluders", "occluder_colour"):
+        batch[name] = np.stack([item[name] for item in items])
+    return batch
 
 
 def crop_on_device(batch: dict, crop_size: int = 224, as_uint8: bool = True) -> torch.Tensor:
     """All RoIs of the batch at once -> (N, M, 3, S, S) (uint8, or float 0..255).
 
-    ``batch['regions']`` (N, 3, H, W) uint8 RGB, ``batch['roi_matrices']`` (N, M, 3, 3);
-    optional ``colour`` (N, 3) gains and ``occluders`` (N, M, 4) crop-px rectangles
-    (x0, y0, x1, y1; empty rectangles mean none) with ``occluder_colour`` (N, 3).
+    ``batch['regions']`` (N, H, W, 3) uint8 RGB and ``roi_theta`` (N, M, 2, 3), on the
+    device that should do the work; optional ``colour`` (N, 3) gains and ``occluders``
+    (N, M, 4) with ``occluder_colour`` (N, 3).
     """
-    regions = batch["regions"]
-    n, _, h, w = regions.shape
-    matrices = batch["roi_matrices"].to(regions.device, torch.float64)
-    m = matrices.shape[1]
-    size = torch.tensor([[w, h]], device=regions.device).expand(n, 2)
-    grid = sample_grid(matrices, size, crop_size).to(torch.float32)
-    source = regions.float().repeat_interleave(m, dim=0)  # (N*M, 3, H, W)
-    crops = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    crops = crops.view(n, m, 3, crop_size, crop_size)
+    regions = batch["regions"].permute(0, 3, 1, 2).float()  # (N, 3, H, W)
+    theta = batch["roi_theta"].to(regions.device, torch.float32)
+    n, m, s = theta.shape[0], theta.shape[1], crop_size
+    grid = F.affine_grid(theta.reshape(n * m, 2, 3), [n * m, 3, s, s], align_corners=False)
+    grid = grid.view(n, m * s, s, 2)  # the M crops of a sample stacked along y: no copy of the region
+    crops = F.grid_sample(regions, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    crops = crops.view(n, 3, m, s, s).transpose(1, 2)  # (N, M, 3, S, S)
     if "colour" in batch:
         crops = crops * batch["colour"].to(crops)[:, None, :, None, None]
     if "occluders" in batch:
         crops = _occlude(crops, batch["occluders"].to(crops.device), batch["occluder_colour"].to(crops))
     crops = crops.clamp(0, 255)
     return crops.round().to(torch.uint8) if as_uint8 else crops
+
+
+def crop_batch(batch: dict, crop_size: int) -> dict:
+    """A batch from ``collate_regions`` (already on its device) -> the same batch with
+    ``images`` (N, M, 3, S, S) uint8 made there and the device-only keys dropped; a
+    batch without ``regions`` (cropped in the workers) is returned as it is."""
+    if "regions" not in batch:
+        return batch
+    images = crop_on_device(batch, crop_size)
+    out = {k: v for k, v in batch.items() if k not in DEVICE_KEYS}
+    out["images"] = images
+    return out
 
 
 def _occlude(crops, rects, colour):
@@ -83,40 +153,3 @@ def _occlude(crops, rects, colour):
     inside_y = (pos >= y0) & (pos < y1)
     mask = (inside_y[..., :, None] & inside_x[..., None, :])[:, :, None]  # (N, M, 1, S, S)
     return torch.where(mask, colour[:, None, :, None, None], crops)
-
-
-class DeviceCropPrep:
-    """CPU side: decode, draw the cropper's augmentation and RoIs, label, pad regions."""
-
-    def __init__(self, cropper: MultiRoICropper):
-        self.cropper = cropper
-
-    def __call__(self, samples: list[Sample], rng: np.random.Generator) -> dict:
-        items, regions, extras = [], [], []
-        for sample in samples:
-            params, boxes = self.cropper.draw(sample, rng)
-            virtual = virtual_transform(params, sample.image_size)
-            matrices = roi_matrices(sample.affine, boxes, self.cropper.crop_size, virtual)
-            images = np.zeros((len(boxes), 1, 1, 3), np.uint8)  # placeholder, cropped on device
-            items.append(self.cropper._labels(sample, params, boxes, images))
-            regions.append(sample.image if sample.image is not None else decode_jpeg(sample.jpeg))
-            extras.append((matrices, params, occluder_rects(params, boxes, self.cropper.crop_size)))
-        batch = collate_crops(items)
-        del batch["images"]
-        batch["regions"] = _pad_regions(regions)
-        batch["roi_matrices"] = torch.from_numpy(np.stack([e[0] for e in extras]))
-        batch["colour"] = torch.from_numpy(np.stack([e[1].color for e in extras]).astype(np.float32))
-        batch["occluders"] = torch.from_numpy(np.stack([e[2] for e in extras]))
-        batch["occluder_colour"] = torch.from_numpy(
-            np.stack([e[1].occluder_color.astype(np.uint8) for e in extras]).astype(np.float32))
-        return batch
-
-
-def _pad_regions(regions: list[np.ndarray]) -> torch.Tensor:
-    """(h_i, w_i, 3) uint8 images -> (N, 3, H, W) zero-padded at the bottom/right."""
-    h = max(r.shape[0] for r in regions)
-    w = max(r.shape[1] for r in regions)
-    out = np.zeros((len(regions), h, w, 3), np.uint8)
-    for i, region in enumerate(regions):
-        out[i, : region.shape[0], : region.shape[1]] = region
-    return torch.from_numpy(out).permute(0, 3, 1, 2)

@@ -13,6 +13,11 @@ With `data.persistent_workers` (default) the workers are forked once per split a
 serve every later epoch and validation pass of the same config (`EpochSource`): the
 reader's position lives in shared memory and each `Loader` sets it before it iterates.
 `close_loaders()` stops them (`train.loop.run_loop` does at its end).
+
+With `data.device_crop` the workers of the training split only decode and draw the
+augmentation (`device_crop.DeviceCropPrep`): a batch carries the decoded regions and
+the crops are made after the move to the device (`train.loop.batch_to_device`).
+Validation always crops in the workers.
 """
 import zlib
 from collections import Counter
@@ -28,6 +33,7 @@ from ..geometry import schedule_from_config
 from .augment import AugmentConfig
 from .collate import BatchSink, batch_to_torch, collate_arrays
 from .crop import MultiRoICropper
+from .device_crop import DeviceCropPrep, collate_regions
 from .mixture import MixtureReader
 from .reader import ShardReader
 from .shards import count_samples, resolve_shards
@@ -94,6 +100,9 @@ class EpochSource:
     def __init__(self, cfg, split: str, rank: int, world_size: int, batch_size: int,
                  seed: int, persistent: bool):
         train = split == "train"
+        # with data.device_crop the training workers only decode (device_crop.py);
+        # validation always crops here, on the CPU
+        device_crop = train and cfg.data.device_crop
         cropper = MultiRoICropper(schedule_from_config(cfg.rois), crop_size=cfg.data.crop_size,
                                   augment=augment_from_config(cfg.data) if train else None,
                                   root_joint=_root_joint(cfg.model.smpl_dir))
@@ -103,10 +112,12 @@ class EpochSource:
         if self.persistent:
             self.reader.share_position()
         item_shape = (cropper.num_rois, cropper.crop_size, cropper.crop_size, 3)
-        sink = BatchSink(batch_size, item_shape) if workers else None
-        self.reader.transform = CropTransform(cropper, seed, sink=sink)
+        sink = BatchSink(batch_size, item_shape) if workers > 0 and not device_crop else None
+        prep = DeviceCropPrep(cropper) if device_crop else cropper
+        self.reader.transform = CropTransform(prep, seed, sink=sink)
+        collate = collate_regions if device_crop else collate_arrays
         self.loader = DataLoader(self.reader, batch_size=batch_size, num_workers=workers,
-                                 collate_fn=_collate_with_counts(self.reader, sink),
+                                 collate_fn=_collate_with_counts(self.reader, sink, collate),
                                  drop_last=train, pin_memory=torch.cuda.is_available(),
                                  persistent_workers=self.persistent,
                                  prefetch_factor=2 if workers else None)
@@ -244,8 +255,8 @@ class _collate_with_counts:
     """Collate (labels stay numpy until ``Loader`` receives the batch: cheaper to send
     from a worker), and attach this worker's bad-sample counts of the epoch so far."""
 
-    def __init__(self, reader, sink: BatchSink | None = None):
-        self.reader, self.sink = reader, sink
+    def __init__(self, reader, sink: BatchSink | None = None, collate=collate_arrays):
+        self.reader, self.sink, self.collate = reader, sink, collate
 
     def __call__(self, items):
         images = None
@@ -253,7 +264,7 @@ class _collate_with_counts:
         if taken is not None and taken[1] == len(items):  # crops already in place
             buffer = taken[0]
             images = buffer if len(items) == buffer.shape[0] else buffer[:len(items)]
-        batch = collate_arrays(items, images)
+        batch = self.collate(items, images)
         batch["gender"] = [item["gender"] for item in items]
         if "source" in items[0]:  # a mixture names each item's shard set
             batch["sources"] = [item["source"] for item in items]

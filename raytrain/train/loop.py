@@ -2,10 +2,12 @@
 
     run_loop(cfg, session)  # session: RaySession inside TorchTrainer, BareSession otherwise
 
-Per step: uint8 crops -> normalise on device -> network -> losses -> Adam. Every
-`train.val_every` steps: validation (MPJPE, PA-MPJPE, PVE, camera error in mm) reduced
-over ranks. Every `train.checkpoint_every` steps and at the end: a checkpoint with model,
-optimiser, scheduler, step, RNG and the data position (epoch, samples consumed).
+Per step: uint8 crops (with `data.device_crop`: decoded regions, cropped on the device) ->
+normalise on device -> network -> losses -> Adam. Every `train.val_every` steps:
+validation (MPJPE, PA-MPJPE, PVE, camera error in mm; crops made in the CPU workers)
+reduced over ranks. Every `train.checkpoint_every` steps and at the end: a checkpoint
+with model, optimiser, scheduler, step, RNG and the data position (epoch, samples
+consumed).
 """
 import json
 import math
@@ -17,6 +19,7 @@ import torch
 
 from ..body import load_body_model, load_mean_params
 from ..config import ExperimentConfig, config_from_raw, to_dict, with_legacy_defaults
+from ..data.device_crop import crop_batch
 from ..data.pipeline import build_loader, close_loaders, epoch_length
 from ..eval.protocol import validate
 from ..losses import compute_losses, gather_negatives
@@ -114,15 +117,11 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
 
 
 def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device) -> dict[str, float]:
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = batch_to_device(batch, device, cfg.data.crop_size)
     model.train()
     with _autocast(cfg, device):
-        pred = model(normalize_images(batch["images"]), batch["boxes"], batch["image_size"], batch["focal"])
-    pred = {k: v.float() for k, v in pred.items()}
-    with torch.no_grad():
-        gt_vertices = body.forward_axis_angle(batch["pose"], batch["betas"]).vertices
-    negatives = gather_negatives(pred["z"]) if cfg.loss.gather_negatives else None
-    total, terms = compute_losses(pred, batch, cfg.loss, gt_vertices, negatives)
+        pred = forward(model, batch)
+    total, terms = batch_losses(cfg, body, pred, batch)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     if cfg.optim.grad_clip > 0:
@@ -134,6 +133,26 @@ def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device) ->
     terms = {k: float(v) for k, v in terms.items()}
     terms["total"] = float(total.detach())
     return terms
+
+
+def batch_to_device(batch: dict, device, crop_size: int) -> dict:
+    """The batch's tensors on `device`; a batch of `data.device_crop` gets its crops made there."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return crop_batch(batch, crop_size)
+
+
+def forward(model, batch: dict) -> dict:
+    """The network on a batch already on its device (uint8 crops normalised there)."""
+    return model(normalize_images(batch["images"]), batch["boxes"], batch["image_size"], batch["focal"])
+
+
+def batch_losses(cfg, body, pred: dict, batch: dict):
+    """(total, terms) of the training losses, in float32, for a prediction on `batch`."""
+    pred = {k: v.float() for k, v in pred.items()}
+    with torch.no_grad():
+        gt_vertices = body.forward_axis_angle(batch["pose"], batch["betas"]).vertices
+    negatives = gather_negatives(pred["z"]) if cfg.loss.gather_negatives else None
+    return compute_losses(pred, batch, cfg.loss, gt_vertices, negatives)
 
 
 def _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, loader):
