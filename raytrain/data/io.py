@@ -60,6 +60,22 @@ def list_files(url: str, suffix: str, storage_options: dict | None = None) -> li
     return [join_url(url, name) for name in names if name.endswith(suffix)]
 
 
+def file_sizes(url: str, suffix: str, storage_options: dict | None = None) -> dict[str, int]:
+    """{name: size in bytes} of the files directly in directory ``url`` ending with
+    ``suffix``, from one listing (one request on object storage)."""
+    fs, path = get_fs(url, storage_options)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    sizes = {}
+    for entry in entries:
+        name = posixpath.basename(str(entry["name"]).rstrip("/"))
+        if name.endswith(suffix) and entry.get("type") != "directory":
+            sizes[name] = int(entry.get("size") or 0)
+    return sizes
+
+
 class HashingWriter:
     """A write-only file wrapper that counts bytes and computes sha256 on the fly.
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
+import re
+import stat
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,8 +28,21 @@ from dataclasses import dataclass
 import webdataset as wds
 from braceexpand import braceexpand
 
+from .errors import ManifestError
 from .formats.tar import tar_samples
-from .io import HashingWriter, dirname_url, exists, get_fs, is_remote, isdir, join_url, list_files, open_url, sha256_of
+from .io import (
+    HashingWriter,
+    dirname_url,
+    exists,
+    file_sizes,
+    get_fs,
+    is_remote,
+    isdir,
+    join_url,
+    list_files,
+    open_url,
+    sha256_of,
+)
 from .schema import KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, SchemaError
 
 log = logging.getLogger(__name__)
@@ -117,47 +133,80 @@ def read_manifest(path_or_url: str, storage_options: dict | None = None) -> dict
     """Load and check a manifest (the file itself or its directory).
 
     Raises ``SchemaError`` naming the file for an unknown ``schema_version`` and
-    ``ValueError`` naming the file for a malformed manifest.
+    ``ManifestError`` (a ``ValueError``) naming the file for a malformed manifest:
+    mistyped counts, duplicate or non-plain shard names, totals that do not add up.
     """
     url = manifest_url(path_or_url)
+    check_regular_file(url, storage_options)
     try:
         with open_url(url, "rb", storage_options) as handle:
-            manifest = json.loads(handle.read().decode("utf-8"))
+            payload = handle.read(MAX_MANIFEST_BYTES + 1)
+        if len(payload) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{url}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        manifest = json.loads(payload.decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no shard manifest at {url}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{url}: manifest is not valid JSON ({error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ManifestError(f"{url}: manifest is not valid JSON ({str(error)[:200]})") from None
     _check_manifest(url, manifest)
     return manifest
 
 
+#: Largest manifest read (bytes): a million shards' entries fit.
+MAX_MANIFEST_BYTES = 256 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _check_manifest(url: str, manifest: object) -> None:
     if not isinstance(manifest, dict):
-        raise ValueError(f"{url}: manifest is not a JSON object")
+        raise ManifestError(f"{url}: manifest is not a JSON object")
     version = manifest.get("schema_version")
-    if version not in KNOWN_SCHEMA_VERSIONS:
+    if version not in KNOWN_SCHEMA_VERSIONS or isinstance(version, bool):
         raise SchemaError(
             f"{url}: unknown shard schema_version {version!r}; this raytrain reads "
             f"{list(KNOWN_SCHEMA_VERSIONS)} (re-shard the data or upgrade raytrain)"
         )
     shards = manifest.get("shards")
     if not isinstance(shards, list):
-        raise ValueError(f"{url}: manifest has no 'shards' list")
+        raise ManifestError(f"{url}: manifest has no 'shards' list")
+    seen: set[str] = set()
     for entry in shards:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise ValueError(f"{url}: shard entry without a name: {entry!r}")
-        if not isinstance(entry.get("num_samples"), int) or entry["num_samples"] < 0:
-            raise ValueError(f"{url}: shard {entry['name']} has no valid num_samples")
+            raise ManifestError(f"{url}: shard entry without a name: {str(entry)[:200]}")
+        name = entry["name"]
+        if not _plain_name(name):
+            raise ManifestError(f"{url}: shard name {name[:200]!r} is not a plain file name beside the "
+                                "manifest (no folders, '..' or absolute paths)")
+        if name in seen:
+            raise ManifestError(f"{url}: shard {name} is listed twice")
+        seen.add(name)
+        if not _is_count(entry.get("num_samples")):
+            raise ManifestError(f"{url}: shard {name} has no valid num_samples "
+                                f"(a non-negative integer, got {entry.get('num_samples')!r})")
+        if "bytes" in entry and not _is_count(entry["bytes"]):
+            raise ManifestError(f"{url}: shard {name} has an invalid bytes {entry['bytes']!r}")
+        if "sha256" in entry and not (isinstance(entry["sha256"], str) and _SHA256.fullmatch(entry["sha256"])):
+            raise ManifestError(f"{url}: shard {name} has an invalid sha256")
     total = sum(entry["num_samples"] for entry in shards)
-    if manifest.get("num_samples", total) != total:
-        raise ValueError(f"{url}: num_samples {manifest['num_samples']} != sum over shards {total}")
+    declared = manifest.get("num_samples", total)
+    if not _is_count(declared) or declared != total:
+        raise ManifestError(f"{url}: num_samples {declared!r} != sum over shards {total}")
+
+
+def _plain_name(name: str) -> bool:
+    """A file name without folders: no '/', '\\', '..', NUL or leading '/'."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 def verify_shards(path_or_url: str, storage_options: dict | None = None) -> list[str]:
     """Recompute every shard's size and sha256; return a list of mismatches (empty if ok)."""
     url = manifest_url(path_or_url)
     manifest = read_manifest(url, storage_options)
-    base = url.rstrip("/").rsplit("/", 1)[0] if "/" in url else "."
+    base = dirname_url(url) or "."
     problems = []
     for entry in manifest["shards"]:
         shard_url = join_url(base, entry["name"])
@@ -182,54 +231,118 @@ class ShardRef:
     num_samples: int
 
 
-def resolve_shards(source: str | Sequence[str], storage_options: dict | None = None) -> list[ShardRef]:
+def resolve_shards(source: str | Sequence[str], storage_options: dict | None = None,
+                   verify: bool = False) -> list[ShardRef]:
     """Shard list from a manifest, a directory, a brace pattern or a list of tar URLs.
 
     Counts come from the manifest (``manifest.json`` beside the shards, which is checked
     for its schema version); shards without one are counted by reading them once.
+    A manifest must describe its folder: every ``.tar`` there listed, each once, each of
+    the recorded size (``ManifestError`` otherwise). ``verify`` also checks every
+    shard's sha256. Local shards must be regular files (not a device or a pipe).
     """
     if isinstance(source, (list, tuple)):
         urls = [str(url) for url in source]
     elif source.endswith(".json"):
-        return _from_manifest(source, storage_options)
+        return _from_manifest(source, storage_options, verify)
     elif "{" in source:
         urls = list(braceexpand(source))
     elif isdir(source, storage_options):
         if exists(join_url(source, MANIFEST_NAME), storage_options):
-            return _from_manifest(join_url(source, MANIFEST_NAME), storage_options)
+            return _from_manifest(join_url(source, MANIFEST_NAME), storage_options, verify)
         urls = list_files(source, ".tar", storage_options)
     else:
         urls = [source]
     if not urls:
         raise FileNotFoundError(f"no tar shards found at {source}")
-    return _with_counts(urls, storage_options)
+    return _with_counts(urls, storage_options, verify)
 
 
-def _from_manifest(url: str, storage_options: dict | None) -> list[ShardRef]:
+def check_regular_file(url: str, storage_options: dict | None = None) -> None:
+    """A local path must be a regular file: a device (``/dev/urandom``), a pipe or a
+    socket would never end or never answer. Missing files raise ``FileNotFoundError``."""
+    if is_remote(url):
+        return
+    path = url[len("file://"):] if url.startswith("file://") else url
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no such file") from None
+    if not stat.S_ISREG(mode):
+        raise ManifestError(f"{url}: not a regular file (a device, pipe or folder cannot be a shard "
+                            "or a manifest)")
+
+
+def _from_manifest(url: str, storage_options: dict | None, verify: bool = False) -> list[ShardRef]:
     manifest = read_manifest(url, storage_options)
     base = dirname_url(url)
-    return [
+    refs = [
         ShardRef(join_url(base, entry["name"]), entry["name"], entry["num_samples"])
         for entry in manifest["shards"]
     ]
+    listed = {ref.name for ref in refs}
+    sizes = file_sizes(base or ".", ".tar", storage_options)
+    unlisted = sorted(set(sizes) - listed)
+    if unlisted:
+        raise ManifestError(f"{url}: {len(unlisted)} shard(s) beside the manifest are not listed in it "
+                            f"({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''}): the "
+                            "manifest is stale or the folder holds two shard sets (re-run the "
+                            "conversion with --overwrite)")
+    for entry, ref in zip(manifest["shards"], refs):
+        _check_shard_file(ref, entry, sizes.get(ref.name), storage_options, verify)
+    return refs
 
 
-def _with_counts(urls: list[str], storage_options: dict | None) -> list[ShardRef]:
+def _check_shard_file(ref: ShardRef, entry: dict, size: int | None, storage_options: dict | None,
+                      verify: bool) -> None:
+    """The shard exists as a regular file of the recorded size (and sha256 with ``verify``).
+
+    A missing shard is left to the reader (its samples are counted as lost); a size that
+    differs from the manifest is logged (the reader then counts lost samples and refuses
+    extra ones); with ``verify`` any difference raises ``ManifestError``."""
+    try:
+        if size is None:
+            raise FileNotFoundError(ref.url)
+        check_regular_file(ref.url, storage_options)
+    except FileNotFoundError:
+        if verify:
+            raise ManifestError(f"{ref.url}: missing (listed in the manifest)", shard=ref.name) from None
+        log.warning("shard %s listed in the manifest is missing: its %d samples count as lost",
+                    ref.url, ref.num_samples)
+        return
+    recorded = entry.get("bytes")
+    if recorded is not None and size != recorded:
+        message = (f"{ref.url}: {size} bytes, the manifest records {recorded}: the shard was "
+                   "replaced, truncated or damaged in storage")
+        if verify:
+            raise ManifestError(message, shard=ref.name)
+        log.warning("%s; its samples are checked against the manifest while read", message)
+        return
+    if verify and entry.get("sha256"):
+        _, digest = sha256_of(ref.url, storage_options)
+        if digest != entry["sha256"]:
+            raise ManifestError(f"{ref.url}: sha256 differs from the manifest's: the shard was "
+                                "replaced or corrupted in storage", shard=ref.name)
+
+
+def _with_counts(urls: list[str], storage_options: dict | None, verify: bool = False) -> list[ShardRef]:
     """Attach counts from the manifests beside the shards, else by reading the shards."""
     known: dict[str, int] = {}
     for folder in sorted({dirname_url(url) for url in urls}):
         if exists(join_url(folder, MANIFEST_NAME), storage_options):
-            for ref in _from_manifest(join_url(folder, MANIFEST_NAME), storage_options):
+            for ref in _from_manifest(join_url(folder, MANIFEST_NAME), storage_options, verify):
                 known[ref.url] = ref.num_samples
     unknown = [url for url in urls if url not in known]
     if unknown:
         log.warning("no manifest for %d shard(s); counting their samples by reading them", len(unknown))
     for url in unknown:
+        check_regular_file(url, storage_options)
         with open_url(url, "rb", storage_options) as handle:
-            known[url] = sum(1 for _ in tar_samples(handle))
+            known[url] = sum(1 for _ in tar_samples(handle, lambda name: 0))
     return [ShardRef(url, posixpath.basename(url), known[url]) for url in urls]
 
 
-def count_samples(source: str | Sequence[str], storage_options: dict | None = None) -> int:
+def count_samples(source: str | Sequence[str], storage_options: dict | None = None,
+                  verify: bool = False) -> int:
     """Samples in a shard set (manifest counts, else read once)."""
-    return sum(ref.num_samples for ref in resolve_shards(source, storage_options))
+    return sum(ref.num_samples for ref in resolve_shards(source, storage_options, verify))
