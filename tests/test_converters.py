@@ -128,6 +128,28 @@ def test_3dpw_missing_keys_refused(tmp_path, release):
         load_sequence_file(bad)
 
 
+class _Planted:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch planted-by-pickle",))
+
+
+def test_3dpw_sequence_pickles_are_read_with_the_restricted_unpickler(tmp_path, release, monkeypatch):
+    """A crafted sequence file that would run code is refused naming the file; the
+    release's own pickles (numpy arrays, lists, strings, numbers) still load."""
+    import pickle
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "good.pkl"
+    write_sequence_file(good, dict(release["sequences"]["courtyard_fixture_00"]))
+    assert load_sequence_file(good)["sequence"]
+    data = dict(release["sequences"]["courtyard_fixture_00"], extra=_Planted())
+    bad = tmp_path / "crafted_seq_00.pkl"
+    bad.write_bytes(pickle.dumps(data, protocol=2))
+    with pytest.raises(SequenceFileError, match="crafted_seq_00.pkl.*refused global posix.system"):
+        load_sequence_file(bad)
+    assert not (tmp_path / "planted-by-pickle").exists()
+
+
 def test_3dpw_skips_with_reasons_limit_and_workers(tmp_path, release, body_model, converted):
     root = tmp_path / "3DPW"
     copy = make_3dpw_release(root, body_model)  # same seed: same data as `release`

@@ -5,8 +5,9 @@ Layout (https://virtualhumans.mpi-inf.mpg.de/3DPW/):
     <root>/sequenceFiles/{train,validation,test}/<sequence>.pkl
     <root>/imageFiles/<sequence>/image_00000.jpg ...
 
-Each sequence file is a python-2 pickle (loaded with ``encoding="latin1"``; this is the
-one place in raytrain that unpickles, and only files from the user's own disk) holding
+Each sequence file is a python-2 pickle, read with raytrain's restricted unpickler
+(``raytrain.safe_pickle``: numpy arrays, lists, strings and numbers, nothing else; a file
+naming any other global is refused, naming the file) holding
 ``sequence``, ``genders`` ('m'/'f' per actor), ``poses`` (per actor (F, 72) world-frame
 SMPL), ``betas`` (per actor (10,) or (300,)), ``trans`` (per actor (F, 3)), ``cam_poses``
 ((F, 4, 4) world -> camera), ``cam_intrinsics`` ((3, 3)), ``campose_valid`` (per actor
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -44,6 +44,7 @@ import torch
 from raytrain.body.joints import J24_TO_OPENPOSE18
 from raytrain.body.model import BodyModelError
 from raytrain.geometry import axis_angle_to_rotmat, rotmat_to_axis_angle
+from raytrain.safe_pickle import UnsafePickleError, safe_load
 
 from .common import (
     ConversionSummary,
@@ -96,10 +97,11 @@ def load_sequence_file(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            data = pickle.load(handle, encoding="latin1")
+        data = safe_load(path)
     except FileNotFoundError:
         raise
+    except UnsafePickleError as error:
+        raise SequenceFileError(str(error)) from None
     except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
         raise SequenceFileError(f"{path}: not a readable 3DPW sequence pickle "
                                 f"({type(error).__name__}: {error})") from None
