@@ -18,6 +18,23 @@ def main(argv=None):
     except ConfigError as err:
         print(f"raytrain: config error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if not _deterministic(err):
+            raise
+        print(f"raytrain: stopped: {_user_line(err)}", file=sys.stderr)
+        return 1
+
+
+def _deterministic(err: Exception) -> bool:
+    """Errors of the data or the run that a traceback would not help with."""
+    from .data.errors import DataError
+    from .train.fatal import NonFiniteLoss, RunStopped
+    return isinstance(err, (DataError, RunStopped, NonFiniteLoss))
+
+
+def _user_line(err: Exception) -> str:
+    from .data.errors import user_line
+    return user_line(err)
 
 
 def build_parser():
