@@ -64,7 +64,8 @@ def ray_train_worker(raw_cfg: dict):
     if fatal:
         stop_if_failed_before(fatal)
     try:
-        run_loop(config_from_raw(raw_cfg), RaySession())
+        run_dir = fatal.rsplit("/", 1)[0] if fatal else None
+        run_loop(config_from_raw(raw_cfg), RaySession(run_dir=run_dir))
     except (DataError, NonFiniteLoss) as error:
         if fatal:
             record_fatal_error(fatal, error)
