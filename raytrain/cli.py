@@ -50,6 +50,7 @@ def build_parser():
     synth.add_argument("--workers", type=int, default=1, help="parallel rendering processes")
     synth.add_argument("--maxcount", type=int, default=500, help="samples per shard")
     synth.add_argument("--full-frame", action="store_true", help="store full frames instead of context regions")
+    synth.add_argument("--overwrite", action="store_true", help="replace a shard set already in --out")
     synth.set_defaults(func=cmd_shard_synthetic)
 
     train = sub.add_parser("train", help="train with Ray Train (DDP) from a YAML config")
@@ -100,7 +101,12 @@ def _config_args(p):
 
 
 def cmd_shard_synthetic(args):
+    from .data.shards import clear_shard_folder
     from .synthetic.people import shard_synthetic, with_storage
+    try:
+        clear_shard_folder(args.out, args.overwrite)
+    except FileExistsError as err:
+        raise ConfigError(f"--out: {err}") from None
     cfg = with_storage(None, "full") if args.full_frame else None
     manifest = shard_synthetic(args.out, n=args.n, seed=args.seed, workers=args.workers,
                                maxcount=args.maxcount, cfg=cfg)

@@ -311,3 +311,84 @@ def test_spin_npz_bad_files(tmp_path):
              scale=np.ones(1))
     with pytest.raises(ValueError, match="object arrays"):
         spin_module.read_spin_npz(path)
+
+
+# ----------------------------------------------------------------------------- untrusted input
+
+
+def _run_spin(argv):
+    """The SPIN script's entry point: (exit status, stderr's last line)."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = spin_module.main("h36m", argv)
+        except SystemExit as stop:
+            code = stop.code
+    return code, err.getvalue().strip()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d.update(focal_length=np.ones(4)), "focal_length has 4 values"),
+    (lambda d: d.update(imgname=np.array([b"ok.jpg"] * 5 + [b"caf\xe9.jpg"])), "row 5 is not UTF-8"),
+    (lambda d: d.update(imgname=np.array(["../../etc/passwd.jpg"] + ["a.jpg"] * 5)), "row 0"),
+    (lambda d: d.update(imgname=np.array(["/etc/passwd.jpg"] * 6)), "inside --img-root"),
+    (lambda d: d.update(center=np.zeros((6, 3))), "center has shape"),
+])
+def test_spin_npz_input_errors_are_one_line_before_anything_is_written(tmp_path, damage, message):
+    path, img_root, data = _spin_npz(tmp_path)
+    data = dict(data)
+    damage(data)
+    np.savez(path, **data)
+    out = tmp_path / "out"
+    code, err = _run_spin(["--npz", str(path), "--img-root", str(img_root), "--out", str(out),
+                           "--workers", "1", "--no-progress"])
+    assert code == 2 and message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_spin_npz_text_file_is_not_called_object_arrays(tmp_path):
+    path = tmp_path / "labels.npz"
+    path.write_text("imgname,center\n")
+    with pytest.raises(ValueError, match="not an npz file") as caught:
+        spin_module.read_spin_npz(path)
+    assert "object arrays" not in str(caught.value)
+
+
+def test_conversion_that_writes_nothing_fails_and_leaves_nothing(tmp_path):
+    path, img_root, data = _spin_npz(tmp_path)
+    for name in data["imgname"]:
+        (img_root / str(name)).write_bytes(b"not an image")
+    out = tmp_path / "out"
+    code, err = _run_spin(["--npz", str(path), "--img-root", str(img_root), "--out", str(out),
+                           "--workers", "1", "--no-progress"])
+    assert code == 2 and "nothing written" in err and "bad_image: 6" in err
+    assert not list(out.glob("*")) if out.exists() else True
+    code, err = _run_spin(["--npz", str(path), "--img-root", str(tmp_path / "missing"), "--out",
+                           str(out), "--workers", "1", "--no-progress"])
+    assert code == 2 and "--img-root" in err
+
+
+def test_existing_output_needs_overwrite_and_a_stale_manifest_is_never_read(tmp_path):
+    """Re-converting into a shard folder is refused without --overwrite; with it, the old
+    manifest goes first, so an interrupted run leaves no manifest beside new shards, and
+    a folder whose write did not finish is refused by the reader."""
+    from raytrain.data import ManifestError
+    from raytrain.data.shards import INCOMPLETE_NAME
+    path, img_root, _ = _spin_npz(tmp_path)
+    out = tmp_path / "out"
+    args = ["--npz", str(path), "--img-root", str(img_root), "--out", str(out), "--workers", "1",
+            "--no-progress", "--maxcount", "2"]
+    assert _run_spin(args)[0] == 0
+    code, err = _run_spin(args)
+    assert code == 2 and "--overwrite" in err
+    assert _run_spin([*args, "--overwrite", "--limit", "4"])[0] == 0
+    assert read_manifest(str(out))["num_samples"] == 4 and len(list(out.glob("*.tar"))) == 2
+    (out / INCOMPLETE_NAME).write_text("interrupted")  # a writer killed half-way
+    with pytest.raises(ManifestError, match="did not finish"):
+        ShardReader(str(out), rank=0, world_size=1)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    code, err = _run_spin([*args[:4], "--out", str(tmp_path / "mine"), "--overwrite", "--no-progress"])
+    assert code == 2 and "not shards" in err and (tmp_path / "mine" / "notes.txt").exists()

@@ -48,6 +48,8 @@ from .schema import KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, SchemaError
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+#: Present in a shard folder while a writer fills it: the shard set is not usable.
+INCOMPLETE_NAME = "WRITING.incomplete"
 
 
 def write_shards(
@@ -64,12 +66,17 @@ def write_shards(
 
     A new shard starts after ``maxcount`` samples or once ``maxsize`` payload bytes
     are written. ``out`` is a local directory or an fsspec URL (``s3://``, ``gs://``).
+    While shards are written the folder holds ``INCOMPLETE_NAME`` (readers refuse it);
+    the manifest is written last, atomically, and then the marker goes.
     """
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
     fs, root = get_fs(out, storage_options)
     if not is_remote(out):
         fs.makedirs(root, exist_ok=True)
+    marker = join_url(out, INCOMPLETE_NAME)
+    with open_url(marker, "wb", storage_options) as handle:
+        handle.write(b"shards are being written here; this folder is unusable until the manifest is\n")
     files: dict[str, HashingWriter] = {}
     counts: Counter = Counter()
 
@@ -94,6 +101,7 @@ def write_shards(
     shards = [_shard_entry(url, counts[url], handle) for url, handle in files.items()]
     manifest = make_manifest(shards, source, licence)
     _write_json(join_url(out, MANIFEST_NAME), manifest, storage_options)
+    fs.rm(get_fs(marker, storage_options)[1])
     log.info("wrote %d samples in %d shards to %s", manifest["num_samples"], len(shards), out)
     return manifest
 
@@ -120,8 +128,43 @@ def make_manifest(shards: list[dict], source: str, licence: str) -> dict:
 
 
 def _write_json(url: str, payload: dict, storage_options: dict | None) -> None:
-    with open_url(url, "wb", storage_options) as handle:
-        handle.write(json.dumps(payload, indent=1).encode("utf-8"))
+    """Write ``payload`` atomically: a local file under a temporary name renamed into
+    place; an object-store PUT is atomic by itself."""
+    data = json.dumps(payload, indent=1).encode("utf-8")
+    if is_remote(url):
+        with open_url(url, "wb", storage_options) as handle:
+            handle.write(data)
+        return
+    path = url[len("file://"):] if url.startswith("file://") else url
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def clear_shard_folder(out: str, overwrite: bool, storage_options: dict | None = None) -> None:
+    """Make ``out`` ready for a new shard set: missing or empty is fine; a folder holding
+    a shard set (tars, manifest, an unfinished write) is cleared with ``overwrite`` and
+    refused without; a folder holding anything else is always refused."""
+    fs, root = get_fs(out, storage_options)
+    if not fs.exists(root):
+        return
+    if not fs.isdir(root):
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    names = sorted(posixpath.basename(str(p).rstrip("/")) for p in fs.ls(root, detail=False))
+    ours = [n for n in names if n.endswith(".tar") or n in (MANIFEST_NAME, INCOMPLETE_NAME)
+            or n.startswith(MANIFEST_NAME + ".tmp-")]
+    others = [n for n in names if n not in ours]
+    if others:
+        raise FileExistsError(f"{out}: holds files that are not shards ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}); choose an empty folder")
+    if ours and not overwrite:
+        raise FileExistsError(f"{out}: already holds a shard set ({len(ours)} files); pass --overwrite "
+                              "to replace it")
+    for name in sorted(ours, key=lambda n: n != MANIFEST_NAME):  # the manifest first
+        fs.rm(join_url(root, name))
 
 
 def manifest_url(path_or_url: str) -> str:
@@ -248,6 +291,7 @@ def resolve_shards(source: str | Sequence[str], storage_options: dict | None = N
     elif "{" in source:
         urls = list(braceexpand(source))
     elif isdir(source, storage_options):
+        _refuse_incomplete(source, storage_options)
         if exists(join_url(source, MANIFEST_NAME), storage_options):
             return _from_manifest(join_url(source, MANIFEST_NAME), storage_options, verify)
         urls = list_files(source, ".tar", storage_options)
@@ -273,9 +317,17 @@ def check_regular_file(url: str, storage_options: dict | None = None) -> None:
                             "or a manifest)")
 
 
+def _refuse_incomplete(folder: str, storage_options: dict | None) -> None:
+    if exists(join_url(folder, INCOMPLETE_NAME), storage_options):
+        raise ManifestError(f"{folder}: a shard writer did not finish here ({INCOMPLETE_NAME} is "
+                            "present): the shards and the manifest may not match; re-run the "
+                            "conversion with --overwrite")
+
+
 def _from_manifest(url: str, storage_options: dict | None, verify: bool = False) -> list[ShardRef]:
-    manifest = read_manifest(url, storage_options)
     base = dirname_url(url)
+    _refuse_incomplete(base or ".", storage_options)
+    manifest = read_manifest(url, storage_options)
     refs = [
         ShardRef(join_url(base, entry["name"]), entry["name"], entry["num_samples"])
         for entry in manifest["shards"]
@@ -329,6 +381,7 @@ def _with_counts(urls: list[str], storage_options: dict | None, verify: bool = F
     """Attach counts from the manifests beside the shards, else by reading the shards."""
     known: dict[str, int] = {}
     for folder in sorted({dirname_url(url) for url in urls}):
+        _refuse_incomplete(folder or ".", storage_options)
         if exists(join_url(folder, MANIFEST_NAME), storage_options):
             for ref in _from_manifest(join_url(folder, MANIFEST_NAME), storage_options, verify):
                 known[ref.url] = ref.num_samples

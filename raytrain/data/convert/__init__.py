@@ -11,12 +11,20 @@ every skipped record by reason (``SKIP_REASONS``). The thin scripts live in
 ``datasets/shard_<source>.py``; ``datasets/README.md`` lists the raw layouts and licences.
 """
 
-from .common import SKIP_REASONS, ConversionSummary, Record, StorageConfig, convert_record, run_conversion
+from .common import (
+    SKIP_REASONS,
+    ConversionError,
+    ConversionSummary,
+    Record,
+    StorageConfig,
+    convert_record,
+    run_conversion,
+)
 from .pw3d import PW3D_LICENCE, REQUIRED_KEYS, SequenceFileError, convert_3dpw, load_sequence_file, pw3d_records
 from .spin_npz import SOURCES, convert_spin_npz, read_spin_npz, spin_npz_records
 
 __all__ = [
-    "SKIP_REASONS", "ConversionSummary", "Record", "StorageConfig", "convert_record",
+    "SKIP_REASONS", "ConversionError", "ConversionSummary", "Record", "StorageConfig", "convert_record",
     "run_conversion", "PW3D_LICENCE", "REQUIRED_KEYS", "SequenceFileError", "convert_3dpw",
     "load_sequence_file", "pw3d_records", "SOURCES", "convert_spin_npz", "read_spin_npz",
     "spin_npz_records",

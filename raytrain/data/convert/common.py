@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 
 from ..schema import ARRAY_SHAPES, encode_sample
-from ..shards import write_shards
+from ..shards import clear_shard_folder, write_shards
 from ..storage import extract_context
 
 #: Why a record was not written (counted in ``ConversionSummary.skipped``).
@@ -140,6 +140,10 @@ def make_key(source: str, sequence, frame, person) -> str:
 
 
 # ----------------------------------------------------------------------------- one record
+
+
+class ConversionError(ValueError):
+    """An input or output a conversion cannot use; the message is one line naming it."""
 
 
 class _Skip(Exception):
@@ -290,14 +294,22 @@ def run_conversion(records: Iterable[Record], out: str, source: str, licence: st
                    limit: int | None = None, workers: int = 1, maxcount: int = 1000,
                    total: int | None = None, storage: StorageConfig | None = None,
                    progress: bool = True, storage_options: dict | None = None,
-                   printer: Callable[[str], None] | None = print) -> ConversionSummary:
+                   printer: Callable[[str], None] | None = print,
+                   overwrite: bool = False) -> ConversionSummary:
     """Convert ``records`` into shards under ``out``; returns (and prints) the summary.
 
     limit: convert at most this many records (written or skipped); workers: processes
     that read, crop and encode images (1: in this process); total: the number of
-    records, for the progress bar.
+    records, for the progress bar. ``out`` must be empty or missing; with ``overwrite``
+    a shard set already there is removed first (its manifest before its shards). A run
+    that writes nothing removes what it made and raises ``ConversionError`` with the
+    skip summary.
     """
     storage = storage or StorageConfig()
+    try:
+        clear_shard_folder(out, overwrite, storage_options)
+    except FileExistsError as error:
+        raise ConversionError(str(error)) from None
     if limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
@@ -330,6 +342,11 @@ def run_conversion(records: Iterable[Record], out: str, source: str, licence: st
                                     maxcount=maxcount, storage_options=storage_options)
     if printer is not None:
         printer(summary.format())
+    if summary.written == 0:
+        clear_shard_folder(out, True, storage_options)
+        reasons = "; ".join(f"{reason}: {n} (e.g. {summary.examples.get(reason, '')})"
+                            for reason, n in sorted(summary.skipped.items())) or "no records"
+        raise ConversionError(f"nothing written to {out}: {reasons}")
     return summary
 
 
@@ -351,6 +368,8 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
                         help="crop size S the context resolution is chosen for")
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a shard set already in --out (default: refuse a non-empty --out)")
 
 
 def storage_from_args(args: argparse.Namespace) -> StorageConfig:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -137,6 +138,9 @@ def _normalise(data: dict) -> dict:
                     if data.get("poses2d") is not None else None),
         "num_frames": frames,
     }
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", out["sequence"]) or ".." in out["sequence"]:
+        raise ValueError(f"'sequence' {out['sequence'][:100]!r} is not a plain folder name under "
+                         "imageFiles/")
     for key in ("genders", "betas", "trans", "campose_valid"):
         if len(out[key]) != actors:
             raise ValueError(f"'{key}' has {len(out[key])} actors, 'poses' has {actors}")
@@ -292,7 +296,7 @@ def _actor_records(seq: dict, actor: int, frames: np.ndarray, root, body_model,
 def convert_3dpw(root: str | os.PathLike, split: str, out: str, *, smpl_dir=None,
                  body_model=None, visibility: str = "poses2d", limit: int | None = None,
                  workers: int = 1, maxcount: int = 1000, storage: StorageConfig | None = None,
-                 progress: bool = True, printer=print) -> ConversionSummary:
+                 progress: bool = True, printer=print, overwrite: bool = False) -> ConversionSummary:
     """Convert one split of the raw 3DPW release into shards under ``out``.
 
     Every sequence file is checked before anything is written. ``body_model``: a
@@ -306,7 +310,7 @@ def convert_3dpw(root: str | os.PathLike, split: str, out: str, *, smpl_dir=None
     records = pw3d_records(files, root, body_model, visibility=visibility)
     return run_conversion(records, out, SOURCE, PW3D_LICENCE, limit=limit, workers=workers,
                           maxcount=maxcount, total=total, storage=storage, progress=progress,
-                          printer=printer)
+                          printer=printer, overwrite=overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,16 +343,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--npz needs --img-root")
         from .spin_npz import convert_spin_npz
 
-        convert_spin_npz(args.npz, args.img_root, args.out, SOURCE, licence=PW3D_LICENCE,
-                         limit=args.limit, workers=args.workers, maxcount=args.maxcount,
-                         storage=storage, progress=not args.no_progress)
+        try:
+            convert_spin_npz(args.npz, args.img_root, args.out, SOURCE, licence=PW3D_LICENCE,
+                             limit=args.limit, workers=args.workers, maxcount=args.maxcount,
+                             storage=storage, progress=not args.no_progress, overwrite=args.overwrite)
+        except (ValueError, FileNotFoundError) as error:
+            parser.exit(2, f"error: {error}\n")
         return 0
     if not args.smpl_dir:
         parser.error("--root needs --smpl-dir (the SMPL files the joints are computed with)")
     try:
         convert_3dpw(args.root, args.split, args.out, smpl_dir=args.smpl_dir,
                      visibility=args.visibility, limit=args.limit, workers=args.workers,
-                     maxcount=args.maxcount, storage=storage, progress=not args.no_progress)
-    except (SequenceFileError, FileNotFoundError, BodyModelError) as error:
+                     maxcount=args.maxcount, storage=storage, progress=not args.no_progress,
+                     overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, BodyModelError) as error:  # SequenceFileError, ConversionError
         parser.exit(2, f"error: {error}\n")
     return 0
