@@ -321,3 +321,10 @@ def test_eval_never_takes_the_body_model_from_a_stored_config(data_root, trained
     assert code == 0
     printed = capsys.readouterr().out
     assert "planted" not in printed and "synthetic body model" in printed
+
+
+def test_eval_on_a_device_is_one_line_not_a_hang(data_root, trained, capsys):
+    _, session = trained["trial_a"]
+    code = cli_main(["eval", "--checkpoint", session.latest_checkpoint_dir(), "--data", "/dev/urandom"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "not a regular file" in err and len(err.splitlines()) == 1

@@ -263,6 +263,22 @@ def verify_shards(path_or_url: str, storage_options: dict | None = None) -> list
     return problems
 
 
+def size_mismatches(path_or_url: str, storage_options: dict | None = None) -> list[str]:
+    """Shards of a manifest whose size on storage differs from the recorded one, or that
+    are missing (one listing: cheap, unlike ``verify_shards``)."""
+    url = manifest_url(path_or_url)
+    manifest = read_manifest(url, storage_options)
+    sizes = file_sizes(dirname_url(url) or ".", ".tar", storage_options)
+    problems = []
+    for entry in manifest["shards"]:
+        size = sizes.get(entry["name"])
+        if size is None:
+            problems.append(f"{entry['name']}: missing")
+        elif entry.get("bytes") is not None and size != entry["bytes"]:
+            problems.append(f"{entry['name']}: {size} bytes, the manifest records {entry['bytes']}")
+    return problems
+
+
 # ----------------------------------------------------------------------------- shard lists
 
 @dataclass(frozen=True)
