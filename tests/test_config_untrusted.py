@@ -78,3 +78,15 @@ def test_yaml_alias_bomb_is_refused_at_once(capsys, tmp_path):
     assert len(text) < 1100
     code, err = _train(capsys, text, tmp_path=tmp_path)
     assert code == 2 and "alias" in err and len(err) < 400, err[:500]
+
+
+def test_search_space_values_are_held_to_the_same_rules(tmp_path):
+    from raytrain.config import ConfigError
+    from raytrain.tuning.space import load_space
+    path = tmp_path / "space.yaml"
+    path.write_text("space:\n  optim.lr: {dist: choice, values: [.nan, 1.0e-3]}\n")
+    with pytest.raises(ConfigError, match="optim.lr: expected a finite number"):
+        load_space(str(path))
+    path.write_text("a: &a [1, 2]\nspace:\n  optim.lr: {dist: choice, values: *a}\n")
+    with pytest.raises(ConfigError, match="alias"):
+        load_space(str(path))

@@ -154,12 +154,10 @@ def checkpoint_config(path: Path, state: dict, config: str | None = None):
     if config:
         cfg = load_config(config)
         if stored:
-            raw = json.loads(stored) if isinstance(stored, str) else stored
-            check_same_model(_config(with_legacy_defaults(raw), f"{path} (stored)"), cfg, path, config)
+            check_same_model(_config(_stored_raw(stored, path), f"{path} (stored)"), cfg, path, config)
         return cfg, str(config)
     if stored:
-        raw = json.loads(stored) if isinstance(stored, str) else stored
-        return _config(with_legacy_defaults(raw), f"{path} (stored)"), f"stored in {path / STATE_FILE}"
+        return _config(_stored_raw(stored, path), f"{path} (stored)"), f"stored in {path / STATE_FILE}"
     for folder in [path, *list(path.parents)[:3]]:
         params = folder / "params.json"
         if params.is_file():
@@ -200,6 +198,17 @@ def check_same_model(stored: ExperimentConfig, given: ExperimentConfig, path, co
     if differences:
         raise ConfigError(f"--config {config} differs from the config stored in {path}: "
                           f"{', '.join(differences)}; drop --config or make them agree")
+
+
+def _stored_raw(stored, path: Path) -> dict:
+    """The config a checkpoint stores (JSON text) as a dict with legacy defaults."""
+    try:
+        raw = json.loads(stored) if isinstance(stored, str) else stored
+    except (ValueError, RecursionError) as err:
+        raise ConfigError(f"{path}: the stored config is not valid JSON ({str(err)[:100]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the stored config is not a mapping")
+    return with_legacy_defaults(raw)
 
 
 def _config(raw: dict, where: str) -> ExperimentConfig:
