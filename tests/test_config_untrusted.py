@@ -90,3 +90,16 @@ def test_search_space_values_are_held_to_the_same_rules(tmp_path):
     path.write_text("a: &a [1, 2]\nspace:\n  optim.lr: {dist: choice, values: *a}\n")
     with pytest.raises(ConfigError, match="alias"):
         load_space(str(path))
+
+
+def test_tune_preflights_the_same_keys_before_ray(capsys, tmp_path):
+    from conftest import REPO
+    (tmp_path / "c.yaml").write_text("name: t\n")
+    for override, key in (("model.smpl_dir=/nonexistent/smpl", "model.smpl_dir"),
+                          ("train.storage_path=gs://bucket/runs", "train.storage_path")):
+        code = main(["tune", "--config", str(tmp_path / "c.yaml"), "--space",
+                     str(REPO / "raytrain" / "spaces" / "paper.yaml"), *BASE,
+                     f"model.smpl_dir={body_dir()}", override])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and f"{key}:" in err and len(err.splitlines()) == 1, err
+    assert _no_ray()

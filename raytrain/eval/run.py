@@ -30,6 +30,7 @@ import torch
 from ..body.joints import J14_NAMES
 from ..config import ConfigError, ExperimentConfig, config_from_raw, load_config, read_yaml, with_legacy_defaults
 from ..train.checkpoint import STATE_FILE, CheckpointError, is_complete, list_complete_checkpoints, load_checkpoint
+from ..train.fatal import FATAL_KEY
 
 OVERLAYS = 4
 
@@ -161,8 +162,13 @@ def checkpoint_config(path: Path, state: dict, config: str | None = None):
     for folder in [path, *list(path.parents)[:3]]:
         params = folder / "params.json"
         if params.is_file():
-            raw = json.loads(params.read_text())
-            raw = with_legacy_defaults(raw.get("train_loop_config", raw))
+            try:
+                raw = json.loads(params.read_text())
+                raw = dict(raw.get("train_loop_config", raw))
+            except (ValueError, TypeError, AttributeError, RecursionError):
+                continue
+            raw.pop(FATAL_KEY, None)  # the launcher's own entry, not a config key
+            raw = with_legacy_defaults(raw)
             try:
                 return _config(raw, str(params)), str(params)
             except ConfigError:
