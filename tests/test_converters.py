@@ -392,3 +392,18 @@ def test_existing_output_needs_overwrite_and_a_stale_manifest_is_never_read(tmp_
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     code, err = _run_spin([*args[:4], "--out", str(tmp_path / "mine"), "--overwrite", "--no-progress"])
     assert code == 2 and "not shards" in err and (tmp_path / "mine" / "notes.txt").exists()
+
+
+def test_a_row_the_reader_would_refuse_is_not_written(tmp_path):
+    """Finite but absurd labels (a focal of 1e9 px, a pose of 1e4 rad) are skipped at
+    conversion with the reader's reason, not written to be dropped at training time."""
+    path, img_root, data = _spin_npz(tmp_path)
+    data = dict(data)
+    data["focal_length"] = np.array([1e9, 500, 500, 500, 500, 500], dtype=np.float64)
+    data["pose"] = data["pose"].copy()
+    data["pose"][1, 3:6] = 1e4
+    np.savez(path, **data)
+    summary = convert_spin_npz(path, img_root, str(tmp_path / "out"), "h36m", progress=False, printer=None,
+                               storage=StorageConfig(crop_size=64))
+    assert summary.written == 4 and dict(summary.skipped) == {"rejected_by_reader": 2}
+    assert "label_out_of_range" in summary.examples["rejected_by_reader"]

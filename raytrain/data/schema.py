@@ -496,9 +496,10 @@ def _check_ranges(sample: Sample) -> None:
     if not low <= scale <= high or np.abs(a[:, 2]).max() > high * MAX_IMAGE_SIDE:
         problems.append(f"affine scale {scale:g} or shift outside the plausible range")
     reach = MAX_KEYPOINT_FACTOR * longer
-    if np.abs(sample.keypoints_2d[:, :2]).max() > reach:
+    keypoints, joints = sample.keypoints_2d, sample.joints_3d  # only confident points count
+    if np.abs(keypoints[keypoints[:, 2] > 0, :2]).max(initial=0.0) > reach:
         problems.append(f"keypoints_2d beyond {reach:g} px")
-    if np.abs(sample.joints_3d[:, :3]).max() > MAX_DISTANCE_M:
+    if np.abs(joints[joints[:, 3] > 0, :3]).max(initial=0.0) > MAX_DISTANCE_M:
         problems.append(f"joints_3d beyond {MAX_DISTANCE_M:g} m")
     if sample.cam_full is not None and np.abs(sample.cam_full).max() > MAX_DISTANCE_M:
         problems.append(f"cam_full beyond {MAX_DISTANCE_M:g} m")

@@ -40,7 +40,7 @@ from functools import partial
 import cv2
 import numpy as np
 
-from ..schema import ARRAY_SHAPES, encode_sample
+from ..schema import ARRAY_SHAPES, BadSample, decode_sample, encode_sample
 from ..shards import clear_shard_folder, write_shards
 from ..storage import extract_context
 
@@ -53,6 +53,7 @@ SKIP_REASONS = (
     "no_box",  # no box given and no visible keypoint to derive one
     "box_outside_image",  # empty box or a box not overlapping the image
     "behind_camera",  # (3DPW) the person is not in front of the camera
+    "rejected_by_reader",  # the encoded sample breaks a reader rule (schema.py limits, ranges)
     "conversion_error",  # anything unexpected (the detail names it)
 )
 
@@ -160,7 +161,12 @@ def convert_record(record: Record, source: str, storage: StorageConfig | None = 
     try:
         image = _read_image(record.image_path)
         meta, arrays, box = _check_labels(record, image.shape[1], image.shape[0], source, storage)
-        return Outcome(record.key, sample=_encode(record.key, image, box, meta, arrays, storage))
+        sample = _encode(record.key, image, box, meta, arrays, storage)
+        try:  # what the reader would refuse is not written
+            decode_sample(sample, decode_image=False)
+        except BadSample as error:
+            raise _Skip("rejected_by_reader", str(error)) from None
+        return Outcome(record.key, sample=sample)
     except _Skip as skip:
         return Outcome(record.key, reason=skip.reason, detail=f"{record.key}: {skip.detail}")
     except Exception as error:  # noqa: BLE001 - counted and reported, never a crash
