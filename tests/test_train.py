@@ -18,15 +18,17 @@ from raytrain.train.session import BareSession
 DEMO = str(REPO / "raytrain" / "configs" / "demo.yaml")
 
 
-def _keys(log_prefix, rank=0):
-    """Last logged (epoch, key) list per step: a resumed run re-logs replayed steps."""
+def _keys(log_prefix, rank=0, per_step_size=4):
+    """Last logged (epoch, key) list per step: a resumed run re-logs replayed steps
+    (also the step the interrupted run was logging when it died)."""
     per_step = defaultdict(list)
     path = Path(f"{log_prefix}.rank{rank}.txt")
     seen_step = None
     for line in path.read_text().splitlines():
         step, epoch, key = line.split(" ", 2)
         step = int(step)
-        if step != seen_step:
+        replay = len(per_step[step]) == per_step_size or key in {k for _, k in per_step[step]}
+        if step != seen_step or replay:
             per_step[step] = []
             seen_step = step
         per_step[step].append((int(epoch), key))
