@@ -46,6 +46,14 @@ def other_size_jpeg(width: int = 64, height: int = 64) -> bytes:
     return encoded.tobytes()
 
 
+def with_exif_orientation(data: bytes, orientation: int = 6) -> bytes:
+    """The JPEG with an EXIF block saying "rotate by 90 degrees on display": the stored
+    pixels (and the json's geometry) are unchanged, so a reader must ignore it."""
+    exif = (b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01"
+            + struct.pack(">H", orientation) + b"\x00\x00\x00\x00\x00\x00")
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif + data[2:]
+
+
 def npy_bytes(header_shape: tuple[int, ...], payload: bytes) -> bytes:
     """An npy file whose header declares ``header_shape`` float32, followed by ``payload``."""
     header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {header_shape!r}, }}".encode()
@@ -174,6 +182,7 @@ def write_fuzz_corpus(path: Path, good_per_damage: int = 3, seed: int = 0) -> Fu
         damage(samples[index])
         expected[reason] += 1
         bad_index.add(index)
+    samples[2]["jpg"] = with_exif_orientation(samples[2]["jpg"])  # good: delivered unrotated
     write_shards(samples, str(path), source="fake", licence="test", maxcount=10)
     shards = sorted(path.glob("*.tar"))
     lost = _garbage_over_header(shards[1], samples, 10) | _cut(shards[-1], samples, 10 * (len(shards) - 1))

@@ -75,6 +75,8 @@ def test_fuzz_cropper_path_never_delivers_a_mismatched_image(corpus):
 
     def crop(sample):
         out = cropper(sample, rng)
+        image, _, _ = cropper._decode(sample, np.array([[0.0, 0.0, 1.0]]))
+        assert image.shape[:2] == (sample.stored_size[1], sample.stored_size[0])  # no EXIF turn
         return sample.key, out["images"]
 
     reader = ShardReader(str(corpus.path), seed=2, rank=0, world_size=1, shuffle_buffer=16,

@@ -290,7 +290,8 @@ def decode_jpeg(data: bytes, stored_size: tuple[int, int] | None = None) -> np.n
     if stored_size is not None:
         check_jpeg_header(data, stored_size)
     buffer = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB) if buffer.size else None
+    flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION  # the stored pixels as they are
+    image = cv2.imdecode(buffer, flags) if buffer.size else None
     if image is None:
         raise BadSample("bad_jpeg", "cv2.imdecode failed")
     if stored_size is not None and (image.shape[1], image.shape[0]) != tuple(stored_size):
