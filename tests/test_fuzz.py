@@ -234,3 +234,31 @@ def test_tar_member_declaring_gigabytes_is_never_allocated(tmp_path):
     assert keys == [s["__key__"] for s in samples[:6]]
     assert reader.bad_counts == {"corrupt_member": 4}
     assert peak.extra_mb < 100, peak.extra_mb
+
+
+def test_max_bad_fraction_counts_over_the_rank_not_one_loader_worker(tmp_path):
+    """96 samples, 2 loader workers, 1 bad: 1/96 is under 1.5 % of the epoch (a rule per
+    loader worker would see 1/48 and stop); 2 bad is over and stops naming the counts."""
+    from raytrain.bench.data import bench_config
+    from raytrain.data.pipeline import build_loader
+
+    def run(bad):
+        samples = make_fake_samples(96, seed=11)
+        for index in bad:
+            samples[index]["jpg"] = b"\xff\xd8broken\xff\xd9"
+        folder = tmp_path / f"bad{len(bad)}"
+        write_shards(samples, str(folder), source="fake", licence="test", maxcount=12)
+        cfg = bench_config(str(folder), 2)
+        cfg.data.crop_size, cfg.data.shuffle_buffer, cfg.data.max_bad_fraction = 32, 8, 0.015
+        loader = build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)
+        keys = [key for batch in loader for key in batch["keys"]]
+        return keys, loader.bad_counts
+
+    from raytrain.data.pipeline import close_loaders
+    try:
+        keys, counts = run([5])
+        assert len(keys) == 96 and counts == {"bad_jpeg": 1}
+        with pytest.raises(TooManyBadSamples, match="bad_jpeg: 2"):
+            run([5, 70])
+    finally:
+        close_loaders()

@@ -351,9 +351,10 @@ class ShardReader(IterableDataset):
 class _BadTally:
     """Bad-sample bookkeeping of one worker's epoch: counts, threshold, report.
 
-    The threshold is per epoch: more than ``max_bad_fraction`` of the samples this
-    process reads in the epoch (its quota) stops the run, naming the shard that holds
-    most of them."""
+    The threshold is per epoch: more than ``max_bad_fraction`` of the rank's epoch
+    (counted over all its loader workers when ``share_counts`` is on, else of what this
+    process reads in the epoch) stops the run, naming the shard that holds most of this
+    process's bad samples."""
 
     def __init__(self, reader: ShardReader, plan: WorkerPlan, epoch: int, row: int):
         self.reader, self.epoch, self.row = reader, epoch, row
@@ -369,10 +370,13 @@ class _BadTally:
         if shared is not None and self.row < shared.shape[0]:
             shared[self.row, BAD_REASONS.index(error.reason)] += 1
         log.debug("bad sample in %s: %s", shard, error)
-        bad = sum(self.reasons.values())
-        if bad > self.reader.max_bad_fraction * self.quota:
+        if shared is not None:  # every loader worker of this rank: its whole epoch
+            bad, size, reasons = int(shared.sum()), len(self.reader), self.reader.shared_bad_counts()
+        else:
+            bad, size, reasons = sum(self.reasons.values()), self.quota, self.reasons
+        if bad > self.reader.max_bad_fraction * size:
             worst = self.by_shard.most_common(1)[0][0]
-            raise too_many_bad(worst, bad, self.quota, self.reasons)
+            raise too_many_bad(worst, bad, size, reasons)
 
     def report(self, worker: int) -> None:
         reader, bad = self.reader, sum(self.reasons.values())

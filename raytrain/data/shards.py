@@ -361,6 +361,9 @@ def _from_manifest(url: str, storage_options: dict | None, verify: bool = False)
     return refs
 
 
+_WARNED: set[str] = set()
+
+
 def _check_shard_file(ref: ShardRef, entry: dict, size: int | None, storage_options: dict | None,
                       verify: bool) -> None:
     """The shard exists as a regular file of the recorded size (and sha256 with ``verify``).
@@ -375,6 +378,9 @@ def _check_shard_file(ref: ShardRef, entry: dict, size: int | None, storage_opti
     except FileNotFoundError:
         if verify:
             raise ManifestError(f"{ref.url}: missing (listed in the manifest)", shard=ref.name) from None
+        if ref.url in _WARNED:
+            return
+        _WARNED.add(ref.url)
         log.warning("shard %s listed in the manifest is missing: its %d samples count as lost",
                     ref.url, ref.num_samples)
         return
@@ -384,7 +390,9 @@ def _check_shard_file(ref: ShardRef, entry: dict, size: int | None, storage_opti
                    "replaced, truncated or damaged in storage")
         if verify:
             raise ManifestError(message, shard=ref.name)
-        log.warning("%s; its samples are checked against the manifest while read", message)
+        if ref.url not in _WARNED:  # once per process: shard lists are resolved every epoch
+            _WARNED.add(ref.url)
+            log.warning("%s; its samples are checked against the manifest while read", message)
         return
     if verify and entry.get("sha256"):
         _, digest = sha256_of(ref.url, storage_options)
