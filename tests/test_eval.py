@@ -323,8 +323,10 @@ def test_eval_never_takes_the_body_model_from_a_stored_config(data_root, trained
     assert "planted" not in printed and "synthetic body model" in printed
 
 
-def test_eval_on_a_device_is_one_line_not_a_hang(data_root, trained, capsys):
+@pytest.mark.parametrize("data, message", [("/dev/urandom", "not a regular file"),
+                                           ("/nonexistent/shards", "no such file")])
+def test_eval_data_that_cannot_be_read_is_one_line_not_a_hang(data_root, trained, capsys, data, message):
     _, session = trained["trial_a"]
-    code = cli_main(["eval", "--checkpoint", session.latest_checkpoint_dir(), "--data", "/dev/urandom"])
+    code = cli_main(["eval", "--checkpoint", session.latest_checkpoint_dir(), "--data", data])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and "not a regular file" in err and len(err.splitlines()) == 1
+    assert code == 2 and "--data" in err and message in err and len(err.splitlines()) == 1, err

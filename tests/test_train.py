@@ -68,6 +68,11 @@ def test_interrupted_checkpoint_is_never_latest(tmp_path):
     assert load_checkpoint(tmp_path / "run/step_2")["step"] == 2
     with pytest.raises(Exception, match="incomplete"):
         load_checkpoint(tmp_path / "run/step_4")
+    # a commit record we did not write (a step that is not a count) is not complete either
+    save_checkpoint(tmp_path / "run/step_5", {"step": 5, "w": torch.ones(3)})
+    (tmp_path / "run/step_5/COMMIT.json").write_text('{"step": "5; rm -rf /", "sha256": "x"}')
+    assert not is_complete(tmp_path / "run/step_5")
+    assert latest_complete_checkpoint(tmp_path / "run").name == "step_2"
 
 
 def test_bad_input_stops_before_workers_start(synthetic_shards, tmp_path):

@@ -62,6 +62,7 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
         raise ConfigError("eval: give exactly one of --checkpoint PATH or --experiment DIR")
     if top < 1:
         raise ConfigError(f"eval: --top must be at least 1, got {top}")
+    _check_data(data)
     if checkpoint:
         targets = [_checkpoint_target(checkpoint, config)]
         base = Path(checkpoint)
@@ -91,6 +92,21 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
         first["evaluations"] = results
         first["out"] = str(out_dir)
     return first
+
+
+def _check_data(data: str) -> None:
+    """--data must be a readable, consistent shard set before any checkpoint is loaded."""
+    from ..data.io import storage_error_hint
+    from ..data.shards import count_samples
+    try:
+        total = count_samples(data)
+    except Exception as err:  # noqa: BLE001 - every way shards can be unreadable
+        hint = storage_error_hint(data, err)
+        if hint is None and not isinstance(err, (FileNotFoundError, ValueError, OSError)):
+            raise
+        raise ConfigError(f"--data: cannot read shards at {data!r}: {hint or err}") from None
+    if total == 0:
+        raise ConfigError(f"--data: {data!r} holds zero samples")
 
 
 @dataclass
