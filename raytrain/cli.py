@@ -101,12 +101,16 @@ def _config_args(p):
 
 
 def cmd_shard_synthetic(args):
+    from .data.io import storage_error_hint
     from .data.shards import clear_shard_folder
     from .synthetic.people import shard_synthetic, with_storage
     try:
         clear_shard_folder(args.out, args.overwrite)
-    except FileExistsError as err:
-        raise ConfigError(f"--out: {err}") from None
+    except Exception as err:
+        hint = str(err) if isinstance(err, FileExistsError) else storage_error_hint(args.out, err)
+        if hint is None:
+            raise
+        raise ConfigError(f"--out: {hint}") from None
     cfg = with_storage(None, "full") if args.full_frame else None
     manifest = shard_synthetic(args.out, n=args.n, seed=args.seed, workers=args.workers,
                                maxcount=args.maxcount, cfg=cfg)

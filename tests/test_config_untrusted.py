@@ -103,3 +103,15 @@ def test_tune_preflights_the_same_keys_before_ray(capsys, tmp_path):
         err = capsys.readouterr().err.strip()
         assert code == 2 and f"{key}:" in err and len(err.splitlines()) == 1, err
     assert _no_ray()
+
+
+def test_shard_output_on_gcs_without_gcsfs_says_what_to_install(capsys):
+    pytest.importorskip("fsspec")
+    try:
+        import gcsfs  # noqa: F401
+        pytest.skip("gcsfs is installed")
+    except ImportError:
+        pass
+    code = main(["shard", "synthetic", "--out", "gs://bucket/shards", "--n", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--out" in err and "raytrain[gcs]" in err and len(err.splitlines()) == 1

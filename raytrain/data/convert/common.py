@@ -40,6 +40,7 @@ from functools import partial
 import cv2
 import numpy as np
 
+from ..io import storage_error_hint
 from ..schema import ARRAY_SHAPES, BadSample, decode_sample, encode_sample
 from ..shards import clear_shard_folder, write_shards
 from ..storage import extract_context
@@ -316,6 +317,11 @@ def run_conversion(records: Iterable[Record], out: str, source: str, licence: st
         clear_shard_folder(out, overwrite, storage_options)
     except FileExistsError as error:
         raise ConversionError(str(error)) from None
+    except Exception as error:  # noqa: BLE001 - a missing backend or credentials: say which
+        hint = storage_error_hint(out, error)
+        if hint is None:
+            raise
+        raise ConversionError(f"--out {out}: {hint}") from None
     if limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
