@@ -197,6 +197,14 @@ def test_non_finite_loss_stops_before_the_optimiser(synthetic_shards, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     import pickle
     assert pickle.loads(pickle.dumps(caught.value)).keys == batch["keys"]
+    # a finite loss whose gradient overflows (here forced by a hook) stops before Adam too
+    batch = next(iter(build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)))
+    first = next(p for p in model.parameters() if p.requires_grad)
+    handle = first.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(NonFiniteLoss, match="non-finite gradient at step 8.*grad_norm="):
+        train_step(cfg, model, body, optimizer, scheduler, scaler, batch, torch.device("cpu"), step=8)
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.slow

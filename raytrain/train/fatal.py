@@ -22,17 +22,18 @@ FATAL_KEY = "_raytrain_fatal_file"
 
 
 class NonFiniteLoss(ArithmeticError):
-    """The loss of a training step is NaN or infinite; nothing reached the optimiser."""
+    """The loss (or, ``what="gradient"``, the gradient) of a training step is NaN or
+    infinite; nothing reached the optimiser."""
 
-    def __init__(self, step: int, keys: list[str], terms: dict[str, float]):
-        self.step, self.keys, self.terms = int(step), list(keys), dict(terms)
+    def __init__(self, step: int, keys: list[str], terms: dict[str, float], what: str = "loss"):
+        self.step, self.keys, self.terms, self.what = int(step), list(keys), dict(terms), what
         shown = ", ".join(self.keys[:8]) + (f", ... ({len(self.keys)} in all)" if len(self.keys) > 8 else "")
         values = ", ".join(f"{name}={value:.4g}" for name, value in self.terms.items())
-        super().__init__(f"non-finite loss at step {self.step} ({values}); batch samples: {shown}; "
+        super().__init__(f"non-finite {what} at step {self.step} ({values}); batch samples: {shown}; "
                          "the run stops (check these samples' labels, lower optim.lr or set optim.grad_clip)")
 
     def __reduce__(self):
-        return NonFiniteLoss, (self.step, self.keys, self.terms)
+        return NonFiniteLoss, (self.step, self.keys, self.terms, self.what)
 
 
 class RunStopped(RuntimeError):

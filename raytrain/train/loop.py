@@ -128,7 +128,8 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
 
 def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device, step: int = 0) -> dict[str, float]:
     """One optimisation step; ``NonFiniteLoss`` (naming ``step``, the batch's sample keys
-    and the loss terms) before the backward pass when the loss is NaN or infinite."""
+    and the loss terms) before the backward pass when the loss is NaN or infinite, and
+    before the optimiser step when the gradient is (without fp16's own skipping)."""
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     model.train()
     with _autocast(cfg, device):
@@ -146,7 +147,15 @@ def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device, st
     scaler.scale(total).backward()
     if cfg.optim.grad_clip > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    elif not scaler.is_enabled():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    else:
+        norm = None  # fp16: the scaler skips steps with non-finite gradients itself
+    if norm is not None and not scaler.is_enabled() and not torch.isfinite(norm):
+        values = {k: float(v) for k, v in terms.items()}
+        values.update(total=float(total.detach()), grad_norm=float(norm))
+        raise NonFiniteLoss(step, batch["keys"], values, what="gradient")
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
