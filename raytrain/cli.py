@@ -19,6 +19,23 @@ def main(argv=None):
     except ConfigError as err:
         print(f"raytrain: config error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if not _deterministic(err):
+            raise
+        print(f"raytrain: stopped: {_user_line(err)}", file=sys.stderr)
+        return 1
+
+
+def _deterministic(err: Exception) -> bool:
+    """Errors of the data or the run that a traceback would not help with."""
+    from .data.errors import DataError
+    from .train.fatal import NonFiniteLoss, RunStopped
+    return isinstance(err, (DataError, RunStopped, NonFiniteLoss))
+
+
+def _user_line(err: Exception) -> str:
+    from .data.errors import user_line
+    return user_line(err)
 
 
 def build_parser():
@@ -100,10 +117,20 @@ def _synthetic_args(synth):
     synth.add_argument("--workers", type=int, default=1, help="parallel rendering processes")
     synth.add_argument("--maxcount", type=int, default=500, help="samples per shard")
     synth.add_argument("--full-frame", action="store_true", help="store full frames instead of context regions")
+    synth.add_argument("--overwrite", action="store_true", help="replace a shard set already in --out")
 
 
 def cmd_shard_synthetic(args):
+    from .data.io import storage_error_hint
+    from .data.shards import clear_shard_folder
     from .synthetic.people import shard_synthetic, with_storage
+    try:
+        clear_shard_folder(args.out, args.overwrite)
+    except Exception as err:
+        hint = str(err) if isinstance(err, FileExistsError) else storage_error_hint(args.out, err)
+        if hint is None:
+            raise
+        raise ConfigError(f"--out: {hint}") from None
     cfg = with_storage(None, "full") if args.full_frame else None
     manifest = shard_synthetic(args.out, n=args.n, seed=args.seed, workers=args.workers,
                                maxcount=args.maxcount, cfg=cfg)

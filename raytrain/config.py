@@ -8,6 +8,7 @@ reference is generated from these dataclasses (`config_reference_markdown`).
 """
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -59,6 +60,8 @@ class DataConfig:
     max_bad_fraction: float = opt(0.01, "stop the run when more than this fraction of an epoch's samples is bad",
                                   min=0.0, max=1.0)
     max_val_samples: int = opt(0, "cap on validation samples (0: all)", min=0)
+    verify_checksums: bool = opt(False, "check every shard's sha256 against its manifest before training (reads "
+                                        "all shards once); a shard whose size differs is always reported")
     device_crop: bool = opt(False, "training split: the loader workers only decode; the RoI crops and their "
                                    "augmentation are made on the training device (grid_sample); validation "
                                    "crops in the workers")
@@ -213,19 +216,59 @@ def shipped_path(path: str) -> str:
     return path
 
 
+#: Largest config or search-space file read (bytes).
+MAX_YAML_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: configs do not need them, and an alias bomb
+    (a few lines that expand to billions of nodes) must not reach the config code."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"YAML alias *{event.anchor} (anchors and "
+                                              "aliases are not allowed)", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str):
+    """Parse YAML text: safe types only, no aliases."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def short(value, limit: int = 120) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
 def read_yaml(path: str) -> dict[str, Any]:
     path = shipped_path(str(path))
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as handle:
+            payload = handle.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    if len(payload) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES} bytes; not a config file")
     try:
-        data = yaml.safe_load(text)
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+    try:
+        data = safe_yaml(text)
+    except RecursionError:
+        raise ConfigError(f"malformed YAML in {path}: nested too deeply") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+        raise ConfigError(f"malformed YAML in {path}{where}: {problem[:200]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -239,8 +282,8 @@ def parse_override(item: str):
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     key, text = item.split("=", 1)
     try:
-        value = yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
+        value = safe_yaml(text) if text != "" else ""
+    except (yaml.YAMLError, RecursionError):
         value = text
     return key.strip(), value
 
@@ -273,13 +316,13 @@ def with_legacy_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 def from_dict(cls, raw: dict[str, Any], prefix: str):
     """Build dataclass `cls` from a mapping, coercing types; unknown keys fail naming the key."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {short(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
             close = [n for n in fields if n.startswith(str(key)[:3])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"{prefix}{key}: unknown key{hint}; known: {', '.join(fields)}")
+            raise ConfigError(f"{prefix}{str(key)[:80]}: unknown key{hint}; known: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in raw.items():
@@ -298,38 +341,48 @@ def coerce(value, tp, key: str):
         return coerce(value, next(a for a in args if a is not type(None)), key)
     if origin in (list, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {short(value)}")
         return [coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {short(value)}")
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or
                                            (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {short(value)}")
         return int(value)
     if tp is float:
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+                raise ConfigError(f"{key}: expected a number, got {short(value)}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {short(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {short(value)}")
         return str(value)
     return value
 
 
 # ----------------------------------------------------------------------------- validation
 
+#: A run name is one directory under train.storage_path: no '/', no '..'.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def validate(cfg: ExperimentConfig):
     """Bounds and choices of every field, then cross-field rules. Raises ConfigError."""
     _check_fields(cfg, "")
+    if not RUN_NAME.fullmatch(cfg.name):
+        raise ConfigError(f"name: {short(cfg.name, 80)} is not a plain run name (letters, digits, '.', '_', "
+                          "'-', starting with a letter or digit, at most 128 characters): it becomes a "
+                          "directory under train.storage_path")
     if cfg.rois.scale_min > cfg.rois.scale_max:
         raise ConfigError(f"rois.scale_min ({cfg.rois.scale_min}) must not exceed rois.scale_max "
                           f"({cfg.rois.scale_max})")
@@ -394,6 +447,10 @@ def _check_fields(obj, prefix: str):
         if meta.get("registry") is not None and value not in lookup(meta["registry"]):
             names = ", ".join(lookup(meta["registry"]).names())
             raise ConfigError(f"{key}: {value!r} is not a registered {meta['registry']} (registered: {names})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
+        if isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise ConfigError(f"{key}: expected finite numbers, got {value}")
         if value is None or isinstance(value, (list, str, bool)):
             continue
         if meta.get("min") is not None and value < meta["min"]:

@@ -57,5 +57,5 @@ _HOMES: dict[str, tuple[str, str]] = {
     "backbone": ("raytrain.model.backbones", "BACKBONES"),
     "fusion": ("raytrain.model.fusion", "FUSIONS"),
     "schedule": ("raytrain.geometry.rois", "SCHEDULES"),
-    "converter": ("raytrain.data.convert", "CONVERTERS"),
+    "converter": ("raytrain.data.convert.sources", "CONVERTERS"),
 }

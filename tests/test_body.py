@@ -356,3 +356,28 @@ def test_error_is_one_line(body_dir, tmp_path):
     with pytest.raises(BodyModelError) as info:
         load_body_model(str(user))
     assert "\n" not in str(info.value) and "SMPL_NEUTRAL.pkl" in str(info.value)
+
+
+class _Planted:
+    """Unpickling this runs code: a crafted model file."""
+
+    def __reduce__(self):
+        return (os.system, ("touch planted-by-pickle",))
+
+
+def test_smpl_pickle_is_read_with_the_restricted_unpickler(body_dir, tmp_path, monkeypatch):
+    """A crafted SMPL file that would run code is refused, naming the file and the
+    global; the synthetic writer's numpy arrays and scipy sparse matrix still load."""
+    monkeypatch.chdir(tmp_path)
+    data = _read(body_dir / "SMPL_NEUTRAL.pkl")
+    data["extra"] = _Planted()
+    user = _bad_pickle(body_dir, tmp_path, pickle.dumps(data, protocol=2))
+    with pytest.raises(BodyModelError, match=r"SMPL_NEUTRAL\.pkl in .*refused global posix\.system"):
+        load_body_model(str(user))
+    assert not (tmp_path / "planted-by-pickle").exists()
+    from raytrain.safe_pickle import safe_load
+    for protocol in (2, 4):
+        (tmp_path / "p.pkl").write_bytes(pickle.dumps(_read(body_dir / "SMPL_MALE.pkl"), protocol=protocol))
+        loaded = safe_load(tmp_path / "p.pkl", allow_sparse=True)
+        assert type(loaded["J_regressor"]).__name__ == "csc_matrix"
+        assert loaded["v_template"].shape == (6890, 3)

@@ -130,6 +130,28 @@ def test_3dpw_missing_keys_refused(tmp_path, release):
         load_sequence_file(bad)
 
 
+class _Planted:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch planted-by-pickle",))
+
+
+def test_3dpw_sequence_pickles_are_read_with_the_restricted_unpickler(tmp_path, release, monkeypatch):
+    """A crafted sequence file that would run code is refused naming the file; the
+    release's own pickles (numpy arrays, lists, strings, numbers) still load."""
+    import pickle
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "good.pkl"
+    write_sequence_file(good, dict(release["sequences"]["courtyard_fixture_00"]))
+    assert load_sequence_file(good)["sequence"]
+    data = dict(release["sequences"]["courtyard_fixture_00"], extra=_Planted())
+    bad = tmp_path / "crafted_seq_00.pkl"
+    bad.write_bytes(pickle.dumps(data, protocol=2))
+    with pytest.raises(SequenceFileError, match="crafted_seq_00.pkl.*refused global posix.system"):
+        load_sequence_file(bad)
+    assert not (tmp_path / "planted-by-pickle").exists()
+
+
 def test_3dpw_skips_with_reasons_limit_and_workers(tmp_path, release, body_model, converted):
     root = tmp_path / "3DPW"
     copy = make_3dpw_release(root, body_model)  # same seed: same data as `release`
@@ -408,3 +430,97 @@ def test_shard_3dpw_with_ray_gives_the_same_samples(tmp_path, release, capsys):
         assert _shard_members(tasks) == expected and verify_shards(str(tasks)) == []
     finally:
         ray.shutdown()
+# ----------------------------------------------------------------------------- untrusted input
+
+
+def _run_spin(argv):
+    """`raytrain shard h36m ARGV`: (exit status, stderr)."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = cli_main(["shard", "h36m", *argv])
+        except SystemExit as stop:
+            code = stop.code
+    return code, err.getvalue().strip()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d.update(focal_length=np.ones(4)), "focal_length has 4 values"),
+    (lambda d: d.update(imgname=np.array([b"ok.jpg"] * 5 + [b"caf\xe9.jpg"])), "row 5 is not UTF-8"),
+    (lambda d: d.update(imgname=np.array(["../../etc/passwd.jpg"] + ["a.jpg"] * 5)), "row 0"),
+    (lambda d: d.update(imgname=np.array(["/etc/passwd.jpg"] * 6)), "inside --img-root"),
+    (lambda d: d.update(center=np.zeros((6, 3))), "center has shape"),
+])
+def test_spin_npz_input_errors_are_one_line_before_anything_is_written(tmp_path, damage, message):
+    path, img_root, data = _spin_npz(tmp_path)
+    data = dict(data)
+    damage(data)
+    np.savez(path, **data)
+    out = tmp_path / "out"
+    code, err = _run_spin(["--npz", str(path), "--img-root", str(img_root), "--out", str(out),
+                           "--workers", "1", "--no-progress"])
+    assert code == 2 and message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_spin_npz_text_file_is_not_called_object_arrays(tmp_path):
+    path = tmp_path / "labels.npz"
+    path.write_text("imgname,center\n")
+    with pytest.raises(ValueError, match="not an npz file") as caught:
+        spin_module.read_spin_npz(path)
+    assert "object arrays" not in str(caught.value)
+
+
+def test_conversion_that_writes_nothing_fails_and_leaves_nothing(tmp_path):
+    path, img_root, data = _spin_npz(tmp_path)
+    for name in data["imgname"]:
+        (img_root / str(name)).write_bytes(b"not an image")
+    out = tmp_path / "out"
+    code, err = _run_spin(["--npz", str(path), "--img-root", str(img_root), "--out", str(out),
+                           "--workers", "1", "--no-progress"])
+    assert code == 2 and "nothing written" in err and "bad_image: 6" in err
+    assert not list(out.glob("*")) if out.exists() else True
+    code, err = _run_spin(["--npz", str(path), "--img-root", str(tmp_path / "missing"), "--out",
+                           str(out), "--workers", "1", "--no-progress"])
+    assert code == 2 and "--img-root" in err
+
+
+def test_existing_output_needs_overwrite_and_a_stale_manifest_is_never_read(tmp_path):
+    """Re-converting into a shard folder is refused without --overwrite; with it, the old
+    manifest goes first, so an interrupted run leaves no manifest beside new shards, and
+    a folder whose write did not finish is refused by the reader."""
+    from raytrain.data import ManifestError
+    from raytrain.data.shards import INCOMPLETE_NAME
+    path, img_root, _ = _spin_npz(tmp_path)
+    out = tmp_path / "out"
+    args = ["--npz", str(path), "--img-root", str(img_root), "--out", str(out), "--workers", "1",
+            "--no-progress", "--maxcount", "2"]
+    assert _run_spin(args)[0] == 0
+    code, err = _run_spin(args)
+    assert code == 2 and "--overwrite" in err
+    assert _run_spin([*args, "--overwrite", "--limit", "4"])[0] == 0
+    assert read_manifest(str(out))["num_samples"] == 4 and len(list(out.glob("*.tar"))) == 2
+    (out / INCOMPLETE_NAME).write_text("interrupted")  # a writer killed half-way
+    with pytest.raises(ManifestError, match="did not finish"):
+        ShardReader(str(out), rank=0, world_size=1)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    code, err = _run_spin([*args[:4], "--out", str(tmp_path / "mine"), "--overwrite", "--no-progress"])
+    assert code == 2 and "not shards" in err and (tmp_path / "mine" / "notes.txt").exists()
+
+
+def test_a_row_the_reader_would_refuse_is_not_written(tmp_path):
+    """Finite but absurd labels (a focal of 1e9 px, a pose of 1e4 rad) are skipped at
+    conversion with the reader's reason, not written to be dropped at training time."""
+    path, img_root, data = _spin_npz(tmp_path)
+    data = dict(data)
+    data["focal_length"] = np.array([1e9, 500, 500, 500, 500, 500], dtype=np.float64)
+    data["pose"] = data["pose"].copy()
+    data["pose"][1, 3:6] = 1e4
+    np.savez(path, **data)
+    summary = convert_spin_npz(path, img_root, str(tmp_path / "out"), "h36m", progress=False, printer=None,
+                               storage=StorageConfig(crop_size=64))
+    assert summary.written == 4 and dict(summary.skipped) == {"rejected_by_reader": 2}
+    assert "label_out_of_range" in summary.examples["rejected_by_reader"]

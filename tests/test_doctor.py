@@ -80,3 +80,22 @@ def test_bad_config_is_reported(tmp_path):
     bad.write_text("data: {crop_sise: 64}\n")
     code, lines = run(config=str(bad))
     assert code == 1 and lines[0].startswith("MISSING") and "crop_sise" in lines[0]
+
+
+def test_doctor_fails_shards_that_disagree_with_their_manifest(tmp_path):
+    """New shards beside an old manifest (an interrupted re-conversion), or a shard of
+    another size than recorded, are not OK."""
+    from fixtures_data import make_fake_samples
+
+    from raytrain.apps.doctor import check_shard_set
+    from raytrain.data.shards import write_shards
+    write_shards(make_fake_samples(20, seed=1), str(tmp_path / "s"), source="f", licence="t", maxcount=10)
+    assert check_shard_set("data.val_shards", str(tmp_path / "s")).status == "OK"
+    shard = tmp_path / "s" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:-1024])
+    check = check_shard_set("data.val_shards", str(tmp_path / "s"))
+    assert check.status != "OK" and "shard-000001.tar" in check.message
+    write_shards(make_fake_samples(20, seed=1), str(tmp_path / "s"), source="f", licence="t", maxcount=10)
+    (tmp_path / "s" / "shard-000002.tar").write_bytes(shard.read_bytes())
+    check = check_shard_set("data.val_shards", str(tmp_path / "s"))
+    assert check.status != "OK" and "not listed" in check.message

@@ -244,3 +244,89 @@ def test_report_writes_every_file_without_overlays(tmp_path):
                "per_joint": {f"j{i}": float(i) for i in range(14)}, "stored_validation": {}}
     paths = write_report(tmp_path, metrics)
     assert all(Path(p).is_file() for p in paths.values())
+
+
+# ---------------------------------------------------------------- untrusted data and configs
+
+
+def test_eval_scores_each_good_sample_once_and_reports_skipped(data_root, trained, body, tmp_path):
+    """One undecodable sample among the validation data: evaluation and validation score
+    the others once each (no copy in its slot) and report the skipped one by reason."""
+    from raytrain.data.formats.tar import tar_samples
+    samples = []
+    for shard in sorted((data_root / "val").glob("*.tar")):
+        with open(shard, "rb") as handle:
+            samples += [{k: v for k, v in raw.items() if k in ("__key__", "jpg", "json", "npz")}
+                        for raw in tar_samples(handle)]
+    samples[4]["jpg"] = b"\xff\xd8 not a frame \xff\xd9"
+    write_shards(samples, str(tmp_path / "damaged"), "synthetic", "test", maxcount=5)
+    cfg, session = trained["trial_a"]
+    out = tmp_path / "report"
+    result = run_eval(checkpoint=session.latest_checkpoint_dir(), data=str(tmp_path / "damaged"),
+                      out=str(out), quiet=True, smpl_dir=body_dir())
+    assert result["overall"]["num_samples"] == N_VAL - 1
+    assert result["skipped"] == {"total": 1, "by_reason": {"bad_jpeg": 1}}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped"]["by_reason"] == {"bad_jpeg": 1}
+    assert "Skipped 1 bad sample" in (out / "report.md").read_text()
+    evaluation = evaluate_model(eval_config(cfg, str(tmp_path / "damaged"), smpl_dir=body_dir()),
+                                _model(cfg, body, session), body, torch.device("cpu"), overlays=0)
+    assert len(evaluation.keys) == len(set(evaluation.keys)) == N_VAL - 1
+    assert samples[4]["__key__"] not in evaluation.keys
+    val_cfg = load_config(None, small_overrides(data_root) + [f"data.val_shards={tmp_path / 'damaged'}",
+                                                              "data.max_bad_fraction=0.5"])
+    metrics = validate(val_cfg, _model(cfg, body, session), body, session, torch.device("cpu"))
+    assert metrics["val_samples"] == N_VAL - 1 and metrics["val_skipped"] == 1
+
+
+def _model(cfg, body, session):
+    from raytrain.body import load_mean_params
+    from raytrain.model import build_model
+    from raytrain.train.checkpoint import load_checkpoint
+    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(body_dir()))
+    model.load_state_dict(load_checkpoint(session.latest_checkpoint_dir())["model"])
+    return model
+
+
+def test_eval_config_that_differs_from_the_checkpoint_is_refused(data_root, trained, tmp_path):
+    """cam_init changes nothing in the tensor shapes: the weights would load and be scored
+    under another camera start without a word."""
+    import yaml
+    cfg, session = trained["trial_a"]
+    from raytrain.config import to_dict
+    raw = to_dict(cfg)
+    raw["model"]["cam_init"] = "mean" if cfg.model.cam_init != "mean" else "consistent"
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = cli_main(["eval", "--checkpoint", session.latest_checkpoint_dir(), "--config", str(path),
+                     "--data", str(data_root / "val"), "--out", str(tmp_path / "out")])
+    assert code == 2
+    with pytest.raises(Exception, match="model.cam_init"):
+        run_eval(checkpoint=session.latest_checkpoint_dir(), config=str(path), data=str(data_root / "val"),
+                 out=str(tmp_path / "out"), quiet=True, smpl_dir=body_dir())
+
+
+def test_eval_never_takes_the_body_model_from_a_stored_config(data_root, trained, tmp_path, capsys):
+    """A checkpoint whose stored config names another SMPL folder: eval scores with the
+    synthetic body model (or --smpl-dir), never reads the stored folder."""
+    from raytrain.train.checkpoint import load_checkpoint, save_checkpoint
+    _, session = trained["trial_a"]
+    state = load_checkpoint(session.latest_checkpoint_dir())
+    stored = json.loads(state["config"])
+    stored["model"]["smpl_dir"] = str(tmp_path / "planted")
+    state["config"] = json.dumps(stored)
+    save_checkpoint(str(tmp_path / "ckpt"), state)
+    code = cli_main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(data_root / "val"),
+                     "--out", str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "planted" not in printed and "synthetic body model" in printed
+
+
+@pytest.mark.parametrize("data, message", [("/dev/urandom", "not a regular file"),
+                                           ("/nonexistent/shards", "no such file")])
+def test_eval_data_that_cannot_be_read_is_one_line_not_a_hang(data_root, trained, capsys, data, message):
+    _, session = trained["trial_a"]
+    code = cli_main(["eval", "--checkpoint", session.latest_checkpoint_dir(), "--data", data])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--data" in err and message in err and len(err.splitlines()) == 1, err

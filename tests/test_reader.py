@@ -243,15 +243,23 @@ def test_fuzz_through_dataloader_workers(fuzzed):
     assert len(keys) == 80 and set(keys) == good
 
 
-def test_too_many_bad_samples_names_the_shard(tmp_path):
+def test_max_bad_fraction_is_per_epoch_and_the_error_names_the_shard(tmp_path):
+    """4 bad of 30 at max_bad_fraction 0.2 is fine (all in one shard of 10: a per-shard
+    rule would stop); 7 of 30 stops, naming the shard that holds them and the counts."""
     samples = make_fake_samples(30, seed=4)
     for index in range(12, 16):
         samples[index]["jpg"] = b"\xff\xd8broken\xff\xd9"
-    write_shards(samples, str(tmp_path), source="fake", licence="test", maxcount=10)
-    reader = ShardReader(str(tmp_path), rank=0, world_size=1, max_bad_fraction=0.2)
+    write_shards(samples, str(tmp_path / "four"), source="fake", licence="test", maxcount=10)
+    reader = ShardReader(str(tmp_path / "four"), rank=0, world_size=1, max_bad_fraction=0.2)
+    assert len(_keys(reader)) == 30 and reader.bad_counts == {"bad_jpeg": 4}
+    for index in range(16, 19):
+        samples[index]["jpg"] = b"\xff\xd8broken\xff\xd9"
+    write_shards(samples, str(tmp_path / "seven"), source="fake", licence="test", maxcount=10)
+    reader = ShardReader(str(tmp_path / "seven"), rank=0, world_size=1, max_bad_fraction=0.2)
     with pytest.raises(TooManyBadSamples, match="shard-000001.tar") as caught:
         _keys(reader)
-    assert caught.value.counts == {"bad_jpeg": 3}
+    assert caught.value.counts == {"bad_jpeg": 7} and caught.value.total == 30
+    assert "bad_jpeg: 7" in str(caught.value)
 
 
 def test_missing_shard_file_counts_as_corrupt(tmp_path):

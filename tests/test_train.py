@@ -18,15 +18,17 @@ from raytrain.train.session import BareSession
 DEMO = str(REPO / "raytrain" / "configs" / "demo.yaml")
 
 
-def _keys(log_prefix, rank=0):
-    """Last logged (epoch, key) list per step: a resumed run re-logs replayed steps."""
+def _keys(log_prefix, rank=0, per_step_size=4):
+    """Last logged (epoch, key) list per step: a resumed run re-logs replayed steps
+    (also the step the interrupted run was logging when it died)."""
     per_step = defaultdict(list)
     path = Path(f"{log_prefix}.rank{rank}.txt")
     seen_step = None
     for line in path.read_text().splitlines():
         step, epoch, key = line.split(" ", 2)
         step = int(step)
-        if step != seen_step:
+        replay = len(per_step[step]) == per_step_size or key in {k for _, k in per_step[step]}
+        if step != seen_step or replay:
             per_step[step] = []
             seen_step = step
         per_step[step].append((int(epoch), key))
@@ -66,6 +68,11 @@ def test_interrupted_checkpoint_is_never_latest(tmp_path):
     assert load_checkpoint(tmp_path / "run/step_2")["step"] == 2
     with pytest.raises(Exception, match="incomplete"):
         load_checkpoint(tmp_path / "run/step_4")
+    # a commit record we did not write (a step that is not a count) is not complete either
+    save_checkpoint(tmp_path / "run/step_5", {"step": 5, "w": torch.ones(3)})
+    (tmp_path / "run/step_5/COMMIT.json").write_text('{"step": "5; rm -rf /", "sha256": "x"}')
+    assert not is_complete(tmp_path / "run/step_5")
+    assert latest_complete_checkpoint(tmp_path / "run").name == "step_2"
 
 
 def test_bad_input_stops_before_workers_start(synthetic_shards, tmp_path):
@@ -143,3 +150,87 @@ def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path
     keys = [k for step in sorted(per_step) for e, k in per_step[step] if e == 0]
     assert len(keys) == len(set(keys)) == 48            # epoch 0: every sample exactly once
     assert result.metrics["step"] == 12
+
+
+def test_resume_takes_the_latest_complete_checkpoint_on_disk(tmp_path):
+    """A checkpoint written but never registered with Ray (the run was interrupted in
+    between) is newer than Ray's: resume takes it and says so; an incomplete one never."""
+    from raytrain.train.session import choose_resume
+    run = tmp_path / "run"
+    save_checkpoint(run / "checkpoint_a", {"step": 4})
+    save_checkpoint(run / "checkpoint_b", {"step": 8})
+    (run / "checkpoint_c").mkdir()
+    torch.save({"step": 12}, run / "checkpoint_c/state.pt")   # no COMMIT.json: incomplete
+    registered = tmp_path / "restored"
+    save_checkpoint(registered, {"step": 4})
+    chosen, note = choose_resume(str(registered), str(run))
+    assert chosen == str(run / "checkpoint_b") and "step 8" in note and "step 4" in note
+    save_checkpoint(tmp_path / "restored2", {"step": 8})
+    assert choose_resume(str(tmp_path / "restored2"), str(run)) == (str(tmp_path / "restored2"), "")
+    chosen, note = choose_resume(None, str(run))
+    assert chosen == str(run / "checkpoint_b") and "registered none" in note
+    assert choose_resume(None, str(tmp_path / "empty")) == (None, "")
+
+
+def test_non_finite_loss_stops_before_the_optimiser(synthetic_shards, tmp_path):
+    """A batch whose loss is infinite raises NonFiniteLoss naming the step, the batch's
+    samples and the loss terms; no parameter changes."""
+    from raytrain.body import load_body_model, load_mean_params
+    from raytrain.data.pipeline import build_loader
+    from raytrain.model import build_model
+    from raytrain.train.fatal import NonFiniteLoss
+    from raytrain.train.loop import train_step
+    train, val = synthetic_shards
+    cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path))
+    body = load_body_model(cfg.model.smpl_dir)
+    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    batch = next(iter(build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)))
+    batch["joints_3d"][0, :, :3] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteLoss) as caught:
+        train_step(cfg, model, body, optimizer, scheduler, scaler, batch, torch.device("cpu"), step=7)
+    message = str(caught.value)
+    assert "step 7" in message and batch["keys"][0] in message and "total=" in message
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    import pickle
+    assert pickle.loads(pickle.dumps(caught.value)).keys == batch["keys"]
+    # a finite loss whose gradient overflows (here forced by a hook) stops before Adam too
+    batch = next(iter(build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)))
+    first = next(p for p in model.parameters() if p.requires_grad)
+    handle = first.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(NonFiniteLoss, match="non-finite gradient at step 8.*grad_norm="):
+        train_step(cfg, model, body, optimizer, scheduler, scaler, batch, torch.device("cpu"), step=8)
+    handle.remove()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_data_error_in_a_ray_worker_stops_the_run_once_naming_the_shard(synthetic_shards, tmp_path, capsys):
+    """Too many bad samples in a worker: not a TypeError from unpickling, not retried
+    into the same failure: the run stops with the shard, the counts and the reason."""
+    import ray
+    from fixtures_data import make_fake_samples
+
+    from raytrain.data.shards import write_shards
+    from raytrain.train.fatal import RunStopped, read_fatal_error
+    from raytrain.train.launch import run_dir_of, run_training
+    _, val = synthetic_shards
+    samples = make_fake_samples(48, seed=3)
+    for index in range(20, 30):
+        samples[index]["jpg"] = b"\xff\xd8broken\xff\xd9"
+    write_shards(samples, str(tmp_path / "bad"), source="fake", licence="test", maxcount=16)
+    cfg = load_config(DEMO, tiny_overrides(str(tmp_path / "bad"), val, tmp_path / "runs", **{
+        "ray.max_failures": 2, "data.max_bad_fraction": 0.01, "optim.max_steps": 12}))
+    try:
+        with pytest.raises(RunStopped) as caught:
+            run_training(cfg)
+    finally:
+        ray.shutdown()
+    message = str(caught.value)
+    assert "TooManyBadSamples" in message and "shard-00000" in message and "bad_jpeg" in message
+    assert "Traceback" not in message and "\n" not in message
+    assert read_fatal_error(run_dir_of(cfg)) == message

@@ -180,6 +180,14 @@ def check_shard_set(key: str, source: str) -> Check:
     if absent:
         return Check(MISSING, key, f"{source}: {len(absent)} of {len(refs)} shard(s) listed but absent "
                                    f"(first: {absent[0]}); {fix}")
+    from ..data.shards import MANIFEST_NAME, manifest_url, size_mismatches
+    manifest = manifest_url(source) if "{" not in source else None
+    if manifest and (source.endswith(".json") or exists(manifest)):
+        changed = size_mismatches(manifest)
+        if changed:
+            return Check(MISSING, key, f"{source}: {len(changed)} shard(s) differ from {MANIFEST_NAME} "
+                                       f"(first: {changed[0]}): replaced or damaged; re-run the "
+                                       "conversion with --overwrite")
     total = sum(ref.num_samples for ref in refs)
     if total == 0:
         return Check(MISSING, key, f"{source}: zero samples; {fix}")

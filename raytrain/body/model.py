@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +20,7 @@ import torch
 from smplx.lbs import batch_rodrigues
 from smplx.utils import Struct
 
+from ..safe_pickle import UnsafePickleError, safe_load
 from .joints import H36M_TO_J14
 
 GENDER_FILES = {"neutral": "SMPL_NEUTRAL.pkl", "male": "SMPL_MALE.pkl", "female": "SMPL_FEMALE.pkl"}
@@ -86,8 +86,10 @@ def read_smpl_pickle(smpl_dir: Path, gender: str) -> dict:
     path = _require_file(smpl_dir, name)
     where = f"{name} in {smpl_dir}"
     try:
-        with open(path, "rb") as fh:
-            data = pickle.load(fh, encoding="latin1")
+        data = safe_load(path, allow_sparse=True)
+    except UnsafePickleError as exc:
+        hint = (" (convert the official file with smplx's tools/clean_ch.py)" if "chumpy" in str(exc) else "")
+        raise BodyModelError(f"{where}: {str(exc).split(': ', 1)[-1]}{hint}") from None
     except ModuleNotFoundError as exc:
         raise BodyModelError(f"{where}: needs module '{exc.name}' to unpickle (convert the "
                              "official file with smplx's tools/clean_ch.py)") from None

@@ -1,6 +1,7 @@
 """Data: shard schema, writer, streaming reader, cropper, loader, converters."""
 
-from .reader import ShardReader, TooManyBadSamples
+from .errors import DataError, ManifestError, TooManyBadSamples
+from .reader import ShardReader
 from .schema import (
     BAD_REASONS,
     SCHEMA_VERSION,

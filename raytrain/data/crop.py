@@ -48,8 +48,10 @@ from .schema import BadSample, Sample
 
 _REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
                   4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-#: The same, decoding straight to RGB (libjpeg-turbo writes RGB as cheaply as BGR).
-_RGB_FLAGS = {r: (flag & ~cv2.IMREAD_COLOR) | cv2.IMREAD_COLOR_RGB for r, flag in _REDUCED_FLAGS.items()}
+#: The same, decoding straight to RGB (libjpeg-turbo writes RGB as cheaply as BGR), and
+#: ignoring an EXIF orientation: the json's geometry refers to the stored pixels as they are.
+_RGB_FLAGS = {r: (flag & ~cv2.IMREAD_COLOR) | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+              for r, flag in _REDUCED_FLAGS.items()}
 
 
 # --------------------------------------------------------------------------- matrices

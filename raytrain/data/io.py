@@ -61,6 +61,45 @@ def list_files(url: str, suffix: str, storage_options: dict | None = None) -> li
     return [join_url(url, name) for name in names if name.endswith(suffix)]
 
 
+def file_sizes(url: str, suffix: str, storage_options: dict | None = None) -> dict[str, int]:
+    """{name: size in bytes} of the files directly in directory ``url`` ending with
+    ``suffix``, from one listing (one request on object storage)."""
+    fs, path = get_fs(url, storage_options)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    sizes = {}
+    for entry in entries:
+        name = posixpath.basename(str(entry["name"]).rstrip("/"))
+        if name.endswith(suffix) and entry.get("type") != "directory":
+            sizes[name] = int(entry.get("size") or 0)
+    return sizes
+
+
+#: fsspec protocol -> the raytrain extra that installs its backend.
+STORAGE_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+CREDENTIAL_HINTS = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or use an instance role",
+    "gs": "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS",
+}
+
+
+def storage_error_hint(url: str, error: BaseException) -> str | None:
+    """What to install or configure for a storage error the user can fix (a missing
+    fsspec backend, missing credentials), or None for any other error."""
+    scheme = url.split("://", 1)[0] if "://" in url else "file"
+    if isinstance(error, ImportError):
+        extra = STORAGE_EXTRAS.get(scheme)
+        install = f"pip install 'raytrain[{extra}]'" if extra else "install its fsspec backend"
+        return f"{scheme}:// needs a package that is not installed ({error}): {install}"
+    names = {cls.__name__ for cls in type(error).__mro__}
+    if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}:
+        hint = CREDENTIAL_HINTS.get("gs" if scheme == "gcs" else scheme, "configure its credentials")
+        return f"no credentials for {scheme}:// ({error}): {hint}, or pass them in storage options"
+    return None
+
+
 class HashingWriter:
     """A write-only file wrapper that counts bytes and computes sha256 on the fly.
 

@@ -108,6 +108,9 @@ class EpochSource:
                                   root_joint=_root_joint(cfg.model.smpl_dir))
         self.reader = _reader(cfg, split, rank, world_size, batch_size, seed)
         workers = cfg.data.loader_workers
+        # training fills a bad sample's slot to keep ranks in step; validation and
+        # evaluation score each good sample once and count the bad ones exactly
+        self.reader.share_counts(workers)
         self.persistent = persistent and workers > 0
         if self.persistent:
             self.reader.share_position()
@@ -157,6 +160,10 @@ class Loader:
 
     @property
     def bad_counts(self) -> dict[str, int]:
+        """Bad samples of this epoch by reason, over every worker (so far)."""
+        shared = self.source.reader.shared_bad_counts()
+        if shared is not None:
+            return shared
         total = Counter()
         for counts in self._bad_by_worker.values():
             total.update(counts)
@@ -169,6 +176,7 @@ class Loader:
             source = self.source = self._rebuild()
         source.owner = self
         self._bad_by_worker = {}
+        source.reader.reset_shared_counts()
         source.reader.load_state_dict({"epoch": self.epoch, "consumed": self.skip})
         try:
             yield from self._batches(source)
@@ -286,7 +294,7 @@ def _reader(cfg, split: str, rank: int, world_size: int, batch_size: int, seed: 
     return ShardReader(_source(cfg, split), seed=seed, shuffle=train,
                        shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size,
                        batch_size=batch_size, max_bad_fraction=cfg.data.max_bad_fraction,
-                       decode_images=False)
+                       decode_images=False, substitute_bad=train)
 
 
 def _mixture(cfg, split: str) -> bool:

@@ -30,9 +30,11 @@ position is saved between batches; otherwise still no repeat or skip, order asid
 outside the image, a missing member, bad json or arrays: skipped and counted by reason
 in ``bad_counts`` (this process), reported at epoch end through ``logging``. To keep
 every rank's count equal, a bad sample's output position is filled with the previous
-good sample (``substitute_bad=True``, counted in ``substituted``). If a shard's bad
-samples exceed ``max_bad_fraction`` of it, ``TooManyBadSamples`` names the shard. A
-manifest with an unknown schema version is refused when the reader is built.
+good sample (``substitute_bad=True``, counted in ``substituted``). If the bad samples
+of a process's epoch exceed ``max_bad_fraction`` of what it reads that epoch,
+``TooManyBadSamples`` names the shard holding most of them. A manifest with an unknown
+schema version, or one that disagrees with its shards, is refused (``SchemaError``,
+``ManifestError``): those are not skipped, they stop the run.
 """
 
 from __future__ import annotations
@@ -46,26 +48,16 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .errors import DataError, ManifestError, TooManyBadSamples, too_many_bad
 from .formats.tar import CORRUPT_FLAG, tar_samples
 from .io import open_url
 from .plan import WorkerPlan, buffer_shuffle, epoch_shard_order, plan_worker
-from .schema import BadSample, Sample, SchemaError, decode_sample
+from .schema import BAD_REASONS, BadSample, Sample, SchemaError, decode_sample, member_limit
 from .shards import ShardRef, resolve_shards
 
+__all__ = ["ShardReader", "TooManyBadSamples", "read_shard_range"]
+
 log = logging.getLogger(__name__)
-
-
-class TooManyBadSamples(RuntimeError):
-    """More than ``max_bad_fraction`` of a shard's samples were bad."""
-
-    def __init__(self, shard: str, bad: int, total: int, counts: dict):
-        self.shard, self.bad, self.total, self.counts = shard, bad, total, dict(counts)
-        super().__init__(
-            f"too many bad samples in shard {shard}: {bad} of {total} ({dict(counts)}); "
-            f"fix or remove the shard, or raise max_bad_fraction"
-        )
-
-
 
 
 LOST_FLAG = "__lost__"  # a sample the manifest promises but the tar did not deliver
@@ -75,13 +67,16 @@ def read_shard_range(ref: ShardRef, first: int, end: int, storage_options: dict 
     """Raw samples ``first..end-1`` of a shard, always exactly ``end - first`` of them.
 
     Samples the tar cannot deliver (truncated or unreadable shard) come as placeholders
-    flagged ``LOST_FLAG`` so that they are counted as ``corrupt_member``.
+    flagged ``LOST_FLAG`` so that they are counted as ``corrupt_member``. A range that
+    ends at the shard's end checks that the tar holds nothing more: a shard with more
+    samples than its manifest records raises ``ManifestError`` (they would be lost).
     """
-    delivered = 0
+    delivered, surplus = 0, False
     try:
         with open_url(ref.url, "rb", storage_options) as handle:
-            for index, raw in enumerate(tar_samples(handle)):
+            for index, raw in enumerate(tar_samples(handle, member_limit)):
                 if index >= end:
+                    surplus = index >= ref.num_samples
                     break
                 if index >= first:
                     raw["__shard__"] = ref.name
@@ -89,6 +84,11 @@ def read_shard_range(ref: ShardRef, first: int, end: int, storage_options: dict 
                     yield raw
     except Exception as error:  # unreadable shard (missing file, network): count its samples
         log.warning("shard %s unreadable after %d samples: %s", ref.url, delivered, error)
+    if surplus:
+        raise ManifestError(
+            f"shard {ref.url} holds more than the {ref.num_samples} samples its manifest "
+            f"records: the manifest is stale or wrong (re-run the conversion with --overwrite)",
+            shard=ref.name)
     for index in range(first + delivered, end):
         yield {"__key__": f"{ref.name}#{index}", "__shard__": ref.name, LOST_FLAG: True}
 
@@ -129,7 +129,8 @@ class ShardReader(IterableDataset):
         rank, world_size: DDP split; default from ``torch.distributed`` if initialised.
         batch_size: the DataLoader batch size (only matters with DataLoader workers:
             it decides which worker owns which position, for exact resume).
-        max_bad_fraction: bad fraction of a shard that stops the run.
+        max_bad_fraction: bad fraction of an epoch's samples that stops the run
+            (checked per reading process against its share of the epoch).
         substitute_bad: fill a bad sample's position with the previous good sample so
             every rank yields the same count; False drops it.
         decode_images: decode JPEGs (``Sample.image``, RGB); False only checks markers
@@ -183,6 +184,7 @@ class ShardReader(IterableDataset):
         self.epoch, self.consumed = int(epoch), 0
         self.bad_counts: Counter = Counter()
         self.substituted = 0
+        self._shared_counts: torch.Tensor | None = None  # see ``share_counts``
 
     def share_position(self) -> None:
         """Keep ``epoch`` and ``consumed`` in shared memory from now on, so that
@@ -191,6 +193,25 @@ class ShardReader(IterableDataset):
         if self._position is None:
             position = torch.tensor([self.epoch, self.consumed], dtype=torch.int64)
             self._position = position.share_memory_()
+
+    def share_counts(self, num_processes: int) -> None:
+        """Also count bad samples by reason in shared memory, one row per DataLoader
+        worker (row 0 without workers): ``shared_bad_counts()`` then sees every count of
+        the epoch, including those after a worker's last batch."""
+        if self._shared_counts is None:
+            rows = max(1, int(num_processes))
+            self._shared_counts = torch.zeros((rows, len(BAD_REASONS)), dtype=torch.int64).share_memory_()
+
+    def reset_shared_counts(self) -> None:
+        if self._shared_counts is not None:
+            self._shared_counts.zero_()
+
+    def shared_bad_counts(self) -> dict[str, int] | None:
+        """Bad samples by reason over every process since ``reset_shared_counts``."""
+        if self._shared_counts is None:
+            return None
+        totals = self._shared_counts.sum(dim=0).tolist()
+        return {reason: int(n) for reason, n in zip(BAD_REASONS, totals) if n}
 
     # ---------------------------------------------------------------- size and position
 
@@ -277,7 +298,8 @@ class ShardReader(IterableDataset):
         )
         rng = random.Random(f"raytrain:{self.seed}:{epoch}:{self.rank}:{worker}")
         size = self.shuffle_buffer if self.shuffle else 0
-        tally = _BadTally(self, plan, epoch)
+        info = get_worker_info()
+        tally = _BadTally(self, plan, epoch, 0 if info is None else info.id)
         last_good, owed = None, 0
         for position, raw in enumerate(buffer_shuffle(raws, size, rng)):
             if position < plan.skip:
@@ -323,6 +345,8 @@ class ShardReader(IterableDataset):
             tally.add(shard, error)
         except SchemaError as error:
             raise SchemaError(f"shard {shard}: {error}") from None
+        except DataError:
+            raise
         except Exception as error:  # never crash on data: count it, but say what happened
             log.warning("unexpected error decoding %s in %s: %r", raw.get("__key__"), shard, error)
             tally.add(shard, BadSample("corrupt_member", repr(error)))
@@ -330,23 +354,34 @@ class ShardReader(IterableDataset):
 
 
 class _BadTally:
-    """Bad-sample bookkeeping of one worker's epoch: counts, threshold, report."""
+    """Bad-sample bookkeeping of one worker's epoch: counts, threshold, report.
 
-    def __init__(self, reader: ShardReader, plan: WorkerPlan, epoch: int):
-        self.reader, self.epoch = reader, epoch
+    The threshold is per epoch: more than ``max_bad_fraction`` of the rank's epoch
+    (counted over all its loader workers when ``share_counts`` is on, else of what this
+    process reads in the epoch) stops the run, naming the shard that holds most of this
+    process's bad samples."""
+
+    def __init__(self, reader: ShardReader, plan: WorkerPlan, epoch: int, row: int):
+        self.reader, self.epoch, self.row = reader, epoch, row
         self.by_shard: Counter = Counter()
         self.reasons: Counter = Counter()
-        self.shard_sizes = {reader.shards[i].name: reader.shards[i].num_samples for i, _, _ in plan.segments}
         self.quota = plan.quota
 
     def add(self, shard: str, error: BadSample) -> None:
         self.reader.bad_counts[error.reason] += 1
         self.reasons[error.reason] += 1
         self.by_shard[shard] += 1
+        shared = self.reader._shared_counts
+        if shared is not None and self.row < shared.shape[0]:
+            shared[self.row, BAD_REASONS.index(error.reason)] += 1
         log.debug("bad sample in %s: %s", shard, error)
-        size = self.shard_sizes.get(shard, 1)
-        if self.by_shard[shard] > self.reader.max_bad_fraction * size:
-            raise TooManyBadSamples(shard, self.by_shard[shard], size, self.reasons)
+        if shared is not None:  # every loader worker of this rank: its whole epoch
+            bad, size, reasons = int(shared.sum()), len(self.reader), self.reader.shared_bad_counts()
+        else:
+            bad, size, reasons = sum(self.reasons.values()), self.quota, self.reasons
+        if bad > self.reader.max_bad_fraction * size:
+            worst = self.by_shard.most_common(1)[0][0]
+            raise too_many_bad(worst, bad, size, reasons)
 
     def report(self, worker: int) -> None:
         reader, bad = self.reader, sum(self.reasons.values())

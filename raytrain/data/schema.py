@@ -15,13 +15,16 @@ from __future__ import annotations
 import io
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
 import numpy as np
 
+from .errors import DataError
 from .formats.npz import parse_npz
+from .formats.tar import OVERSIZED_FLAG
 
 SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = (1,)
@@ -57,10 +60,49 @@ BAD_REASONS = (
     "bad_jpeg",  # JPEG undecodable or not of the stored size
     "nonfinite_label",  # NaN or inf in a label or camera value
     "box_outside_image",  # box empty or not overlapping the full image
+    "label_out_of_range",  # finite but physically absurd: sizes, focal, box, pose, depth
+    "too_large",  # a member or a declared size beyond the limits (decompression bombs)
 )
 
+# ----------------------------------------------------------------------------- limits
+# Every sample is bounded before anything is decoded or inflated (docs/design.md §3.7):
+# the tar parser skips members over ``MEMBER_LIMITS`` without holding them, the JPEG's
+# frame header and each npy header are read first, and label values must lie in
+# physical ranges. A limit exceeded is ``too_large``; an absurd label
+# ``label_out_of_range``.
 
-class SchemaError(ValueError):
+#: Largest tar member kept, by extension (bytes); others are skipped and counted.
+MEMBER_LIMITS = {"jpg": 32 << 20, "json": 64 << 10, "npz": 64 << 10}
+MEMBER_LIMIT_OTHER = 1 << 20
+#: Largest stored image: side and pixel count (decoded RGB 3 bytes a pixel: 108 MB).
+MAX_STORED_SIDE = 8192
+MAX_STORED_PIXELS = 36_000_000
+#: Largest full-image side the labels may refer to (pixels).
+MAX_IMAGE_SIDE = 32768
+#: Largest inflated npy payload of one label array (the largest is 24 x 4 float64).
+MAX_NPY_BYTES = 16 << 10
+#: Focal length in units of the full image's longer side.
+FOCAL_RANGE = (0.05, 50.0)
+#: Box side in units of the full image's longer side, and at least one pixel.
+MAX_BOX_FACTOR = 4.0
+#: full -> stored image scale (sqrt of the affine's determinant).
+AFFINE_SCALE_RANGE = (1e-3, 1e3)
+#: 2D keypoints: coordinates within this multiple of the longer side around the image.
+MAX_KEYPOINT_FACTOR = 10.0
+#: 3D joints and camera translation: metres from the camera.
+MAX_DISTANCE_M = 1000.0
+#: Axis-angle norm of one joint (radians) and absolute SMPL shape coefficient.
+MAX_JOINT_ANGLE = 4 * math.pi
+MAX_ABS_BETA = 20.0
+
+
+def member_limit(name: str) -> int:
+    """Largest size (bytes) kept for tar member ``name`` (``key.ext``)."""
+    ext = name.rsplit("/", 1)[-1].partition(".")[2]
+    return MEMBER_LIMITS.get(ext, MEMBER_LIMIT_OTHER)
+
+
+class SchemaError(DataError, ValueError):
     """A shard or manifest uses a schema version this code cannot read."""
 
 
@@ -175,6 +217,9 @@ def decode_sample(raw: dict, decode_image: bool = True) -> Sample:
     the JPEG is only checked for its markers; the image is decoded on demand.
     """
     key = str(raw.get("__key__", "?"))
+    oversized = raw.get(OVERSIZED_FLAG)
+    if oversized:
+        raise BadSample("too_large", f"{key}: member(s) {oversized} over the size limit")
     missing = [ext for ext in REQUIRED_MEMBERS if raw.get(ext) is None]
     if missing:
         raise BadSample("missing_key", f"{key}: no {'/'.join(missing)} member")
@@ -183,6 +228,8 @@ def decode_sample(raw: dict, decode_image: bool = True) -> Sample:
     sample = _build_sample(key, bytes(raw["jpg"]), meta, arrays)
     _check_finite(sample)
     _check_box(sample)
+    _check_ranges(sample)
+    check_jpeg_header(sample.jpeg, sample.stored_size, key)
     if decode_image:
         sample.decode_image()
     elif not _looks_like_jpeg(sample.jpeg):
@@ -190,10 +237,61 @@ def decode_sample(raw: dict, decode_image: bool = True) -> Sample:
     return sample
 
 
+#: JPEG start-of-frame markers (baseline, extended, progressive, lossless, arithmetic).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the JPEG's frame header without decoding, or None."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    position, size = 2, len(data)
+    while position + 4 <= size:
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            position += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame header
+            return None
+        length = int.from_bytes(data[position + 2:position + 4], "big")
+        if length < 2:
+            return None
+        if marker in _SOF_MARKERS:
+            if position + 9 > size:
+                return None
+            height = int.from_bytes(data[position + 5:position + 7], "big")
+            width = int.from_bytes(data[position + 7:position + 9], "big")
+            return width, height
+        position += 2 + length
+    return None
+
+
+def check_jpeg_header(data: bytes, stored_size: tuple[int, int], key: str = "?") -> None:
+    """Refuse a JPEG before decoding it: no frame header (``bad_jpeg``), dimensions over
+    the limits (``too_large``) or other than the json's ``stored_size`` (``bad_jpeg``)."""
+    frame = jpeg_frame_size(data)
+    if frame is None:
+        raise BadSample("bad_jpeg", f"{key}: no JPEG frame header")
+    width, height = frame
+    if width > MAX_STORED_SIDE or height > MAX_STORED_SIDE or width * height > MAX_STORED_PIXELS:
+        raise BadSample("too_large", f"{key}: JPEG declares {width}x{height} pixels")
+    if (width, height) != tuple(stored_size):
+        raise BadSample("bad_jpeg", f"{key}: JPEG is {width}x{height}, stored_size is "
+                                    f"{tuple(stored_size)}")
+
+
 def decode_jpeg(data: bytes, stored_size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode JPEG bytes to (h, w, 3) uint8 RGB; ``BadSample("bad_jpeg")`` if impossible."""
+    if stored_size is not None:
+        check_jpeg_header(data, stored_size)
     buffer = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB) if buffer.size else None
+    flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION  # the stored pixels as they are
+    image = cv2.imdecode(buffer, flags) if buffer.size else None
     if image is None:
         raise BadSample("bad_jpeg", "cv2.imdecode failed")
     if stored_size is not None and (image.shape[1], image.shape[0]) != tuple(stored_size):
@@ -212,7 +310,7 @@ def _parse_meta(key: str, payload: bytes) -> dict:
     """Parse the json member and check the schema version."""
     try:
         meta = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise BadSample("bad_json", f"{key}: {error}") from None
     if not isinstance(meta, dict):
         raise BadSample("bad_json", f"{key}: json is not an object")
@@ -233,12 +331,8 @@ def _load_arrays(key: str, payload: bytes) -> dict[str, np.ndarray]:
     arrays = parse_npz(payload)
     if arrays is not None:
         arrays = {name: arrays[name] for name in arrays if name in ARRAY_SHAPES}
-    else:  # not the plain layout np.savez writes: let numpy read it
-        try:
-            with np.load(io.BytesIO(bytes(payload)), allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files if name in ARRAY_SHAPES}
-        except Exception as error:  # zipfile/ValueError/OSError: all mean an unreadable npz
-            raise BadSample("bad_array", f"{key}: npz unreadable ({type(error).__name__}: {error})") from None
+    else:  # not the plain layout np.savez writes: the bounded zip reader
+        arrays = _load_zipped_arrays(key, payload)
     for name, shape in ARRAY_SHAPES.items():
         if name not in arrays:
             raise BadSample("bad_array", f"{key}: npz lacks {name}")
@@ -249,6 +343,45 @@ def _load_arrays(key: str, payload: bytes) -> dict[str, np.ndarray]:
             )
         arrays[name] = arrays[name].astype(np.float32, copy=False)
     return arrays
+
+
+def _load_zipped_arrays(key: str, payload: bytes) -> dict[str, np.ndarray]:
+    """The label arrays of any npz (compressed too), each inflated to at most
+    ``MAX_NPY_BYTES`` and its npy header checked before its data is read; never a pickle."""
+    arrays = {}
+    try:
+        with zipfile.ZipFile(io.BytesIO(bytes(payload))) as archive:
+            for info in archive.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else None
+                if name not in ARRAY_SHAPES:
+                    continue  # never inflated
+                if info.file_size > MAX_NPY_BYTES:
+                    raise BadSample("too_large", f"{key}: {info.filename} declares {info.file_size} bytes")
+                with archive.open(info) as member:
+                    data = member.read(MAX_NPY_BYTES + 1)
+                if len(data) > MAX_NPY_BYTES:
+                    raise BadSample("too_large", f"{key}: {info.filename} inflates past {MAX_NPY_BYTES} bytes")
+                arrays[name] = _read_npy(key, name, data)
+    except BadSample:
+        raise
+    except Exception as error:  # zipfile/ValueError/OSError: all mean an unreadable npz
+        raise BadSample("bad_array", f"{key}: npz unreadable ({type(error).__name__}: {error})") from None
+    return arrays
+
+
+def _read_npy(key: str, name: str, data: bytes) -> np.ndarray:
+    """One npy payload whose header declares the expected shape and a plain dtype."""
+    handle = io.BytesIO(data)
+    version = np.lib.format.read_magic(handle)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read_header(handle, max_header_size=1024)
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise BadSample("bad_array", f"{key}: {name} has dtype {dtype}, expected a plain number type")
+    if tuple(shape) != ARRAY_SHAPES[name]:
+        raise BadSample("bad_array", f"{key}: {name} declares shape {shape}, expected {ARRAY_SHAPES[name]}")
+    handle.seek(0)
+    return np.lib.format.read_array(handle, allow_pickle=False)
 
 
 def _build_sample(key: str, jpeg: bytes, meta: dict, arrays: dict) -> Sample:
@@ -265,9 +398,9 @@ def _build_sample(key: str, jpeg: bytes, meta: dict, arrays: dict) -> Sample:
             stored_size=_int_pair(meta["stored_size"]),
             source=str(meta["source"]),
             gender=str(meta.get("gender", "neutral")),
-            has_smpl=bool(meta.get("has_smpl", False)),
-            has_3d=bool(meta.get("has_3d", False)),
-            has_2d=bool(meta.get("has_2d", False)),
+            has_smpl=_flag(meta, "has_smpl"),
+            has_3d=_flag(meta, "has_3d"),
+            has_2d=_flag(meta, "has_2d"),
             cam_full=None if cam_full is None else _float_array(cam_full, (3,)),
             meta=meta,
             **arrays,
@@ -279,9 +412,21 @@ def _build_sample(key: str, jpeg: bytes, meta: dict, arrays: dict) -> Sample:
     return sample
 
 
+def _flag(meta: dict, name: str) -> bool:
+    """A flag must be JSON true/false (or 0/1): the string "false" is not false."""
+    value = meta.get(name, False)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 def _int_pair(value: Any) -> tuple[int, int]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise ValueError(f"expected a pair [W, H], got {value!r}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise ValueError(f"expected two numbers, got {value!r}")
     first, second = (float(v) for v in value)
     if not (math.isfinite(first) and math.isfinite(second)) or first <= 0 or second <= 0:
         raise ValueError(f"expected a positive size, got {value!r}")
@@ -327,3 +472,41 @@ def _check_box(sample: Sample) -> None:
             "box_outside_image",
             f"{sample.key}: box {[cx, cy, side]} vs image {width}x{height}",
         )
+
+
+def _check_ranges(sample: Sample) -> None:
+    """Finite labels must also be physically plausible (``label_out_of_range``), and the
+    stored image within the decoding limits (``too_large``)."""
+    key, (width, height) = sample.key, sample.image_size
+    stored_w, stored_h = sample.stored_size
+    if stored_w > MAX_STORED_SIDE or stored_h > MAX_STORED_SIDE or stored_w * stored_h > MAX_STORED_PIXELS:
+        raise BadSample("too_large", f"{key}: stored_size {stored_w}x{stored_h} over the limit")
+    problems = []
+    longer = max(width, height)
+    if longer > MAX_IMAGE_SIDE:
+        problems.append(f"image_size {width}x{height} (max side {MAX_IMAGE_SIDE})")
+    low, high = FOCAL_RANGE
+    if not low * longer <= sample.focal <= high * longer:
+        problems.append(f"focal {sample.focal:g} outside [{low}, {high}] x {longer} px")
+    side = float(sample.box[2])
+    if not 1.0 <= side <= MAX_BOX_FACTOR * longer:
+        problems.append(f"box side {side:g} outside [1, {MAX_BOX_FACTOR} x {longer}] px")
+    a = sample.affine.astype(np.float64)
+    scale = abs(a[0, 0] * a[1, 1] - a[0, 1] * a[1, 0]) ** 0.5
+    low, high = AFFINE_SCALE_RANGE
+    if not low <= scale <= high or np.abs(a[:, 2]).max() > high * MAX_IMAGE_SIDE:
+        problems.append(f"affine scale {scale:g} or shift outside the plausible range")
+    reach = MAX_KEYPOINT_FACTOR * longer
+    keypoints, joints = sample.keypoints_2d, sample.joints_3d  # only confident points count
+    if np.abs(keypoints[keypoints[:, 2] > 0, :2]).max(initial=0.0) > reach:
+        problems.append(f"keypoints_2d beyond {reach:g} px")
+    if np.abs(joints[joints[:, 3] > 0, :3]).max(initial=0.0) > MAX_DISTANCE_M:
+        problems.append(f"joints_3d beyond {MAX_DISTANCE_M:g} m")
+    if sample.cam_full is not None and np.abs(sample.cam_full).max() > MAX_DISTANCE_M:
+        problems.append(f"cam_full beyond {MAX_DISTANCE_M:g} m")
+    if np.linalg.norm(sample.pose.reshape(24, 3).astype(np.float64), axis=1).max() > MAX_JOINT_ANGLE:
+        problems.append(f"pose: a joint rotation beyond {MAX_JOINT_ANGLE:.3g} rad")
+    if np.abs(sample.betas).max() > MAX_ABS_BETA:
+        problems.append(f"betas beyond +-{MAX_ABS_BETA:g}")
+    if problems:
+        raise BadSample("label_out_of_range", f"{key}: {'; '.join(problems)}")

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
+import re
+import stat
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,13 +28,30 @@ from dataclasses import dataclass
 import webdataset as wds
 from braceexpand import braceexpand
 
+from .errors import ManifestError
 from .formats.tar import tar_samples
-from .io import HashingWriter, dirname_url, exists, get_fs, is_remote, isdir, join_url, list_files, open_url, sha256_of
+from .io import (
+    HashingWriter,
+    dirname_url,
+    exists,
+    file_sizes,
+    get_fs,
+    is_remote,
+    isdir,
+    join_url,
+    list_files,
+    open_url,
+    sha256_of,
+)
 from .schema import KNOWN_SCHEMA_VERSIONS, SCHEMA_VERSION, SchemaError
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+#: Present in a shard folder while a writer fills it: the shard set is not usable.
+INCOMPLETE_NAME = "WRITING.incomplete"
+#: Where a conversion run as Ray tasks keeps the record of each finished chunk.
+PARTS_DIR = "parts"
 
 
 def write_shards(
@@ -49,13 +69,19 @@ def write_shards(
 
     A new shard starts after ``maxcount`` samples or once ``maxsize`` payload bytes
     are written. ``out`` is a local directory or an fsspec URL (``s3://``, ``gs://``).
-    ``write_manifest=False``: only return it (a part of a larger conversion).
+    ``write_manifest=False``: only return it (a part of a larger conversion, whose driver
+    writes the manifest). While a whole set is written the folder holds ``INCOMPLETE_NAME``
+    (readers refuse it); the manifest is written last, atomically, and then the marker goes.
     """
     if maxcount < 1:
         raise ValueError(f"maxcount must be >= 1, got {maxcount}")
     fs, root = get_fs(out, storage_options)
     if not is_remote(out):
         fs.makedirs(root, exist_ok=True)
+    marker = join_url(out, INCOMPLETE_NAME)
+    if write_manifest:
+        with open_url(marker, "wb", storage_options) as handle:
+            handle.write(b"shards are being written here; this folder is unusable until the manifest is\n")
     files: dict[str, HashingWriter] = {}
     counts: Counter = Counter()
 
@@ -81,6 +107,7 @@ def write_shards(
     manifest = make_manifest(shards, source, licence)
     if write_manifest:
         write_json(join_url(out, MANIFEST_NAME), manifest, storage_options)
+        fs.rm(get_fs(marker, storage_options)[1])
     log.info("wrote %d samples in %d shards to %s", manifest["num_samples"], len(shards), out)
     return manifest
 
@@ -107,8 +134,43 @@ def make_manifest(shards: list[dict], source: str, licence: str) -> dict:
 
 
 def write_json(url: str, payload: dict, storage_options: dict | None = None) -> None:
-    with open_url(url, "wb", storage_options) as handle:
-        handle.write(json.dumps(payload, indent=1).encode("utf-8"))
+    """Write ``payload`` atomically: a local file under a temporary name renamed into
+    place; an object-store PUT is atomic by itself."""
+    data = json.dumps(payload, indent=1).encode("utf-8")
+    if is_remote(url):
+        with open_url(url, "wb", storage_options) as handle:
+            handle.write(data)
+        return
+    path = url[len("file://"):] if url.startswith("file://") else url
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def clear_shard_folder(out: str, overwrite: bool, storage_options: dict | None = None) -> None:
+    """Make ``out`` ready for a new shard set: missing or empty is fine; a folder holding
+    a shard set (tars, manifest, an unfinished write) is cleared with ``overwrite`` and
+    refused without; a folder holding anything else is always refused."""
+    fs, root = get_fs(out, storage_options)
+    if not fs.exists(root):
+        return
+    if not fs.isdir(root):
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    names = sorted(posixpath.basename(str(p).rstrip("/")) for p in fs.ls(root, detail=False))
+    ours = [n for n in names if n.endswith(".tar") or n in (MANIFEST_NAME, INCOMPLETE_NAME, PARTS_DIR)
+            or n.startswith(MANIFEST_NAME + ".tmp-")]
+    others = [n for n in names if n not in ours]
+    if others:
+        raise FileExistsError(f"{out}: holds files that are not shards ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}); choose an empty folder")
+    if ours and not overwrite:
+        raise FileExistsError(f"{out}: already holds a shard set ({len(ours)} files); pass --overwrite "
+                              "to replace it")
+    for name in sorted(ours, key=lambda n: n != MANIFEST_NAME):  # the manifest first
+        fs.rm(join_url(root, name), recursive=name == PARTS_DIR)
 
 
 def manifest_url(path_or_url: str) -> str:
@@ -120,47 +182,80 @@ def read_manifest(path_or_url: str, storage_options: dict | None = None) -> dict
     """Load and check a manifest (the file itself or its directory).
 
     Raises ``SchemaError`` naming the file for an unknown ``schema_version`` and
-    ``ValueError`` naming the file for a malformed manifest.
+    ``ManifestError`` (a ``ValueError``) naming the file for a malformed manifest:
+    mistyped counts, duplicate or non-plain shard names, totals that do not add up.
     """
     url = manifest_url(path_or_url)
+    check_regular_file(url, storage_options)
     try:
         with open_url(url, "rb", storage_options) as handle:
-            manifest = json.loads(handle.read().decode("utf-8"))
+            payload = handle.read(MAX_MANIFEST_BYTES + 1)
+        if len(payload) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{url}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        manifest = json.loads(payload.decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no shard manifest at {url}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{url}: manifest is not valid JSON ({error})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ManifestError(f"{url}: manifest is not valid JSON ({str(error)[:200]})") from None
     _check_manifest(url, manifest)
     return manifest
 
 
+#: Largest manifest read (bytes): a million shards' entries fit.
+MAX_MANIFEST_BYTES = 256 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _check_manifest(url: str, manifest: object) -> None:
     if not isinstance(manifest, dict):
-        raise ValueError(f"{url}: manifest is not a JSON object")
+        raise ManifestError(f"{url}: manifest is not a JSON object")
     version = manifest.get("schema_version")
-    if version not in KNOWN_SCHEMA_VERSIONS:
+    if version not in KNOWN_SCHEMA_VERSIONS or isinstance(version, bool):
         raise SchemaError(
             f"{url}: unknown shard schema_version {version!r}; this raytrain reads "
             f"{list(KNOWN_SCHEMA_VERSIONS)} (re-shard the data or upgrade raytrain)"
         )
     shards = manifest.get("shards")
     if not isinstance(shards, list):
-        raise ValueError(f"{url}: manifest has no 'shards' list")
+        raise ManifestError(f"{url}: manifest has no 'shards' list")
+    seen: set[str] = set()
     for entry in shards:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise ValueError(f"{url}: shard entry without a name: {entry!r}")
-        if not isinstance(entry.get("num_samples"), int) or entry["num_samples"] < 0:
-            raise ValueError(f"{url}: shard {entry['name']} has no valid num_samples")
+            raise ManifestError(f"{url}: shard entry without a name: {str(entry)[:200]}")
+        name = entry["name"]
+        if not _plain_name(name):
+            raise ManifestError(f"{url}: shard name {name[:200]!r} is not a plain file name beside the "
+                                "manifest (no folders, '..' or absolute paths)")
+        if name in seen:
+            raise ManifestError(f"{url}: shard {name} is listed twice")
+        seen.add(name)
+        if not _is_count(entry.get("num_samples")):
+            raise ManifestError(f"{url}: shard {name} has no valid num_samples "
+                                f"(a non-negative integer, got {entry.get('num_samples')!r})")
+        if "bytes" in entry and not _is_count(entry["bytes"]):
+            raise ManifestError(f"{url}: shard {name} has an invalid bytes {entry['bytes']!r}")
+        if "sha256" in entry and not (isinstance(entry["sha256"], str) and _SHA256.fullmatch(entry["sha256"])):
+            raise ManifestError(f"{url}: shard {name} has an invalid sha256")
     total = sum(entry["num_samples"] for entry in shards)
-    if manifest.get("num_samples", total) != total:
-        raise ValueError(f"{url}: num_samples {manifest['num_samples']} != sum over shards {total}")
+    declared = manifest.get("num_samples", total)
+    if not _is_count(declared) or declared != total:
+        raise ManifestError(f"{url}: num_samples {declared!r} != sum over shards {total}")
+
+
+def _plain_name(name: str) -> bool:
+    """A file name without folders: no '/', '\\', '..', NUL or leading '/'."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
 
 
 def verify_shards(path_or_url: str, storage_options: dict | None = None) -> list[str]:
     """Recompute every shard's size and sha256; return a list of mismatches (empty if ok)."""
     url = manifest_url(path_or_url)
     manifest = read_manifest(url, storage_options)
-    base = url.rstrip("/").rsplit("/", 1)[0] if "/" in url else "."
+    base = dirname_url(url) or "."
     problems = []
     for entry in manifest["shards"]:
         shard_url = join_url(base, entry["name"])
@@ -171,6 +266,22 @@ def verify_shards(path_or_url: str, storage_options: dict | None = None) -> list
             continue
         if size != entry.get("bytes") or digest != entry.get("sha256"):
             problems.append(f"{shard_url}: size/sha256 differ from the manifest")
+    return problems
+
+
+def size_mismatches(path_or_url: str, storage_options: dict | None = None) -> list[str]:
+    """Shards of a manifest whose size on storage differs from the recorded one, or that
+    are missing (one listing: cheap, unlike ``verify_shards``)."""
+    url = manifest_url(path_or_url)
+    manifest = read_manifest(url, storage_options)
+    sizes = file_sizes(dirname_url(url) or ".", ".tar", storage_options)
+    problems = []
+    for entry in manifest["shards"]:
+        size = sizes.get(entry["name"])
+        if size is None:
+            problems.append(f"{entry['name']}: missing")
+        elif entry.get("bytes") is not None and size != entry["bytes"]:
+            problems.append(f"{entry['name']}: {size} bytes, the manifest records {entry['bytes']}")
     return problems
 
 
@@ -185,54 +296,136 @@ class ShardRef:
     num_samples: int
 
 
-def resolve_shards(source: str | Sequence[str], storage_options: dict | None = None) -> list[ShardRef]:
+def resolve_shards(source: str | Sequence[str], storage_options: dict | None = None,
+                   verify: bool = False) -> list[ShardRef]:
     """Shard list from a manifest, a directory, a brace pattern or a list of tar URLs.
 
     Counts come from the manifest (``manifest.json`` beside the shards, which is checked
     for its schema version); shards without one are counted by reading them once.
+    A manifest must describe its folder: every ``.tar`` there listed, each once, each of
+    the recorded size (``ManifestError`` otherwise). ``verify`` also checks every
+    shard's sha256. Local shards must be regular files (not a device or a pipe).
     """
     if isinstance(source, (list, tuple)):
         urls = [str(url) for url in source]
     elif source.endswith(".json"):
-        return _from_manifest(source, storage_options)
+        return _from_manifest(source, storage_options, verify)
     elif "{" in source:
         urls = list(braceexpand(source))
     elif isdir(source, storage_options):
+        _refuse_incomplete(source, storage_options)
         if exists(join_url(source, MANIFEST_NAME), storage_options):
-            return _from_manifest(join_url(source, MANIFEST_NAME), storage_options)
+            return _from_manifest(join_url(source, MANIFEST_NAME), storage_options, verify)
         urls = list_files(source, ".tar", storage_options)
     else:
         urls = [source]
     if not urls:
         raise FileNotFoundError(f"no tar shards found at {source}")
-    return _with_counts(urls, storage_options)
+    return _with_counts(urls, storage_options, verify)
 
 
-def _from_manifest(url: str, storage_options: dict | None) -> list[ShardRef]:
-    manifest = read_manifest(url, storage_options)
+def check_regular_file(url: str, storage_options: dict | None = None) -> None:
+    """A local path must be a regular file: a device (``/dev/urandom``), a pipe or a
+    socket would never end or never answer. Missing files raise ``FileNotFoundError``."""
+    if is_remote(url):
+        return
+    path = url[len("file://"):] if url.startswith("file://") else url
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no such file") from None
+    if not stat.S_ISREG(mode):
+        raise ManifestError(f"{url}: not a regular file (a device, pipe or folder cannot be a shard "
+                            "or a manifest)")
+
+
+def _refuse_incomplete(folder: str, storage_options: dict | None) -> None:
+    if exists(join_url(folder, INCOMPLETE_NAME), storage_options):
+        raise ManifestError(f"{folder}: a shard writer did not finish here ({INCOMPLETE_NAME} is "
+                            "present): the shards and the manifest may not match; re-run the "
+                            "conversion with --overwrite")
+
+
+def _from_manifest(url: str, storage_options: dict | None, verify: bool = False) -> list[ShardRef]:
     base = dirname_url(url)
-    return [
+    _refuse_incomplete(base or ".", storage_options)
+    manifest = read_manifest(url, storage_options)
+    refs = [
         ShardRef(join_url(base, entry["name"]), entry["name"], entry["num_samples"])
         for entry in manifest["shards"]
     ]
+    listed = {ref.name for ref in refs}
+    sizes = file_sizes(base or ".", ".tar", storage_options)
+    unlisted = sorted(set(sizes) - listed)
+    if unlisted:
+        raise ManifestError(f"{url}: {len(unlisted)} shard(s) beside the manifest are not listed in it "
+                            f"({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''}): the "
+                            "manifest is stale or the folder holds two shard sets (re-run the "
+                            "conversion with --overwrite)")
+    for entry, ref in zip(manifest["shards"], refs):
+        _check_shard_file(ref, entry, sizes.get(ref.name), storage_options, verify)
+    return refs
 
 
-def _with_counts(urls: list[str], storage_options: dict | None) -> list[ShardRef]:
+_WARNED: set[str] = set()
+
+
+def _check_shard_file(ref: ShardRef, entry: dict, size: int | None, storage_options: dict | None,
+                      verify: bool) -> None:
+    """The shard exists as a regular file of the recorded size (and sha256 with ``verify``).
+
+    A missing shard is left to the reader (its samples are counted as lost); a size that
+    differs from the manifest is logged (the reader then counts lost samples and refuses
+    extra ones); with ``verify`` any difference raises ``ManifestError``."""
+    try:
+        if size is None:
+            raise FileNotFoundError(ref.url)
+        check_regular_file(ref.url, storage_options)
+    except FileNotFoundError:
+        if verify:
+            raise ManifestError(f"{ref.url}: missing (listed in the manifest)", shard=ref.name) from None
+        if ref.url in _WARNED:
+            return
+        _WARNED.add(ref.url)
+        log.warning("shard %s listed in the manifest is missing: its %d samples count as lost",
+                    ref.url, ref.num_samples)
+        return
+    recorded = entry.get("bytes")
+    if recorded is not None and size != recorded:
+        message = (f"{ref.url}: {size} bytes, the manifest records {recorded}: the shard was "
+                   "replaced, truncated or damaged in storage")
+        if verify:
+            raise ManifestError(message, shard=ref.name)
+        if ref.url not in _WARNED:  # once per process: shard lists are resolved every epoch
+            _WARNED.add(ref.url)
+            log.warning("%s; its samples are checked against the manifest while read", message)
+        return
+    if verify and entry.get("sha256"):
+        _, digest = sha256_of(ref.url, storage_options)
+        if digest != entry["sha256"]:
+            raise ManifestError(f"{ref.url}: sha256 differs from the manifest's: the shard was "
+                                "replaced or corrupted in storage", shard=ref.name)
+
+
+def _with_counts(urls: list[str], storage_options: dict | None, verify: bool = False) -> list[ShardRef]:
     """Attach counts from the manifests beside the shards, else by reading the shards."""
     known: dict[str, int] = {}
     for folder in sorted({dirname_url(url) for url in urls}):
+        _refuse_incomplete(folder or ".", storage_options)
         if exists(join_url(folder, MANIFEST_NAME), storage_options):
-            for ref in _from_manifest(join_url(folder, MANIFEST_NAME), storage_options):
+            for ref in _from_manifest(join_url(folder, MANIFEST_NAME), storage_options, verify):
                 known[ref.url] = ref.num_samples
     unknown = [url for url in urls if url not in known]
     if unknown:
         log.warning("no manifest for %d shard(s); counting their samples by reading them", len(unknown))
     for url in unknown:
+        check_regular_file(url, storage_options)
         with open_url(url, "rb", storage_options) as handle:
-            known[url] = sum(1 for _ in tar_samples(handle))
+            known[url] = sum(1 for _ in tar_samples(handle, lambda name: 0))
     return [ShardRef(url, posixpath.basename(url), known[url]) for url in urls]
 
 
-def count_samples(source: str | Sequence[str], storage_options: dict | None = None) -> int:
+def count_samples(source: str | Sequence[str], storage_options: dict | None = None,
+                  verify: bool = False) -> int:
     """Samples in a shard set (manifest counts, else read once)."""
-    return sum(ref.num_samples for ref in resolve_shards(source, storage_options))
+    return sum(ref.num_samples for ref in resolve_shards(source, storage_options, verify))

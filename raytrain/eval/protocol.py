@@ -71,8 +71,10 @@ def evaluate_batch(model, body, batch, device, pred=None):
 
 @torch.no_grad()
 def validate(cfg, model, body, session, device) -> dict[str, float]:
-    """Mean errors (mm) over this rank's part of the validation set, reduced over ranks."""
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # mpjpe, pa, pve, n, cam, n_cam
+    """Mean errors (mm) over this rank's part of the validation set, reduced over ranks.
+
+    Each good sample is scored once; bad ones are skipped and counted (``val_skipped``)."""
+    sums = torch.zeros(7, dtype=torch.float64, device=device)  # mpjpe, pa, pve, n, cam, n_cam, bad
     loader = build_loader(cfg, "val", session.rank, session.world_size, epoch=0, skip=0,
                           batch_size=cfg.data.val_batch_size, seed=cfg.seed)
     for batch in loader:
@@ -85,11 +87,13 @@ def validate(cfg, model, body, session, device) -> dict[str, float]:
         if has_cam.any():
             sums[4] += errors["cam_err"][has_cam].sum()
             sums[5] += has_cam.sum()
+    sums[6] += sum(loader.bad_counts.values())
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     n, n_cam = max(sums[3].item(), 1.0), sums[5].item()
     out = {"val_mpjpe": sums[0].item() / n, "val_pa_mpjpe": sums[1].item() / n,
-           "val_pve": sums[2].item() / n, "val_samples": int(sums[3].item())}
+           "val_pve": sums[2].item() / n, "val_samples": int(sums[3].item()),
+           "val_skipped": int(sums[6].item())}
     if n_cam > 0:
         out["val_cam_err"] = sums[4].item() / n_cam
     return out

@@ -85,6 +85,11 @@ def report_markdown(metrics: dict, overlays=()) -> str:
         f"| {o['mpjpe']:.2f} | {o['pa_mpjpe']:.2f} | {o['pve']:.2f} | {_fmt(o.get('cam_err'))} "
         f"| {o['num_samples']} |", "",
     ]
+    skipped = metrics.get("skipped") or {}
+    if skipped.get("total"):
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped["by_reason"].items()))
+        lines += [f"Skipped {skipped['total']} bad sample(s) of the data, not scored ({reasons}); "
+                  "every other sample is scored once.", ""]
     stored = metrics.get("stored_validation") or {}
     if "val_mpjpe" in stored:
         lines += [f"Validation recorded with this checkpoint during training: MPJPE "

@@ -30,6 +30,7 @@ import torch
 from ..body.joints import J14_NAMES
 from ..config import ConfigError, ExperimentConfig, config_from_raw, load_config, read_yaml, with_legacy_defaults
 from ..train.checkpoint import STATE_FILE, CheckpointError, is_complete, list_complete_checkpoints, load_checkpoint
+from ..train.fatal import FATAL_KEY
 
 OVERLAYS = 4
 
@@ -61,6 +62,7 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
         raise ConfigError("eval: give exactly one of --checkpoint PATH or --experiment DIR")
     if top < 1:
         raise ConfigError(f"eval: --top must be at least 1, got {top}")
+    _check_data(data)
     if checkpoint:
         targets = [_checkpoint_target(checkpoint, config)]
         base = Path(checkpoint)
@@ -92,6 +94,21 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
     return first
 
 
+def _check_data(data: str) -> None:
+    """--data must be a readable, consistent shard set before any checkpoint is loaded."""
+    from ..data.io import storage_error_hint
+    from ..data.shards import count_samples
+    try:
+        total = count_samples(data)
+    except Exception as err:  # noqa: BLE001 - every way shards can be unreadable
+        hint = storage_error_hint(data, err)
+        if hint is None and not isinstance(err, (FileNotFoundError, ValueError, OSError)):
+            raise
+        raise ConfigError(f"--data: cannot read shards at {data!r}: {hint or err}") from None
+    if total == 0:
+        raise ConfigError(f"--data: {data!r} holds zero samples")
+
+
 @dataclass
 class Target:
     """One checkpoint to evaluate and the training config it belongs to."""
@@ -115,6 +132,7 @@ class Evaluation:
     gendered: bool                 # whether the batches carried per-sample genders
     overlay_samples: list[dict] = field(default_factory=list)
     faces: np.ndarray | None = None
+    skipped: dict[str, int] = field(default_factory=dict)  # bad samples not scored, by reason
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -149,17 +167,24 @@ def checkpoint_config(path: Path, state: dict, config: str | None = None):
     `loop._checkpoint`); ``params.json`` of the Ray trial (``train_loop_config``); a YAML
     beside the checkpoint or one level up (the tuning export's best config).
     """
-    if config:
-        return load_config(config), str(config)
     stored = state.get("config")
+    if config:
+        cfg = load_config(config)
+        if stored:
+            check_same_model(_config(_stored_raw(stored, path), f"{path} (stored)"), cfg, path, config)
+        return cfg, str(config)
     if stored:
-        raw = json.loads(stored) if isinstance(stored, str) else stored
-        return _config(with_legacy_defaults(raw), f"{path} (stored)"), f"stored in {path / STATE_FILE}"
+        return _config(_stored_raw(stored, path), f"{path} (stored)"), f"stored in {path / STATE_FILE}"
     for folder in [path, *list(path.parents)[:3]]:
         params = folder / "params.json"
         if params.is_file():
-            raw = json.loads(params.read_text())
-            raw = with_legacy_defaults(raw.get("train_loop_config", raw))
+            try:
+                raw = json.loads(params.read_text())
+                raw = dict(raw.get("train_loop_config", raw))
+            except (ValueError, TypeError, AttributeError, RecursionError):
+                continue
+            raw.pop(FATAL_KEY, None)  # the launcher's own entry, not a config key
+            raw = with_legacy_defaults(raw)
             try:
                 return _config(raw, str(params)), str(params)
             except ConfigError:
@@ -172,6 +197,40 @@ def checkpoint_config(path: Path, state: dict, config: str | None = None):
                 continue
     raise ConfigError(f"{path}: no training config found (not stored in the checkpoint, no "
                       "params.json of a Ray trial, no config YAML beside it); pass config=...")
+
+
+#: Keys that decide the network a checkpoint's weights belong to (or how its inputs
+#: are made): an evaluation config must agree with the checkpoint's on each.
+MODEL_KEYS = ("rois.num_rois", "rois.schedule", "model.backbone", "model.fusion", "model.fusion_hidden",
+              "model.attention_heads", "model.pe_bands", "model.decoder_iters", "model.decoder_hidden",
+              "model.bbox_info_to_decoders", "model.cam_init", "model.proj_dim", "model.proj_hidden",
+              "data.crop_size")
+
+
+def check_same_model(stored: ExperimentConfig, given: ExperimentConfig, path, config: str) -> None:
+    """``ConfigError`` naming every key of ``MODEL_KEYS`` where ``config`` differs from the
+    config stored in the checkpoint: weights that happen to load would still be scored
+    under another architecture, RoI count or camera start."""
+    differences = []
+    for key in MODEL_KEYS:
+        section, name = key.split(".")
+        mine, theirs = getattr(getattr(given, section), name), getattr(getattr(stored, section), name)
+        if mine != theirs:
+            differences.append(f"{key}={mine!r} (checkpoint: {theirs!r})")
+    if differences:
+        raise ConfigError(f"--config {config} differs from the config stored in {path}: "
+                          f"{', '.join(differences)}; drop --config or make them agree")
+
+
+def _stored_raw(stored, path: Path) -> dict:
+    """The config a checkpoint stores (JSON text) as a dict with legacy defaults."""
+    try:
+        raw = json.loads(stored) if isinstance(stored, str) else stored
+    except (ValueError, RecursionError) as err:
+        raise ConfigError(f"{path}: the stored config is not valid JSON ({str(err)[:100]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the stored config is not a mapping")
+    return with_legacy_defaults(raw)
 
 
 def _config(raw: dict, where: str) -> ExperimentConfig:
@@ -254,6 +313,7 @@ def eval_config(cfg: ExperimentConfig, data: str, max_samples: int = 0,
     cfg.model.smpl_dir = smpl_dir
     cfg.data.val_shards = str(data)
     cfg.data.max_val_samples = int(max_samples or 0)
+    cfg.data.max_bad_fraction = 1.0  # score what is good, report what is not
     return cfg
 
 
@@ -310,11 +370,17 @@ def evaluate_model(cfg: ExperimentConfig, model, body, device, overlays: int = O
                 picked.append(_overlay_sample(batch, pred, errors, i))
             seen_sequences.add(sequence)
         keys.extend(batch["keys"])
+    skipped = dict(loader.bad_counts)
     if not keys:
-        raise ValueError(f"no samples to evaluate in {cfg.data.val_shards}")
+        raise ValueError(f"no samples to evaluate in {cfg.data.val_shards}"
+                         + (f" (all bad: {skipped})" if skipped else ""))
+    if skipped:
+        print(f"[eval] skipped {sum(skipped.values())} bad sample(s) of {cfg.data.val_shards}: "
+              f"{skipped}", flush=True)
     arrays = {name: np.concatenate(values) for name, values in parts.items()}
     faces = getattr(body, "faces", None)
-    return Evaluation(keys=keys, gendered=gendered, overlay_samples=picked, faces=faces, **arrays)
+    return Evaluation(keys=keys, gendered=gendered, overlay_samples=picked, faces=faces,
+                      skipped=skipped, **arrays)
 
 
 def _overlay_sample(batch, pred, errors, i: int) -> dict:
@@ -400,6 +466,7 @@ def summarize(ev: Evaluation, target: Target, data: str) -> dict:
         "num_rois": target.config.rois.num_rois,
         "gendered_gt": ev.gendered,
         "overall": overall,
+        "skipped": {"total": sum(ev.skipped.values()), "by_reason": dict(ev.skipped)},
         "per_sequence": {name: _stats(ev, np.asarray(idx)) for name, idx in sorted(sequences.items())},
         "per_joint": {name: float(v) for name, v in zip(J14_NAMES, per_joint)},
         "stored_validation": stored,

@@ -42,9 +42,13 @@ def is_complete(directory: str) -> bool:
     """True when COMMIT.json exists and matches state.pt."""
     path = Path(directory)
     try:
-        commit = json.loads((path / COMMIT_FILE).read_text())
+        with open(path / COMMIT_FILE, "rb") as handle:
+            commit = json.loads(handle.read(1 << 16))
+        step = commit.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            return False  # a commit record we did not write
         return commit.get("sha256") == _sha256(path / STATE_FILE)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 

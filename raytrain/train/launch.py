@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 from ..config import ConfigError, ExperimentConfig, to_dict
+from .fatal import FATAL_KEY, RunStopped, clear_fatal_error, fatal_path, read_fatal_error
 
 
 def storage_uri(path: str) -> str:
@@ -10,15 +11,22 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
+def run_dir_of(cfg: ExperimentConfig) -> str:
+    """Where Ray Train keeps this run: ``train.storage_path/<name>``."""
+    return storage_uri(cfg.train.storage_path).rstrip("/") + "/" + cfg.name
+
+
 def preflight_data(cfg: ExperimentConfig):
-    """Missing shards or zero samples fail here, naming the key (each source of a mixture)."""
+    """Missing, inconsistent or unreachable shards or zero samples fail here, naming the
+    key (each source of a mixture; with ``data.verify_checksums`` every shard's sha256 is
+    checked too)."""
     if cfg.data.mixture:
         sets = [(f"data.mixture[{i}].shards ({m.name})", m.shards) for i, m in enumerate(cfg.data.mixture)]
     else:
         sets = [("data.train_shards", cfg.data.train_shards)]
     largest = 0
     for key, source in [*sets, ("data.val_shards", cfg.data.val_shards)]:
-        total = _count_shards(key, source)
+        total = _count_shards(key, source, cfg.data.verify_checksums)
         if key != "data.val_shards":
             largest = max(largest, total)
     if largest < cfg.data.batch_size:
@@ -26,14 +34,18 @@ def preflight_data(cfg: ExperimentConfig):
                           f"fewer than one batch (data.batch_size={cfg.data.batch_size})")
 
 
-def _count_shards(key: str, source: str) -> int:
-    from ..data.pipeline import count_samples
+def _count_shards(key: str, source: str, verify: bool = False) -> int:
+    from ..data.io import storage_error_hint
+    from ..data.shards import count_samples
     if not source:
         raise ConfigError(f"{key}: not set")
     try:
-        total = count_samples(source)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise ConfigError(f"{key}: cannot read shards at {source!r}: {err}") from None
+        total = count_samples(source, verify=verify)
+    except Exception as err:  # noqa: BLE001 - every way shards can be unreadable
+        hint = storage_error_hint(source, err)
+        if hint is None and not isinstance(err, (FileNotFoundError, ValueError, OSError)):
+            raise
+        raise ConfigError(f"{key}: cannot read shards at {source!r}: {hint or err}") from None
     if total == 0:
         raise ConfigError(f"{key}: {source!r} holds zero samples")
     return total
@@ -50,6 +62,31 @@ def preflight_model(cfg: ExperimentConfig):
                             partial_ok=cfg.model.backbone_partial_ok)
         except (BackboneLoadError, FileNotFoundError) as err:
             raise ConfigError(f"model.backbone_checkpoint: {err}") from None
+
+
+def preflight_body_model(cfg: ExperimentConfig):
+    """``model.smpl_dir`` must hold the body model files before a worker starts."""
+    from ..body.model import BodyModelError, ensure_body_model_dir
+    try:
+        ensure_body_model_dir(cfg.model.smpl_dir)
+    except BodyModelError as err:
+        raise ConfigError(f"model.smpl_dir: {err}") from None
+
+
+def preflight_storage(cfg: ExperimentConfig):
+    """``train.storage_path`` on object storage needs its fsspec backend and credentials."""
+    path = cfg.train.storage_path
+    if "://" not in path:
+        return
+    from ..data.io import get_fs, storage_error_hint
+    try:
+        fs, root = get_fs(path)
+        fs.exists(root)
+    except Exception as err:  # noqa: BLE001 - reported with what to install or configure
+        hint = storage_error_hint(path, err)
+        if hint is None:
+            raise
+        raise ConfigError(f"train.storage_path: {hint}") from None
 
 
 def init_ray(cfg: ExperimentConfig):
@@ -84,12 +121,13 @@ def build_trainer(cfg: ExperimentConfig):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .loop import ray_train_worker
+    clear_fatal_error(run_dir_of(cfg))  # a new attempt of the run: forget an old stop
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
         ray_train_worker,
-        train_loop_config=to_dict(cfg),
+        train_loop_config={**to_dict(cfg), FATAL_KEY: fatal_path(run_dir_of(cfg))},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources),
@@ -106,10 +144,36 @@ def build_trainer(cfg: ExperimentConfig):
 
 def run_training(cfg: ExperimentConfig, check_data: bool = True):
     """Validate, start or connect to Ray, train, and return the Ray Train Result."""
+    preflight_body_model(cfg)
+    preflight_storage(cfg)
     if check_data:
         preflight_data(cfg)
     preflight_model(cfg)
     init_ray(cfg)
     preflight_resources(cfg)
-    result = build_trainer(cfg).fit()
-    return result
+    run_dir = run_dir_of(cfg)
+    try:
+        return build_trainer(cfg).fit()
+    except Exception as err:  # a deterministic error of a worker: one line, not Ray's dump
+        fatal = read_fatal_error(run_dir) or _data_error_in(err)
+        if fatal is not None:
+            raise RunStopped(fatal) from None
+        raise
+
+
+def _data_error_in(error: BaseException) -> str | None:
+    """The one line of a ``DataError`` (or ``NonFiniteLoss``) a worker raised, if any."""
+    from ..data.errors import DataError, user_line
+    from .fatal import NonFiniteLoss
+    seen, stack = set(), [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (DataError, NonFiniteLoss)):
+            return user_line(current)
+        stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
+        stack.extend(getattr(current, "worker_failures", {}).values() if isinstance(
+            getattr(current, "worker_failures", None), dict) else [])
+    return None

@@ -25,6 +25,7 @@ from ..eval.protocol import validate
 from ..losses import compute_losses, gather_negatives
 from ..model import build_model, normalize_images
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .fatal import FATAL_KEY, NonFiniteLoss, record_fatal_error, stop_if_failed_before
 from .logger import RunLogger
 
 
@@ -57,9 +58,21 @@ class Throughput:
 
 
 def ray_train_worker(raw_cfg: dict):
-    """Entry point of every Ray Train worker."""
+    """Entry point of every Ray Train worker. A deterministic error (bad data, a
+    non-finite loss) is recorded so that Ray's restart stops at once (``fatal.py``)."""
+    from ..data.errors import DataError
     from .session import RaySession
-    run_loop(config_from_raw(raw_cfg), RaySession())
+    raw_cfg = dict(raw_cfg)
+    fatal = raw_cfg.pop(FATAL_KEY, None)
+    if fatal:
+        stop_if_failed_before(fatal)
+    try:
+        run_dir = fatal.rsplit("/", 1)[0] if fatal else None
+        run_loop(config_from_raw(raw_cfg), RaySession(run_dir=run_dir))
+    except (DataError, NonFiniteLoss) as error:
+        if fatal:
+            record_fatal_error(fatal, error)
+        raise
 
 
 def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> dict:
@@ -86,7 +99,8 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
             loader = build_loader(cfg, "train", session.rank, session.world_size, pos.epoch,
                                   skip=pos.samples_in_epoch, batch_size=per_worker, seed=cfg.seed)
             for batch in loader:
-                terms = train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device)
+                terms = train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device,
+                                   step=pos.step + 1)
                 pos.step += 1
                 pos.samples_in_epoch += len(batch["keys"])
                 throughput.tick(len(batch["keys"]) * session.world_size)
@@ -116,17 +130,32 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
     return metrics
 
 
-def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device) -> dict[str, float]:
+def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device, step: int = 0) -> dict[str, float]:
+    """One optimisation step; ``NonFiniteLoss`` (naming ``step``, the batch's sample keys
+    and the loss terms) before the backward pass when the loss is NaN or infinite, and
+    before the optimiser step when the gradient is (without fp16's own skipping)."""
     batch = batch_to_device(batch, device, cfg.data.crop_size)
     model.train()
     with _autocast(cfg, device):
         pred = forward(model, batch)
     total, terms = batch_losses(cfg, body, pred, batch)
+    if not torch.isfinite(total.detach()):  # stop before backward: nothing reaches Adam
+        values = {k: float(v) for k, v in terms.items()}
+        values["total"] = float(total.detach())
+        raise NonFiniteLoss(step, batch["keys"], values)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     if cfg.optim.grad_clip > 0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    elif not scaler.is_enabled():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    else:
+        norm = None  # fp16: the scaler skips steps with non-finite gradients itself
+    if norm is not None and not scaler.is_enabled() and not torch.isfinite(norm):
+        values = {k: float(v) for k, v in terms.items()}
+        values.update(total=float(total.detach()), grad_norm=float(norm))
+        raise NonFiniteLoss(step, batch["keys"], values, what="gradient")
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import latest_complete_checkpoint
+from .checkpoint import checkpoint_step, is_complete, latest_complete_checkpoint
 
 
 class BareSession:
@@ -40,9 +40,10 @@ class BareSession:
 class RaySession:
     """Inside a Ray Train worker: DDP via prepare_model, checkpoints via ray.train.report."""
 
-    def __init__(self):
+    def __init__(self, run_dir: str | None = None):
         import ray.train
         ctx = ray.train.get_context()
+        self.run_dir = run_dir  # train.storage_path/<name>: scanned for complete checkpoints
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
@@ -56,19 +57,21 @@ class RaySession:
         return prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
     def latest_checkpoint_dir(self) -> str | None:
-        """The latest *complete* checkpoint Ray knows, else the newest complete one on disk."""
+        """The latest complete checkpoint: Ray's last registered one or a newer complete
+        one in the run directory (``choose_resume``), saying which and why."""
         import ray.train
-
-        from .checkpoint import is_complete
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        self._restored = checkpoint.to_directory(tempfile.mkdtemp(prefix="raytrain-restore-"))
-        if is_complete(self._restored):
-            return self._restored
-        run_dir = Path(checkpoint.path).parent
-        found = latest_complete_checkpoint(str(run_dir)) if run_dir.exists() else None
-        return str(found) if found else None
+        registered = None
+        if checkpoint is not None:
+            self._restored = checkpoint.to_directory(tempfile.mkdtemp(prefix="raytrain-restore-"))
+            registered = self._restored
+        run_dir = self.run_dir
+        if run_dir is None and checkpoint is not None:
+            run_dir = str(Path(checkpoint.path).parent)
+        chosen, note = choose_resume(registered, run_dir)
+        if note and self.rank == 0:
+            print(f"[raytrain] {note}", flush=True)
+        return chosen
 
     def checkpoint_dir(self, step: int) -> str:
         path = Path(self._tmp.name) / f"step_{step:08d}"
@@ -83,3 +86,32 @@ class RaySession:
     def barrier(self):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+
+def choose_resume(registered: str | None, run_dir: str | None) -> tuple[str | None, str]:
+    """(checkpoint to resume from, a note for the user) given Ray's last registered
+    checkpoint (restored to a local directory, or None) and the run directory.
+
+    The newest *complete* checkpoint wins: Ray's, unless it is incomplete or the run
+    directory (local) holds a complete one of a later step (a checkpoint written but
+    not registered when the run was interrupted). The note says what was skipped."""
+    candidates = []
+    if registered is not None and is_complete(registered):
+        candidates.append((checkpoint_step(registered), registered, "Ray's last registered checkpoint"))
+    on_disk = None
+    if run_dir and "://" not in run_dir and Path(run_dir).is_dir():
+        on_disk = latest_complete_checkpoint(run_dir)
+    if on_disk is not None:
+        candidates.append((checkpoint_step(str(on_disk)), str(on_disk), "the latest complete checkpoint on disk"))
+    if not candidates:
+        note = (f"Ray's last checkpoint {registered} is incomplete and {run_dir} holds no complete "
+                "one: starting from scratch") if registered is not None else ""
+        return None, note
+    step, chosen, origin = max(candidates, key=lambda item: item[0])
+    if registered is not None and chosen != registered:
+        why = ("is incomplete" if not is_complete(registered)
+               else f"is at step {checkpoint_step(registered)}")
+        return chosen, f"resuming from {origin} {chosen} (step {step}): Ray's last registered checkpoint {why}"
+    if registered is None:
+        return chosen, f"resuming from {origin} {chosen} (step {step}): Ray registered none"
+    return chosen, ""

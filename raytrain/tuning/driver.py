@@ -144,7 +144,14 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     from ray import tune
 
-    from ..train.launch import init_ray, preflight_data, preflight_resources, storage_uri
+    from ..train.launch import (
+        init_ray,
+        preflight_body_model,
+        preflight_data,
+        preflight_resources,
+        preflight_storage,
+        storage_uri,
+    )
     if storage_path:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage_path))
     if trials < 1:
@@ -152,6 +159,8 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
     space_path = shipped_path(space_path)
     space = load_space(space_path, cfg)
     tset = TuneSettings.from_sources(cfg, space, settings)
+    preflight_body_model(cfg)
+    preflight_storage(cfg)
     exp_path = experiment_dir(cfg)
     local = "://" not in exp_path
     if resume and not tune.Tuner.can_restore(exp_path):

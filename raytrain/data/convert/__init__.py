@@ -15,6 +15,7 @@ used. ``sources.CONVERTERS`` is the registry behind ``raytrain shard <source>``
 
 from .common import (
     SKIP_REASONS,
+    ConversionError,
     ConversionSummary,
     Record,
     RecordSet,
@@ -35,7 +36,7 @@ from .pw3d import (
 from .spin_npz import SOURCES, convert_spin_npz, read_spin_npz, spin_npz_record_set, spin_npz_records
 
 __all__ = [
-    "SKIP_REASONS", "ConversionSummary", "Record", "RecordSet", "StorageConfig", "convert_record",
+    "SKIP_REASONS", "ConversionError", "ConversionSummary", "Record", "RecordSet", "StorageConfig", "convert_record",
     "convert_record_set", "run_conversion", "PW3D_LICENCE", "REQUIRED_KEYS", "SequenceFileError",
     "convert_3dpw", "load_sequence_file", "pw3d_record_set", "pw3d_records", "SOURCES",
     "convert_spin_npz", "read_spin_npz", "spin_npz_record_set", "spin_npz_records",

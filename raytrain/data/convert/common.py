@@ -40,8 +40,9 @@ from functools import partial
 import cv2
 import numpy as np
 
-from ..schema import ARRAY_SHAPES, encode_sample
-from ..shards import write_shards
+from ..io import storage_error_hint
+from ..schema import ARRAY_SHAPES, BadSample, decode_sample, encode_sample
+from ..shards import clear_shard_folder, write_shards
 from ..storage import extract_context
 
 #: Why a record was not written (counted in ``ConversionSummary.skipped``).
@@ -53,6 +54,7 @@ SKIP_REASONS = (
     "no_box",  # no box given and no visible keypoint to derive one
     "box_outside_image",  # empty box or a box not overlapping the image
     "behind_camera",  # (3DPW) the person is not in front of the camera
+    "rejected_by_reader",  # the encoded sample breaks a reader rule (schema.py limits, ranges)
     "conversion_error",  # anything unexpected (the detail names it)
 )
 
@@ -157,6 +159,10 @@ def make_key(source: str, sequence, frame, person) -> str:
 # ----------------------------------------------------------------------------- one record
 
 
+class ConversionError(ValueError):
+    """An input or output a conversion cannot use; the message is one line naming it."""
+
+
 class _Skip(Exception):
     def __init__(self, reason: str, detail: str = ""):
         self.reason, self.detail = reason, detail
@@ -177,7 +183,12 @@ def convert_record(record: Record, source: str, storage: StorageConfig | None = 
     try:
         image = _read_image(record.image_path)
         meta, arrays, box = _check_labels(record, image.shape[1], image.shape[0], source, storage)
-        return Outcome(record.key, sample=_encode(record.key, image, box, meta, arrays, storage))
+        sample = _encode(record.key, image, box, meta, arrays, storage)
+        try:  # what the reader would refuse is not written
+            decode_sample(sample, decode_image=False)
+        except BadSample as error:
+            raise _Skip("rejected_by_reader", str(error)) from None
+        return Outcome(record.key, sample=sample)
     except _Skip as skip:
         return Outcome(record.key, reason=skip.reason, detail=f"{record.key}: {skip.detail}")
     except Exception as error:  # noqa: BLE001 - counted and reported, never a crash
@@ -307,21 +318,41 @@ def _mp_context():
     return multiprocessing.get_context("spawn")
 
 
+def prepare_output(out: str, overwrite: bool, storage_options: dict | None = None) -> None:
+    """``out`` empty or missing, or emptied with ``overwrite``; ConversionError otherwise
+    (a shard set already there, a missing storage backend or credentials)."""
+    try:
+        clear_shard_folder(out, overwrite, storage_options)
+    except FileExistsError as error:
+        raise ConversionError(str(error)) from None
+    except Exception as error:  # noqa: BLE001 - a missing backend or credentials: say which
+        hint = storage_error_hint(out, error)
+        if hint is None:
+            raise
+        raise ConversionError(f"--out {out}: {hint}") from None
+
+
 def run_conversion(records: Iterable[Record], out: str, source: str, licence: str, *,
                    limit: int | None = None, workers: int = 1, maxcount: int = 1000,
                    total: int | None = None, storage: StorageConfig | None = None,
                    progress: bool = True, storage_options: dict | None = None,
                    printer: Callable[[str], None] | None = print,
                    ignored_keys: Sequence[str] = (), prefix: str = "shard",
-                   write_manifest: bool = True) -> ConversionSummary:
+                   write_manifest: bool = True, overwrite: bool = False) -> ConversionSummary:
     """Convert ``records`` into shards under ``out``; returns (and prints) the summary.
 
     limit: convert at most this many records (written or skipped); workers: processes
     that read, crop and encode images (1: in this process); total: the number of
     records, for the progress bar; ignored_keys: input keys no record carries, named in
-    the summary; prefix, write_manifest: as ``write_shards`` (a part of a conversion).
+    the summary; prefix, write_manifest: as ``write_shards``. A whole conversion
+    (``write_manifest``) owns ``out``: it must be empty or missing, or with ``overwrite`` a
+    shard set already there is removed first (its manifest before its shards), and a run
+    that writes nothing removes what it made and raises ``ConversionError`` with the skip
+    summary. A part of a conversion (``--ray`` chunks) shares ``out`` with the others.
     """
     storage = storage or StorageConfig()
+    if write_manifest:
+        prepare_output(out, overwrite, storage_options)
     if limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
@@ -355,6 +386,11 @@ def run_conversion(records: Iterable[Record], out: str, source: str, licence: st
                                     prefix=prefix, write_manifest=write_manifest)
     if printer is not None:
         printer(summary.format())
+    if summary.written == 0 and write_manifest:
+        clear_shard_folder(out, True, storage_options)
+        reasons = "; ".join(f"{reason}: {n} (e.g. {summary.examples.get(reason, '')})"
+                            for reason, n in sorted(summary.skipped.items())) or "no records"
+        raise ConversionError(f"nothing written to {out}: {reasons}")
     return summary
 
 
@@ -376,6 +412,8 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
                         help="crop size S the context resolution is chosen for")
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a shard set already in --out (default: refuse a non-empty --out)")
 
 
 def storage_from_args(args: argparse.Namespace) -> StorageConfig:

@@ -31,13 +31,12 @@ from collections import Counter
 from collections.abc import Callable
 
 from ..io import exists, join_url, open_url
-from ..shards import MANIFEST_NAME, make_manifest, write_json
-from .common import ConversionSummary, RecordSet, StorageConfig, run_conversion
+from ..shards import MANIFEST_NAME, PARTS_DIR, make_manifest, write_json
+from .common import ConversionSummary, RecordSet, StorageConfig, prepare_output, run_conversion
 
 log = logging.getLogger(__name__)
 
 DATA_RESOURCE = "data_cpu"  # the custom resource of the CPU-only node type
-PARTS_DIR = "parts"
 
 
 def chunk_ranges(total: int, chunk: int) -> list[tuple[int, int, int]]:
@@ -101,9 +100,14 @@ def task_options(cluster_resources: dict) -> dict:
 def shard_with_ray(record_set: RecordSet, out: str, *, chunk: int = 2000, maxcount: int = 1000,
                    limit: int | None = None, storage: StorageConfig | None = None,
                    storage_options: dict | None = None, address: str | None = None,
-                   printer: Callable[[str], None] | None = print) -> ConversionSummary:
-    """Convert ``record_set`` into shards under ``out`` with one Ray task per chunk."""
+                   printer: Callable[[str], None] | None = print, overwrite: bool = False) -> ConversionSummary:
+    """Convert ``record_set`` into shards under ``out`` with one Ray task per chunk. A
+    finished shard set (with its manifest) there is refused unless ``overwrite`` (which
+    also discards finished chunks); chunks of an interrupted run are reused."""
     import ray
+
+    if overwrite or exists(join_url(out, MANIFEST_NAME), storage_options):
+        prepare_output(out, overwrite, storage_options)
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")

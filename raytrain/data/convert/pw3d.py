@@ -5,8 +5,9 @@ Layout (https://virtualhumans.mpi-inf.mpg.de/3DPW/):
     <root>/sequenceFiles/{train,validation,test}/<sequence>.pkl
     <root>/imageFiles/<sequence>/image_00000.jpg ...
 
-Each sequence file is a python-2 pickle (loaded with ``encoding="latin1"``; this is the
-one place in raytrain that unpickles, and only files from the user's own disk) holding
+Each sequence file is a python-2 pickle, read with raytrain's restricted unpickler
+(``raytrain.safe_pickle``: numpy arrays, lists, strings and numbers, nothing else; a file
+naming any other global is refused, naming the file) holding
 ``sequence``, ``genders`` ('m'/'f' per actor), ``poses`` (per actor (F, 72) world-frame
 SMPL), ``betas`` (per actor (10,) or (300,)), ``trans`` (per actor (F, 3)), ``cam_poses``
 ((F, 4, 4) world -> camera), ``cam_intrinsics`` ((3, 3)), ``campose_valid`` (per actor
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
+import re
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -44,6 +45,7 @@ import torch
 
 from raytrain.body.joints import J24_TO_OPENPOSE18
 from raytrain.geometry import axis_angle_to_rotmat, rotmat_to_axis_angle
+from raytrain.safe_pickle import UnsafePickleError, safe_load
 
 from .common import (
     ConversionSummary,
@@ -96,10 +98,11 @@ def load_sequence_file(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            data = pickle.load(handle, encoding="latin1")
+        data = safe_load(path)
     except FileNotFoundError:
         raise
+    except UnsafePickleError as error:
+        raise SequenceFileError(str(error)) from None
     except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
         raise SequenceFileError(f"{path}: not a readable 3DPW sequence pickle "
                                 f"({type(error).__name__}: {error})") from None
@@ -137,6 +140,9 @@ def _normalise(data: dict) -> dict:
                     if data.get("poses2d") is not None else None),
         "num_frames": frames,
     }
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", out["sequence"]) or ".." in out["sequence"]:
+        raise ValueError(f"'sequence' {out['sequence'][:100]!r} is not a plain folder name under "
+                         "imageFiles/")
     for key in ("genders", "betas", "trans", "campose_valid"):
         if len(out[key]) != actors:
             raise ValueError(f"'{key}' has {len(out[key])} actors, 'poses' has {actors}")
@@ -333,7 +339,7 @@ def pw3d_record_set(root: str | os.PathLike, split: str, *, smpl_dir=None, body_
 def convert_3dpw(root: str | os.PathLike, split: str, out: str, *, smpl_dir=None,
                  body_model=None, visibility: str = "poses2d", limit: int | None = None,
                  workers: int = 1, maxcount: int = 1000, storage: StorageConfig | None = None,
-                 progress: bool = True, printer=print) -> ConversionSummary:
+                 progress: bool = True, printer=print, overwrite: bool = False) -> ConversionSummary:
     """Convert one split of the raw 3DPW release into shards under ``out``.
 
     Every sequence file is checked before anything is written. ``body_model``: a
@@ -342,7 +348,7 @@ def convert_3dpw(root: str | os.PathLike, split: str, out: str, *, smpl_dir=None
     record_set = pw3d_record_set(root, split, smpl_dir=smpl_dir, body_model=body_model,
                                  visibility=visibility)
     return convert_record_set(record_set, out, limit=limit, workers=workers, maxcount=maxcount,
-                              storage=storage, progress=progress, printer=printer)
+                              storage=storage, progress=progress, printer=printer, overwrite=overwrite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

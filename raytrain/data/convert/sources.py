@@ -22,7 +22,7 @@ from raytrain.body.model import BodyModelError
 from raytrain.registry import Registry
 
 from . import pw3d, spin_npz
-from .common import RecordSet, add_output_args, convert_record_set, storage_from_args
+from .common import ConversionError, RecordSet, add_output_args, convert_record_set, storage_from_args
 
 
 @dataclass(frozen=True)
@@ -55,19 +55,20 @@ def run_record_set(make: Callable[[argparse.Namespace], RecordSet], args: argpar
     """Build the record set from ``args`` and convert it; bad input exits 2 in one line."""
     try:
         record_set = make(args)
-    except (ValueError, FileNotFoundError, BodyModelError) as error:
+        storage = storage_from_args(args)
+        if args.ray:
+            from .distributed import shard_with_ray
+
+            shard_with_ray(record_set, args.out, chunk=args.chunk, maxcount=args.maxcount,
+                           limit=args.limit, storage=storage, address=args.ray_address,
+                           overwrite=args.overwrite)
+        else:
+            convert_record_set(record_set, args.out, limit=args.limit, workers=args.workers,
+                               maxcount=args.maxcount, storage=storage,
+                               progress=not args.no_progress, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, BodyModelError, ConversionError) as error:
         print(f"raytrain shard: error: {error}", file=sys.stderr)
         return 2
-    storage = storage_from_args(args)
-    if args.ray:
-        from .distributed import shard_with_ray
-
-        shard_with_ray(record_set, args.out, chunk=args.chunk, maxcount=args.maxcount,
-                       limit=args.limit, storage=storage, address=args.ray_address)
-    else:
-        convert_record_set(record_set, args.out, limit=args.limit, workers=args.workers,
-                           maxcount=args.maxcount, storage=storage,
-                           progress=not args.no_progress)
     return 0
 
 

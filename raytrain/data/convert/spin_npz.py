@@ -49,6 +49,7 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from .common import (
+    ConversionError,
     ConversionSummary,
     Record,
     RecordSet,
@@ -79,19 +80,34 @@ PELVIS_J24 = 14
 
 
 def read_spin_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Load and check a SPIN-style npz (no pickles) -> dict of arrays."""
+    """Load and check a SPIN-style npz (no pickles) -> dict of arrays.
+
+    Everything a conversion needs is checked here, before anything is written: the
+    file is a zip of plain arrays, the arrays' shapes agree, every ``imgname`` is UTF-8
+    text naming a path inside the image root (no '..', not absolute), ``focal_length``
+    has one value or one per row. Raises ``ConversionError`` (a ``ValueError``) naming
+    the file and the problem."""
     path = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: npz file not found") from None
+    except IsADirectoryError:
+        raise ConversionError(f"{path}: is a directory, expected an .npz file") from None
+    if magic != b"PK\x03\x04":
+        raise ConversionError(f"{path}: not an npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {name: npz[name] for name in npz.files}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: npz file not found") from None
     except ValueError as error:
         if "allow_pickle" in str(error) or "Object arrays" in str(error):
-            raise ValueError(f"{path}: stores object arrays (pickles), which are not loaded; "
-                             "re-save its string arrays as fixed-width unicode "
-                             "(np.asarray(x, dtype=str))") from None
-        raise ValueError(f"{path}: not a readable npz ({error})") from None
+            raise ConversionError(f"{path}: stores object arrays (pickles), which are not loaded; "
+                                  "re-save its string arrays as fixed-width unicode "
+                                  "(np.asarray(x, dtype=str))") from None
+        raise ConversionError(f"{path}: not a readable npz ({error})") from None
+    except Exception as error:  # noqa: BLE001 - zipfile / OSError: an unreadable file
+        raise ConversionError(f"{path}: not a readable npz ({type(error).__name__}: {error})") from None
     missing = [key for key in REQUIRED_NPZ_KEYS if key not in data]
     if missing:
         raise ValueError(f"{path}: missing keys {missing} (has {sorted(data)})")
@@ -100,7 +116,7 @@ def read_spin_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 "has_smpl": (n,), "gender": (n,)}
     for key, shape in expected.items():
         if key in data and data[key].shape != shape:
-            raise ValueError(f"{path}: {key} has shape {data[key].shape}, expected {shape}")
+            raise ConversionError(f"{path}: {key} has shape {data[key].shape}, expected {shape}")
     if data["scale"].shape[0] != n:
         raise ValueError(f"{path}: scale has {data['scale'].shape[0]} rows, imgname {n}")
     if "S" in data and (data["S"].shape[:2] != (n, 24) or data["S"].shape[2] not in (3, 4)):
@@ -108,16 +124,36 @@ def read_spin_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if "pose" in data and "shape" not in data:
         raise ValueError(f"{path}: has pose but no shape")
     if "global_t" in data and data["global_t"].shape != (n, 3):
-        raise ValueError(f"{path}: global_t has shape {data['global_t'].shape}, expected ({n}, 3)")
+        raise ConversionError(f"{path}: global_t has shape {data['global_t'].shape}, expected ({n}, 3)")
     for key in FOCAL_KEYS:
         if key in data and data[key].shape not in ((), (n,), (n, 1)):
-            raise ValueError(f"{path}: {key} has shape {data[key].shape}, expected ({n},) or ()")
+            raise ConversionError(f"{path}: {key} has shape {data[key].shape}, expected ({n},) or ()")
+    for key in ("center", "scale", "part", "S", "pose", "shape", "has_smpl", "global_t", *FOCAL_KEYS):
+        if key in data and data[key].dtype.kind not in "biuf":
+            raise ConversionError(f"{path}: {key} holds {data[key].dtype} values, expected numbers")
+    if data["scale"].ndim not in (1, 2):
+        raise ConversionError(f"{path}: scale has shape {data['scale'].shape}, expected ({n},)")
+    for row, value in enumerate(data["imgname"]):
+        try:
+            name = _text(value)
+        except UnicodeDecodeError:
+            raise ConversionError(f"{path}: imgname of row {row} is not UTF-8 text") from None
+        if not _inside_root(name):
+            raise ConversionError(f"{path}: imgname of row {row} ({name[:100]!r}) is not a relative "
+                                  "path inside --img-root (no '..', not absolute)")
     return data
 
 
 def ignored_npz_keys(data: dict) -> list[str]:
     """Keys of a loaded npz the converter does not read (named in the summary)."""
     return sorted(set(data) - USED_NPZ_KEYS)
+
+
+def _inside_root(name: str) -> bool:
+    """A relative path without '..' (a Windows drive or UNC path counts as absolute)."""
+    rel = PurePosixPath(name.replace("\\", "/"))
+    return (bool(name) and not rel.is_absolute() and ".." not in rel.parts and ":" not in name
+            and "\0" not in name)
 
 
 def _text(value) -> str:
@@ -189,6 +225,8 @@ def spin_npz_record_set(npz: str | os.PathLike, img_root: str | os.PathLike, sou
                              "pass licence=...")
         licence = SOURCES[source]
     data = read_spin_npz(npz)
+    if not os.path.isdir(img_root):
+        raise ConversionError(f"--img-root {os.fspath(img_root)}: not a directory")
     return RecordSet(source=source, licence=licence, total=len(data["imgname"]),
                      make_records=partial(_records_from_file, os.fspath(npz),
                                           os.fspath(img_root), source),
@@ -199,11 +237,11 @@ def convert_spin_npz(npz: str | os.PathLike, img_root: str | os.PathLike, out: s
                      source: str, *, licence: str | None = None, limit: int | None = None,
                      workers: int = 1, maxcount: int = 1000,
                      storage: StorageConfig | None = None, progress: bool = True,
-                     printer=print) -> ConversionSummary:
+                     printer=print, overwrite: bool = False) -> ConversionSummary:
     """Convert one SPIN-style npz (images under ``img_root``) into shards under ``out``."""
     record_set = spin_npz_record_set(npz, img_root, source, licence)
     return convert_record_set(record_set, out, limit=limit, workers=workers, maxcount=maxcount,
-                              storage=storage, progress=progress, printer=printer)
+                              storage=storage, progress=progress, printer=printer, overwrite=overwrite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

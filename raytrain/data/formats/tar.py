@@ -21,6 +21,10 @@ BLOCK = 512
 
 #: Extra entries a raw sample dict may carry besides ``__key__`` and its members.
 CORRUPT_FLAG = "__corrupt__"  # a damaged member was next to this sample
+OVERSIZED_FLAG = "__oversized__"  # extensions of members skipped for their size
+
+#: Default largest member kept (bytes); ``tar_samples`` takes a per-name limit.
+DEFAULT_MEMBER_LIMIT = 64 << 20
 
 
 def _read_exact(handle: IO[bytes], size: int) -> bytes:
@@ -33,6 +37,26 @@ def _read_exact(handle: IO[bytes], size: int) -> bytes:
         parts.append(chunk)
         left -= len(chunk)
     return b"".join(parts)
+
+
+def _skip(handle: IO[bytes], size: int) -> int:
+    """Skip ``size`` bytes without holding them (seek when possible); bytes skipped."""
+    try:
+        if handle.seekable():
+            start = handle.tell()
+            end = handle.seek(0, 2)
+            target = min(start + size, end)
+            handle.seek(target)
+            return target - start
+    except (OSError, ValueError, AttributeError):
+        pass
+    left = size
+    while left > 0:
+        chunk = handle.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        left -= len(chunk)
+    return size - left
 
 
 def _padded(size: int) -> int:
@@ -61,6 +85,7 @@ def _pax_path(data: bytes) -> str | None:
 
 
 _REGULAR = (b"0", b"\0")
+_META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.XGLTYPE)
 _USTAR = (b"ustar\x0000", b"ustar  \x00")
 
 
@@ -85,12 +110,15 @@ def _fast_header(header: bytes) -> tuple[str, int] | None:
     return raw_name.decode("utf-8", "surrogateescape"), size
 
 
-def tar_events(handle: IO[bytes]) -> Iterator[tuple[str, str, bytes]]:
+def tar_events(handle: IO[bytes], limit=None) -> Iterator[tuple[str, str, bytes]]:
     """Yield ``("member", name, data)`` for regular files and ``("corrupt", detail, b"")``.
 
     One ``corrupt`` event is emitted per run of damaged blocks; a truncated member ends
     the stream after its event. Directories, links and global headers are skipped.
+    A member larger than ``limit(name)`` bytes (default ``DEFAULT_MEMBER_LIMIT``) is
+    skipped without being held and reported as ``("oversized", name, b"")``.
     """
+    limit = limit or (lambda name: DEFAULT_MEMBER_LIMIT)
     long_name: str | None = None
     resyncing = False
     read = handle.read
@@ -108,6 +136,12 @@ def tar_events(handle: IO[bytes]) -> Iterator[tuple[str, str, bytes]]:
             name, size = fast
             resyncing = False
             padded = _padded(size)
+            if size > limit(name):
+                if _skip(handle, padded) < size:
+                    yield ("corrupt", f"truncated member {name}", b"")
+                    return
+                yield ("oversized", name, b"")
+                continue
             data = read(padded)
             if len(data) < padded:
                 data += _read_exact(handle, padded - len(data))
@@ -128,6 +162,15 @@ def tar_events(handle: IO[bytes]) -> Iterator[tuple[str, str, bytes]]:
                 resyncing = True
             continue
         resyncing = False
+        name = long_name or info.name
+        if info.size > max(limit(name), 1 << 20 if info.type in _META_TYPES else 0):
+            if _skip(handle, _padded(info.size)) < info.size:
+                yield ("corrupt", f"truncated member {name}", b"")
+                return
+            if info.isreg():
+                yield ("oversized", name, b"")
+            long_name = None
+            continue
         data = _read_exact(handle, info.size)
         if len(data) < info.size:
             yield ("corrupt", f"truncated member {info.name}", b"")
@@ -154,16 +197,17 @@ def split_name(name: str) -> tuple[str, str]:
     return (posixpath.join(folder, stem) if folder else stem), ext
 
 
-def tar_samples(handle: IO[bytes]) -> Iterator[dict]:
+def tar_samples(handle: IO[bytes], limit=None) -> Iterator[dict]:
     """Group a tar stream into raw samples ``{"__key__": key, ext: bytes, ...}``.
 
     A sample next to a damaged region (the one open when it happened and the one that
     starts right after) carries ``CORRUPT_FLAG: True``, so that an incomplete sample can
-    be told apart from one written without a member.
+    be told apart from one written without a member. A member over ``limit(name)``
+    bytes is not kept: its extension is listed under ``OVERSIZED_FLAG``.
     """
     current: dict | None = None
     flag_next = False
-    for kind, name, data in tar_events(handle):
+    for kind, name, data in tar_events(handle, limit):
         if kind == "corrupt":
             if current is not None:
                 current[CORRUPT_FLAG] = True
@@ -177,6 +221,9 @@ def tar_samples(handle: IO[bytes]) -> Iterator[dict]:
             if flag_next:
                 current[CORRUPT_FLAG] = True
                 flag_next = False
+        if kind == "oversized":
+            current.setdefault(OVERSIZED_FLAG, []).append(ext)
+            continue
         current[ext] = data
     if current is not None:
         yield current
