@@ -322,3 +322,35 @@ def test_bench_infer_quick(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["batch1_fp32_persons_per_s"] > 0 and result["batched_fp32_persons_per_s"] > 0
     assert result["seconds"] < 60
+
+
+def test_box_rule_and_detection_files(tmp_path):
+    from raytrain.predict.crop import check_overlap, square_box
+    from raytrain.predict.inputs import SkipItem, for_frame, load_detections
+    # the training data's box: centre of the detection, side 1.2 x its larger side
+    np.testing.assert_allclose(square_box([10, 20, 30, 60]), [25, 50, 72])
+    np.testing.assert_allclose(square_box([10, 20, 30, 60], scale=1.0), [25, 50, 60])
+    for bad in ([0, 0, 0, 5], [0, 0, 5, -1], [math.nan, 0, 5, 5], [0, math.inf, 5, 5]):
+        with pytest.raises(SkipItem, match="degenerate_box"):
+            square_box(bad)
+    check_overlap(np.array([-5.0, 10, 12]), (100, 50))            # reaches into the image
+    with pytest.raises(SkipItem, match="box_outside_image"):
+        check_overlap(np.array([-6.5, 10, 12]), (100, 50))       # right edge at x = -0.5
+    # a COCO dataset file: numeric ids name files; other categories are ignored
+    dataset = {"images": [{"id": 7, "file_name": "a/b.jpg"}],
+               "annotations": [{"image_id": 7, "bbox": [1, 2, 3, 4], "category_id": 1},
+                               {"image_id": 7, "bbox": [1, 2, 3, 4], "category_id": 2},
+                               {"image_id": 8, "bbox": [1, 2, 3, 4], "category_id": 1}]}
+    (tmp_path / "coco.json").write_text(json.dumps(dataset))
+    table = load_detections(str(tmp_path / "coco.json"))
+    assert list(table.by_name) == ["a/b.jpg"] and table.bad["bad_detection"] == 1   # id 8: no file
+    assert table.lookup("a/b.jpg")[0].bbox == (1.0, 2.0, 3.0, 4.0) and table.lookup("b.jpg") is None
+    results = [{"image_id": "clip.mp4", "bbox": [0, 0, 5, 5], "frame": 3},
+               {"image_id": "clip.mp4", "bbox": [0, 0, 6, 6]},
+               {"image_id": "x/photo.jpg", "bbox": [0, 0, 6, 6], "frame": -1}]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    table = load_detections(str(tmp_path / "results.json"))
+    assert table.bad["bad_detection"] == 1
+    found = table.lookup("videos/clip.mp4")                        # by base name
+    assert [d.bbox[2] for d in for_frame(found, 3)] == [5.0] and [d.bbox[2] for d in for_frame(found, 0)] == [6.0]
+    assert table.unmatched([]) == {"clip.mp4": 2}

@@ -129,8 +129,12 @@ def run_predict(opts: PredictOptions) -> dict:
         for source in sources:
             units = (_image_units if source.kind == "image" else _video_units)(source, opts, predictor)
             for unit, rgb in units:
-                detections = (detector(rgb if rgb is not None else decode_rgb_unit(unit), unit.frame)
-                              if detector is not None else for_frame(table.lookup(source.name) or [], unit.frame))
+                try:
+                    detections = (detector(rgb if rgb is not None else decode_rgb_unit(unit), unit.frame)
+                                  if detector is not None else for_frame(table.lookup(source.name) or [], unit.frame))
+                except SkipItem as skip:
+                    predictor.skip(unit.name, skip)
+                    continue
                 items, skipped = predictor.cropper(unit, detections)
                 counts.update(skipped)
                 predictor.add(unit, rgb, items)
