@@ -22,7 +22,7 @@ import numpy as np
 from ..data.crop import MultiRoICropper
 from ..data.pipeline import schedule_from_config
 from ..data.schema import BadSample, Sample
-from .inputs import Detection, SkipItem
+from .inputs import Detection, ImageData, SkipItem, decode_rgb
 
 BOX_SCALE = 1.2
 log = logging.getLogger(__name__)
@@ -62,6 +62,12 @@ class Unit:
     size: tuple[int, int]                 # (W, H)
     data: bytes | None = None
     pixels: np.ndarray | None = None      # (H, W, 3) uint8 RGB
+
+    def rgb(self) -> np.ndarray:
+        """The whole picture as (H, W, 3) uint8 RGB (``SkipItem`` if it does not decode)."""
+        if self.pixels is not None:
+            return self.pixels
+        return decode_rgb(ImageData(self.name, self.data or b"", self.size))
 
 
 class PersonCropper:

@@ -13,9 +13,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..eval.report import MESH_COLOUR, draw_meshes, project_vertices
+from ..eval.report import draw_meshes, project_vertices
 
-BOX_COLOUR = (60, 200, 60)  # BGR
+MESH_COLOUR = (40, 140, 255)  # BGR orange: stands out on sky, grass and skin alike
+BOX_COLOUR = (60, 200, 60)    # BGR
 
 
 def render_frame(rgb: np.ndarray, persons: list[dict], faces: np.ndarray | None) -> np.ndarray:

@@ -27,7 +27,7 @@ import ray
 
 from ..config import ConfigError
 from .crop import PersonCropper, Unit
-from .inputs import InputError, SkipItem, decode_rgb, for_frame, list_sources, load_detections, read_image, read_video
+from .inputs import InputError, SkipItem, for_frame, list_sources, load_detections, read_image, read_video
 from .run import PROGRESS_EVERY_S, PredictOptions, RecordWriter, finish, missing_image_counts, prediction_record
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,9 @@ def crop_source(row: dict, rois, crop_size: int, seed: int, opts: PredictOptions
     cropper = PersonCropper(rois, crop_size, focal=opts.focal, box_scale=opts.box_scale, seed=seed)
     tally = Counter()
     try:
-        for unit, rgb in _units(row, opts, tally):
+        for unit in _units(row, opts, tally):
             if detector is not None:
-                detections = detector(rgb if rgb is not None else decode_rgb_of(unit), unit.frame)
+                detections = detector(unit.rgb(), unit.frame)
             else:
                 found = table.lookup(row["name"]) or []
                 detections = for_frame(found, unit.frame)
@@ -148,17 +148,12 @@ def _units(row: dict, opts: PredictOptions, tally: Counter):
     if source.kind == "image":
         image = read_image(source, storage_options=opts.storage_options)
         tally["images"] += 1
-        yield Unit(name=source.name, frame=None, size=image.size, data=image.data), None
+        yield Unit(name=source.name, frame=None, size=image.size, data=image.data)
         return
     for index, rgb in enumerate(read_video(source, opts.max_frames, storage_options=opts.storage_options)):
         tally["videos"] += index == 0
         tally["frames"] += 1
-        yield Unit(name=source.name, frame=index, size=(rgb.shape[1], rgb.shape[0]), pixels=rgb), rgb
-
-
-def decode_rgb_of(unit: Unit) -> np.ndarray:
-    from .inputs import ImageData
-    return decode_rgb(ImageData(unit.name, unit.data, unit.size))
+        yield Unit(name=source.name, frame=index, size=(rgb.shape[1], rgb.shape[0]), pixels=rgb)
 
 
 def _crop_row(item: dict) -> dict:

@@ -39,7 +39,6 @@ from .inputs import (
     DetectionTable,
     InputError,
     SkipItem,
-    decode_rgb,
     for_frame,
     list_sources,
     load_detections,
@@ -130,7 +129,7 @@ def run_predict(opts: PredictOptions) -> dict:
             units = (_image_units if source.kind == "image" else _video_units)(source, opts, predictor)
             for unit, rgb in units:
                 try:
-                    detections = (detector(rgb if rgb is not None else decode_rgb_unit(unit), unit.frame)
+                    detections = (detector(unit.rgb(), unit.frame)
                                   if detector is not None else for_frame(table.lookup(source.name) or [], unit.frame))
                 except SkipItem as skip:
                     predictor.skip(unit.name, skip)
@@ -157,11 +156,6 @@ def missing_image_counts(table: DetectionTable | None, sources) -> Counter:
     return counts
 
 
-def decode_rgb_unit(unit: Unit) -> np.ndarray:
-    from .inputs import ImageData
-    return decode_rgb(ImageData(unit.name, unit.data, unit.size))
-
-
 def _image_units(source, opts: PredictOptions, predictor):
     try:
         image = read_image(source, storage_options=opts.storage_options)
@@ -173,7 +167,7 @@ def _image_units(source, opts: PredictOptions, predictor):
     rgb = None
     if opts.render:
         try:
-            rgb = decode_rgb_unit(unit)
+            rgb = unit.rgb()
         except SkipItem as skip:
             predictor.skip(source.name, skip)
             return
@@ -384,6 +378,11 @@ def finish(opts: PredictOptions, out: Path, stats: Counter, counts: Counter, sec
 
 def summary_line(summary: dict) -> str:
     nonzero = [f"{reason} {n}" for reason, n in summary["skipped"].items() if n]
-    return (f"[predict] {summary['persons']} persons from {summary['images']} images and "
-            f"{summary['frames']} frames of {summary['videos']} videos in {summary['seconds']:.1f} s "
-            f"-> {summary['predictions']}; skipped: {', '.join(nonzero) if nonzero else 'nothing'}")
+    return (f"[predict] {_count(summary['persons'], 'person')} from {_count(summary['images'], 'image')} and "
+            f"{_count(summary['frames'], 'frame')} of {_count(summary['videos'], 'video')} in "
+            f"{summary['seconds']:.1f} s -> {summary['predictions']}; "
+            f"skipped: {', '.join(nonzero) if nonzero else 'nothing'}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
