@@ -8,9 +8,10 @@
 Inputs are files, folders (searched recursively for known suffixes), glob patterns and
 ``s3://`` / ``gs://`` prefixes (through fsspec, ``raytrain.data.io``). Every byte is
 untrusted: a file is read up to ``max_bytes``, an image's size comes from its header and is
-bounded by ``max_pixels`` before anything is decoded, a JPEG (PNG) must end with its EOI
-(IEND) marker, and a detection must be a finite box. Whatever fails raises ``SkipItem``
-with one of ``SKIP_REASONS``; the caller counts it and goes on.
+bounded by ``max_pixels`` before anything is decoded, a JPEG must end its last scan with
+its EOI marker and a PNG with its IEND chunk, and a detection must be a finite box.
+Whatever fails raises ``SkipItem`` with one of ``SKIP_REASONS``; the caller counts it and
+goes on.
 
 Detections: the COCO *results* format, a JSON list of ``{"image_id", "bbox": [x, y, w, h],
 "score", "category_id"}``; ``image_id`` is the image's file name (its path relative to
@@ -45,11 +46,12 @@ MAX_BYTES = 64 << 20           # one image file
 MAX_VIDEO_BYTES = 4 << 30      # one remote video copied to a local temp file
 MAX_PIXELS = 80_000_000        # one image, from its header
 MAX_DETECTIONS_BYTES = 512 << 20
+_PNG_END = b"IEND\xaeB`\x82"   # the IEND chunk with its CRC
 
 #: Why an image, frame or person was skipped; every run counts them by these names.
 SKIP_REASONS = (
     "unreadable_image",    # not an image, header unreadable, or decoding failed
-    "truncated_image",     # JPEG without EOI / PNG without IEND: the file was cut short
+    "truncated_image",     # no JPEG EOI after the last scan / no PNG IEND: the file was cut short
     "image_too_large",     # more than max_bytes or max_pixels
     "unreadable_video",    # the video cannot be opened or yields no frame
     "missing_image",       # a detection names an image that is not among the inputs
@@ -149,9 +151,11 @@ def read_image(source: Source, max_bytes: int = MAX_BYTES, max_pixels: int = MAX
 
 def check_image(name: str, data: bytes, max_pixels: int = MAX_PIXELS) -> ImageData:
     """Encoded bytes -> ImageData after the header and end-marker checks."""
-    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-16:]:
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < max(data.rfind(b"\xff\xda"), 2):
+        # the end marker must follow the last scan (an EXIF thumbnail ends before it;
+        # bytes a camera appends after the end marker are allowed)
         raise SkipItem("truncated_image", "JPEG without its end marker")
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-16:]:
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and _PNG_END not in data[-4096:]:
         raise SkipItem("truncated_image", "PNG without its IEND chunk")
     size = image_header_size(data)
     if size is None:
