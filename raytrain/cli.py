@@ -74,7 +74,7 @@ def build_parser():
     pr.add_argument("--save-vertices", action="store_true", help="vertices/*.npz (camera frame)")
     pr.add_argument("--max-frames", type=int, default=0, help="frames per video at most (0: all)")
     pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
-    pr.add_argument("--config", default=None, help="config YAML when the checkpoint stores none")
+    pr.add_argument("--config", default=None, help="config YAML to use instead of the checkpoint's own")
     pr.add_argument("--smpl-dir", default=None, help="SMPL files (default: --config's model.smpl_dir, "
                     "else the synthetic body model; never the checkpoint's)")
     pr.add_argument("--ray", action="store_true", help="batch inference on Ray Data (the running cluster)")

@@ -304,7 +304,7 @@ def prediction_record(item: dict, output: dict) -> dict:
     return {
         "image": item["image"], "frame": item["frame"], "person": int(item["person"]),
         "bbox": [float(v) for v in item["bbox"]], "score": float(item["score"]),
-        "box": [float(v) for v in np.asarray(item["boxes"])[0]], "focal": float(item["focal"]),
+        "box": _floats(np.asarray(item["boxes"])[0]), "focal": _floats(item["focal"])[0],
         "pose": _floats(output["pose"]), "betas": _floats(output["betas"]),
         "cam_full": _floats(output["cam_full"]),
         "joints_2d": [_floats(p) for p in np.asarray(output["joints_2d"]).reshape(-1, 2)],
@@ -312,7 +312,8 @@ def prediction_record(item: dict, output: dict) -> dict:
 
 
 def _floats(values) -> list[float]:
-    return [float(v) for v in np.asarray(values, np.float64).reshape(-1)]
+    """float32 values as the shortest decimals that read back to them (285.2, not 285.20001220703125)."""
+    return [float(str(v)) for v in np.asarray(values, np.float32).reshape(-1)]
 
 
 class RecordWriter:
