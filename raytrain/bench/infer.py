@@ -13,8 +13,10 @@ projected to the image), float32:
 
 Reading files and writing JSON lines are not timed. The network has random weights (its
 speed does not depend on them). Configs: ``demo`` (mobilenetv3_small_050, 64 px, 5 RoIs)
-and, without ``--quick``, ``r50_paper`` (ResNet-50, 224 px, 5 RoIs). The CPU run uses
-torch's default thread count.
+and, without ``--quick``, ``r50_paper`` (ResNet-50, 224 px, 5 RoIs). On the CPU the bench
+runs one torch thread (``threads``) and reports persons per wall-clock second and per
+CPU-second of the process (``process_time``: what a shared machine's other load does not
+change).
 """
 import time
 from pathlib import Path
@@ -64,8 +66,9 @@ def _units(frames):
             for name, data, size, bbox in frames]
 
 
-def batch1_rate(model, cropper, units, persons: int) -> float:
-    start, done = time.perf_counter(), 0
+def batch1_rate(model, cropper, units, persons: int) -> tuple[float, float]:
+    """(persons per second, persons per CPU-second), one person per forward pass."""
+    start, cpu, done = time.perf_counter(), time.process_time(), 0
     while done < persons:
         for unit, detections in units:
             items, _ = cropper(unit, detections)
@@ -73,11 +76,12 @@ def batch1_rate(model, cropper, units, persons: int) -> float:
             done += len(items)
             if done >= persons:
                 break
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), done / (time.process_time() - cpu)
 
 
-def batched_rate(model, cropper, units, persons: int, batch_size: int) -> float:
-    start, done, pending = time.perf_counter(), 0, []
+def batched_rate(model, cropper, units, persons: int, batch_size: int) -> tuple[float, float]:
+    """(persons per second, persons per CPU-second), batch_size persons per forward pass."""
+    start, cpu, done, pending = time.perf_counter(), time.process_time(), 0, []
     while done < persons:
         for unit, detections in units:
             items, _ = cropper(unit, detections)
@@ -88,7 +92,7 @@ def batched_rate(model, cropper, units, persons: int, batch_size: int) -> float:
                 pending = pending[batch_size:]
                 if done >= persons:
                     break
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), done / (time.process_time() - cpu)
 
 
 def bench_config(config: str, overrides, frames, batch1_persons: int, batched_persons: int,
@@ -99,19 +103,25 @@ def bench_config(config: str, overrides, frames, batch1_persons: int, batched_pe
     units = _units(frames)
     batched_rate(model, cropper, units, batch_size, batch_size)        # warm-up
     batch1_rate(model, cropper, units, 2)
+    batch1 = batch1_rate(model, cropper, units, batch1_persons)
+    batched = batched_rate(model, cropper, units, batched_persons, batch_size)
     return {"config": config, "overrides": list(overrides), "backbone": model.cfg.model.backbone,
             "crop_size": model.crop_size, "num_rois": model.num_rois, "batch_size": batch_size,
-            "batch1_fp32_persons_per_s": round(batch1_rate(model, cropper, units, batch1_persons), 2),
-            "batched_fp32_persons_per_s": round(batched_rate(model, cropper, units, batched_persons,
-                                                             batch_size), 2),
+            "batch1_fp32_persons_per_s": round(batch1[0], 2),
+            "batched_fp32_persons_per_s": round(batched[0], 2),
+            "batch1_fp32_persons_per_cpu_s": round(batch1[1], 2),
+            "batched_fp32_persons_per_cpu_s": round(batched[1], 2),
             "batch1_persons": batch1_persons, "batched_persons": batched_persons}
 
 
-def run_infer_bench(quick: bool = False, device: str | None = None) -> dict:
+def run_infer_bench(quick: bool = False, device: str | None = None, threads: int = 1) -> dict:
     """Persons/s of the predict path; the first config's numbers at the top level, every
     config's under ``runs``."""
+    import os
     t0 = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(threads)
     frames = bench_frames(4 if quick else 16, crop_size=64)
     if quick:  # a smaller network and fewer persons: within a minute on 2 busy cores
         plans = [("demo", ("model.decoder_hidden=64", "rois.num_rois=2"), 4, 16, 8)]
@@ -123,5 +133,6 @@ def run_infer_bench(quick: bool = False, device: str | None = None) -> dict:
         runs.append(bench_config(config, overrides, frames, batch1_persons, batched_persons, batch_size, device))
     result = dict(runs[0])
     result.update({"device": device, "torch_threads": torch.get_num_threads(), "runs": runs,
+                   "load_average": [round(v, 2) for v in os.getloadavg()],
                    "seconds": round(time.perf_counter() - t0, 1)})
     return result
