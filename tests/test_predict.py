@@ -174,6 +174,30 @@ def test_predict_on_ray_data_gives_the_same_records(world, tmp_path):
                 assert other[name] == value, name
 
 
+@pytest.mark.slow
+def test_predict_on_ray_data_writes_parquet(world, tmp_path):
+    """The cluster-written Parquet holds the same persons and numbers (frame -1: a still image)."""
+    import pyarrow.parquet as pq
+    import ray
+    common = dict(inputs=[str(world["images"])], checkpoint=world["checkpoint"],
+                  detections=str(world["detections"]), smpl_dir=body_dir(), device="cpu", quiet=True)
+    single = run_predict(PredictOptions(out=str(tmp_path / "single"), **common))
+    mine = by_person(read_records(single["predictions"]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        parquet = run_predict(PredictOptions(out=str(tmp_path / "parquet"), ray=True, ray_format="parquet",
+                                             actors=2, actor_cpus=0.5, crop_cpus=0.5, batch_size=4, **common))
+    finally:
+        ray.shutdown()
+    table = pq.read_table(parquet["predictions"]).to_pylist()
+    assert parquet["persons"] == len(table) == N_PERSONS
+    for row in table:
+        record = mine[(row["image"], None, row["person"])]
+        assert row["frame"] == -1
+        for name in ("pose", "betas", "cam_full", "joints_2d"):
+            np.testing.assert_allclose(np.asarray(row[name]).reshape(-1), np.ravel(record[name]), atol=1e-4)
+
+
 def write_bad_inputs(world, folder):
     """A folder of good and bad inputs, and detections with every kind of bad box."""
     folder.mkdir()

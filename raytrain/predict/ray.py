@@ -6,7 +6,8 @@
       -> map_batches(ModelActor)                  --actors actors: one GPU each on a cluster
                                                   with GPUs, else --actor-cpus CPUs each
       -> predictions.jsonl (streamed to the driver, the writer of the single-process path)
-         or predictions.parquet/ (written by the cluster, --ray-format parquet)
+         or predictions.parquet/ (written by the cluster, --ray-format parquet: the
+         record's fields, ``frame`` -1 for a still image, arrays as Ray tensor columns)
 
 The crop stage runs the single-process path's code (``inputs``, ``crop.PersonCropper``)
 and the actors the same forward pass (``model.InferenceModel``), so the records equal
