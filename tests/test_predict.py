@@ -378,3 +378,37 @@ def test_box_rule_and_detection_files(tmp_path):
     found = table.lookup("videos/clip.mp4")                        # by base name
     assert [d.bbox[2] for d in for_frame(found, 3)] == [5.0] and [d.bbox[2] for d in for_frame(found, 0)] == [6.0]
     assert table.unmatched([]) == {"clip.mp4": 2}
+
+
+def test_s3_prefix_and_glob_give_the_same_records(world, tmp_path):
+    """Images under an S3 prefix (a moto server on loopback) predict like the local files."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        client.create_bucket(Bucket="pictures")
+        for path in sorted(world["images"].iterdir()):
+            client.put_object(Bucket="pictures", Key=f"frames/day1/{path.name}", Body=path.read_bytes())
+        options = {"key": "testing", "secret": "testing",
+                   "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        common = dict(checkpoint=world["checkpoint"], detections=str(world["detections"]), smpl_dir=body_dir(),
+                      device="cpu", quiet=True)
+        local = by_person(read_records(run_predict(PredictOptions(
+            inputs=[str(world["images"])], out=str(tmp_path / "local"), **common))["predictions"]))
+        for inputs in (["s3://pictures/frames"], ["s3://pictures/frames/day1/*.jpg"]):
+            summary = run_predict(PredictOptions(inputs=inputs, out=str(tmp_path / "s3"), storage_options=options,
+                                                 **common))
+            records = read_records(summary["predictions"])
+            assert summary["persons"] == N_PERSONS and not any(summary["skipped"].values())
+            for record in records:
+                # the folder form names day1/<file>; detections match it by base name
+                key = (record["image"].rsplit("/", 1)[-1], record["frame"], record["person"])
+                np.testing.assert_allclose(record["pose"], local[key]["pose"], atol=1e-6)
+    finally:
+        server.stop()
