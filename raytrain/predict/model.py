@@ -85,12 +85,12 @@ def load_inference_model(checkpoint: str, smpl_dir: str, config: str | None = No
     Raises ``CheckpointError`` for a path that is no complete checkpoint and
     ``CheckpointMismatch`` (a ``ConfigError``) when its weights do not fit its config."""
     from ..body import load_body_model, load_mean_params
-    from ..eval.run import _checkpoint_target
+    from ..eval.run import checkpoint_target
     from ..model import build_model
     from ..train.checkpoint import load_checkpoint
     if smpl_dir is None:
         raise ConfigError("predict: the body model directory (model.smpl_dir) is not set")
-    target = _checkpoint_target(checkpoint, config)
+    target = checkpoint_target(checkpoint, config)
     cfg = target.config
     body = load_body_model(smpl_dir)
     model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(smpl_dir))
