@@ -12,6 +12,7 @@ from a stored config (a downloaded checkpoint must not choose files to read).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,9 +88,13 @@ def load_inference_model(checkpoint: str, smpl_dir: str, config: str | None = No
     from ..body import load_body_model, load_mean_params
     from ..eval.run import checkpoint_target
     from ..model import build_model
-    from ..train.checkpoint import load_checkpoint
+    from ..train.checkpoint import CheckpointError, is_complete, list_complete_checkpoints, load_checkpoint
     if smpl_dir is None:
         raise ConfigError("predict: the body model directory (model.smpl_dir) is not set")
+    found = [] if is_complete(checkpoint) or not Path(checkpoint).is_dir() else list_complete_checkpoints(checkpoint)
+    if found:
+        raise CheckpointError(f"{checkpoint} is not a complete checkpoint directory itself; it holds "
+                              f"{len(found)} checkpoint(s), the latest {found[-1]}")
     target = checkpoint_target(checkpoint, config)
     cfg = target.config
     body = load_body_model(smpl_dir)
