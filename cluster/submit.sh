@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Submit a raytrain training run, sweep, evaluation or conversion to the Ray cluster at $RAY_ADDRESS.
+# Submit a raytrain training run, sweep, evaluation, conversion or batch prediction to the Ray cluster at $RAY_ADDRESS.
 # Run `cluster/submit.sh --help` for usage.
 set -euo pipefail
 
 usage() {
     cat <<'USAGE'
-Usage: cluster/submit.sh {train|tune|eval|shard} [raytrain arguments...]
+Usage: cluster/submit.sh {train|tune|eval|shard|predict} [raytrain arguments...]
 
 Submits `raytrain <command> <arguments>` as a Ray job to the cluster at $RAY_ADDRESS, with the
 repository root as working directory and cluster/runtime_env.yaml as runtime environment:
@@ -22,6 +22,8 @@ Examples:
   cluster/submit.sh eval  --experiment s3://BUCKET/raytrain/runs/tune/NAME --best --data s3://BUCKET/shards/3dpw-test
   cluster/submit.sh shard coco --npz /data/coco2014part_cliffGT.npz --img-root /data/coco \
       --out s3://BUCKET/shards/coco --ray            # Ray tasks on the data_cpu nodes
+  cluster/submit.sh predict --ray --checkpoint /mnt/checkpoints/runs/NAME/checkpoint_000010 \
+      --detections s3://BUCKET/frames/detections.json --out /mnt/checkpoints/predict s3://BUCKET/frames/
 
 Environment:
   RAY_ADDRESS             Ray dashboard / job server address (required), e.g. http://HEAD:8265
@@ -35,13 +37,13 @@ case "${1:-}" in
         usage
         exit 0
         ;;
-    train | tune | eval | shard) ;;
+    train | tune | eval | shard | predict) ;;
     "")
         usage >&2
         exit 2
         ;;
     *)
-        echo "submit.sh: unknown command '$1' (expected train, tune, eval or shard; see --help)" >&2
+        echo "submit.sh: unknown command '$1' (expected train, tune, eval, shard or predict; see --help)" >&2
         exit 2
         ;;
 esac
@@ -82,19 +84,19 @@ else
 fi
 
 # Where results land: an explicit storage_path override wins, else the config's setting
-# (eval writes its report to --out, shard its shards).
+# (eval and predict write to --out, shard its shards).
 storage=""
 prev=""
 for arg in "$@"; do
     case "$arg" in
         *storage_path=*) storage=${arg#*storage_path=} ;;
         --out=*)
-            if [[ "$cmd" == "eval" || "$cmd" == "shard" ]]; then
+            if [[ "$cmd" == "eval" || "$cmd" == "shard" || "$cmd" == "predict" ]]; then
                 storage=${arg#--out=}
             fi
             ;;
     esac
-    if [[ "$prev" == "--out" && ( "$cmd" == "eval" || "$cmd" == "shard" ) ]]; then
+    if [[ "$prev" == "--out" && ( "$cmd" == "eval" || "$cmd" == "shard" || "$cmd" == "predict" ) ]]; then
         storage=$arg
     fi
     prev=$arg
@@ -109,12 +111,16 @@ case "$cmd" in
     tune) what="trial checkpoints, results and the best-trial export" ;;
     eval) what="the evaluation report" ;;
     shard) what="the shards and manifest.json" ;;
+    predict) what="predictions.jsonl (or predictions.parquet/) and summary.json" ;;
 esac
 if [[ -n "$storage" ]]; then
     echo "Results:           $what under $storage"
 else
     if [[ "$cmd" == "eval" ]]; then
         echo "Results:           $what in raytrain eval's default report directory (pass --out to choose)."
+    elif [[ "$cmd" == "predict" ]]; then
+        echo "Results:           $what under runs/predict inside the job's working dir on the head node;"
+        echo "                   pass --out with a shared volume path."
     else
         echo "Results:           $what under the config's train.storage_path."
         echo "                   A relative path (e.g. runs/) lands on the head node inside the job's"

@@ -1,4 +1,4 @@
-"""`raytrain {shard,train,tune,eval,demo,bench,doctor}`: thin argument parsing over the package."""
+"""`raytrain {shard,train,tune,eval,predict,demo,bench,doctor}`: thin argument parsing over the package."""
 import argparse
 import contextlib
 import functools
@@ -75,13 +75,38 @@ def build_parser():
                     "model.smpl_dir, else the synthetic body model; never the checkpoint's)")
     ev.set_defaults(func=cmd_eval)
 
+    pr = sub.add_parser("predict", help="run a checkpoint on images, folders, globs, videos, s3 prefixes")
+    pr.add_argument("inputs", nargs="+", help="image/video files, folders, glob patterns, s3:// or gs:// prefixes")
+    pr.add_argument("--checkpoint", required=True, help="a checkpoint directory")
+    pr.add_argument("--detections", default=None, help="COCO-results JSON of person boxes (image_id = file name)")
+    pr.add_argument("--detector", default=None, help="a torchvision detector's state_dict file (local)")
+    pr.add_argument("--detector-arch", default="fasterrcnn_resnet50_fpn_v2", help="its torchvision builder")
+    pr.add_argument("--score-threshold", type=float, default=0.5, help="detector boxes at or above this score")
+    pr.add_argument("--focal", type=float, default=None, help="focal length in px (default: the image diagonal)")
+    pr.add_argument("--box-scale", type=float, default=1.2, help="square box side = this x the larger box side")
+    pr.add_argument("--batch-size", type=int, default=16, help="persons per forward pass")
+    pr.add_argument("--out", default="runs/predict", help="output directory")
+    pr.add_argument("--render", action="store_true", help="draw the meshes: render/<image>.jpg, <video>.mp4")
+    pr.add_argument("--save-vertices", action="store_true", help="vertices/*.npz (camera frame)")
+    pr.add_argument("--max-frames", type=int, default=0, help="frames per video at most (0: all)")
+    pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
+    pr.add_argument("--config", default=None, help="config YAML to use instead of the checkpoint's own")
+    pr.add_argument("--smpl-dir", default=None, help="SMPL files (default: --config's model.smpl_dir, "
+                    "else the synthetic body model; never the checkpoint's)")
+    pr.add_argument("--ray", action="store_true", help="batch inference on Ray Data (the running cluster)")
+    pr.add_argument("--ray-format", choices=["jsonl", "parquet"], default="jsonl")
+    pr.add_argument("--actors", type=int, default=2, help="--ray: model actors (one GPU each on GPU nodes)")
+    pr.add_argument("--actor-cpus", type=float, default=1.0, help="--ray: CPUs per CPU model actor")
+    pr.add_argument("--crop-cpus", type=float, default=0.5, help="--ray: CPUs per read+crop task")
+    pr.set_defaults(func=cmd_predict)
+
     demo = sub.add_parser("demo", help="the whole story on synthetic data, on this machine")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a smaller run for smoke tests")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (results go to BENCHMARKS.md)")
-    bench.add_argument("what", choices=["data", "train", "gpu"])
+    bench.add_argument("what", choices=["data", "train", "gpu", "infer"])
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--quick", action="store_true", help="finish within a minute")
     bench.add_argument("--device", default=None, help="gpu: torch device (default: cuda)")
@@ -172,6 +197,42 @@ def cmd_eval(args):
              smpl_dir=smpl_dir)
 
 
+def _smpl_dir(args, command: str) -> str:
+    """--smpl-dir, else --config's model.smpl_dir, else the synthetic body model (printed)."""
+    smpl_dir, source = args.smpl_dir, "--smpl-dir"
+    if smpl_dir is None and args.config:
+        smpl_dir, source = load_config(args.config).model.smpl_dir, f"model.smpl_dir of {args.config}"
+    if smpl_dir is None:
+        from .synthetic.body_model import default_body_model_dir
+        smpl_dir, source = str(default_body_model_dir()), "the synthetic body model"
+    print(f"[{command}] body model: {smpl_dir} ({source})", file=sys.stderr, flush=True)
+    return smpl_dir
+
+
+def cmd_predict(args):
+    from .predict.run import PredictOptions, run_predict
+    from .train.checkpoint import CheckpointError
+    opts = PredictOptions(
+        inputs=args.inputs, checkpoint=args.checkpoint, out=args.out, detections=args.detections,
+        detector=args.detector, detector_arch=args.detector_arch, score_threshold=args.score_threshold,
+        focal=args.focal, box_scale=args.box_scale, batch_size=args.batch_size, render=args.render,
+        save_vertices=args.save_vertices, max_frames=args.max_frames, device=args.device,
+        config=args.config, ray=args.ray, ray_format=args.ray_format, actors=args.actors,
+        actor_cpus=args.actor_cpus, crop_cpus=args.crop_cpus)
+    opts.check()
+    opts.smpl_dir = _smpl_dir(args, "predict")
+    try:
+        if opts.ray:
+            from .predict.ray import run_predict_ray
+            run_predict_ray(opts)
+        else:
+            run_predict(opts)
+    except CheckpointError as error:
+        print(f"raytrain: checkpoint error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_demo(args):
     from .apps.demo import run_demo
     run_demo(args.out, quick=args.quick)
@@ -183,6 +244,8 @@ def cmd_bench(args):
     elif args.what == "gpu":
         from .bench.gpu import run_gpu_bench
         bench = functools.partial(run_gpu_bench, device=args.device, out=args.out)
+    elif args.what == "infer":
+        from .bench.infer import run_infer_bench as bench
     else:
         from .bench.train import run_train_bench as bench
     if args.json:  # stdout carries the JSON object alone; progress goes to stderr

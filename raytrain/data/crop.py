@@ -143,14 +143,16 @@ class MultiRoICropper:
         return params, self.roi_boxes(augment_box(params, box, sample.image_size), rng)
 
     def __call__(self, sample: Sample, rng: np.random.Generator,
-                 out: np.ndarray | None = None) -> dict:
+                 out: np.ndarray | None = None, decoded: dict[int, np.ndarray] | None = None) -> dict:
         """One sample -> dict of numpy arrays (see module docstring).
 
         ``out``: optional (M, S, S, 3) uint8 array the crops are written into (e.g. the
-        sample's slot of a batch buffer); it becomes the result's ``images``."""
+        sample's slot of a batch buffer); it becomes the result's ``images``.
+        ``decoded``: optional cache {reduction: decoded image} shared by the samples of one
+        stored image (several persons of a photo): each reduction is decoded once."""
         params, boxes = self.draw(sample, rng)
         stored_to_virtual = virtual_transform(params, sample.image_size) @ invert_affine(sample.affine)
-        image, reduction, rgb = self._decode(sample, boxes)
+        image, reduction, rgb = self._decode(sample, boxes, decoded)
         images = self.warp(image, stored_to_virtual, boxes, reduction, out=out)
         _apply_colour(images, params.color, rgb)
         if params.occluder is not None:
@@ -159,15 +161,19 @@ class MultiRoICropper:
 
     # -- image
 
-    def _decode(self, sample: Sample, boxes: np.ndarray):
+    def _decode(self, sample: Sample, boxes: np.ndarray, decoded: dict[int, np.ndarray] | None = None):
         """Decoded stored image (RGB, straight from libjpeg), its reduction factor, RGB flag."""
         if sample.image is not None:
             return sample.image, 1, True
         reduction = self._reduction(sample, boxes)
+        if decoded is not None and reduction in decoded:
+            return decoded[reduction], reduction, True
         buffer = np.frombuffer(sample.jpeg, np.uint8)
         image = cv2.imdecode(buffer, _RGB_FLAGS[reduction]) if buffer.size else None
         if image is None:
             raise BadSample("bad_jpeg", f"{sample.key}: cv2.imdecode failed")
+        if decoded is not None:
+            decoded[reduction] = image
         return image, reduction, True
 
     def _reduction(self, sample: Sample, boxes: np.ndarray) -> int:

@@ -142,6 +142,7 @@ def write_json(url: str, payload: dict, storage_options: dict | None = None) -> 
             handle.write(data)
         return
     path = url[len("file://"):] if url.startswith("file://") else url
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "wb") as handle:
         handle.write(data)

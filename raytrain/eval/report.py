@@ -161,6 +161,25 @@ def full_to_crop(points: np.ndarray, box: np.ndarray, crop_size: int) -> np.ndar
     return points @ matrix[:2, :2].T + matrix[:2, 2]
 
 
+MESH_COLOUR = (235, 170, 60)  # BGR
+
+
+def draw_meshes(canvas: np.ndarray, meshes: list[np.ndarray], faces: np.ndarray | None,
+                colour=MESH_COLOUR, alpha: float = 0.6) -> np.ndarray:
+    """The edges of meshes (each (V, 2) canvas px, pixel-edge convention) blended over a BGR
+    canvas -> a new canvas; without faces, the vertices as dots."""
+    layer = canvas.copy()
+    for pixels in meshes:
+        fixed = np.round(np.nan_to_num(pixels - 0.5, nan=-1e4).clip(-1e4, 1e4) * 16).astype(np.int32)
+        if faces is not None and len(faces):
+            cv2.polylines(layer, list(fixed[np.asarray(faces)]), isClosed=True, color=colour,
+                          thickness=1, lineType=cv2.LINE_AA, shift=4)
+        else:
+            for x, y in fixed:
+                cv2.circle(layer, (int(x), int(y)), 16, colour, -1, cv2.LINE_AA, shift=4)
+    return cv2.addWeighted(layer, alpha, canvas, 1 - alpha, 0)
+
+
 def draw_overlay(sample: dict, faces: np.ndarray | None, path, size: int = OVERLAY_SIZE) -> str:
     """The predicted mesh's edges over RoI 0's crop (upscaled to `size`) -> PNG."""
     crop = np.ascontiguousarray(sample["crop"])
@@ -168,17 +187,8 @@ def draw_overlay(sample: dict, faces: np.ndarray | None, path, size: int = OVERL
     k = size / crop_size
     canvas = cv2.resize(cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), (size, size), interpolation=cv2.INTER_LINEAR)
     verts = full_to_crop(project_vertices(sample["vertices"], sample["cam_full"], sample["focal"],
-                                          sample["image_size"]), sample["box"], crop_size) * k - 0.5
-    layer = canvas.copy()
-    fixed = np.round(np.nan_to_num(verts, nan=-1e4).clip(-1e4, 1e4) * 16).astype(np.int32)
-    if faces is not None and len(faces):
-        polys = list(fixed[np.asarray(faces)])
-        cv2.polylines(layer, polys, isClosed=True, color=(235, 170, 60), thickness=1,
-                      lineType=cv2.LINE_AA, shift=4)
-    else:
-        for x, y in fixed:
-            cv2.circle(layer, (int(x), int(y)), 16, (235, 170, 60), -1, cv2.LINE_AA, shift=4)
-    canvas = cv2.addWeighted(layer, 0.6, canvas, 0.4, 0)
+                                          sample["image_size"]), sample["box"], crop_size) * k
+    canvas = draw_meshes(canvas, [verts], faces)
     if sample.get("keypoints_2d") is not None:
         kp = np.asarray(sample["keypoints_2d"], np.float64)
         pts = full_to_crop(kp[:, :2], sample["box"], crop_size) * k - 0.5

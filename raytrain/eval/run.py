@@ -64,7 +64,7 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
         raise ConfigError(f"eval: --top must be at least 1, got {top}")
     _check_data(data)
     if checkpoint:
-        targets = [_checkpoint_target(checkpoint, config)]
+        targets = [checkpoint_target(checkpoint, config)]
         base = Path(checkpoint)
     else:
         targets = select_checkpoints(experiment, best=best, top=top, config=config)
@@ -138,7 +138,9 @@ class Evaluation:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoint_target(path: str, config: str | None) -> Target:
+def checkpoint_target(path: str, config: str | None) -> Target:
+    """A checkpoint directory and its training config (``checkpoint_config``); raises
+    ``CheckpointError`` naming what is wrong when it is no complete checkpoint."""
     path = Path(path)
     if not is_complete(path):
         found = list_complete_checkpoints(str(path)) if path.is_dir() else []
@@ -256,7 +258,7 @@ def select_checkpoints(experiment: str, best: bool = False, top: int = 1,
         found = list_complete_checkpoints(str(exported))
         if found:
             yaml_config = config or _exported_config(exported)
-            return [_checkpoint_target(str(_best_of(found)), yaml_config)]
+            return [checkpoint_target(str(_best_of(found)), yaml_config)]
     candidates = [p for p in list_complete_checkpoints(str(root))
                   if not {"best", "eval"} & set(p.relative_to(root).parts)]
     if not candidates:
@@ -266,7 +268,7 @@ def select_checkpoints(experiment: str, best: bool = False, top: int = 1,
         by_trial.setdefault(path.parent, []).append(path)
     chosen = [(_best_of(paths) if best else paths[-1]) for paths in by_trial.values()]
     chosen.sort(key=lambda p: (_stored_val_mpjpe(p), str(p)))
-    return [_checkpoint_target(str(p), config) for p in chosen[:top]]
+    return [checkpoint_target(str(p), config) for p in chosen[:top]]
 
 
 def _exported_config(folder: Path) -> str | None:
