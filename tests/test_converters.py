@@ -447,7 +447,7 @@ def _run_spin(argv):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda d: d.update(focal_length=np.ones(4)), "focal_length has 4 values"),
+    (lambda d: d.update(focal_length=np.ones(4)), "focal_length has shape (4,)"),
     (lambda d: d.update(imgname=np.array([b"ok.jpg"] * 5 + [b"caf\xe9.jpg"])), "row 5 is not UTF-8"),
     (lambda d: d.update(imgname=np.array(["../../etc/passwd.jpg"] + ["a.jpg"] * 5)), "row 0"),
     (lambda d: d.update(imgname=np.array(["/etc/passwd.jpg"] * 6)), "inside --img-root"),

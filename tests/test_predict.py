@@ -263,7 +263,9 @@ def test_checkpoint_of_another_config_is_one_clear_error(world, tmp_path, capsys
                    "--smpl-dir", body_dir()])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "do not fit the network" in err and str(other) in err and "Traceback" not in err
+    # the settings that differ from the checkpoint's are named before any weight is loaded
+    assert "model.decoder_hidden=48 (checkpoint: 32)" in err and str(other) in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
     rc = cli_main(["predict", str(world["images"]), "--checkpoint", str(tmp_path), "--detections",
                    str(world["detections"]), "--smpl-dir", body_dir()])
     assert rc == 2 and "not a complete checkpoint" in capsys.readouterr().err

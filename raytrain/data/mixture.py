@@ -156,6 +156,25 @@ class MixtureReader(IterableDataset):
     def substituted(self) -> int:
         return sum(reader.substituted for reader in self.readers)
 
+    def share_counts(self, num_processes: int) -> None:
+        """As ``ShardReader.share_counts``, per source (``data.max_bad_fraction`` then
+        applies to each source's part of the epoch)."""
+        for reader in self.readers:
+            reader.share_counts(num_processes)
+
+    def reset_shared_counts(self) -> None:
+        for reader in self.readers:
+            reader.reset_shared_counts()
+
+    def shared_bad_counts(self) -> dict[str, int] | None:
+        counts = [reader.shared_bad_counts() for reader in self.readers]
+        if all(c is None for c in counts):
+            return None
+        total = Counter()
+        for c in counts:
+            total.update(c or {})
+        return dict(total)
+
     def share_position(self) -> None:
         """As ``ShardReader.share_position`` (persistent DataLoader workers)."""
         if self._position is None:

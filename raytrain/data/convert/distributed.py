@@ -30,7 +30,7 @@ import os
 from collections import Counter
 from collections.abc import Callable
 
-from ..io import exists, join_url, open_url
+from ..io import exists, get_fs, join_url, open_url
 from ..shards import MANIFEST_NAME, PARTS_DIR, make_manifest, write_json
 from .common import ConversionSummary, RecordSet, StorageConfig, prepare_output, run_conversion
 
@@ -101,13 +101,18 @@ def shard_with_ray(record_set: RecordSet, out: str, *, chunk: int = 2000, maxcou
                    limit: int | None = None, storage: StorageConfig | None = None,
                    storage_options: dict | None = None, address: str | None = None,
                    printer: Callable[[str], None] | None = print, overwrite: bool = False) -> ConversionSummary:
-    """Convert ``record_set`` into shards under ``out`` with one Ray task per chunk. A
-    finished shard set (with its manifest) there is refused unless ``overwrite`` (which
-    also discards finished chunks); chunks of an interrupted run are reused."""
+    """Convert ``record_set`` into shards under ``out`` with one Ray task per chunk.
+
+    A rerun reuses the chunks an earlier run of the same conversion finished (their part
+    records must match the range, source and record count); its manifest is removed first
+    and written anew at the end, so no manifest ever describes shards being rewritten.
+    ``overwrite`` starts from an empty folder instead."""
     import ray
 
-    if overwrite or exists(join_url(out, MANIFEST_NAME), storage_options):
-        prepare_output(out, overwrite, storage_options)
+    if overwrite:
+        prepare_output(out, True, storage_options)
+    elif exists(join_url(out, MANIFEST_NAME), storage_options):
+        get_fs(out, storage_options)[0].rm(get_fs(join_url(out, MANIFEST_NAME), storage_options)[1])
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
