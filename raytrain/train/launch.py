@@ -1,4 +1,11 @@
-"""Build and run the TorchTrainer from a validated config; fail fast before workers start."""
+"""Build and run the TorchTrainer from a validated config; fail fast before workers start.
+
+Ray is started with `log_to_driver=False`: the output of Ray's own processes (the Train
+controller, its placement-group cleaner, worker stdout) stays in Ray's session logs, and the
+workers send raytrain's log records to the driver through `console.WorkerLines`
+(docs/design.md §6).
+"""
+import logging
 import os
 from pathlib import Path
 
@@ -28,16 +35,32 @@ def preflight_data(cfg: ExperimentConfig):
                               f"(data.batch_size={cfg.data.batch_size})")
 
 
+log = logging.getLogger(__name__)
+
+
+def run_log_path(cfg: ExperimentConfig, experiment: str | None = None) -> Path:
+    """Where an entry point writes the run's log file: `<train.storage_path>/<name>/raytrain.log`
+    (`experiment`: that directory instead), or `$RAYTRAIN_HOME/logs/<name>.log` for URLs."""
+    if experiment and "://" not in experiment:
+        return Path(experiment) / "raytrain.log"
+    if "://" in cfg.train.storage_path or (experiment and "://" in experiment):
+        from ..body.model import raytrain_home
+        return raytrain_home() / "logs" / f"{cfg.name}.log"
+    return Path(storage_uri(cfg.train.storage_path)) / cfg.name / "raytrain.log"
+
+
 def init_ray(cfg: ExperimentConfig):
-    """Connect to `ray.address` / RAY_ADDRESS, or start a local instance with ray.num_cpus."""
+    """Connect to `ray.address` / RAY_ADDRESS, or start a local instance with ray.num_cpus.
+    Ray's processes log to its session directory, not to this console (log_to_driver=False)."""
     import ray
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
 
 
 def preflight_resources(cfg: ExperimentConfig):
@@ -55,7 +78,9 @@ def preflight_resources(cfg: ExperimentConfig):
                           f"(lower ray.cpus_per_worker, fractions are fine)")
 
 
-def build_trainer(cfg: ExperimentConfig):
+def build_trainer(cfg: ExperimentConfig, console=None):
+    """The TorchTrainer of `cfg`; `console`: a WorkerLines queue the workers log to, or None
+    (their records then stay in Ray's worker logs)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -65,7 +90,7 @@ def build_trainer(cfg: ExperimentConfig):
         resources["GPU"] = 1
     return TorchTrainer(
         ray_train_worker,
-        train_loop_config=to_dict(cfg),
+        train_loop_config={"config": to_dict(cfg), "console": console},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources),
@@ -86,5 +111,9 @@ def run_training(cfg: ExperimentConfig, check_data: bool = True):
         preflight_data(cfg)
     init_ray(cfg)
     preflight_resources(cfg)
-    result = build_trainer(cfg).fit()
+    from ..console import WorkerLines
+    with WorkerLines() as lines:
+        result = build_trainer(cfg, console=lines.queue).fit()
+    if result.error is not None:
+        log.error("training failed: %s", result.error)
     return result

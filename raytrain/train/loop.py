@@ -8,6 +8,7 @@ over ranks. Every `train.checkpoint_every` steps and at the end: a checkpoint wi
 optimiser, scheduler, step, RNG and the data position (epoch, samples consumed).
 """
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -23,6 +24,8 @@ from ..losses import compute_losses, gather_negatives
 from ..model import build_model, normalize_images
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .logger import RunLogger
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,10 +56,12 @@ class Throughput:
         return self.persons / self.elapsed if self.elapsed > 0 else 0.0
 
 
-def ray_train_worker(raw_cfg: dict):
-    """Entry point of every Ray Train worker."""
+def ray_train_worker(loop_config: dict):
+    """Entry point of every Ray Train worker: {"config": raw config, "console": queue or None}."""
+    from ..console import forward_to_driver
     from .session import RaySession
-    run_loop(config_from_raw(raw_cfg), RaySession())
+    forward_to_driver(loop_config.get("console"))
+    run_loop(config_from_raw(loop_config["config"]), RaySession())
 
 
 def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> dict:
@@ -166,9 +171,9 @@ def _restore(session, cfg, model, optimizer, scheduler, scaler) -> Position:
     if state.get("config"):
         stored = with_legacy_defaults(json.loads(state["config"])).get("model", {})
         if stored.get("cam_init", cfg.model.cam_init) != cfg.model.cam_init:
-            print(f"[raytrain] warning: {directory} was trained with model.cam_init="
-                  f"{stored['cam_init']}, resuming with {cfg.model.cam_init}: pass "
-                  f"model.cam_init={stored['cam_init']} to keep its camera start", flush=True)
+            log.warning("%s was trained with model.cam_init=%s, resuming with %s: pass "
+                        "model.cam_init=%s to keep its camera start", directory, stored["cam_init"],
+                        cfg.model.cam_init, stored["cam_init"])
     module = model.module if hasattr(model, "module") else model
     module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -176,8 +181,8 @@ def _restore(session, cfg, model, optimizer, scheduler, scaler) -> Position:
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     pos = Position(step=state["step"], epoch=state["epoch"], samples_in_epoch=state["samples_in_epoch"])
-    print(f"[raytrain] rank {session.rank}: resumed from step {pos.step} "
-          f"(epoch {pos.epoch}, {pos.samples_in_epoch} samples into it)", flush=True)
+    log.info("[raytrain] rank %d: resumed from step %d (epoch %d, %d samples into it)",
+             session.rank, pos.step, pos.epoch, pos.samples_in_epoch)
     return pos
 
 

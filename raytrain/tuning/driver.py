@@ -13,6 +13,7 @@ attribute, or FIFO. The experiment lives in `<train.storage_path>/tune/<cfg.name
 run the best trial is exported to `<experiment>/best/` (export.py).
 """
 import dataclasses
+import logging
 import math
 import os
 import shutil
@@ -26,6 +27,8 @@ from .experiment import BASE_CONFIG_FILE, SPACE_FILE, TRAIN_RUNS_DIR, TRIAL_CONF
 from .export import export_best
 from .ray_workarounds import placement_group_recorder, release_callback
 from .space import SearchSpace, load_space
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -166,7 +169,7 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
     trainable = tune.with_resources(make_trainable(to_dict(cfg), space, exp_path, tset.metric),
                                     {"CPU": tset.driver_cpus})
     if resume:
-        print(f"[raytrain] resuming {exp_path}", flush=True)
+        log.info("[raytrain] resuming %s", exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
                                    resume_unfinished=True)
     else:
@@ -176,8 +179,8 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
             shutil.copyfile(space_path, Path(exp_path) / SPACE_FILE)
         num_samples = tset.repeats if space.has_grid else trials
         if space.has_grid and trials != space.grid_size * tset.repeats:
-            print(f"[raytrain] {space_path} is a grid: running its {space.grid_size} points "
-                  f"x {tset.repeats} repeat(s), not --trials {trials}", flush=True)
+            log.warning("%s is a grid: running its %d points x %d repeat(s), not --trials %d",
+                        space_path, space.grid_size, tset.repeats, trials)
         tuner = tune.Tuner(
             trainable,
             param_space=space.tune_param_space(),
@@ -197,15 +200,15 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
     if space.variants and local:
         try:
             table = write_ablation_table(exp_path)
-            print(table.read_text(), flush=True)
+            log.info("%s", table.read_text())
         except FileNotFoundError as err:
-            print(f"[raytrain] no ablation table: {err}", flush=True)
+            log.warning("no ablation table: %s", err)
     if tset.export and local:
         try:
             out = export_best(exp_path, metric=tset.metric, mode=tset.mode)
-            print(f"[raytrain] best trial exported to {out}", flush=True)
+            log.info("[raytrain] best trial exported to %s", out)
         except (ValueError, FileNotFoundError) as err:
-            print(f"[raytrain] no best trial to export: {err}", flush=True)
+            log.warning("no best trial to export: %s", err)
     return grid
 
 
