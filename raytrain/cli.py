@@ -135,7 +135,10 @@ def cmd_eval(args):
 
 
 def cmd_demo(args):
+    from pathlib import Path
+
     from .apps.demo import run_demo
+    _log_to(Path(args.out).resolve() / "demo.log")
     run_demo(args.out, quick=args.quick)
 
 

@@ -57,6 +57,8 @@ class _ConsoleFilter(logging.Filter):
 class _ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
+        if record.name == "py.warnings":             # "file:line: Category: message\n  source line"
+            text = text.splitlines()[0]
         if record.levelno >= logging.WARNING:
             text = f"{record.levelname.lower()}: {record.name}: {text}"
         if record.exc_info:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, LocalRayHead, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BIN = Path(sys.executable).parent
 
 

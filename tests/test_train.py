@@ -84,6 +84,7 @@ def test_bad_input_stops_before_workers_start(synthetic_shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_gpu_request_fails_fast(synthetic_shards, tmp_path):
     import ray
 
@@ -102,11 +103,16 @@ def test_ray_gpu_request_fails_fast(synthetic_shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path):
+def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path, caplog):
     """SIGKILL the training worker mid-run: Ray restarts it, it resumes from the latest
-    checkpoint, the step count is continuous and no sample of the epoch is lost or repeated."""
+    checkpoint, the step count is continuous and no sample of the epoch is lost or repeated.
+    The workers' own lines (progress, the resume notice) reach the driver's logging once."""
+    import logging
+
     import ray
+    caplog.set_level(logging.INFO, logger="raytrain")
 
     from raytrain.train.launch import run_training
     train, val = synthetic_shards
@@ -143,3 +149,6 @@ def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path
     keys = [k for step in sorted(per_step) for e, k in per_step[step] if e == 0]
     assert len(keys) == len(set(keys)) == 48            # epoch 0: every sample exactly once
     assert result.metrics["step"] == 12
+    forwarded = [r.getMessage() for r in caplog.records if r.name.startswith("raytrain.train.")]
+    assert sum(m.startswith("[raytrain] step 12/12 ") for m in forwarded) == 1, forwarded
+    assert sum("resumed from step" in m for m in forwarded) == 1, forwarded

@@ -128,6 +128,7 @@ def _finish(proc, timeout):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_sweep_8_trials_asha_and_export(synthetic_shards, tmp_path):
     from raytrain.tuning.export import load_trials
@@ -171,6 +172,7 @@ def test_sweep_8_trials_asha_and_export(synthetic_shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_resume_after_killing_the_driver(synthetic_shards, tmp_path):
     from raytrain.tuning.export import load_trials
@@ -210,6 +212,7 @@ def test_resume_after_killing_the_driver(synthetic_shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_ablation_grid_writes_the_table(synthetic_shards, tmp_path):
     """tune/spaces/ablations.yaml runs every variant once (FIFO grid) and writes the table."""

@@ -184,7 +184,7 @@ def evaluate_untrained(cfg):
 
 # ----------------------------------------------------------------------------- sweep and report
 
-DEMO_SPACE = Path(__file__).resolve().parents[1] / "tune" / "spaces" / "demo.yaml"
+DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
 
 
 def demo_sweep(cfg, quick: bool):

@@ -145,6 +145,9 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
     # Save the experiment state every 2 s (Tune's default is adaptive and can be minutes):
     # a driver killed right after a trial finished must not forget that it finished.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Tune's console output engine prints its experiment table even at verbose=0; the classic
+    # reporter honours verbose=0 (docs/design.md §6.5)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
     from ..train.launch import init_ray, preflight_data, preflight_resources, storage_uri
@@ -178,6 +181,7 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
             dump_yaml(cfg, str(Path(exp_path) / BASE_CONFIG_FILE))
             shutil.copyfile(space_path, Path(exp_path) / SPACE_FILE)
         num_samples = tset.repeats if space.has_grid else trials
+        total_trials = space.grid_size * tset.repeats if space.has_grid else trials
         if space.has_grid and trials != space.grid_size * tset.repeats:
             log.warning("%s is a grid: running its %d points x %d repeat(s), not --trials %d",
                         space_path, space.grid_size, tset.repeats, trials)
@@ -193,8 +197,8 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
             run_config=tune.RunConfig(name=cfg.name,
                                       storage_path=f"{storage_uri(cfg.train.storage_path).rstrip('/')}/tune",
                                       failure_config=tune.FailureConfig(max_failures=0),
-                                      callbacks=[release_callback()],
-                                      verbose=1),
+                                      callbacks=[release_callback(), _trial_lines(tset.metric, total_trials)],
+                                      verbose=0),
         )
     grid = tuner.fit()
     if space.variants and local:
@@ -210,6 +214,27 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
         except (ValueError, FileNotFoundError) as err:
             log.warning("no best trial to export: %s", err)
     return grid
+
+
+def _trial_lines(metric: str, num_samples: int):
+    """One console line per finished trial (Tune's own status tables are off: verbose=0)."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            value = result.get(metric)
+            shown = f"{metric}={value:.1f}" if isinstance(value, (int, float)) else f"no {metric}"
+            params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in (trial.config or {}).items())
+            log.info("[raytrain] trial %s ended at step %s: %s (%s) [%d of %d trials started]",
+                     trial.trial_id, result.get("step", "?"), shown, params, len(trials), num_samples)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log.warning("trial %s failed; its error: %s", trial.trial_id,
+                        getattr(trial, "error_file", None) or "see the trial directory")
+
+    return TrialLines()
 
 
 def _concurrency(cfg: ExperimentConfig, tset: TuneSettings) -> int:
@@ -239,6 +264,7 @@ def _searcher(cfg: ExperimentConfig, space: SearchSpace, tset: TuneSettings, tri
         return BasicVariantGenerator(random_state=cfg.seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     startup = tset.n_startup_trials or max(2, trials // 4)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
     return OptunaSearch(sampler=sampler, metric=tset.metric, mode=tset.mode)
