@@ -66,3 +66,14 @@ def test_loss_line_has_no_negative_zero(console, capsys):
     run_logger.step(SimpleNamespace(step=1, epoch=0), {"cam": 0.5, "cont": -0.0}, 4, 1e-3, ["k"])
     line = capsys.readouterr().out.strip()
     assert line.startswith("[raytrain] step 1/2 epoch 0 ") and " cam=0.5 cont=0 " in line
+
+
+def test_run_log_path_is_beside_the_run(tmp_path, monkeypatch):
+    from raytrain.config import load_config
+    from raytrain.train.launch import run_log_path
+    cfg = load_config(None, [f"train.storage_path={tmp_path / 'runs'}", "name=exp"])
+    assert run_log_path(cfg) == tmp_path / "runs" / "exp" / "raytrain.log"
+    assert run_log_path(cfg, experiment=str(tmp_path / "runs/tune/exp")) == tmp_path / "runs/tune/exp/raytrain.log"
+    monkeypatch.setenv("RAYTRAIN_HOME", str(tmp_path / "home"))
+    remote = load_config(None, ["train.storage_path=s3://bucket/runs", "name=exp"])
+    assert run_log_path(remote) == tmp_path / "home" / "logs" / "exp.log"

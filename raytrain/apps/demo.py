@@ -195,7 +195,7 @@ def demo_sweep(cfg, quick: bool):
     from ..config import from_dict, to_dict
     from ..tuning.driver import run_tune
     from ..tuning.experiment import experiment_dir
-    steps = 4 if quick else 60
+    steps = 4 if quick else 30
     raw = to_dict(cfg)
     raw.update(name="demo-sweep")
     raw["optim"].update(max_steps=steps)
