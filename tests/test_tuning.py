@@ -224,21 +224,22 @@ def test_every_shipped_ablation_variant_trains(synthetic_shards, tmp_path, varia
 @pytest.mark.timeout(600)
 def test_ablation_grid_writes_the_table(synthetic_shards, tmp_path):
     """A grid of named variants runs every variant once (FIFO) and writes the table with the
-    paper's labels (three of tune/spaces/ablations.yaml's variants; all of them train in the
-    test above)."""
+    paper's labels and the difference to the full method (two of tune/spaces/ablations.yaml's
+    variants, side by side; all of them train in the test above)."""
     train, val = synthetic_shards
     space = tmp_path / "ablations.yaml"
-    space.write_text("variants:\n  full: {}\n  no_raf: {model.fusion: none}\n"
+    space.write_text("variants:\n  full: {}\n"
                      "  m1: {rois.num_rois: 1, loss.lambda_cam: 0.0, loss.lambda_cont: 0.0}\n"
                      "tune:\n  scheduler: fifo\n")
     args = ["tune", "--config", str(REPO / "raytrain/configs/demo.yaml"), "--space", str(space),
-            "--trials", "3", *_tune_args(train, val, tmp_path / "runs", "abl", **{"optim.max_steps": 2,
+            "--trials", "2", *_tune_args(train, val, tmp_path / "runs", "abl", **{"optim.max_steps": 2,
                                                                                   "train.val_every": 2})]
     log = open(tmp_path / "abl.log", "w")
     rc = _finish(_cli(args, stdout=log, stderr=subprocess.STDOUT), 540)
     assert rc == 0, (tmp_path / "abl.log").read_text()[-4000:]
     table = (tmp_path / "runs" / "tune" / "abl" / "ablation_table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "Variant" not in line]
-    assert len(rows) == 3, table
-    for label in ("Full method", "w/o RAF", "M = 1"):
+    assert len(rows) == 2, table
+    for label in ("Full method", "M = 1"):
         assert any(label in row for row in rows), label
+    assert "Δ MPJPE" in table and "+0.0" in next(row for row in rows if "Full method" in row)
