@@ -35,9 +35,6 @@ def preflight_data(cfg: ExperimentConfig):
                               f"(data.batch_size={cfg.data.batch_size})")
 
 
-log = logging.getLogger(__name__)
-
-
 def run_log_path(cfg: ExperimentConfig, experiment: str | None = None) -> Path:
     """Where an entry point writes the run's log file: `<train.storage_path>/<name>/raytrain.log`
     (`experiment`: that directory instead), or `$RAYTRAIN_HOME/logs/<name>.log` for URLs."""
@@ -112,8 +109,5 @@ def run_training(cfg: ExperimentConfig, check_data: bool = True):
     init_ray(cfg)
     preflight_resources(cfg)
     from ..console import WorkerLines
-    with WorkerLines() as lines:
-        result = build_trainer(cfg, console=lines.queue).fit()
-    if result.error is not None:
-        log.error("training failed: %s", result.error)
-    return result
+    with WorkerLines() as lines:                 # fit() raises the workers' error if they fail
+        return build_trainer(cfg, console=lines.queue).fit()
