@@ -90,9 +90,8 @@ def _config_args(p):
 def cmd_shard_synthetic(args):
     from .synthetic.people import shard_synthetic, with_storage
     cfg = with_storage(None, "full") if args.full_frame else None
-    manifest = shard_synthetic(args.out, n=args.n, seed=args.seed, workers=args.workers,
-                               maxcount=args.maxcount, cfg=cfg)
-    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}")
+    shard_synthetic(args.out, n=args.n, seed=args.seed, workers=args.workers, maxcount=args.maxcount,
+                    cfg=cfg)   # logs "wrote N samples in K shards to OUT"
 
 
 def _load_config(args):
