@@ -1,5 +1,5 @@
 """What a person sees: one `logging` setup for the entry points, and the channel that brings
-the training workers' own lines to the driver (docs/design.md §6).
+the training workers' own lines to the driver (docs/design.md §6.5).
 
     setup_console()                       # cli / apps, once: raytrain INFO + everyone's WARNING
     add_log_file(run_dir / "raytrain.log")  # everything (DEBUG for raytrain) into the run's log
