@@ -83,35 +83,39 @@ def test_bad_input_stops_before_workers_start(synthetic_shards, tmp_path):
         load_config(DEMO, tiny_overrides(train, val, tmp_path, **{"ray.num_workers": 8}))
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_ray_gpu_request_fails_fast(synthetic_shards, tmp_path):
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for this module's Ray tests, started as `raytrain train` starts
+    it (init_ray: 2 CPUs, log_to_driver=False)."""
     import ray
 
-    from raytrain.train.launch import init_ray, preflight_resources
+    from raytrain.train.launch import init_ray
+    init_ray(load_config(DEMO, ["ray.num_cpus=2"]))
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_gpu_request_fails_fast(synthetic_shards, tmp_path, local_ray):
+    from raytrain.train.launch import preflight_resources
     train, val = synthetic_shards
     cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path, **{"ray.use_gpu": True}))
-    init_ray(cfg)
-    try:
-        with pytest.raises(ConfigError, match="GPU"):
-            preflight_resources(cfg)
-        cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path, **{"ray.cpus_per_worker": 16}))
-        with pytest.raises(ConfigError, match="ray.cpus_per_worker"):
-            preflight_resources(cfg)
-    finally:
-        ray.shutdown()
+    with pytest.raises(ConfigError, match="GPU"):
+        preflight_resources(cfg)
+    cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path, **{"ray.cpus_per_worker": 16}))
+    with pytest.raises(ConfigError, match="ray.cpus_per_worker"):
+        preflight_resources(cfg)
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path, caplog):
+def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path, caplog, local_ray):
     """SIGKILL the training worker mid-run: Ray restarts it, it resumes from the latest
     checkpoint, the step count is continuous and no sample of the epoch is lost or repeated.
     The workers' own lines (progress, the resume notice) reach the driver's logging once."""
     import logging
-
-    import ray
     caplog.set_level(logging.INFO, logger="raytrain")
 
     from raytrain.train.launch import run_training
@@ -136,10 +140,7 @@ def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    try:
-        result = run_training(cfg)
-    finally:
-        ray.shutdown()
+    result = run_training(cfg)
     thread.join(timeout=5)
     assert killed, "the worker was never killed"
     assert result.error is None
