@@ -96,14 +96,18 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
                 done = pos.step >= total_steps
                 want_checkpoint = pos.step % cfg.train.checkpoint_every == 0 or done
                 # every checkpoint carries a fresh val_mpjpe: Ray keeps the best K by it
-                if pos.step % cfg.train.val_every == 0 or want_checkpoint:
+                validated = pos.step % cfg.train.val_every == 0 or want_checkpoint
+                if validated:
                     throughput.pause()
                     metrics = validate(cfg, model, body, session, device)
                     metrics["train_persons_per_s"] = throughput.rate()
                     logger.validation(pos, metrics)
+                # Ray hears of validations and checkpoints only (Tune and ASHA read those; the
+                # progress lines are logged): a Train V2 report waits for the controller to take
+                # the previous one, and it polls every 2 s
                 if want_checkpoint:
                     _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, loader)
-                elif pos.step % cfg.train.log_every == 0:
+                elif validated:
                     session.report(_report_metrics(pos, terms, metrics, loader))
                 if done:
                     break
