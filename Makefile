@@ -1,4 +1,5 @@
-# `make test` builds the environment from nothing and runs the suite; `make demo` runs the demo.
+# `make test` builds the environment from nothing, lints and runs the whole suite;
+# `make test-fast` runs the tests that start no Ray instance (`-m "not ray"`); `make demo` runs the demo.
 # `make bench-gpu` runs the GPU check with the machine's own python3 (BENCHMARKS.md "GPU").
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 BENCH_GPU_OUT ?= runs/bench_gpu.json
 
-.PHONY: test demo venv clean bench-gpu
+.PHONY: test test-fast lint demo venv clean bench-gpu
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +18,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q
+
+test-fast: lint
+	$(PY) -m pytest -q -m "not ray"
 
 demo: $(STAMP)
 	$(VENV)/bin/raytrain demo

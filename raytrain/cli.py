@@ -3,9 +3,12 @@ import argparse
 import contextlib
 import functools
 import json
+import logging
 import sys
 
 from .config import ConfigError, load_config
+
+log = logging.getLogger("raytrain.cli")
 
 
 def main(argv=None):
@@ -14,6 +17,8 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .console import setup_console
+    setup_console()
     try:
         return args.func(args) or 0
     except ConfigError as err:
@@ -157,9 +162,8 @@ def cmd_shard_synthetic(args):
             raise
         raise ConfigError(f"--out: {hint}") from None
     cfg = with_storage(None, "full") if args.full_frame else None
-    manifest = shard_synthetic(args.out, n=args.n, seed=args.seed, workers=args.workers,
-                               maxcount=args.maxcount, cfg=cfg)
-    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}")
+    shard_synthetic(args.out, n=args.n, seed=args.seed, workers=args.workers, maxcount=args.maxcount,
+                    cfg=cfg)   # logs "wrote N samples in K shards to OUT"
 
 
 def _load_config(args):
@@ -169,8 +173,9 @@ def _load_config(args):
 
 
 def cmd_train(args):
-    from .train.launch import run_training
+    from .train.launch import run_log_path, run_training
     cfg = _load_config(args)
+    _log_to(run_log_path(cfg))
     result = run_training(cfg)
     print(json.dumps({"metrics": _plain(result.metrics), "checkpoint": str(result.checkpoint.path)
                       if result.checkpoint else None}, indent=2))
@@ -178,8 +183,11 @@ def cmd_train(args):
 
 
 def cmd_tune(args):
+    from .train.launch import run_log_path
     from .tuning.driver import run_tune
+    from .tuning.experiment import experiment_dir
     cfg = _load_config(args)
+    _log_to(run_log_path(cfg, experiment=experiment_dir(cfg)))
     run_tune(cfg, args.space, args.trials, resume=args.resume)
 
 
@@ -234,7 +242,10 @@ def cmd_predict(args):
 
 
 def cmd_demo(args):
+    from pathlib import Path
+
     from .apps.demo import run_demo
+    _log_to(Path(args.out).resolve() / "demo.log")
     run_demo(args.out, quick=args.quick)
 
 
@@ -259,6 +270,12 @@ def cmd_bench(args):
 def cmd_doctor(args):
     from .apps.doctor import run_doctor
     return run_doctor(config=args.config, smpl_dir=args.smpl_dir)
+
+
+def _log_to(path):
+    """The run's log file; says once where it and Ray's own logs are."""
+    from .console import add_log_file
+    log.info("[raytrain] log: %s (Ray's own processes: /tmp/ray/session_latest/logs)", add_log_file(path))
 
 
 def _plain(metrics):

@@ -1,6 +1,7 @@
 """Pose-pretrained and ImageNet backbone files in the layouts people have, built from the
 real timm / torchvision models (small flavours) and renamed into each layout."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -43,7 +44,20 @@ def _pose_hrnet_state(seed=3):
     return state
 
 
-def test_hrnet_pose_layout(tmp_path, capsys):
+@pytest.fixture
+def summaries(caplog):
+    """The backbone loader's summary lines since the last call ("warning: " before warnings)."""
+    caplog.set_level(logging.INFO, logger="raytrain.model.backbones")
+
+    def read() -> str:
+        lines = [("warning: " if r.levelno >= logging.WARNING else "") + r.getMessage()
+                 for r in caplog.records if r.name == "raytrain.model.backbones"]
+        caplog.clear()
+        return "\n".join(lines)
+    return read
+
+
+def test_hrnet_pose_layout(tmp_path, summaries):
     state = _pose_hrnet_state()
     path = tmp_path / "pose_hrnet_w18_small_256x192.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)  # model_best.pth form
@@ -57,7 +71,7 @@ def test_hrnet_pose_layout(tmp_path, capsys):
     assert len(report.layout_gap) == 65 and all(k.startswith("stage4.0.fuse_layers.") for k in report.layout_gap)
     assert len(report.matched) == report.total - 65 and report.fraction == 1.0
     _assert_loaded(module, state, report.matched)
-    line = capsys.readouterr().out
+    line = summaries()
     assert line.startswith("[raytrain] backbone hrnet_w18_small: loaded 290/355 tensors (100.0% of the "
                            "290 its layout has: 65 stage-4 fusion tensors into branches 1-3")
     assert "file tensors not used: final_layer (2" in line and "warning" not in line
@@ -65,10 +79,10 @@ def test_hrnet_pose_layout(tmp_path, capsys):
     del state["stage2.0.branches.0.0.conv1.weight"]
     torch.save(state, path)
     create_backbone("hrnet_w18_small", str(path))
-    assert "left at init: stage2 (1, e.g. stage2.0.branches.0.0.conv1.weight)" in capsys.readouterr().out
+    assert "left at init: stage2 (1, e.g. stage2.0.branches.0.0.conv1.weight)" in summaries()
 
 
-def test_simplebaseline_and_torchvision_layouts_load_fully(tmp_path, capsys):
+def test_simplebaseline_and_torchvision_layouts_load_fully(tmp_path, summaries):
     torch.manual_seed(4)
     torchvision_state = torchvision.models.resnet18(weights=None).state_dict()
     path = tmp_path / "resnet18-f37072fd.pth"
@@ -76,7 +90,7 @@ def test_simplebaseline_and_torchvision_layouts_load_fully(tmp_path, capsys):
     module, _ = create_backbone("resnet18", str(path))
     _assert_loaded(module, torchvision_state, [k for k in module.weights_target().state_dict()
                                                if not k.endswith("num_batches_tracked")])
-    line = capsys.readouterr().out
+    line = summaries()
     assert "loaded 100/100 tensors (100.0%)" in line and "file tensors not used: fc (2" in line
     assert "warning" not in line
 
@@ -89,28 +103,28 @@ def test_simplebaseline_and_torchvision_layouts_load_fully(tmp_path, capsys):
     torch.save(pose, path)
     module, _ = create_backbone("resnet18", str(path))
     _assert_loaded(module, pose, [k for k in pose if not k.startswith(("deconv", "final"))])
-    line = capsys.readouterr().out
+    line = summaries()
     assert "loaded 100/100" in line and "deconv_layers (2" in line and "warning" not in line
 
 
-def test_timm_safetensors_file_and_98_percent(tmp_path, capsys):
+def test_timm_safetensors_file_and_98_percent(tmp_path, summaries):
     torch.manual_seed(5)
     state = timm.create_model("resnet18", pretrained=False).state_dict()
     path = tmp_path / "model.safetensors"
     save_file(state, str(path))
     create_backbone("resnet18", str(path))
-    assert "loaded 100/100" in capsys.readouterr().out
+    assert "loaded 100/100" in summaries()
     # >= 98 % of the tensors: loads with a warning-free summary naming the two left at init
     partial = {k: v for k, v in state.items() if k not in ("layer4.1.bn2.weight", "layer4.1.bn2.bias")}
     path = tmp_path / "partial.pth"
     torch.save(partial, path)
     module, _ = create_backbone("resnet18", str(path))
-    line = capsys.readouterr().out
+    line = summaries()
     assert line.startswith("[raytrain] backbone resnet18: loaded 98/100 tensors (98.0%)")
     assert "left at init: layer4 (2, e.g. layer4.1.bn2.weight)" in line and "warning" not in line
 
 
-def test_half_matching_file_is_refused_unless_asked(tmp_path, capsys):
+def test_half_matching_file_is_refused_unless_asked(tmp_path, summaries):
     torch.manual_seed(6)
     state = timm.create_model("resnet18", pretrained=False).state_dict()
     half = {k: v for k, v in state.items() if not k.startswith(("layer3", "layer4"))}
@@ -124,9 +138,9 @@ def test_half_matching_file_is_refused_unless_asked(tmp_path, capsys):
     assert "left at init: layer3 (" in message and "layer4 (" in message
     assert "shape" not in message or "layer3.0.conv1.weight" in message
     assert "model.backbone_partial_ok=true" in message and "\n" not in message
-    capsys.readouterr()
+    summaries()
     create_backbone("resnet18", str(path), partial_ok=True)
-    assert capsys.readouterr().out.startswith("[raytrain] warning: backbone resnet18: loaded 50/100")
+    assert summaries().startswith("warning: [raytrain] backbone resnet18: loaded 50/100")
 
 
 def test_pretrained_and_checkpoint_are_exclusive(tmp_path):

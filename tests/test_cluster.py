@@ -414,6 +414,7 @@ def test_cluster_readme_names_files_that_exist():
 
 # ---------------------------------------------------------------- end to end
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_submit_runs_a_job_on_a_local_head(tmp_path):
     """cluster/submit.sh against a real local Ray head; `raytrain` is a stand-in script on the

@@ -7,32 +7,45 @@ from pathlib import Path
 import pytest
 from conftest import REPO, LocalRayHead, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(scope="module")
+def ray_head():
+    """One local `ray start` head (2 CPUs) for the job-submission tests: each job ends
+    before the next starts and gives its CPUs back."""
+    with LocalRayHead(num_cpus=2) as head:
+        yield head
+
+
 @pytest.mark.timeout(600)
-def test_ray_job_submit_trains_and_checkpoints(synthetic_shards, tmp_path):
+def test_ray_job_submit_trains_and_checkpoints(synthetic_shards, tmp_path, ray_head):
     """The real `ray job submit` of a demo training against a local head started with
     explicit CPUs: the job succeeds and leaves a complete checkpoint."""
     from ray.job_submission import JobStatus
     train, val = synthetic_shards
     runs = tmp_path / "runs"
     overrides = tiny_overrides(train, val, runs, **{"ray.num_cpus": "null", "name": "job"})
-    with LocalRayHead(num_cpus=2) as head:
-        submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--no-wait", "--submission-id", "train-1",
-             "--working-dir", str(REPO), "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
-             "--", "raytrain", "train", "--config", "configs/demo.yaml", *overrides],
-            env=head.env, capture_output=True, text=True, timeout=180)
-        assert submit.returncode == 0, submit.stdout + submit.stderr
-        status, logs = head.wait_for_job("train-1", timeout=480)
+    head = ray_head
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--no-wait", "--submission-id", "train-1",
+         "--working-dir", str(REPO), "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
+         "--", "raytrain", "train", "--config", "configs/demo.yaml", *overrides],
+        env=head.env, capture_output=True, text=True, timeout=180)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    status, logs = head.wait_for_job("train-1", timeout=480)
     assert status == JobStatus.SUCCEEDED, f"{status}\n{logs[-3000:]}"
     assert list((runs / "job").glob("checkpoint_*/COMMIT.json")), f"no checkpoint under {runs / 'job'}"
+    # the job's console: the workers' progress lines, once each; none of Ray's own chatter
+    progress = [line for line in logs.splitlines() if line.startswith("[raytrain] step ")]
+    assert [line.split()[2] for line in progress if "validation" not in line] == [f"{i}/6" for i in range(1, 7)]
+    for chatter in ("PlacementGroupCleaner", "Reporting training result", "TrainController"):
+        assert chatter not in logs, chatter
 
 
 @pytest.mark.timeout(600)
-def test_ray_job_submit_runs_a_sweep(synthetic_shards, tmp_path):
+def test_ray_job_submit_runs_a_sweep(synthetic_shards, tmp_path, ray_head):
     """`raytrain tune` submitted as a Ray job: both trials finish and the best is exported."""
     import json
 
@@ -42,15 +55,15 @@ def test_ray_job_submit_runs_a_sweep(synthetic_shards, tmp_path):
     overrides = tiny_overrides(train, val, runs, **{
         "ray.num_cpus": "null", "name": "jobsweep", "ray.cpus_per_worker": 0.9,
         "optim.max_steps": 4, "train.val_every": 2, "train.checkpoint_every": 2})
-    with LocalRayHead(num_cpus=2) as head:
-        submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--no-wait", "--submission-id", "sweep-1",
-             "--working-dir", str(REPO), "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
-             "--", "raytrain", "tune", "--config", "configs/demo.yaml",
-             "--space", "tune/spaces/demo.yaml", "--trials", "2", *overrides],
-            env=head.env, capture_output=True, text=True, timeout=180)
-        assert submit.returncode == 0, submit.stdout + submit.stderr
-        status, logs = head.wait_for_job("sweep-1", timeout=480)
+    head = ray_head
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--no-wait", "--submission-id", "sweep-1",
+         "--working-dir", str(REPO), "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"),
+         "--", "raytrain", "tune", "--config", "configs/demo.yaml",
+         "--space", "tune/spaces/demo.yaml", "--trials", "2", *overrides],
+        env=head.env, capture_output=True, text=True, timeout=180)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    status, logs = head.wait_for_job("sweep-1", timeout=480)
     assert status == JobStatus.SUCCEEDED, f"{status}\n{logs[-3000:]}"
     summary = json.loads((runs / "tune" / "jobsweep" / "best" / "summary.json").read_text())
     assert summary["num_trials"] == 2

@@ -90,30 +90,40 @@ def test_bad_input_stops_before_workers_start(synthetic_shards, tmp_path):
         load_config(DEMO, tiny_overrides(train, val, tmp_path, **{"ray.num_workers": 8}))
 
 
-@pytest.mark.slow
-def test_ray_gpu_request_fails_fast(synthetic_shards, tmp_path):
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for this module's Ray tests, started as `raytrain train` starts
+    it (init_ray: 2 CPUs, log_to_driver=False)."""
     import ray
 
-    from raytrain.train.launch import init_ray, preflight_resources
+    from raytrain.train.launch import init_ray
+    init_ray(load_config(DEMO, ["ray.num_cpus=2"]))
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_gpu_request_fails_fast(synthetic_shards, tmp_path, local_ray):
+    from raytrain.train.launch import preflight_resources
     train, val = synthetic_shards
     cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path, **{"ray.use_gpu": True}))
-    init_ray(cfg)
-    try:
-        with pytest.raises(ConfigError, match="GPU"):
-            preflight_resources(cfg)
-        cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path, **{"ray.cpus_per_worker": 16}))
-        with pytest.raises(ConfigError, match="ray.cpus_per_worker"):
-            preflight_resources(cfg)
-    finally:
-        ray.shutdown()
+    with pytest.raises(ConfigError, match="GPU"):
+        preflight_resources(cfg)
+    cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path, **{"ray.cpus_per_worker": 16}))
+    with pytest.raises(ConfigError, match="ray.cpus_per_worker"):
+        preflight_resources(cfg)
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path):
+def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path, caplog, local_ray):
     """SIGKILL the training worker mid-run: Ray restarts it, it resumes from the latest
-    checkpoint, the step count is continuous and no sample of the epoch is lost or repeated."""
-    import ray
+    checkpoint, the step count is continuous and no sample of the epoch is lost or repeated.
+    The workers' own lines (progress, the resume notice) reach the driver's logging once."""
+    import logging
+    caplog.set_level(logging.INFO, logger="raytrain")
 
     from raytrain.train.launch import run_training
     train, val = synthetic_shards
@@ -137,10 +147,7 @@ def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    try:
-        result = run_training(cfg)
-    finally:
-        ray.shutdown()
+    result = run_training(cfg)
     thread.join(timeout=5)
     assert killed, "the worker was never killed"
     assert result.error is None
@@ -150,6 +157,9 @@ def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path
     keys = [k for step in sorted(per_step) for e, k in per_step[step] if e == 0]
     assert len(keys) == len(set(keys)) == 48            # epoch 0: every sample exactly once
     assert result.metrics["step"] == 12
+    forwarded = [r.getMessage() for r in caplog.records if r.name.startswith("raytrain.train.")]
+    assert sum(m.startswith("[raytrain] step 12/12 ") for m in forwarded) == 1, forwarded
+    assert sum("resumed from step" in m for m in forwarded) == 1, forwarded
 
 
 def test_resume_takes_the_latest_complete_checkpoint_on_disk(tmp_path):
@@ -208,11 +218,12 @@ def test_non_finite_loss_stops_before_the_optimiser(synthetic_shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_data_error_in_a_ray_worker_stops_the_run_once_naming_the_shard(synthetic_shards, tmp_path, capsys):
+def test_data_error_in_a_ray_worker_stops_the_run_once_naming_the_shard(synthetic_shards, tmp_path, capsys,
+                                                                      local_ray):
     """Too many bad samples in a worker: not a TypeError from unpickling, not retried
     into the same failure: the run stops with the shard, the counts and the reason."""
-    import ray
     from fixtures_data import make_fake_samples
 
     from raytrain.data.shards import write_shards
@@ -225,11 +236,8 @@ def test_data_error_in_a_ray_worker_stops_the_run_once_naming_the_shard(syntheti
     write_shards(samples, str(tmp_path / "bad"), source="fake", licence="test", maxcount=16)
     cfg = load_config(DEMO, tiny_overrides(str(tmp_path / "bad"), val, tmp_path / "runs", **{
         "ray.max_failures": 2, "data.max_bad_fraction": 0.01, "optim.max_steps": 12}))
-    try:
-        with pytest.raises(RunStopped) as caught:
-            run_training(cfg)
-    finally:
-        ray.shutdown()
+    with pytest.raises(RunStopped) as caught:
+        run_training(cfg)
     message = str(caught.value)
     assert "TooManyBadSamples" in message and "shard-00000" in message and "bad_jpeg" in message
     assert "Traceback" not in message and "\n" not in message

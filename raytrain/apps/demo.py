@@ -9,6 +9,7 @@
    `raytrain eval` of the best trial and of the demo model on it: <out>/report/.
 """
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -19,6 +20,8 @@ import torch
 
 from ..config import load_config
 from ..synthetic.body_model import with_default_body_model
+
+log = logging.getLogger(__name__)
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -64,7 +67,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
     cfg = with_default_body_model(load_config(config or str(DEMO_CONFIG), overrides))
     previous = out_dir / "ray"
     if previous.exists():  # a finished run of the same name would be resumed, not retrained
-        print(f"  removing the previous demo run in {previous}")
+        log.info(f"  removing the previous demo run in {previous}")
         shutil.rmtree(previous)
     _step(f"1/6 sharding {n_train} + {n_val} synthetic people into {out_dir / 'shards'}")
     synthetic = demo_synthetic_config(cfg.data.crop_size)
@@ -76,8 +79,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
     _step("2/6 baselines on the validation set")
     baseline = mean_pose_baseline(cfg)
     before = evaluate_untrained(cfg)
-    print(f"  mean-pose baseline: PA-MPJPE {baseline['pa_mpjpe']:.1f} mm, MPJPE {baseline['mpjpe']:.1f} mm")
-    print(f"  untrained network:  PA-MPJPE {before['val_pa_mpjpe']:.1f} mm, MPJPE {before['val_mpjpe']:.1f} mm")
+    log.info(f"  mean-pose baseline: PA-MPJPE {baseline['pa_mpjpe']:.1f} mm, MPJPE {baseline['mpjpe']:.1f} mm")
+    log.info(f"  untrained network:  PA-MPJPE {before['val_pa_mpjpe']:.1f} mm, MPJPE {before['val_mpjpe']:.1f} mm")
 
     _step(f"3/6 training {cfg.model.backbone} with Ray Train ({cfg.ray.num_workers} worker)")
     from ..train.launch import run_training
@@ -101,7 +104,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
                       "heading_range_deg": DEMO_HEADING_DEG, "tilt_scale": DEMO_TILT_SCALE},
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"  PA-MPJPE {summary['pa_mpjpe_mm']:.1f} mm after training vs {summary['baseline_pa_mpjpe_mm']:.1f} mm "
+    log.info(f"  PA-MPJPE {summary['pa_mpjpe_mm']:.1f} mm after training vs {summary['baseline_pa_mpjpe_mm']:.1f} mm "
           f"for the mean pose ({100 * summary['improvement_over_baseline']:.0f}% lower); "
           f"MPJPE {summary['mpjpe_mm']:.1f} mm, PVE {summary['pve_mm']:.1f} mm")
 
@@ -122,17 +125,17 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
         "seconds": round(time.perf_counter() - t0, 1),
     })
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"  best sweep trial on the 3DPW-format set: MPJPE {best['overall']['mpjpe']:.1f} mm, "
+    log.info(f"  best sweep trial on the 3DPW-format set: MPJPE {best['overall']['mpjpe']:.1f} mm, "
           f"PA-MPJPE {best['overall']['pa_mpjpe']:.1f} mm")
-    print(f"  demo model on the 3DPW-format set:       MPJPE {model['overall']['mpjpe']:.1f} mm, "
+    log.info(f"  demo model on the 3DPW-format set:       MPJPE {model['overall']['mpjpe']:.1f} mm, "
           f"PA-MPJPE {model['overall']['pa_mpjpe']:.1f} mm")
-    print(f"  reports: {out_dir / 'report'}/*/report.md; sweep plots: {experiment / 'best'}")
-    print(f"  summary: {out_dir / 'summary.json'} ({summary['seconds']:.0f} s in all)")
+    log.info(f"  reports: {out_dir / 'report'}/*/report.md; sweep plots: {experiment / 'best'}")
+    log.info(f"  summary: {out_dir / 'summary.json'} ({summary['seconds']:.0f} s in all)")
     return summary
 
 
 def _step(text):
-    print(f"[demo] {text}", flush=True)
+    log.info("[demo] %s", text)
 
 
 @torch.no_grad()
@@ -184,7 +187,7 @@ def evaluate_untrained(cfg):
 
 # ----------------------------------------------------------------------------- sweep and report
 
-DEMO_SPACE = Path(__file__).resolve().parents[1] / "tune" / "spaces" / "demo.yaml"
+DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
 
 
 def demo_sweep(cfg, quick: bool):
@@ -192,7 +195,7 @@ def demo_sweep(cfg, quick: bool):
     from ..config import from_dict, to_dict
     from ..tuning.driver import run_tune
     from ..tuning.experiment import experiment_dir
-    steps = 4 if quick else 60
+    steps = 4 if quick else 30
     raw = to_dict(cfg)
     raw.update(name="demo-sweep")
     raw["optim"].update(max_steps=steps)
@@ -212,5 +215,6 @@ def demo_3dpw_set(out_dir: Path, synthetic, quick: bool, smpl_dir: str) -> Path:
     if not (shards / "manifest.json").exists():
         write_synthetic_3dpw(str(root), split="test", sequences=2 if quick else 4,
                              frames=4 if quick else 12, pose_cfg=synthetic)
-        convert_3dpw(str(root), "test", str(shards), smpl_dir=smpl_dir, workers=1, progress=False)
+        convert_3dpw(str(root), "test", str(shards), smpl_dir=smpl_dir, workers=1, progress=False,
+                     printer=None)
     return shards

@@ -19,6 +19,7 @@ report.md, per_joint.png, overlays/*.png (``raytrain.eval.report``). With severa
 """
 import copy
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -30,7 +31,8 @@ import torch
 from ..body.joints import J14_NAMES
 from ..config import ConfigError, ExperimentConfig, config_from_raw, load_config, read_yaml, with_legacy_defaults
 from ..train.checkpoint import STATE_FILE, CheckpointError, is_complete, list_complete_checkpoints, load_checkpoint
-from ..train.fatal import FATAL_KEY
+
+log = logging.getLogger(__name__)
 
 OVERLAYS = 4
 
@@ -84,8 +86,8 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
         results.append(metrics)
         if not quiet:
             o = metrics["overall"]
-            print(f"[eval] {target.path}: MPJPE {o['mpjpe']:.2f} mm, PA-MPJPE {o['pa_mpjpe']:.2f} mm, "
-                  f"PVE {o['pve']:.2f} mm over {o['num_samples']} samples -> {target_out}", flush=True)
+            log.info("[eval] %s: MPJPE %.2f mm, PA-MPJPE %.2f mm, PVE %.2f mm over %d samples -> %s",
+                     target.path, o["mpjpe"], o["pa_mpjpe"], o["pve"], o["num_samples"], target_out)
     first = dict(results[0])
     if len(results) > 1:
         write_summary_report(out_dir, results)
@@ -182,10 +184,10 @@ def checkpoint_config(path: Path, state: dict, config: str | None = None):
         if params.is_file():
             try:
                 raw = json.loads(params.read_text())
-                raw = dict(raw.get("train_loop_config", raw))
+                raw = raw.get("train_loop_config", raw)
+                raw = dict(raw.get("config", raw))  # a Ray Train run's loop config holds it
             except (ValueError, TypeError, AttributeError, RecursionError):
                 continue
-            raw.pop(FATAL_KEY, None)  # the launcher's own entry, not a config key
             raw = with_legacy_defaults(raw)
             try:
                 return _config(raw, str(params)), str(params)

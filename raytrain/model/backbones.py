@@ -56,11 +56,11 @@ def create_backbone(name: str, checkpoint: str | None = None, *, pretrained: str
             "network access, put a checkpoint on disk and set model.backbone_checkpoint") from None
     if pretrained == "imagenet":
         source = module.weights_target().pretrained_cfg.get("hf_hub_id") or "timm"
-        print(f"[raytrain] backbone {name}: ImageNet weights from timm ({source})", flush=True)
+        log.info("[raytrain] backbone %s: ImageNet weights from timm (%s)", name, source)
     if checkpoint is not None:
         report = load_backbone_weights(module.weights_target(), checkpoint, partial_ok=partial_ok)
-        prefix = "warning: " if report.fraction < QUIET_FRACTION else ""
-        print(f"[raytrain] {prefix}backbone {name}: {report.format()}", flush=True)
+        level = logging.WARNING if report.fraction < QUIET_FRACTION else logging.INFO
+        log.log(level, "[raytrain] backbone %s: %s", name, report.format())
     return module, dim
 
 

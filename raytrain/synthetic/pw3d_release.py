@@ -32,6 +32,7 @@ the converted set. Everything is a function of ``seed``.
 from __future__ import annotations
 
 import argparse
+import logging
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -44,6 +45,8 @@ from scipy.spatial.transform import Rotation, Slerp
 
 from ..body.joints import J24_TO_OPENPOSE18
 from .people import Body, SyntheticConfig, body_from_model, render_person, sample_background, sample_body_pose
+
+log = logging.getLogger(__name__)
 
 DETECTION_CONFIDENCE = 0.9
 GENDER_NAMES = {"m": "male", "f": "female"}
@@ -377,7 +380,7 @@ def write_synthetic_3dpw(root, split: str = "test", sequences: int = 3, frames: 
         names.append(plan.name)
         valid_samples += int(sum(v.sum() for v in data["campose_valid"]))
         if progress:
-            print(f"  {plan.name}: {frames} frames, {actors} actor(s)", flush=True)
+            log.info("  %s: %d frames, %d actor(s)", plan.name, frames, actors)
     return {"root": str(root), "split": split, "sequences": names, "valid_samples": valid_samples}
 
 

@@ -17,8 +17,6 @@ from ..data.errors import user_line
 from ..data.io import exists, get_fs, open_url
 
 FATAL_FILE = "raytrain_error.json"
-#: Key of the record's path in the config dict handed to the Ray Train workers.
-FATAL_KEY = "_raytrain_fatal_file"
 
 
 class NonFiniteLoss(ArithmeticError):

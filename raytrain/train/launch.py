@@ -1,9 +1,16 @@
-"""Build and run the TorchTrainer from a validated config; fail fast before workers start."""
+"""Build and run the TorchTrainer from a validated config; fail fast before workers start.
+
+Ray is started with `log_to_driver=False`: the output of Ray's own processes (the Train
+controller, its placement-group cleaner, worker stdout) stays in Ray's session logs, and the
+workers send raytrain's log records to the driver through `console.WorkerLines`
+(docs/design.md §6).
+"""
+import logging
 import os
 from pathlib import Path
 
 from ..config import ConfigError, ExperimentConfig, to_dict
-from .fatal import FATAL_KEY, RunStopped, clear_fatal_error, fatal_path, read_fatal_error
+from .fatal import RunStopped, clear_fatal_error, fatal_path, read_fatal_error
 
 
 def storage_uri(path: str) -> str:
@@ -89,16 +96,29 @@ def preflight_storage(cfg: ExperimentConfig):
         raise ConfigError(f"train.storage_path: {hint}") from None
 
 
+def run_log_path(cfg: ExperimentConfig, experiment: str | None = None) -> Path:
+    """Where an entry point writes the run's log file: `<train.storage_path>/<name>/raytrain.log`
+    (`experiment`: that directory instead), or `$RAYTRAIN_HOME/logs/<name>.log` for URLs."""
+    if experiment and "://" not in experiment:
+        return Path(experiment) / "raytrain.log"
+    if "://" in cfg.train.storage_path or (experiment and "://" in experiment):
+        from ..body.model import raytrain_home
+        return raytrain_home() / "logs" / f"{cfg.name}.log"
+    return Path(storage_uri(cfg.train.storage_path)) / cfg.name / "raytrain.log"
+
+
 def init_ray(cfg: ExperimentConfig):
-    """Connect to `ray.address` / RAY_ADDRESS, or start a local instance with ray.num_cpus."""
+    """Connect to `ray.address` / RAY_ADDRESS, or start a local instance with ray.num_cpus.
+    Ray's processes log to its session directory, not to this console (log_to_driver=False)."""
     import ray
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
 
 
 def preflight_resources(cfg: ExperimentConfig):
@@ -116,7 +136,9 @@ def preflight_resources(cfg: ExperimentConfig):
                           f"(lower ray.cpus_per_worker, fractions are fine)")
 
 
-def build_trainer(cfg: ExperimentConfig):
+def build_trainer(cfg: ExperimentConfig, console=None):
+    """The TorchTrainer of `cfg`; `console`: a WorkerLines queue the workers log to, or None
+    (their records then stay in Ray's worker logs)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -127,7 +149,7 @@ def build_trainer(cfg: ExperimentConfig):
         resources["GPU"] = 1
     return TorchTrainer(
         ray_train_worker,
-        train_loop_config={**to_dict(cfg), FATAL_KEY: fatal_path(run_dir_of(cfg))},
+        train_loop_config={"config": to_dict(cfg), "console": console, "fatal": fatal_path(run_dir_of(cfg))},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources),
@@ -152,8 +174,10 @@ def run_training(cfg: ExperimentConfig, check_data: bool = True):
     init_ray(cfg)
     preflight_resources(cfg)
     run_dir = run_dir_of(cfg)
+    from ..console import WorkerLines
     try:
-        return build_trainer(cfg).fit()
+        with WorkerLines() as lines:
+            return build_trainer(cfg, console=lines.queue).fit()
     except Exception as err:  # a deterministic error of a worker: one line, not Ray's dump
         fatal = read_fatal_error(run_dir) or _data_error_in(err)
         if fatal is not None:

@@ -1,12 +1,19 @@
-"""Progress lines, TensorBoard events, MLflow (optional) and the sample-key audit log."""
+"""Progress lines, TensorBoard events, MLflow (optional) and the sample-key audit log.
+
+Progress and validation lines are INFO records of this module's logger, one per interval
+on rank 0; the entry point decides where they go (raytrain/console.py).
+"""
+import logging
 import os
 import time
 from collections import Counter
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 
 class RunLogger:
-    """Rank 0 prints and writes events; every rank may write its sample-key log."""
+    """Rank 0 logs progress and writes events; every rank may write its sample-key log."""
 
     def __init__(self, cfg, session, total_steps: int):
         self.cfg, self.session, self.total_steps = cfg, session, total_steps
@@ -40,11 +47,11 @@ class RunLogger:
         self.last_t, self.last_step, self.samples = now, pos.step, 0
         if self.rank != 0:
             return
-        losses = " ".join(f"{k}={v:.4g}" for k, v in terms.items())
+        losses = " ".join(f"{k}={v + 0.0:.4g}" for k, v in terms.items())   # + 0.0: no "-0"
         mix = (" sources " + " ".join(f"{k}={v}" for k, v in sorted(self.source_counts.items()))
                if self.source_counts else "")
-        print(f"[raytrain] step {pos.step}/{self.total_steps} epoch {pos.epoch} "
-              f"{rate:.1f} persons/s lr={lr:.3g} {losses}{mix} eta {_duration(eta)}", flush=True)
+        log.info("[raytrain] step %d/%d epoch %d %.1f persons/s lr=%.3g %s%s eta %s", pos.step,
+                 self.total_steps, pos.epoch, rate, lr, losses, mix, _duration(eta))
         self._scalars({f"train/{k}": v for k, v in terms.items()} | {"train/lr": lr,
                       "train/persons_per_s": rate}
                       | {f"data/samples_{k}": v for k, v in self.source_counts.items()}, pos.step)
@@ -53,8 +60,8 @@ class RunLogger:
         if self.rank != 0:
             return
         shown = " ".join(f"{k}={v:.1f}" for k, v in metrics.items() if k != "val_samples")
-        print(f"[raytrain] step {pos.step} validation ({metrics.get('val_samples', 0)} persons): "
-              f"{shown}", flush=True)
+        log.info("[raytrain] step %d validation (%d persons): %s", pos.step,
+                 int(metrics.get("val_samples", 0)), shown)
         self._scalars({f"val/{k[4:]}": v for k, v in metrics.items()}, pos.step)
 
     def close(self):

@@ -10,6 +10,7 @@ with model, optimiser, scheduler, step, RNG and the data position (epoch, sample
 consumed).
 """
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -25,8 +26,10 @@ from ..eval.protocol import validate
 from ..losses import compute_losses, gather_negatives
 from ..model import build_model, normalize_images
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .fatal import FATAL_KEY, NonFiniteLoss, record_fatal_error, stop_if_failed_before
+from .fatal import NonFiniteLoss, record_fatal_error, stop_if_failed_before
 from .logger import RunLogger
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,18 +60,20 @@ class Throughput:
         return self.persons / self.elapsed if self.elapsed > 0 else 0.0
 
 
-def ray_train_worker(raw_cfg: dict):
-    """Entry point of every Ray Train worker. A deterministic error (bad data, a
-    non-finite loss) is recorded so that Ray's restart stops at once (``fatal.py``)."""
+def ray_train_worker(loop_config: dict):
+    """Entry point of every Ray Train worker: {"config": raw config, "console": queue or
+    None, "fatal": file}. A deterministic error (bad data, a non-finite loss) is recorded in
+    the fatal file so that Ray's restart stops at once (``fatal.py``)."""
+    from ..console import forward_to_driver
     from ..data.errors import DataError
     from .session import RaySession
-    raw_cfg = dict(raw_cfg)
-    fatal = raw_cfg.pop(FATAL_KEY, None)
+    forward_to_driver(loop_config.get("console"))
+    fatal = loop_config.get("fatal")
     if fatal:
         stop_if_failed_before(fatal)
     try:
         run_dir = fatal.rsplit("/", 1)[0] if fatal else None
-        run_loop(config_from_raw(raw_cfg), RaySession(run_dir=run_dir))
+        run_loop(config_from_raw(loop_config["config"]), RaySession(run_dir=run_dir))
     except (DataError, NonFiniteLoss) as error:
         if fatal:
             record_fatal_error(fatal, error)
@@ -109,14 +114,18 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
                 done = pos.step >= total_steps
                 want_checkpoint = pos.step % cfg.train.checkpoint_every == 0 or done
                 # every checkpoint carries a fresh val_mpjpe: Ray keeps the best K by it
-                if pos.step % cfg.train.val_every == 0 or want_checkpoint:
+                validated = pos.step % cfg.train.val_every == 0 or want_checkpoint
+                if validated:
                     throughput.pause()
                     metrics = validate(cfg, model, body, session, device)
                     metrics["train_persons_per_s"] = throughput.rate()
                     logger.validation(pos, metrics)
+                # Ray hears of validations and checkpoints only (Tune and ASHA read those; the
+                # progress lines are logged): a Train V2 report waits for the controller to take
+                # the previous one, and it polls every 2 s
                 if want_checkpoint:
                     _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, loader)
-                elif pos.step % cfg.train.log_every == 0:
+                elif validated:
                     session.report(_report_metrics(pos, terms, metrics, loader))
                 if done:
                     break
@@ -215,9 +224,9 @@ def _restore(session, cfg, model, optimizer, scheduler, scaler) -> Position:
     if state.get("config"):
         stored = with_legacy_defaults(json.loads(state["config"])).get("model", {})
         if stored.get("cam_init", cfg.model.cam_init) != cfg.model.cam_init:
-            print(f"[raytrain] warning: {directory} was trained with model.cam_init="
-                  f"{stored['cam_init']}, resuming with {cfg.model.cam_init}: pass "
-                  f"model.cam_init={stored['cam_init']} to keep its camera start", flush=True)
+            log.warning("%s was trained with model.cam_init=%s, resuming with %s: pass "
+                        "model.cam_init=%s to keep its camera start", directory, stored["cam_init"],
+                        cfg.model.cam_init, stored["cam_init"])
     module = model.module if hasattr(model, "module") else model
     module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -225,8 +234,8 @@ def _restore(session, cfg, model, optimizer, scheduler, scaler) -> Position:
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     pos = Position(step=state["step"], epoch=state["epoch"], samples_in_epoch=state["samples_in_epoch"])
-    print(f"[raytrain] rank {session.rank}: resumed from step {pos.step} "
-          f"(epoch {pos.epoch}, {pos.samples_in_epoch} samples into it)", flush=True)
+    log.info("[raytrain] rank %d: resumed from step %d (epoch %d, %d samples into it)",
+             session.rank, pos.step, pos.epoch, pos.samples_in_epoch)
     return pos
 
 

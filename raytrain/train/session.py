@@ -2,6 +2,7 @@
 
 Both expose the same small surface so `loop.run_loop` is one piece of code.
 """
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 
 from .checkpoint import checkpoint_step, is_complete, latest_complete_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 class BareSession:
@@ -70,7 +73,7 @@ class RaySession:
             run_dir = str(Path(checkpoint.path).parent)
         chosen, note = choose_resume(registered, run_dir)
         if note and self.rank == 0:
-            print(f"[raytrain] {note}", flush=True)
+            log.info("[raytrain] %s", note)
         return chosen
 
     def checkpoint_dir(self, step: int) -> str:

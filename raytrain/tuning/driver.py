@@ -13,6 +13,7 @@ attribute, or FIFO. The experiment lives in `<train.storage_path>/tune/<cfg.name
 run the best trial is exported to `<experiment>/best/` (export.py).
 """
 import dataclasses
+import logging
 import math
 import os
 import shutil
@@ -26,6 +27,8 @@ from .experiment import BASE_CONFIG_FILE, SPACE_FILE, TRAIN_RUNS_DIR, TRIAL_CONF
 from .export import export_best
 from .ray_workarounds import placement_group_recorder, release_callback
 from .space import SearchSpace, load_space
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -142,6 +145,9 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
     # Save the experiment state every 2 s (Tune's default is adaptive and can be minutes):
     # a driver killed right after a trial finished must not forget that it finished.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Tune's console output engine prints its experiment table even at verbose=0; the classic
+    # reporter honours verbose=0 (docs/design.md §6.5)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
     from ..train.launch import (
@@ -176,18 +182,19 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
     trainable = tune.with_resources(make_trainable(to_dict(cfg), space, exp_path, tset.metric),
                                     {"CPU": tset.driver_cpus})
     if resume:
-        print(f"[raytrain] resuming {exp_path}", flush=True)
+        log.info("[raytrain] resuming %s", exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
                                    resume_unfinished=True)
     else:
         if local:
             Path(exp_path).mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, str(Path(exp_path) / BASE_CONFIG_FILE))
-            shutil.copyfile(space_path, Path(exp_path) / SPACE_FILE)
+            shutil.copyfile(shipped_path(space_path), Path(exp_path) / SPACE_FILE)
         num_samples = tset.repeats if space.has_grid else trials
+        total_trials = space.grid_size * tset.repeats if space.has_grid else trials
         if space.has_grid and trials != space.grid_size * tset.repeats:
-            print(f"[raytrain] {space_path} is a grid: running its {space.grid_size} points "
-                  f"x {tset.repeats} repeat(s), not --trials {trials}", flush=True)
+            log.warning("%s is a grid: running its %d points x %d repeat(s), not --trials %d",
+                        space_path, space.grid_size, tset.repeats, trials)
         tuner = tune.Tuner(
             trainable,
             param_space=space.tune_param_space(),
@@ -200,23 +207,44 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
             run_config=tune.RunConfig(name=cfg.name,
                                       storage_path=f"{storage_uri(cfg.train.storage_path).rstrip('/')}/tune",
                                       failure_config=tune.FailureConfig(max_failures=0),
-                                      callbacks=[release_callback()],
-                                      verbose=1),
+                                      callbacks=[release_callback(), _trial_lines(tset.metric, total_trials)],
+                                      verbose=0),
         )
     grid = tuner.fit()
     if space.variants and local:
         try:
             table = write_ablation_table(exp_path)
-            print(table.read_text(), flush=True)
+            log.info("%s", table.read_text())
         except FileNotFoundError as err:
-            print(f"[raytrain] no ablation table: {err}", flush=True)
+            log.warning("no ablation table: %s", err)
     if tset.export and local:
         try:
             out = export_best(exp_path, metric=tset.metric, mode=tset.mode)
-            print(f"[raytrain] best trial exported to {out}", flush=True)
+            log.info("[raytrain] best trial exported to %s", out)
         except (ValueError, FileNotFoundError) as err:
-            print(f"[raytrain] no best trial to export: {err}", flush=True)
+            log.warning("no best trial to export: %s", err)
     return grid
+
+
+def _trial_lines(metric: str, num_samples: int):
+    """One console line per finished trial (Tune's own status tables are off: verbose=0)."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            value = result.get(metric)
+            shown = f"{metric}={value:.1f}" if isinstance(value, (int, float)) else f"no {metric}"
+            params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in (trial.config or {}).items())
+            log.info("[raytrain] trial %s ended at step %s: %s (%s) [%d of %d trials started]",
+                     trial.trial_id, result.get("step", "?"), shown, params, len(trials), num_samples)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log.warning("trial %s failed; its error: %s", trial.trial_id,
+                        getattr(trial, "error_file", None) or "see the trial directory")
+
+    return TrialLines()
 
 
 def _concurrency(cfg: ExperimentConfig, tset: TuneSettings) -> int:
@@ -246,6 +274,7 @@ def _searcher(cfg: ExperimentConfig, space: SearchSpace, tset: TuneSettings, tri
         return BasicVariantGenerator(random_state=cfg.seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     startup = tset.n_startup_trials or max(2, trials // 4)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=startup)
     return OptunaSearch(sampler=sampler, metric=tset.metric, mode=tset.mode)

@@ -12,6 +12,7 @@ Reads only files: the trials' `params.json` / `result.json` written by Tune and 
 """
 import csv
 import json
+import logging
 import math
 import re
 import shutil
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .experiment import load_experiment_inputs, read_trial_config
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "checkpoint_path"
 METRIC_COLUMNS = ("val_mpjpe", "val_pa_mpjpe", "val_pve", "val_cam_err")
@@ -204,7 +207,7 @@ def param_importances(trials, metric="val_mpjpe", mode="min", exp_path=None):
         try:
             return _optuna_importances(rows, names, mode), "fANOVA"
         except Exception as err:            # noqa: BLE001 - fall back, say so
-            print(f"[raytrain] optuna importance failed ({err}); using rank correlation", flush=True)
+            log.warning("optuna importance failed (%s); using rank correlation", err)
     return _rank_importances(rows, names), "|Spearman rho|"
 
 

@@ -14,7 +14,9 @@ place that touches Ray internals (`ray.train.v2._internal`, the worker group's s
 `ray._raylet`, `ray.experimental.internal_kv`); written against ray==2.60.0 (the pin):
 re-check it on every Ray upgrade and delete it once Ray's own cleanup works there.
 """
+import logging
 
+log = logging.getLogger(__name__)
 _KV_NAMESPACE = "raytrain_tune"
 
 
@@ -32,7 +34,7 @@ def placement_group_recorder(trial_id: str):
                 internal_kv._internal_kv_put(f"pg/{trial_id}", pg.id.hex(), overwrite=True,
                                              namespace=_KV_NAMESPACE)
             except Exception as err:             # noqa: BLE001 - best effort, never fail training
-                print(f"[raytrain] could not record the placement group of {trial_id}: {err}", flush=True)
+                log.warning("could not record the placement group of %s: %s", trial_id, err)
 
     return RecordPlacementGroup()
 
@@ -69,8 +71,8 @@ def release_callback():
         def _release(trial):
             try:
                 if release_trial_placement_group(trial.trial_id):
-                    print(f"[raytrain] released the workers of stopped trial {trial.trial_id}", flush=True)
+                    log.debug("released the workers of stopped trial %s", trial.trial_id)
             except Exception as err:             # noqa: BLE001 - never break the experiment loop
-                print(f"[raytrain] could not release trial {trial.trial_id}'s workers: {err}", flush=True)
+                log.warning("could not release trial %s's workers: %s", trial.trial_id, err)
 
     return ReleaseTrialResources()
