@@ -8,9 +8,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "raytrain"
 LIBRARY = ("raytrain.data", "raytrain.model", "raytrain.geometry", "raytrain.body", "raytrain.train",
            "raytrain.eval", "raytrain.tuning", "raytrain.predict", "raytrain.losses", "raytrain.config",
-           "raytrain.registry", "raytrain.safe_pickle")
+           "raytrain.registry", "raytrain.safe_pickle", "raytrain.workarounds", "raytrain.console")
 HARNESS = ("raytrain.synthetic", "raytrain.bench", "raytrain.apps", "raytrain.cli")
-WORKAROUND = "raytrain.tuning.ray_workarounds"
+WORKAROUND = "raytrain.workarounds"
 PRIVATE = ("._iterator", "_shutdown_workers", "_storage_Use_Count", "_new_shared", "_typed_storage", "_cdata",
            "._internal", "_raylet", "internal_kv", "._parent(", "._workers", "_worker_group_state")
 

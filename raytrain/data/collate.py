@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from ..workarounds import new_shared_tensor
+
 #: Float label arrays of a sample dict and their per-sample shapes.
 FLOAT_KEYS = {"boxes": None, "image_size": (2,), "focal": (), "keypoints_2d": (24, 3),
               "joints_3d": (24, 4), "pose": (72,), "betas": (10,), "cam_full": (3,)}
@@ -146,5 +148,6 @@ def batch_buffer(shape) -> torch.Tensor:
     """uint8 tensor for the batch's crops; in a DataLoader worker, allocated in shared
     memory (as torch's ``default_collate`` does) so that sending the batch to the main
     process does not copy it once more."""
-    buffer = torch.empty(shape, dtype=torch.uint8)
-    return buffer if torch.utils.data.get_worker_info() is None else buffer.share_memory_()
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    return new_shared_tensor(shape)

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, ExperimentConfig, dump_yaml, shipped_path, to_dict
+from ..workarounds import placement_group_recorder, release_callback
 from .ablations import write_ablation_table
 from .experiment import BASE_CONFIG_FILE, SPACE_FILE, TRAIN_RUNS_DIR, TRIAL_CONFIG_FILE, experiment_dir
 from .export import export_best
-from .ray_workarounds import placement_group_recorder, release_callback
 from .space import SearchSpace, load_space
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,16 @@
-"""Ray 2.60 workaround: release the placement group of a trial that Tune stopped.
+"""Workarounds for what torch and Ray offer no public API for. The only module that touches
+their private attributes: re-check each on every upgrade of the pins (torch==2.14.1,
+ray==2.60.0) and delete it once upstream has the public way.
+
+**torch: a tensor allocated in shared memory** (`new_shared_tensor`). A DataLoader worker
+hands its batch's crops to the training process in shared memory. `Tensor.share_memory_()`
+allocates private memory first and copies it (12.3 ms for a 12 MB batch here, against
+6.9 ms allocated in place; BENCHMARKS.md "Batch buffers"); torch's own `default_collate`
+allocates in place through the private `_new_shared`, which is what this does.
+Upstream: pytorch/pytorch#48558 ("tensor ctors should support directly creating in
+shared memory", open).
+
+**Ray: release the placement group of a trial that Tune stopped.**
 
 When ASHA stops a trial (or the trial fails), Tune kills the trial's actor; the Train
 controller it owns dies with it, before removing its workers' placement group. Ray 2.60's
@@ -9,14 +21,16 @@ id in Ray's internal KV, and a driver-side Tune callback removes it when the tri
 
 Upstream: ray-project/ray#62753 (the cleaner can orphan a group when its controller dies)
 and ray-project/ray#65447 (the cleaner's state-API queries fail and it skips the
-controller: "Failed to query Ray Train Controller actor state"). This module is the only
-place that touches Ray internals (`ray.train.v2._internal`, the worker group's state,
-`ray._raylet`, `ray.experimental.internal_kv`); written against ray==2.60.0 (the pin):
-re-check it on every Ray upgrade and delete it once Ray's own cleanup works there.
+controller: "Failed to query Ray Train Controller actor state"). It uses Ray internals
+(`ray.train.v2._internal`, the worker group's state, `ray._raylet`,
+`ray.experimental.internal_kv`).
 """
 import logging
 
+import torch
+
 log = logging.getLogger(__name__)
+
 _KV_NAMESPACE = "raytrain_tune"
 
 
@@ -76,3 +90,14 @@ def release_callback():
                 log.warning("could not release trial %s's workers: %s", trial.trial_id, err)
 
     return ReleaseTrialResources()
+
+
+def new_shared_tensor(shape, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialised tensor of `shape` allocated directly in shared memory (what
+    `torch.utils.data.default_collate` does in a worker), without the copy of
+    `share_memory_()`."""
+    numel = 1
+    for side in shape:
+        numel *= int(side)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(tuple(shape))
