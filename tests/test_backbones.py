@@ -151,8 +151,9 @@ def test_pretrained_and_checkpoint_are_exclusive(tmp_path):
 
 
 _HUB_CHILD = """
-import json, sys, torch
+import json, logging, sys, torch
 from raytrain.model import create_backbone
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
 module, dim = create_backbone("mobilenetv3_small_050", pretrained="imagenet")
 expected = torch.load(sys.argv[1])
 own = module.weights_target().state_dict()

@@ -400,6 +400,7 @@ def test_task_options_ask_for_data_cpu_where_the_cluster_has_it():
     assert chunk_ranges(10, 4) == [(0, 0, 4), (1, 4, 8), (2, 8, 10)]
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_shard_3dpw_with_ray_gives_the_same_samples(tmp_path, release, capsys):
     import ray

@@ -150,6 +150,7 @@ def test_two_persons_of_one_image_share_its_decode(world, tmp_path):
     np.testing.assert_allclose(records[0]["pose"], records[1]["pose"], atol=1e-5)
 
 
+@pytest.mark.ray
 def test_predict_on_ray_data_gives_the_same_records(world, tmp_path):
     import ray
     common = dict(inputs=[str(world["images"])], checkpoint=world["checkpoint"],
@@ -175,6 +176,7 @@ def test_predict_on_ray_data_gives_the_same_records(world, tmp_path):
                 assert other[name] == value, name
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_predict_on_ray_data_writes_parquet(world, tmp_path):
     """The cluster-written Parquet holds the same persons and numbers (frame -1: a still image)."""

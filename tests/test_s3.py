@@ -68,6 +68,7 @@ def test_s3_brace_pattern_and_rank_split(s3_options):
     assert image.dtype == np.uint8 and image.shape == (40, 48, 3)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ray_tasks_write_a_cliff_npz_to_s3(s3_options, tmp_path):
     """`raytrain shard <source> --ray` with an s3:// output: Ray tasks on a local instance

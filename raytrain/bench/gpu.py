@@ -167,7 +167,7 @@ def _config(sizes: _Sizes, model: str, shards, run_dir: str, device: torch.devic
     config, backbone, batch = sizes.models[model]
     amp = "bf16" if fast and device.type == "cuda" else "none"
     return with_default_body_model(load_config(str(CONFIGS / config), [
-        f"data.train_shards={shards[0]}", f"data.val_shards={shards[1]}",
+        "data.mixture=[]", f"data.train_shards={shards[0]}", f"data.val_shards={shards[1]}",
         f"data.crop_size={sizes.crop}", f"data.batch_size={batch}", f"data.val_batch_size={min(batch, 8)}",
         f"data.loader_workers={loader_workers}", "data.shuffle_buffer=256", "data.max_val_samples=8",
         f"data.device_crop={str(device_crop).lower()}", f"model.backbone={backbone}",
