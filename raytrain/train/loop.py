@@ -19,7 +19,7 @@ from ..body import load_body_model, load_mean_params
 from ..config import ExperimentConfig, config_from_raw, to_dict, with_legacy_defaults
 from ..data.pipeline import build_loader, close_loaders, epoch_length
 from ..eval.protocol import validate
-from ..losses import compute_losses, gather_negatives
+from ..losses import compute_losses, contrastive_warmup, gather_negatives
 from ..model import build_model, normalize_images
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .logger import RunLogger
@@ -83,7 +83,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
             loader = build_loader(cfg, "train", session.rank, session.world_size, pos.epoch,
                                   skip=pos.samples_in_epoch, batch_size=per_worker, seed=cfg.seed)
             for batch in loader:
-                terms = train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device)
+                terms = train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device, pos.step)
                 pos.step += 1
                 pos.samples_in_epoch += len(batch["keys"])
                 throughput.tick(len(batch["keys"]) * session.world_size)
@@ -112,7 +112,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
     return metrics
 
 
-def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device) -> dict[str, float]:
+def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device, step: int = 0) -> dict[str, float]:
     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     model.train()
     with _autocast(cfg, device):
@@ -121,7 +121,8 @@ def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device) ->
     with torch.no_grad():
         gt_vertices = body.forward_axis_angle(batch["pose"], batch["betas"]).vertices
     negatives = gather_negatives(pred["z"]) if cfg.loss.gather_negatives else None
-    total, terms = compute_losses(pred, batch, cfg.loss, gt_vertices, negatives)
+    total, terms = compute_losses(pred, batch, cfg.loss, gt_vertices, negatives,
+                                  cont_factor=contrastive_warmup(step, cfg.loss.cont_warmup_steps))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     if cfg.optim.grad_clip > 0:
