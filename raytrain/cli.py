@@ -148,7 +148,7 @@ def cmd_demo(args):
 def cmd_study(args):
     from .apps.study import run_study
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    if args.seeds is not None and args.seeds < 1 or (args.parallel or 1) < 1 or args.steps is not None and args.steps < 1:
+    if any(value is not None and value < 1 for value in (args.seeds, args.steps, args.parallel)):
         raise ConfigError("--seeds, --steps and --parallel must be at least 1")
     run_study(config=args.config, space=args.space, variants=variants, seeds=args.seeds, steps=args.steps,
               out=args.out, work=args.work, parallel=args.parallel, quick=args.quick,
