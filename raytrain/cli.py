@@ -70,7 +70,7 @@ def build_parser():
     study.add_argument("--space", default=None, help="variants file (default: tune/spaces/study.yaml)")
     study.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     study.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3; --quick: 2)")
-    study.add_argument("--steps", type=int, default=None, help="training steps per run (default 600; --quick: 2)")
+    study.add_argument("--steps", type=int, default=None, help="training steps per run (default 400; --quick: 2)")
     study.add_argument("--parallel", type=int, default=None, help="runs at a time, one process and core each "
                        "(default 2; --quick: 1, in this process)")
     study.add_argument("--out", default="docs/study", help="results.json, table.md, study.png go here")

@@ -34,9 +34,8 @@ PACKAGE = Path(__file__).resolve().parents[1]
 STUDY_CONFIG = PACKAGE / "configs" / "study.yaml"
 STUDY_SPACE = PACKAGE / "spaces" / "study.yaml"
 
-#: Split sizes and step budget: the full study (~25 runs an hour on 2 idle cores) and the
-#: quick flavour of the test suite.
-FULL = {"sizes": {"train": 1500, "val": 50, "test": 300}, "steps": 600}
+#: Split sizes and step budget: the full study and the quick flavour of the test suite.
+FULL = {"sizes": {"train": 1500, "val": 50, "test": 300}, "steps": 400}
 QUICK = {"sizes": {"train": 24, "val": 8, "test": 8}, "steps": 2,
          "variants": ["cliff", "m5_cam", "full"], "seeds": 2}
 METRICS = ("mpjpe", "pa_mpjpe", "pve", "cam_err", "cam_depth_err", "roi_cam_spread")
