@@ -110,6 +110,7 @@ def test_quick_study_writes_results_table_plot_and_resumes(tmp_path):
     stored = json.loads((out / "results.json").read_text())
     pairs = sorted((r["variant"], r["seed"]) for r in stored["runs"])
     assert pairs == sorted((v, s) for v in QUICK["variants"] for s in range(QUICK["seeds"]))
+    assert [r["seed"] for r in stored["runs"]] == sorted(r["seed"] for r in stored["runs"])  # seed by seed
     for run in stored["runs"]:
         for key in ("mpjpe", "pa_mpjpe", "pve", "cam_err", "cam_depth_err", "roi_cam_spread"):
             assert math.isfinite(run[key]) and run[key] >= 0, (run["variant"], key)

@@ -92,7 +92,8 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
     results["settings"] = {"steps": steps, "sizes": budget["sizes"], "config": _shown(config),
                            "space": _shown(space), "overrides": list(overrides), "seeds": seeds}
     write_results(out_dir / "results.json", results)
-    jobs = [(v, s) for v in variants for s in range(seeds) if (v, s) not in done]
+    # seed by seed: a study stopped early has every variant at (about) the same number of seeds
+    jobs = [(v, s) for s in range(seeds) for v in variants if (v, s) not in done]
     _say(f"{len(jobs)} runs to train ({len(done)} already in {out_dir / 'results.json'}), "
          f"{parallel} at a time, {steps} steps each")
     for record in run_jobs(jobs, common, space, work_dir / "runs", parallel):
