@@ -46,3 +46,25 @@ def ensure_hard_splits(root, sizes: dict[str, int], crop_size: int = 64, workers
         out[split] = ensure_synthetic_shards(Path(root) / split, n, HARD_SPLIT_SEEDS[split], cfg,
                                              workers=workers, maxcount=500)
     return out
+
+
+def sample_figure(path: str, count: int = 8, seed: int = HARD_SPLIT_SEEDS["train"]) -> str:
+    """A 2 x 4 grid of full-frame hard samples with the labelled person's box in red."""
+    import cv2
+    import numpy as np
+
+    from .people import SyntheticGenerator, with_storage
+    generator = SyntheticGenerator(with_storage(hard_synthetic_config(96), "full"))
+    tiles = []
+    for raw in generator.samples(seed, range(count)):
+        image, (cx, cy, b) = raw["image"].copy(), raw["meta"]["box"]
+        cv2.rectangle(image, (int(cx - b / 2), int(cy - b / 2)), (int(cx + b / 2), int(cy + b / 2)), (255, 0, 0), 3)
+        tiles.append(cv2.resize(image, (320, 240)))
+    rows = [np.concatenate(tiles[k:k + 4], axis=1) for k in range(0, count, 4)]
+    cv2.imwrite(path, cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
+    return path
+
+
+if __name__ == "__main__":  # python -m raytrain.synthetic.hard docs/study/hard_samples.png
+    import sys
+    print(sample_figure(sys.argv[1] if len(sys.argv) > 1 else "docs/study/hard_samples.png"))
