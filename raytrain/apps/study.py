@@ -303,8 +303,8 @@ def report_table(results: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---:"] + ["---:"] * len(METRICS)) + "|"]
     baseline = results.get("baseline") or {}
     if baseline:
-        lines.append(f"| mean pose (train split) | – | {baseline['mpjpe']:.1f} | {baseline['pa_mpjpe']:.1f} |"
-                     + " – |" * (len(METRICS) - 2))
+        lines.append(f"| mean pose of the train split, true orientation | – | {baseline['mpjpe']:.1f} | "
+                     f"{baseline['pa_mpjpe']:.1f} |" + " – |" * (len(METRICS) - 2))
     for variant, row in stats.items():
         cells = [f"{row[k][0]:.1f} ± {row[k][1]:.1f}" if _finite(row[k][0]) else "–" for k in METRICS]
         lines.append(f"| `{variant}` | {row['n']} | " + " | ".join(cells) + " |")
