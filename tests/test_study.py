@@ -106,6 +106,7 @@ def test_roi_colour_jitter_gives_each_roi_its_own_colour(body_model):
 
 def test_quick_study_writes_results_table_plot_and_resumes(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
+    (tmp_path / "out.md").write_text("# page\n<!-- study-results:start -->\nold\n<!-- study-results:end -->\ntail\n")
     results = run_study(out=str(out), work=str(work), quick=True)
     stored = json.loads((out / "results.json").read_text())
     pairs = sorted((r["variant"], r["seed"]) for r in stored["runs"])
@@ -121,6 +122,8 @@ def test_quick_study_writes_results_table_plot_and_resumes(tmp_path):
     table = (out / "table.md").read_text()
     assert "`full` | 2 |" in table and "L_cont helps on top of L_cam" in table
     assert (out / "study.png").stat().st_size > 10_000
+    page = (tmp_path / "out.md").read_text()
+    assert "old" not in page and table in page and page.startswith("# page") and page.endswith("tail\n")
     # a rerun trains nothing it holds; a run dropped from results.json is trained again
     again = run_study(out=str(out), work=str(work), quick=True)
     assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in results["runs"]]

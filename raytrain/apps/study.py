@@ -315,13 +315,25 @@ def report_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+MARKERS = ("<!-- study-results:start -->", "<!-- study-results:end -->")
+
+
 def write_report(results: dict, out_dir: Path) -> None:
-    """`<out>/table.md` and `<out>/study.png` from the results."""
+    """`<out>/table.md` and `<out>/study.png` from the results; the table also replaces the
+    block between MARKERS of `<out>.md` when that page exists (docs/study.md for docs/study)."""
     if not results["runs"]:
         return
-    (out_dir / "table.md").write_text(report_table(results))
+    table = report_table(results)
+    (out_dir / "table.md").write_text(table)
     plot(results, out_dir / "study.png")
     _say(f"wrote {out_dir / 'results.json'}, {out_dir / 'table.md'}, {out_dir / 'study.png'}")
+    page = out_dir.with_suffix(".md")
+    if page.exists():
+        text = page.read_text()
+        start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+        if 0 <= start < end:
+            page.write_text(text[:start + len(MARKERS[0])] + "\n" + table + text[end:])
+            _say(f"updated the results in {page}")
 
 
 def plot(results: dict, path: Path, metrics=("pa_mpjpe", "mpjpe", "cam_err", "roi_cam_spread")) -> None:
