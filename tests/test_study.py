@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import body_dir
 
-from raytrain.apps.study import QUICK, compare, mean_std, run_study
+from raytrain.apps.study import QUICK, compare, mean_std, paired_difference, run_study
 from raytrain.data.augment import AugmentConfig
 from raytrain.data.crop import MultiRoICropper
 from raytrain.data.schema import decode_sample
@@ -43,6 +43,10 @@ def test_mean_std_and_compare():
     assert compare((10.0, 1.0), (7.0, 2.0)) == (-3.0, 2.0, "better, beyond the spread")
     assert compare((10.0, 1.0), (11.0, 2.0)) == (1.0, 2.0, "within the seed spread")
     assert compare((10.0, 1.0), (13.0, 0.5))[2] == "worse, beyond the spread"
+    runs = [{"variant": "a", "seed": 0, "m": 10.0}, {"variant": "a", "seed": 1, "m": 20.0},
+            {"variant": "b", "seed": 0, "m": 9.0}, {"variant": "b", "seed": 1, "m": 17.0},
+            {"variant": "a", "seed": 2, "m": 5.0}]                     # seed 2 of b is missing
+    assert paired_difference(runs, "a", "b", "m") == (-2.0, math.sqrt(2.0), 2)
 
 
 def test_hard_scenes_have_crowds_occluders_and_pooled_backgrounds():
