@@ -61,10 +61,10 @@ def sample_figure(path: str, count: int = 8, seed: int = HARD_SPLIT_SEEDS["train
         cv2.rectangle(image, (int(cx - b / 2), int(cy - b / 2)), (int(cx + b / 2), int(cy + b / 2)), (255, 0, 0), 3)
         tiles.append(cv2.resize(image, (320, 240)))
     rows = [np.concatenate(tiles[k:k + 4], axis=1) for k in range(0, count, 4)]
-    cv2.imwrite(path, cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(path, cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
     return path
 
 
-if __name__ == "__main__":  # python -m raytrain.synthetic.hard docs/study/hard_samples.png
+if __name__ == "__main__":  # python -m raytrain.synthetic.hard docs/study/hard_samples.jpg
     import sys
-    print(sample_figure(sys.argv[1] if len(sys.argv) > 1 else "docs/study/hard_samples.png"))
+    print(sample_figure(sys.argv[1] if len(sys.argv) > 1 else "docs/study/hard_samples.jpg"))
