@@ -1,4 +1,4 @@
-"""`raytrain {shard,train,tune,eval,predict,demo,bench,doctor}`: thin argument parsing over the package."""
+"""`raytrain {shard,train,tune,eval,predict,demo,study,bench,doctor}`: thin argument parsing over the package."""
 import argparse
 import contextlib
 import functools
@@ -109,6 +109,21 @@ def build_parser():
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a smaller run for smoke tests")
     demo.set_defaults(func=cmd_demo)
+
+    study = sub.add_parser("study", help="the paper's ablations, several seeds each, on the hard synthetic "
+                           "benchmark (docs/study.md)")
+    study.add_argument("--config", default=None, help="base config (default: configs/study.yaml)")
+    study.add_argument("--space", default=None, help="variants file (default: tune/spaces/study.yaml)")
+    study.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
+    study.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3; --quick: 2)")
+    study.add_argument("--steps", type=int, default=None, help="training steps per run (default 400; --quick: 2)")
+    study.add_argument("--parallel", type=int, default=None, help="runs at a time, one process and core each "
+                       "(default 2; --quick: 1, in this process)")
+    study.add_argument("--out", default="docs/study", help="results.json, table.md, study.png go here")
+    study.add_argument("--work", default="runs/study", help="shards and run directories")
+    study.add_argument("--quick", action="store_true", help="tiny splits, 2 steps, 3 variants: a smoke test")
+    study.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
+    study.set_defaults(func=cmd_study)
 
     bench = sub.add_parser("bench", help="benchmarks (results go to BENCHMARKS.md)")
     bench.add_argument("what", choices=["data", "train", "gpu", "infer"])
@@ -247,6 +262,16 @@ def cmd_demo(args):
     from .apps.demo import run_demo
     _log_to(Path(args.out).resolve() / "demo.log")
     run_demo(args.out, quick=args.quick)
+
+
+def cmd_study(args):
+    from .apps.study import run_study
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    if any(value is not None and value < 1 for value in (args.seeds, args.steps, args.parallel)):
+        raise ConfigError("--seeds, --steps and --parallel must be at least 1")
+    run_study(config=args.config, space=args.space, variants=variants, seeds=args.seeds, steps=args.steps,
+              out=args.out, work=args.work, parallel=args.parallel, quick=args.quick,
+              overrides=tuple(args.overrides))
 
 
 def cmd_bench(args):

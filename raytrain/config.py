@@ -70,6 +70,8 @@ class DataConfig:
     rot_jitter_deg: float = opt(30.0, "rotation jitter in degrees (applied with probability 0.4)", min=0.0, max=180.0)
     color_jitter: float = opt(0.4, "per-channel colour gain jitter", min=0.0, max=1.0)
     occlusion_prob: float = opt(0.0, "probability of a synthetic occluding rectangle", min=0.0, max=1.0)
+    roi_color_jitter: float = opt(0.0, "per-RoI colour gain jitter on top of the person's (RoIs of one person then "
+                                       "differ in colour; 0: off)", min=0.0, max=1.0)
 
 
 @dataclass
@@ -127,6 +129,8 @@ class LossConfig:
     cam_weights: list[float] = opt(lambda: [0.1, 0.1, 1e-4], "lambda_x, lambda_y, lambda_s inside L_cam", factory=True)
     tau: float = opt(0.5, "contrastive temperature", min=1e-3, max=10.0)
     gather_negatives: bool = opt(True, "take contrastive negatives from the global batch across DDP workers")
+    cont_warmup_steps: int = opt(0, "ramp lambda_cont linearly from 0 to its value over this many steps (0: off)",
+                                 min=0)
 
 
 @dataclass

@@ -110,11 +110,20 @@ def keypoints_2d_loss(joints, cam_full, boxes, image_size, focal, gt_keypoints, 
     return masked_mean(per_roi.sum(dim=1), has_2d)
 
 
+def contrastive_warmup(step: int, warmup_steps: int) -> float:
+    """Factor on lambda_cont at optimisation step `step` (0-based): a linear ramp from
+    1/warmup_steps to 1 over the first `warmup_steps` steps, then 1 (0 steps: always 1)."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
 def compute_losses(pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], weights,
                    gt_vertices: torch.Tensor | None = None,
-                   extra_negatives: torch.Tensor | None = None):
+                   extra_negatives: torch.Tensor | None = None, cont_factor: float = 1.0):
     """Weighted total and every term. `weights` has lambda_cam, lambda_cont, lambda_pose,
-    lambda_betas, lambda_vert, lambda_3d, lambda_2d, cam_weights (3), tau.
+    lambda_betas, lambda_vert, lambda_3d, lambda_2d, cam_weights (3), tau; `cont_factor`
+    multiplies lambda_cont (its warm-up, `contrastive_warmup`).
 
     pred: the network's output dict; batch: the training batch (CONVENTIONS.md).
     Returns (total scalar, {term: detached scalar}).
@@ -137,7 +146,7 @@ def compute_losses(pred: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
         terms["2d"] = keypoints_2d_loss(pred["joints"], pred["cam_full"], batch["boxes"],
                                         batch["image_size"], batch["focal"],
                                         batch["keypoints_2d"], has_2d)
-    scale = {"cam": weights.lambda_cam, "cont": weights.lambda_cont, "pose": weights.lambda_pose,
+    scale = {"cam": weights.lambda_cam, "cont": weights.lambda_cont * cont_factor, "pose": weights.lambda_pose,
              "betas": weights.lambda_betas, "vert": weights.lambda_vert, "3d": weights.lambda_3d,
              "2d": weights.lambda_2d}
     total = sum(scale[k] * v for k, v in terms.items())

@@ -52,6 +52,7 @@ class AugmentConfig:
     color_noise: float = 0.4  # per-channel gain uniform in [1 - c, 1 + c]
     occlusion_prob: float = 0.3
     occlusion_size: tuple = (0.1, 0.4)  # occluder sides as fractions of the box side
+    roi_color_noise: float = 0.0  # extra per-RoI channel gains in [1 - c, 1 + c] (0: off)
 
 
 @dataclass

@@ -155,11 +155,22 @@ class MultiRoICropper:
         image, reduction, rgb = self._decode(sample, boxes, decoded)
         images = self.warp(image, stored_to_virtual, boxes, reduction, out=out)
         _apply_colour(images, params.color, rgb)
+        self._roi_colour(images, rng)
         if params.occluder is not None:
             self._occlude(images, boxes, params)
         return self._labels(sample, params, boxes, images)
 
     # -- image
+
+    def _roi_colour(self, images: np.ndarray, rng: np.random.Generator):
+        """In place: per-RoI channel gains (``AugmentConfig.roi_color_noise``) on the RGB
+        crops (M, S, S, 3), drawn after everything else of the sample."""
+        noise = self.augment.roi_color_noise if self.augment is not None and self.augment.enabled else 0.0
+        if noise <= 0:
+            return
+        gains = rng.uniform(1 - noise, 1 + noise, (len(images), 3))
+        for m, gain in enumerate(gains):
+            _apply_colour(images[m:m + 1], gain, True)
 
     def _decode(self, sample: Sample, boxes: np.ndarray, decoded: dict[int, np.ndarray] | None = None):
         """Decoded stored image (RGB, straight from libjpeg), its reduction factor, RGB flag."""

@@ -50,7 +50,7 @@ def augment_from_config(data) -> AugmentConfig:
     return AugmentConfig(scale_factor=data.scale_jitter, rot_factor=data.rot_jitter_deg,
                          rot_prob=0.4 if data.rot_jitter_deg > 0 else 0.0,
                          flip_prob=data.flip_prob, color_noise=data.color_jitter,
-                         occlusion_prob=data.occlusion_prob)
+                         occlusion_prob=data.occlusion_prob, roi_color_noise=data.roi_color_jitter)
 
 
 @lru_cache(maxsize=4)

@@ -42,6 +42,18 @@ def camera_error(pred_cam_full: torch.Tensor, gt_cam_full: torch.Tensor) -> torc
     return 1000 * (pred_cam_full - gt_cam_full).norm(dim=-1)
 
 
+def camera_depth_error(pred_cam_full: torch.Tensor, gt_cam_full: torch.Tensor) -> torch.Tensor:
+    """Depth component of the full-camera error in mm: |tz_pred - tz_true|. (N, 3) x2 -> (N,)."""
+    return 1000 * (pred_cam_full[:, 2] - gt_cam_full[:, 2]).abs()
+
+
+def roi_camera_spread(cam_full: torch.Tensor) -> torch.Tensor:
+    """Disagreement of the RoIs' full cameras in mm: the mean distance of each RoI's
+    translation from the RoIs' mean translation. cam_full (N, M, 3) metres -> (N,); 0 for M = 1."""
+    centre = cam_full.mean(dim=1, keepdim=True)
+    return 1000 * (cam_full - centre).norm(dim=-1).mean(dim=1)
+
+
 @torch.no_grad()
 def predict(model, batch, device):
     """Network output for a batch (eval mode), float32, on `device`."""

@@ -24,7 +24,7 @@ import colorsys
 import logging
 import multiprocessing
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 
 import cv2
@@ -148,6 +148,12 @@ class SyntheticConfig:
     pose_mode_seed: int = 0
     pose_mode_jitter: float = 0.1
     box_padding: float = 1.2  # box side = padding * larger side of the vertex bbox
+    # crowd, occlusion and background knobs (defaults: off; the hard benchmark turns them on)
+    others: tuple = (0, 0)  # unlabelled people beside the labelled one: count uniform in [lo, hi]
+    occluders: tuple = (0, 0)  # textured patches over the labelled person: count uniform in [lo, hi]
+    occluder_size: tuple = (0.15, 0.45)  # occluder sides as fractions of the box side
+    background_pool: int = 0  # > 0: backgrounds and occluder textures come from this many fixed
+    # textures shared by all samples (the background does not identify a person); 0: one per sample
     storage: str = "context"  # "context" or "full"
     crop_size: int = 224
     min_roi_scale: float = 0.65  # smallest RoI of the widest schedule (resolution rule)
@@ -163,6 +169,12 @@ class SyntheticConfig:
             raise ValueError(f"heading_range must be in [0, pi], got {self.heading_range}")
         if self.tilt_scale < 0:
             raise ValueError(f"tilt_scale must be >= 0, got {self.tilt_scale}")
+        for name in ("others", "occluders"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must be (lo, hi) with 0 <= lo <= hi, got {(lo, hi)}")
+        if self.background_pool < 0:
+            raise ValueError(f"background_pool must be >= 0, got {self.background_pool}")
         if self.pose_modes < 0 or self.pose_mode_jitter < 0:
             raise ValueError(f"pose_modes and pose_mode_jitter must be >= 0, got "
                              f"{self.pose_modes}, {self.pose_mode_jitter}")
@@ -181,13 +193,34 @@ class Scene:
     light: np.ndarray  # (3,) unit vector towards the light, camera frame
     part_gain: np.ndarray  # (24,) brightness per part
     background: dict
+    others: list = field(default_factory=list)  # OtherPerson of the unlabelled people
+    occluders: list = field(default_factory=list)  # Occluder patches over the labelled person
+
+
+@dataclass
+class OtherPerson:
+    """An unlabelled person of the same image, placed relative to the labelled one."""
+
+    pose: np.ndarray  # (72,)
+    betas: np.ndarray  # (10,)
+    depth_factor: float  # its depth / the labelled person's depth
+    offset: np.ndarray  # (2,) its image centre - the labelled box centre, in box sides
+
+
+@dataclass
+class Occluder:
+    """A textured rectangle over the labelled person (in front of everything)."""
+
+    centre: np.ndarray  # (2,) relative to the box centre, in box sides
+    size: np.ndarray  # (2,) width, height in box sides
+    texture: dict  # background parameters of its fill
 
 
 def sample_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> Scene:
     """Draw the random parameters of one sample."""
     size = tuple(int(v) for v in cfg.image_sizes[rng.integers(len(cfg.image_sizes))])
     light = np.array([rng.uniform(-0.6, 0.6), rng.uniform(-0.8, -0.1), -1.0])
-    return Scene(
+    scene = Scene(
         image_size=size,
         focal=float(np.hypot(*size) * rng.uniform(*cfg.focal_range)),
         pose=np.concatenate([sample_global_orient(rng, cfg.heading_range, cfg.tilt_scale),
@@ -199,6 +232,40 @@ def sample_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> Scene:
         part_gain=rng.uniform(0.85, 1.15, 24),
         background=sample_background(rng, size),
     )
+    # the crowd/occlusion/pool draws come after the others: with the knobs off, a scene is
+    # the same as before they existed
+    if cfg.background_pool > 0:
+        scene.background = pooled_background(int(rng.integers(cfg.background_pool)))
+    scene.others = [_other_person(rng, cfg) for _ in range(_count(rng, cfg.others))]
+    scene.occluders = [_occluder(rng, cfg) for _ in range(_count(rng, cfg.occluders))]
+    return scene
+
+
+def _count(rng: np.random.Generator, bounds) -> int:
+    lo, hi = int(bounds[0]), int(bounds[1])
+    return int(rng.integers(lo, hi + 1)) if hi > 0 else 0
+
+
+def _other_person(rng: np.random.Generator, cfg: SyntheticConfig) -> OtherPerson:
+    pose = np.concatenate([sample_global_orient(rng, cfg.heading_range, cfg.tilt_scale), _body_pose(rng, cfg)])
+    side = rng.choice([-1.0, 1.0])
+    return OtherPerson(pose=pose, betas=np.clip(rng.normal(0, cfg.betas_std, 10), -2.5, 2.5),
+                       depth_factor=float(rng.uniform(0.75, 1.4)),
+                       offset=np.array([side * rng.uniform(0.3, 0.9), rng.uniform(-0.15, 0.15)]))
+
+
+def _occluder(rng: np.random.Generator, cfg: SyntheticConfig) -> Occluder:
+    pool = max(cfg.background_pool, 1)
+    texture = (pooled_background(int(rng.integers(pool))) if cfg.background_pool > 0
+               else sample_background(rng, (1280, 720)))
+    return Occluder(centre=rng.uniform(-0.35, 0.35, 2), size=rng.uniform(*cfg.occluder_size, 2),
+                    texture=texture)
+
+
+@lru_cache(maxsize=64)
+def pooled_background(index: int) -> dict:
+    """Background texture number ``index`` of the shared pool (a function of the index)."""
+    return sample_background(np.random.default_rng([7717, index]), (1280, 720))
 
 
 def _body_pose(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndarray:
@@ -387,6 +454,25 @@ def render_person(vertices_cam: np.ndarray, body: Body, focal: float, image_size
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def paint_occluders(image: np.ndarray, affine: np.ndarray, box: np.ndarray, occluders: list,
+                    image_size) -> None:
+    """In place: textured occluder rectangles over ``image`` (h, w, 3) uint8, a region of the
+    full frame (``affine`` full px -> image px, scale + translation). Rectangles are placed
+    relative to ``box`` (3,) in full px and clipped to the full frame."""
+    if not occluders:
+        return
+    h, w = image.shape[:2]
+    xs = (np.arange(w) + 0.5 - affine[0, 2]) / affine[0, 0]  # full-image x of pixel centres
+    ys = (np.arange(h) + 0.5 - affine[1, 2]) / affine[1, 1]
+    for occluder in occluders:
+        centre, half = box[:2] + occluder.centre * box[2], occluder.size * box[2] / 2
+        cols = np.flatnonzero((xs >= max(centre[0] - half[0], 0)) & (xs < min(centre[0] + half[0], image_size[0])))
+        rows = np.flatnonzero((ys >= max(centre[1] - half[1], 0)) & (ys < min(centre[1] + half[1], image_size[1])))
+        if cols.size and rows.size:
+            fill = render_background(occluder.texture, xs[cols], ys[rows])
+            image[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = np.clip(fill, 0, 255).astype(np.uint8)
+
+
 def project(points_cam: np.ndarray, focal: float, image_size) -> np.ndarray:
     """Camera-frame points (..., 3) -> full-image px (..., 2), principal point at the centre."""
     centre = np.asarray(image_size, np.float64) / 2
@@ -459,8 +545,11 @@ class SyntheticGenerator:
         vertices_cam, joints_cam = vertices + cam_full, joints + cam_full
         box = person_box(project(vertices_cam, scene.focal, scene.image_size), cfg.box_padding)
         affine, stored_size = self._storage(box, scene.image_size)
-        image = render_person(vertices_cam, self.body, scene.focal, scene.image_size, scene.light,
-                              scene.background, scene.part_gain, affine, stored_size)
+        crowd = [vertices_cam] + [self._place_other(other, box, cam_full[2], scene) for other in scene.others]
+        image = render_person(np.concatenate(crowd), self._crowd_body(len(crowd)), scene.focal,
+                              scene.image_size, scene.light, scene.background, scene.part_gain,
+                              affine, stored_size)
+        paint_occluders(image, affine, box, scene.occluders, scene.image_size)
         keypoints = project(joints_cam, scene.focal, scene.image_size)
         ones = np.ones((24, 1))
         meta = {
@@ -477,6 +566,29 @@ class SyntheticGenerator:
         }
         return {"key": f"{SOURCE}/seed{seed}/{index:08d}/0", "image": image, "meta": meta,
                 "arrays": arrays}
+
+    def _place_other(self, other: OtherPerson, box: np.ndarray, depth: float, scene: Scene) -> np.ndarray:
+        """Camera-frame vertices (V, 3) of an unlabelled person beside the labelled one."""
+        with torch.no_grad():
+            out = self.model.forward_axis_angle(torch.as_tensor(other.pose[None], dtype=torch.float32),
+                                                torch.as_tensor(other.betas[None], dtype=torch.float32))
+        vertices = out.vertices[0].double().numpy()
+        lo, hi = vertices.min(axis=0), vertices.max(axis=0)
+        tz = max(other.depth_factor * depth, 1.0 + (hi[2] - lo[2]))
+        centre_px = box[:2] + other.offset * box[2] - np.asarray(scene.image_size, np.float64) / 2
+        shift = np.array([*(centre_px * tz / scene.focal - (lo[:2] + hi[:2]) / 2), tz - (lo[2] + hi[2]) / 2])
+        return vertices + shift
+
+    def _crowd_body(self, count: int) -> Body:
+        """The renderer's Body of ``count`` copies of the mesh (one per person)."""
+        if count == 1:
+            return self.body
+        cache = self.__dict__.setdefault("_crowd_bodies", {})
+        if count not in cache:
+            num_vertices = len(self.body.parts)
+            faces = np.concatenate([self.body.faces + k * num_vertices for k in range(count)])
+            cache[count] = Body(faces, np.tile(self.body.parts, count), self.body.orientation)
+        return cache[count]
 
     def _storage(self, box, image_size):
         cfg = self.cfg

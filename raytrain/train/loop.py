@@ -23,7 +23,7 @@ from ..config import ExperimentConfig, config_from_raw, to_dict, with_legacy_def
 from ..data.device_crop import crop_batch
 from ..data.pipeline import build_loader, close_loaders, epoch_length
 from ..eval.protocol import validate
-from ..losses import compute_losses, gather_negatives
+from ..losses import compute_losses, contrastive_warmup, gather_negatives
 from ..model import build_model, normalize_images
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .fatal import NonFiniteLoss, record_fatal_error, stop_if_failed_before
@@ -147,7 +147,7 @@ def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device, st
     model.train()
     with _autocast(cfg, device):
         pred = forward(model, batch)
-    total, terms = batch_losses(cfg, body, pred, batch)
+    total, terms = batch_losses(cfg, body, pred, batch, step)
     if not torch.isfinite(total.detach()):  # stop before backward: nothing reaches Adam
         values = {k: float(v) for k, v in terms.items()}
         values["total"] = float(total.detach())
@@ -184,13 +184,15 @@ def forward(model, batch: dict) -> dict:
     return model(normalize_images(batch["images"]), batch["boxes"], batch["image_size"], batch["focal"])
 
 
-def batch_losses(cfg, body, pred: dict, batch: dict):
-    """(total, terms) of the training losses, in float32, for a prediction on `batch`."""
+def batch_losses(cfg, body, pred: dict, batch: dict, step: int | None = None):
+    """(total, terms) of the training losses, in float32, for a prediction on `batch` at
+    training step `step` (the L_cont warm-up; None: past it)."""
     pred = {k: v.float() for k, v in pred.items()}
     with torch.no_grad():
         gt_vertices = body.forward_axis_angle(batch["pose"], batch["betas"]).vertices
     negatives = gather_negatives(pred["z"]) if cfg.loss.gather_negatives else None
-    return compute_losses(pred, batch, cfg.loss, gt_vertices, negatives)
+    factor = 1.0 if step is None else contrastive_warmup(step, cfg.loss.cont_warmup_steps)
+    return compute_losses(pred, batch, cfg.loss, gt_vertices, negatives, cont_factor=factor)
 
 
 def _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, loader):

@@ -1,0 +1,405 @@
+"""`raytrain study`: the paper's ablations, several seeds each, on the hard synthetic benchmark.
+
+    raytrain study                                  # every variant of tune/spaces/study.yaml, 3 seeds
+    raytrain study --variants cliff,m5,m5_cam,full --seeds 3 --steps 600
+    raytrain study --quick                          # a small flavour (the test suite runs it)
+
+Every (variant, seed) run trains with the same budget: the bare training loop (one process,
+one torch thread, no Ray; `train.loop.run_loop` with a `BareSession`) on the hard
+benchmark's fixed train split (`synthetic/hard.py`), then the test split is scored with the
+validation protocol plus the camera quantities the paper's claims are about: full-camera
+translation error of RoI 0, its depth component, and the disagreement of the RoIs' full
+cameras. Runs go `--parallel` at a time, each in its own process. `<out>/results.json` is
+rewritten after every finished run, so an interrupted study keeps what it finished; a rerun
+skips the (variant, seed) runs it holds with the same settings. Then `<out>/table.md` (mean ±
+standard deviation over seeds, and for each claim of the paper the difference against the
+seed spread) and `<out>/study.png` are written from results.json.
+"""
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, load_config
+
+PACKAGE = Path(__file__).resolve().parents[1]
+STUDY_CONFIG = PACKAGE / "configs" / "study.yaml"
+STUDY_SPACE = PACKAGE / "spaces" / "study.yaml"
+
+#: Split sizes and step budget: the full study and the quick flavour of the test suite.
+FULL = {"sizes": {"train": 1500, "val": 50, "test": 300}, "steps": 400}
+QUICK = {"sizes": {"train": 24, "val": 8, "test": 8}, "steps": 2,
+         "variants": ["cliff", "m5_cam", "full"], "seeds": 2}
+METRICS = ("mpjpe", "pa_mpjpe", "pve", "cam_err", "cam_depth_err", "roi_cam_spread")
+LABELS = {"mpjpe": "MPJPE", "pa_mpjpe": "PA-MPJPE", "pve": "PVE", "cam_err": "camera error",
+          "cam_depth_err": "camera depth error", "roi_cam_spread": "RoI camera disagreement"}
+
+#: The paper's claims as (claim, variant without, variant with, metrics that should drop).
+CLAIMS = (
+    ("more RoIs help (M = 1 -> M = 5, no new losses)", "cliff", "m5",
+     ("mpjpe", "pa_mpjpe", "pve", "cam_err")),
+    ("L_cam gives more accurate cameras and meshes", "m5", "m5_cam",
+     ("cam_err", "cam_depth_err", "roi_cam_spread", "mpjpe", "pa_mpjpe", "pve")),
+    ("L_cont helps on top of L_cam (paper's setting)", "m5_cam", "full", METRICS),
+)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run_study(config: str | None = None, space: str | None = None, variants: list[str] | None = None,
+              seeds: int | None = None, steps: int | None = None, out: str = "docs/study",
+              work: str = "runs/study", parallel: int | None = None, quick: bool = False,
+              overrides: tuple = ()) -> dict:
+    """Train every (variant, seed) missing from `<out>/results.json`, then write the report."""
+    from ..tuning.space import load_space
+    budget = QUICK if quick else FULL
+    parallel = parallel or (1 if quick else 2)
+    steps = steps or budget["steps"]
+    seeds = seeds or budget.get("seeds", 3)
+    config, space = str(config or STUDY_CONFIG), str(space or STUDY_SPACE)
+    base = load_config(config, list(overrides))
+    variant_sets = load_space(space, base).variants
+    variants = list(variants or budget.get("variants") or variant_sets)
+    unknown = [v for v in variants if v not in variant_sets]
+    if unknown:
+        raise ConfigError(f"--variants: unknown variant(s) {unknown}; {space} has {list(variant_sets)}")
+    out_dir, work_dir = Path(out), Path(work)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _say(f"rendering / reusing the hard benchmark's splits {budget['sizes']} under {work_dir / 'shards'}")
+    from ..synthetic.hard import ensure_hard_splits
+    shards = ensure_hard_splits(work_dir / "shards", budget["sizes"], base.data.crop_size, workers=parallel)
+    common = {"config": config, "overrides": list(overrides), "steps": steps, "sizes": budget["sizes"],
+              "shards": shards}
+    base_key = _digest({"config": Path(config).read_text(), "overrides": list(overrides),
+                        "steps": steps, "sizes": budget["sizes"]})
+    results = load_results(out_dir / "results.json")
+    keys = {v: _digest({"base": base_key, "variant": variant_sets[v]}) for v in variants}
+    done = {(r["variant"], r["seed"]) for r in results["runs"] if keys.get(r["variant"]) == r["settings"]}
+    results["runs"] = [r for r in results["runs"] if r["variant"] not in keys or keys[r["variant"]] == r["settings"]]
+    if results.get("baseline_settings") != base_key:
+        _say("mean-pose baseline on the test split")
+        results["baseline"] = test_baseline(config, overrides, shards)
+        results["baseline_settings"] = base_key
+    results["settings"] = {"steps": steps, "sizes": budget["sizes"], "config": _shown(config),
+                           "space": _shown(space), "overrides": list(overrides), "seeds": seeds}
+    write_results(out_dir / "results.json", results)
+    # seed by seed: a study stopped early has every variant at (about) the same number of seeds
+    jobs = [(v, s) for s in range(seeds) for v in variants if (v, s) not in done]
+    _say(f"{len(jobs)} runs to train ({len(done)} already in {out_dir / 'results.json'}), "
+         f"{parallel} at a time, {steps} steps each")
+    for record in run_jobs(jobs, common, space, work_dir / "runs", parallel):
+        record["settings"] = keys[record["variant"]]
+        results["runs"].append(record)
+        write_results(out_dir / "results.json", results)
+        shown = " ".join(f"{k}={record[k]:.1f}" for k in METRICS if _finite(record.get(k)))
+        _say(f"{record['variant']} seed {record['seed']}: {shown} ({record['seconds']:.0f} s)")
+    write_report(results, out_dir)
+    return results
+
+
+def run_jobs(jobs: list[tuple[str, int]], common: dict, space: str, runs_dir: Path, parallel: int):
+    """Run (variant, seed) jobs, `parallel` processes at a time (1: one after the other in this
+    process, which saves each run's start-up); yield each finished record."""
+    if parallel == 1:
+        for variant, seed in jobs:
+            spec = _prepare(variant, seed, common, space, runs_dir)
+            yield run_one(str(spec))
+        return
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < parallel:
+            variant, seed = pending.pop(0)
+            running.append(_start(variant, seed, common, space, runs_dir))
+        time.sleep(0.5)
+        for job in [j for j in running if j["process"].poll() is not None]:
+            running.remove(job)
+            job["log"].close()
+            result = job["dir"] / "result.json"
+            if job["process"].returncode != 0 or not result.exists():
+                _say(f"{job['variant']} seed {job['seed']} failed (exit {job['process'].returncode}); "
+                     f"see {job['dir'] / 'log.txt'}")
+                continue
+            yield json.loads(result.read_text())
+
+
+def _prepare(variant: str, seed: int, common: dict, space: str, runs_dir: Path) -> Path:
+    """A fresh run directory with the run's spec.json; returns the spec's path."""
+    run_dir = runs_dir / f"{variant}-s{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh run: the bare session would resume a leftover checkpoint
+    run_dir.mkdir(parents=True)
+    spec = dict(common, variant=variant, seed=seed, space=space, run_dir=str(run_dir))
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+    return run_dir / "spec.json"
+
+
+def _start(variant: str, seed: int, common: dict, space: str, runs_dir: Path) -> dict:
+    spec = _prepare(variant, seed, common, space, runs_dir)
+    log = open(spec.parent / "log.txt", "w")
+    process = subprocess.Popen([sys.executable, "-m", "raytrain.apps.study", "--run", str(spec)],
+                               stdout=log, stderr=subprocess.STDOUT)
+    return {"variant": variant, "seed": seed, "dir": spec.parent, "process": process, "log": log}
+
+
+# ----------------------------------------------------------------------------- one run
+
+def run_config(spec: dict):
+    """The experiment config of one (variant, seed) run."""
+    from ..synthetic.body_model import with_default_body_model
+    from ..tuning.space import VARIANT_KEY, load_space
+    steps, shards = spec["steps"], spec["shards"]
+    cfg = load_config(spec["config"], [
+        *spec["overrides"], f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}",
+        f"seed={spec['seed']}", f"optim.max_steps={steps}", f"train.val_every={steps}",
+        f"train.checkpoint_every={steps}", f"train.storage_path={spec['run_dir']}",
+        f"name={spec['variant']}-s{spec['seed']}", "ray.cpus_per_worker=1"])
+    cfg = load_space(spec["space"], cfg).trial_config(cfg, {VARIANT_KEY: spec["variant"]})
+    return with_default_body_model(cfg)
+
+
+def run_one(spec_path: str) -> dict:
+    """Train one (variant, seed) run bare, score it on the test split, write result.json."""
+    from ..train.loop import run_loop
+    from ..train.session import BareSession
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = run_config(spec)
+    t0 = time.perf_counter()
+    session = BareSession(spec["run_dir"], device="cpu")
+    val = run_loop(cfg, session)
+    train_seconds = time.perf_counter() - t0
+    metrics = evaluate_split(cfg, session.model, spec["shards"]["test"])
+    losses = next((r for r in reversed(session.reports) if any(k.startswith("loss_") for k in r)), {})
+    record = {"variant": spec["variant"], "seed": spec["seed"], **metrics,
+              "val_pa_mpjpe": val.get("val_pa_mpjpe"), "steps": spec["steps"],
+              "final_losses": {k[5:]: v for k, v in losses.items() if k.startswith("loss_")},
+              "train_persons_per_s": val.get("train_persons_per_s"),
+              "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
+    shutil.rmtree(Path(spec["run_dir"]) / "checkpoints", ignore_errors=True)  # MBs per run, not needed
+    (Path(spec["run_dir"]) / "result.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+@torch.no_grad()
+def evaluate_split(cfg, model, shards: str) -> dict[str, float]:
+    """Mean errors (mm) on `shards`: the validation protocol plus the camera quantities."""
+    from ..body import load_body_model
+    from ..data.pipeline import build_loader, close_loaders
+    from ..eval.protocol import camera_depth_error, evaluate_batch, roi_camera_spread
+    cfg = replace(cfg, data=replace(cfg.data, val_shards=shards, max_val_samples=0, loader_workers=0))
+    body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
+    sums, n = dict.fromkeys(METRICS, 0.0), 0
+    try:
+        for batch in build_loader(cfg, "val", 0, 1, epoch=0, skip=0, batch_size=cfg.data.val_batch_size,
+                                  seed=cfg.seed):
+            pred, errors = evaluate_batch(model, body, batch, torch.device("cpu"))
+            errors["cam_depth_err"] = camera_depth_error(pred["cam_full"][:, 0], batch["cam_full"])
+            errors["roi_cam_spread"] = roi_camera_spread(pred["cam_full"])
+            for key in METRICS:
+                sums[key] += float(errors[key].sum())
+            n += len(batch["keys"])
+    finally:
+        close_loaders()
+    return {key: value / max(n, 1) for key, value in sums.items()} | {"test_samples": n}
+
+
+def test_baseline(config: str, overrides, shards: dict) -> dict:
+    """The mean-pose baseline (the train split's mean pose and shape) on the test split."""
+    from ..synthetic.body_model import with_default_body_model
+    from .demo import mean_pose_baseline
+    cfg = with_default_body_model(load_config(config, [
+        *overrides, f"data.train_shards={shards['train']}", f"data.val_shards={shards['test']}"]))
+    return mean_pose_baseline(cfg)
+
+
+# ----------------------------------------------------------------------------- results
+
+def load_results(path: Path) -> dict:
+    """results.json, or an empty record; a file that is not a study's results is refused."""
+    if not path.exists():
+        return {"runs": []}
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"raytrain study: {path} is not valid JSON ({err}); move it away to start afresh") from None
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+        raise SystemExit(f"raytrain study: {path} holds no 'runs' list; move it away to start afresh") from None
+    results["runs"] = [r for r in results["runs"] if isinstance(r, dict) and {"variant", "seed", "settings"} <= set(r)]
+    return results
+
+
+def write_results(path: Path, results: dict):
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+
+
+def aggregate(results: dict) -> dict[str, dict]:
+    """{variant: {n, seeds, metric: (mean, std)}}; std over seeds (n - 1), 0 for one seed."""
+    by_variant: dict[str, list[dict]] = {}
+    for run in results["runs"]:
+        by_variant.setdefault(run["variant"], []).append(run)
+    out = {}
+    for variant, runs in by_variant.items():
+        row = {"n": len(runs), "seeds": sorted(r["seed"] for r in runs)}
+        for key in METRICS:
+            row[key] = mean_std([r[key] for r in runs if _finite(r.get(key))])
+        out[variant] = row
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation) of values; std 0 for one value, NaNs for none."""
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def compare(before: tuple[float, float], after: tuple[float, float]) -> tuple[float, float, str]:
+    """(difference after - before, spread = the larger seed std, verdict) for a lower-is-better metric."""
+    diff, spread = after[0] - before[0], max(before[1], after[1])
+    if not (_finite(diff) and _finite(spread)):
+        return math.nan, math.nan, "not measured"
+    if abs(diff) <= spread:
+        return diff, spread, "within the seed spread"
+    return diff, spread, "better, beyond the spread" if diff < 0 else "worse, beyond the spread"
+
+
+def paired_difference(runs: list[dict], before: str, after: str, key: str) -> tuple[float, float, int]:
+    """(mean, std, count) over the seeds both variants ran of after - before: runs of one seed
+    share the initialisation and the data order, so this removes most seed-to-seed spread."""
+    values = {(r["variant"], r["seed"]): r.get(key) for r in runs}
+    diffs = [values[(after, s)] - values[(before, s)] for (v, s) in values
+             if v == before and _finite(values.get((after, s))) and _finite(values[(before, s)])]
+    mean, std = mean_std(diffs)
+    return mean, std, len(diffs)
+
+
+def claim_lines(stats: dict, runs: list[dict] = ()) -> list[str]:
+    """One line per (claim, metric): the difference, the spread and the verdict, and the
+    same-seed (paired) difference."""
+    lines = []
+    comparisons = list(CLAIMS)
+    comparisons += [(f"L_cont remedy `{v}` on top of L_cam", "m5_cam", v, METRICS)
+                    for v in stats if v.startswith("cont_")]
+    comparisons += [(f"fusion `{v[7:]}` instead of RAF", "m5_cam", v, ("mpjpe", "pa_mpjpe", "pve", "cam_err"))
+                    for v in stats if v.startswith("fusion_")]
+    for claim, without, with_, metrics in comparisons:
+        if without not in stats or with_ not in stats:
+            lines.append(f"- **{claim}** (`{without}` -> `{with_}`): not measured (runs missing)")
+            continue
+        n = f"{stats[without]['n']} / {stats[with_]['n']} seeds"
+        lines.append(f"- **{claim}** (`{without}` -> `{with_}`, {n}):")
+        for key in metrics:
+            diff, spread, verdict = compare(stats[without][key], stats[with_][key])
+            paired, paired_std, count = paired_difference(list(runs), without, with_, key)
+            same_seed = f"; same seed: {paired:+.1f} ± {paired_std:.1f} mm ({count})" if count > 1 else ""
+            lines.append(f"    - {LABELS[key]}: {diff:+.1f} mm (spread {spread:.1f} mm): {verdict}{same_seed}")
+    return lines
+
+
+def report_table(results: dict) -> str:
+    """Markdown: the table of every variant (mean ± std over seeds) and the claim lines."""
+    stats = aggregate(results)
+    header = ["variant", "seeds", *[LABELS[k] for k in METRICS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---:"] + ["---:"] * len(METRICS)) + "|"]
+    baseline = results.get("baseline") or {}
+    if baseline:
+        lines.append(f"| mean pose of the train split, true orientation | – | {baseline['mpjpe']:.1f} | "
+                     f"{baseline['pa_mpjpe']:.1f} |" + " – |" * (len(METRICS) - 2))
+    for variant, row in stats.items():
+        cells = [f"{row[k][0]:.1f} ± {row[k][1]:.1f}" if _finite(row[k][0]) else "–" for k in METRICS]
+        lines.append(f"| `{variant}` | {row['n']} | " + " | ".join(cells) + " |")
+    settings = results.get("settings", {})
+    lines += ["", f"Test split, errors in mm, mean ± standard deviation over seeds; {settings.get('steps')} "
+              f"steps per run; splits {settings.get('sizes')}.", "", "Claims (lower is better; spread = the "
+              "larger of the two variants' seed standard deviations; same seed = mean ± std over seeds of the "
+              "difference between runs of equal seed, which share initialisation and data order):", "",
+              *claim_lines(stats, results["runs"])]
+    return "\n".join(lines) + "\n"
+
+
+MARKERS = ("<!-- study-results:start -->", "<!-- study-results:end -->")
+
+
+def write_report(results: dict, out_dir: Path) -> None:
+    """`<out>/table.md` and `<out>/study.png` from the results; the table also replaces the
+    block between MARKERS of `<out>.md` when that page exists (docs/study.md for docs/study)."""
+    if not results["runs"]:
+        return
+    table = report_table(results)
+    (out_dir / "table.md").write_text(table)
+    plot(results, out_dir / "study.png")
+    _say(f"wrote {out_dir / 'results.json'}, {out_dir / 'table.md'}, {out_dir / 'study.png'}")
+    page = out_dir.with_suffix(".md")
+    if page.exists():
+        text = page.read_text()
+        start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+        if 0 <= start < end:
+            page.write_text(text[:start + len(MARKERS[0])] + "\n" + table + text[end:])
+            _say(f"updated the results in {page}")
+
+
+def plot(results: dict, path: Path, metrics=("pa_mpjpe", "mpjpe", "cam_err", "roi_cam_spread")) -> None:
+    """Bars (mean) with error bars (std) and the single seeds as dots, one panel per metric."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    stats = aggregate(results)
+    names = list(stats)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.45 * len(names) + 1.6))
+    for ax, key in zip(axes, metrics):
+        means = [stats[v][key][0] for v in names]
+        stds = [stats[v][key][1] for v in names]
+        ax.barh(range(len(names)), means, xerr=stds, color="#8fb3d9", capsize=3)
+        for i, v in enumerate(names):
+            seeds = [r[key] for r in results["runs"] if r["variant"] == v and _finite(r.get(key))]
+            ax.plot(seeds, [i] * len(seeds), "k.", markersize=4)
+        ax.set_yticks(range(len(names)), names if key == metrics[0] else [""] * len(names))
+        ax.invert_yaxis()
+        finite = [m for m in means if _finite(m) and m > 0]
+        if finite and max(finite) > 20 * sorted(finite)[len(finite) // 2]:
+            ax.set_xscale("log")  # a diverged variant would flatten every other bar
+        ax.set_title(f"{LABELS[key]} (mm)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _shown(path: str) -> str:
+    """A shipped file as its documented name (configs/X.yaml, tune/spaces/X.yaml)."""
+    p = Path(path).resolve()
+    for prefix, folder in (("configs", PACKAGE / "configs"), ("tune/spaces", PACKAGE / "spaces")):
+        if p.parent == folder:
+            return f"{prefix}/{p.name}"
+    return str(path)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _say(text: str):
+    print(f"[study] {text}", flush=True)
+
+
+if __name__ == "__main__":  # one run, in its own process: python -m raytrain.apps.study --run spec.json
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", required=True)
+    run_one(parser.parse_args().run)
