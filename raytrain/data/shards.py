@@ -430,3 +430,22 @@ def count_samples(source: str | Sequence[str], storage_options: dict | None = No
                   verify: bool = False) -> int:
     """Samples in a shard set (manifest counts, else read once)."""
     return sum(ref.num_samples for ref in resolve_shards(source, storage_options, verify))
+
+
+def checked_count(key: str, source: str, verify: bool = False) -> int:
+    """Samples of the shard set `source` named by config key or flag `key`; ConfigError
+    naming it (and what to install or configure) when it is unset, unreadable or empty."""
+    from ..config import ConfigError
+    from .io import storage_error_hint
+    if not source:
+        raise ConfigError(f"{key}: not set")
+    try:
+        total = count_samples(source, verify=verify)
+    except Exception as err:  # noqa: BLE001 - every way shards can be unreadable
+        hint = storage_error_hint(source, err)
+        if hint is None and not isinstance(err, (FileNotFoundError, ValueError, OSError)):
+            raise
+        raise ConfigError(f"{key}: cannot read shards at {source!r}: {hint or err}") from None
+    if total == 0:
+        raise ConfigError(f"{key}: {source!r} holds zero samples")
+    return total

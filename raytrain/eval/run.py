@@ -98,17 +98,8 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
 
 def _check_data(data: str) -> None:
     """--data must be a readable, consistent shard set before any checkpoint is loaded."""
-    from ..data.io import storage_error_hint
-    from ..data.shards import count_samples
-    try:
-        total = count_samples(data)
-    except Exception as err:  # noqa: BLE001 - every way shards can be unreadable
-        hint = storage_error_hint(data, err)
-        if hint is None and not isinstance(err, (FileNotFoundError, ValueError, OSError)):
-            raise
-        raise ConfigError(f"--data: cannot read shards at {data!r}: {hint or err}") from None
-    if total == 0:
-        raise ConfigError(f"--data: {data!r} holds zero samples")
+    from ..data.shards import checked_count
+    checked_count("--data", data)
 
 
 @dataclass

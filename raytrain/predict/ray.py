@@ -26,10 +26,17 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from ..config import ConfigError
 from .crop import PersonCropper, Unit
-from .inputs import InputError, SkipItem, for_frame, list_sources, load_detections, read_image, read_video
-from .run import PROGRESS_EVERY_S, PredictOptions, RecordWriter, finish, missing_image_counts, prediction_record
+from .inputs import SkipItem, for_frame, read_image, read_video
+from .run import (
+    PROGRESS_EVERY_S,
+    PredictOptions,
+    RecordWriter,
+    finish,
+    missing_image_counts,
+    prediction_record,
+    read_inputs,
+)
 
 log = logging.getLogger(__name__)
 NO_FRAME = -1   # the ``frame`` column of a still image (Arrow columns hold no None)
@@ -38,12 +45,7 @@ NO_FRAME = -1   # the ``frame`` column of a still image (Arrow columns hold no N
 def run_predict_ray(opts: PredictOptions) -> dict:
     """Predict on Ray Data; returns the summary of ``run.finish``."""
     import ray.data
-    opts.check()
-    try:
-        sources = list_sources(opts.inputs, opts.storage_options)
-        table = load_detections(opts.detections, opts.storage_options) if opts.detections else None
-    except InputError as error:
-        raise ConfigError(f"predict: {error}") from None
+    sources, table = read_inputs(opts)
     from .model import load_inference_model
     # on the driver first: a checkpoint that does not fit its config fails here, in one line
     model = load_inference_model(opts.checkpoint, opts.smpl_dir, opts.config, device="cpu")

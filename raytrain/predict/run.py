@@ -102,15 +102,21 @@ class PredictOptions:
             raise ConfigError("predict: --actors must be >= 1, --actor-cpus >= 0, --crop-cpus > 0")
 
 
-def run_predict(opts: PredictOptions) -> dict:
-    """Predict on every input in this process; returns the summary (also written to
-    summary.json). ``opts.ray`` runs ``ray.run_predict_ray`` instead (the CLI chooses)."""
+def read_inputs(opts: PredictOptions):
+    """(sources, detection table or None) of checked options; ConfigError on bad input."""
     opts.check()
     try:
         sources = list_sources(opts.inputs, opts.storage_options)
         table = load_detections(opts.detections, opts.storage_options) if opts.detections else None
     except InputError as error:
         raise ConfigError(f"predict: {error}") from None
+    return sources, table
+
+
+def run_predict(opts: PredictOptions) -> dict:
+    """Predict on every input in this process; returns the summary (also written to
+    summary.json). ``opts.ray`` runs ``ray.run_predict_ray`` instead (the CLI chooses)."""
+    sources, table = read_inputs(opts)
     from .model import load_inference_model
     model = load_inference_model(opts.checkpoint, opts.smpl_dir, opts.config, opts.device)
     detector = None

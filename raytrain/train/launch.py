@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ..config import ConfigError, ExperimentConfig, to_dict
+from ..data.shards import checked_count
 from .fatal import RunStopped, clear_fatal_error, fatal_path, read_fatal_error
 
 
@@ -33,29 +34,12 @@ def preflight_data(cfg: ExperimentConfig):
         sets = [("data.train_shards", cfg.data.train_shards)]
     largest = 0
     for key, source in [*sets, ("data.val_shards", cfg.data.val_shards)]:
-        total = _count_shards(key, source, cfg.data.verify_checksums)
+        total = checked_count(key, source, cfg.data.verify_checksums)
         if key != "data.val_shards":
             largest = max(largest, total)
     if largest < cfg.data.batch_size:
         raise ConfigError(f"{sets[0][0] if len(sets) == 1 else 'data.mixture'}: {largest} samples is "
                           f"fewer than one batch (data.batch_size={cfg.data.batch_size})")
-
-
-def _count_shards(key: str, source: str, verify: bool = False) -> int:
-    from ..data.io import storage_error_hint
-    from ..data.shards import count_samples
-    if not source:
-        raise ConfigError(f"{key}: not set")
-    try:
-        total = count_samples(source, verify=verify)
-    except Exception as err:  # noqa: BLE001 - every way shards can be unreadable
-        hint = storage_error_hint(source, err)
-        if hint is None and not isinstance(err, (FileNotFoundError, ValueError, OSError)):
-            raise
-        raise ConfigError(f"{key}: cannot read shards at {source!r}: {hint or err}") from None
-    if total == 0:
-        raise ConfigError(f"{key}: {source!r} holds zero samples")
-    return total
 
 
 def preflight_model(cfg: ExperimentConfig):
