@@ -55,7 +55,11 @@ def test_gcs_and_s3_errors_say_what_to_install_or_configure(capsys, tmp_path, mo
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    code, err = _train(capsys, overrides=["data.train_shards=s3://bucket/shards"], tmp_path=tmp_path)
+    import s3fs
+    try:
+        code, err = _train(capsys, overrides=["data.train_shards=s3://bucket/shards"], tmp_path=tmp_path)
+    finally:  # fsspec caches the credential-less client: later tests must not get it
+        s3fs.S3FileSystem.clear_instance_cache()
     assert code == 2 and "data.train_shards" in err and "AWS_ACCESS_KEY_ID" in err, err
 
 

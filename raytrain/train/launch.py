@@ -70,8 +70,8 @@ def preflight_storage(cfg: ExperimentConfig):
     if "://" not in path:
         return
     from ..data.io import get_fs, storage_error_hint
-    try:
-        fs, root = get_fs(path)
+    try:  # a fresh client: fsspec's instance cache may hold one made before credentials were set
+        fs, root = get_fs(path, {"skip_instance_cache": True})
         fs.exists(root)
     except Exception as err:  # noqa: BLE001 - reported with what to install or configure
         hint = storage_error_hint(path, err)
