@@ -1,5 +1,6 @@
 # `make test` builds the environment from nothing, lints and runs the whole suite;
-# `make test-fast` runs the tests that start no Ray instance (`-m "not ray"`); `make demo` runs the demo.
+# `make test-fast` leaves out the tests that start Ray or take seconds (`-m "not ray and not slow"`);
+# `make demo` runs the demo.
 # `make bench-gpu` runs the GPU check with the machine's own python3 (BENCHMARKS.md "GPU").
 PYTHON ?= python3
 VENV   ?= .venv
@@ -25,7 +26,7 @@ test: lint
 	$(PY) -m pytest -q
 
 test-fast: lint
-	$(PY) -m pytest -q -m "not ray"
+	$(PY) -m pytest -q -m "not ray and not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/raytrain demo

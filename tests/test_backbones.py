@@ -162,6 +162,7 @@ print(json.dumps({"equal": all(torch.equal(own[k], v) for k, v in expected.items
 """
 
 
+@pytest.mark.slow
 def test_pretrained_imagenet_through_timm_hub_cache(tmp_path):
     """timm's own loading (hf_hub_download of model.safetensors) runs against a Hugging
     Face cache filled here, offline: the weights that come out are the cached file's."""

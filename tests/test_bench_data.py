@@ -1,7 +1,11 @@
 """``run_data_bench(quick=True)``: every key, positive values, within a minute (no speed checks)."""
 import time
 
+import pytest
+
 from raytrain.bench.data import run_data_bench
+
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
 
 KEYS = ("decode_per_core", "crop_per_core", "stream_per_core", "full_frame_crop_per_core",
         "bytes_per_sample_context", "bytes_per_sample_full")

@@ -9,6 +9,8 @@ import pytest
 import torch
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
+
 TRAIN_RUNS = ("r50_fp32", "r50_bf16_cl", "r50_bf16_cl_device_crop", "h48_fp32", "h48_bf16_cl")
 
 

@@ -108,6 +108,7 @@ def test_roi_colour_jitter_gives_each_roi_its_own_colour(body_model):
         assert ((0.6 < ratio) & (ratio < 1.35)).all()       # within [1 - c, 1 + c] up to saturation
 
 
+@pytest.mark.slow
 def test_quick_study_writes_results_table_plot_and_resumes(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     (tmp_path / "out.md").write_text("# page\n<!-- study-results:start -->\nold\n<!-- study-results:end -->\ntail\n")
