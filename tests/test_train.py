@@ -217,18 +217,109 @@ def test_non_finite_loss_stops_before_the_optimiser(synthetic_shards, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_ranks_stop_together_alone():
+    """One process (no torch.distributed): no collective; this rank's problem is raised as
+    it is, none returns; a count of failing peers alone gives PeerStopped."""
+    from raytrain.data.errors import TooManyBadSamples
+    from raytrain.train.fatal import PeerStopped, raise_if_stopped, stop_together
+    assert not torch.distributed.is_initialized()
+    assert stop_together(None, torch.device("cpu")) is None
+    problem = TooManyBadSamples("too many bad samples in shard-00001.tar")
+    with pytest.raises(TooManyBadSamples) as caught:
+        stop_together(problem, torch.device("cpu"))
+    assert caught.value is problem
+    with pytest.raises(PeerStopped, match="1 other rank"):
+        raise_if_stopped(None, 1)
+    assert raise_if_stopped(None, 0) is None
+
+
+def _stop_together_rank(rank: int, world_size: int, port: int, failing: tuple[int, ...], out: str):
+    import json
+
+    from raytrain.data.errors import TooManyBadSamples
+    from raytrain.train.fatal import PeerStopped, stop_together
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world_size)
+    outcomes = []
+    try:
+        for step in range(3):
+            problem = TooManyBadSamples(f"rank {rank}") if (step == 2 and rank in failing) else None
+            try:
+                stop_together(problem, torch.device("cpu"))
+                outcomes.append("go")
+            except PeerStopped:
+                outcomes.append("peer")
+            except TooManyBadSamples:
+                outcomes.append("own")
+        Path(out, f"rank{rank}.json").write_text(json.dumps(outcomes))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_stop_together_over_gloo(tmp_path):
+    """Two processes over gloo: steps 0 and 1 go on everywhere; at step 2 only rank 1 has
+    a problem: rank 1 raises its own, rank 0 stops because a peer did."""
+    import json
+
+    import torch.multiprocessing as mp
+    from conftest import free_ports
+    mp.spawn(_stop_together_rank, args=(2, free_ports(1)[0], (1,), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert outcomes == [["go", "go", "peer"], ["go", "go", "own"]]
+
+
+class _NaNFromThirdStep(BareSession):
+    """A bare session whose model's output turns NaN from its third training forward pass on."""
+
+    def prepare_model(self, model):
+        calls = []
+
+        def poison(module, inputs, output):
+            calls.append(module.training)
+            if sum(calls) < 3:
+                return output
+            return {k: v * float("nan") if torch.is_tensor(v) and v.is_floating_point() else v
+                    for k, v in output.items()}
+        model.register_forward_hook(poison)
+        return super().prepare_model(model)
+
+
+def test_non_finite_loss_stops_the_bare_loop_before_its_step(synthetic_shards, tmp_path):
+    """The loop stops at the step whose loss is NaN, naming it, before anything of that
+    step is applied: the last checkpoint is the one before."""
+    from raytrain.train.checkpoint import checkpoint_step
+    from raytrain.train.fatal import NonFiniteLoss
+    train, val = synthetic_shards
+    cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path, **{
+        "train.checkpoint_every": 2, "train.val_every": 100}))
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at step 3 "):
+        run_loop(cfg, _NaNFromThirdStep(str(tmp_path), device="cpu"))
+    assert checkpoint_step(str(latest_complete_checkpoint(tmp_path / "checkpoints"))) == 2
+
+
+def _group_starts(caplog) -> int:
+    """How many worker groups started, from the line rank 0 of each logs (forwarded)."""
+    return sum(r.getMessage().startswith("[raytrain] worker group started")
+               for r in caplog.records if r.name.startswith("raytrain.train."))
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_data_error_in_a_ray_worker_stops_the_run_once_naming_the_shard(synthetic_shards, tmp_path, capsys,
+def test_data_error_in_a_ray_worker_stops_the_run_once_naming_the_shard(synthetic_shards, tmp_path, caplog,
                                                                       local_ray):
     """Too many bad samples in a worker: not a TypeError from unpickling, not retried
-    into the same failure: the run stops with the shard, the counts and the reason."""
+    (one worker group with ray.max_failures=2): the run stops with the shard, the counts
+    and the reason."""
+    import logging
+
     from fixtures_data import make_fake_samples
 
     from raytrain.data.shards import write_shards
     from raytrain.train.fatal import RunStopped, read_fatal_error
     from raytrain.train.launch import run_dir_of, run_training
+    caplog.set_level(logging.INFO, logger="raytrain")
     _, val = synthetic_shards
     samples = make_fake_samples(48, seed=3)
     for index in range(20, 30):
@@ -239,6 +330,58 @@ def test_data_error_in_a_ray_worker_stops_the_run_once_naming_the_shard(syntheti
     with pytest.raises(RunStopped) as caught:
         run_training(cfg)
     message = str(caught.value)
-    assert "TooManyBadSamples" in message and "shard-00000" in message and "bad_jpeg" in message
+    assert "TooManyBadSamples" in message and "shard-000001.tar" in message and "bad_jpeg" in message
     assert "Traceback" not in message and "\n" not in message
     assert read_fatal_error(run_dir_of(cfg)) == message
+    assert _group_starts(caplog) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_bad_data_of_one_ddp_rank_stops_both_together(synthetic_shards, tmp_path, caplog, local_ray, split):
+    """Two DDP workers, bad samples only in rank 1's part (of the training data, or of the
+    validation set, past its first batch): both ranks stop at the same step instead of
+    rank 0 waiting in a collective, Ray starts one worker group, and the run stops with
+    rank 1's shard and reason."""
+    import logging
+
+    from fixtures_data import make_fake_samples
+
+    from raytrain.data.plan import epoch_shard_order
+    from raytrain.data.shards import write_shards
+    from raytrain.train.fatal import RunStopped
+    from raytrain.train.launch import run_training
+    caplog.set_level(logging.INFO, logger="raytrain")
+    train, val = synthetic_shards
+    seed = load_config(DEMO, tiny_overrides(train, val, tmp_path)).seed
+    if split == "train":  # two shards of 24: rank 1 reads the second of the epoch's order
+        samples = make_fake_samples(48, seed=3)
+        bad_shard = epoch_shard_order(2, seed, 0, shuffle=True)[1]
+        for index in range(24 * bad_shard + 16, 24 * bad_shard + 20):
+            samples[index]["jpg"] = b"\xff\xd8broken\xff\xd9"
+        train, maxcount = str(tmp_path / "bad"), 24
+    else:  # one shard of 16, not shuffled: rank 1 validates samples 8-15, two per batch
+        samples = make_fake_samples(16, seed=3)
+        bad_shard = 0
+        for index in (14, 15):
+            samples[index]["jpg"] = b"\xff\xd8broken\xff\xd9"
+        val, maxcount = str(tmp_path / "bad"), 16
+    write_shards(samples, str(tmp_path / "bad"), source="fake", licence="test", maxcount=maxcount)
+    keys = tmp_path / "keys"
+    cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path / "runs", **{
+        "ray.num_workers": 2, "ray.max_failures": 2, "data.max_bad_fraction": 0.01,
+        "data.val_batch_size": 2, "optim.max_steps": 12, "train.val_every": 3,
+        "train.checkpoint_every": 100, "train.sample_log": keys}))
+    with pytest.raises(RunStopped) as caught:
+        run_training(cfg)
+    message = str(caught.value)
+    assert message.startswith("TooManyBadSamples: ") and f"shard-{bad_shard:06d}.tar" in message, message
+    assert "bad_jpeg" in message
+    last_steps = [max(int(line.split()[0]) for line in Path(f"{keys}.rank{rank}.txt").read_text().splitlines())
+                  for rank in range(2)]
+    assert last_steps[0] == last_steps[1] < 12, last_steps
+    if split == "val":
+        assert last_steps == [3, 3]
+    assert _group_starts(caplog) == 1

@@ -41,8 +41,9 @@ def bare_rate(cfg, run_dir: str) -> float:
 
 
 def ray_rate(cfg) -> float:
-    from ..train.launch import build_trainer
+    from ..train.launch import build_trainer, raise_if_run_stopped
     result = build_trainer(cfg).fit()
+    raise_if_run_stopped(cfg)
     if result.error is not None:
         raise RuntimeError(f"Ray Train run failed: {result.error}")
     return result.metrics["train_persons_per_s"]

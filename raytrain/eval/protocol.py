@@ -7,8 +7,10 @@ both skeletons aligned at the pelvis (mid-hips of the 14), errors in millimetres
 import torch
 
 from ..body.joints import H36M_TO_J14
+from ..data.errors import DataError
 from ..data.pipeline import build_loader
 from ..model import normalize_images
+from ..train.fatal import raise_if_stopped, stop_together
 from .metrics import align_by_root, mpjpe, pa_mpjpe, per_joint_error, pve
 
 PELVIS_J14 = (2, 3)  # right hip, left hip
@@ -85,23 +87,39 @@ def evaluate_batch(model, body, batch, device, pred=None):
 def validate(cfg, model, body, session, device) -> dict[str, float]:
     """Mean errors (mm) over this rank's part of the validation set, reduced over ranks.
 
-    Each good sample is scored once; bad ones are skipped and counted (``val_skipped``)."""
-    sums = torch.zeros(7, dtype=torch.float64, device=device)  # mpjpe, pa, pve, n, cam, n_cam, bad
-    loader = build_loader(cfg, "val", session.rank, session.world_size, epoch=0, skip=0,
-                          batch_size=cfg.data.val_batch_size, seed=cfg.seed)
-    for batch in loader:
-        _, errors = evaluate_batch(model, body, batch, device)
-        sums[0] += errors["mpjpe"].sum()
-        sums[1] += errors["pa_mpjpe"].sum()
-        sums[2] += errors["pve"].sum()
-        sums[3] += len(batch["keys"])
-        has_cam = errors["has_cam"]
-        if has_cam.any():
-            sums[4] += errors["cam_err"][has_cam].sum()
-            sums[5] += has_cam.sum()
+    Each good sample is scored once; bad ones are skipped and counted (``val_skipped``).
+    A data error of one rank's loader stops every rank (``train.fatal.stop_together``):
+    before the first forward pass (under DDP it broadcasts buffers) the ranks agree, and
+    later errors are counted in the reduced sums."""
+    sums = torch.zeros(8, dtype=torch.float64, device=device)  # mpjpe, pa, pve, n, cam, n_cam, bad, failed
+    loader, batches, batch, problem = None, iter(()), None, None
+    try:
+        loader = build_loader(cfg, "val", session.rank, session.world_size, epoch=0, skip=0,
+                              batch_size=cfg.data.val_batch_size, seed=cfg.seed)
+        batches = iter(loader)
+        batch = next(batches, None)
+    except DataError as error:
+        problem = error
+    stop_together(problem, device)
+    try:
+        while batch is not None:
+            _, errors = evaluate_batch(model, body, batch, device)
+            sums[0] += errors["mpjpe"].sum()
+            sums[1] += errors["pa_mpjpe"].sum()
+            sums[2] += errors["pve"].sum()
+            sums[3] += len(batch["keys"])
+            has_cam = errors["has_cam"]
+            if has_cam.any():
+                sums[4] += errors["cam_err"][has_cam].sum()
+                sums[5] += has_cam.sum()
+            batch = next(batches, None)
+    except DataError as error:
+        problem = error
+        sums[7] += 1
     sums[6] += sum(loader.bad_counts.values())
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
+    raise_if_stopped(problem, int(sums[7].item()))
     n, n_cam = max(sums[3].item(), 1.0), sums[5].item()
     out = {"val_mpjpe": sums[0].item() / n, "val_pa_mpjpe": sums[1].item() / n,
            "val_pve": sums[2].item() / n, "val_samples": int(sums[3].item()),

@@ -1,17 +1,23 @@
-"""Errors that retrying cannot fix, and how a run stops on them instead of being retried.
+"""Errors that retrying cannot fix, and how a run stops on them without being retried.
 
-Ray Train restarts the worker group after any worker error (``ray.max_failures``). A data
-error (``data.errors.DataError``: bad shards, inconsistent manifest) or a non-finite loss
-fails the same way on every attempt, so the worker that meets one records it in
-``<storage_path>/<name>/raytrain_error.json`` before raising; a restarted worker finds
-the record and stops at once (no data is read, no step is taken again), and the driver
-reports the recorded line (``RunStopped``). The driver clears the record when a run
-starts.
+A data error (``data.errors.DataError``: bad shards, inconsistent manifest) or a
+non-finite loss fails the same way on every attempt. Ray Train restarts the worker group
+after any worker error (``ray.max_failures``), so no worker raises on one: the ranks meet
+once per training step (``stop_together``: one all-reduce of a flag) and, when any rank
+met such an error, every rank returns normally from the train function at that same
+point. The rank that met it records its line in
+``<storage_path>/<name>/raytrain_error.json`` (first writer wins); the others stop
+because a peer did (``PeerStopped``). Ray sees a finished run and restarts nothing; the
+driver finds the record and reports its line (``RunStopped``). A worker group restarted
+for another reason (a lost node) that finds the record returns at once. The driver
+clears the record when a run starts.
 """
 
 from __future__ import annotations
 
 import json
+
+import torch
 
 from ..data.errors import user_line
 from ..data.io import exists, get_fs, open_url
@@ -38,8 +44,8 @@ class RunStopped(RuntimeError):
     """The run stopped on a deterministic error of a worker; ``str()`` is its one line."""
 
 
-class RepeatedFailure(RuntimeError):
-    """A restarted worker found the record of a deterministic error and stopped."""
+class PeerStopped(RuntimeError):
+    """Another rank met a deterministic error (and records it): this rank stops with it."""
 
 
 def fatal_path(run_dir: str) -> str:
@@ -56,15 +62,17 @@ def clear_fatal_error(run_dir: str) -> None:
         pass
 
 
-def record_fatal_error(path: str, error: BaseException) -> None:
-    """Write the error's one line (first writer wins; never raises)."""
+def record_fatal_error(path: str, error: BaseException) -> bool:
+    """Write the error's one line (first writer wins; never raises). False when no
+    record could be written."""
     try:
         if exists(path):
-            return
+            return True
         with open_url(path, "wb") as handle:
             handle.write(json.dumps({"type": type(error).__name__, "message": user_line(error)}).encode())
+        return True
     except Exception:  # noqa: BLE001 - the original error is what matters
-        pass
+        return False
 
 
 def read_fatal_error(run_dir_or_path: str) -> str | None:
@@ -79,8 +87,37 @@ def read_fatal_error(run_dir_or_path: str) -> str | None:
         return None
 
 
-def stop_if_failed_before(path: str) -> None:
-    """In a (restarted) worker: raise at once when an earlier attempt recorded an error."""
-    line = read_fatal_error(path)
-    if line is not None:
-        raise RepeatedFailure(f"{line} (recorded by an earlier attempt: not retried)")
+def failed_before(path: str) -> str | None:
+    """In a (restarted) worker: the line an earlier attempt recorded, if any (the worker
+    then returns at once: no data is read, no step is taken again)."""
+    return read_fatal_error(path)
+
+
+def stop_together(problem: BaseException | None, device: torch.device) -> None:
+    """Where the ranks decide together whether the run stops on a deterministic error:
+    raises ``problem`` on a rank that has one, ``PeerStopped`` on the others when any rank
+    has one, and returns when none has.
+
+    Every rank calls it at the same point of a step: one all-reduce of one flag, only when
+    torch.distributed is initialised with more than one rank. Why: DDP's ranks meet in
+    collectives (the buffer broadcast of the forward pass, the gradient all-reduce of the
+    backward pass); a rank that stopped alone would leave its peers blocked there. And a
+    rank must not raise out of the train function, or Ray restarts the worker group into
+    the same error: a stopped rank returns normally (``train.loop.ray_train_worker``).
+    """
+    failing = int(problem is not None)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        flag = torch.tensor([failing], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(flag)
+        failing = int(flag.item())
+    raise_if_stopped(problem, failing)
+
+
+def raise_if_stopped(problem: BaseException | None, failing_ranks: int) -> None:
+    """After the ranks counted how many of them met a deterministic error: raise this
+    rank's ``problem``, or ``PeerStopped`` when only others met one."""
+    if problem is not None:
+        raise problem
+    if failing_ranks > 0:
+        raise PeerStopped(f"{failing_ranks} other rank(s) stopped on a deterministic error")

@@ -149,7 +149,8 @@ def build_trainer(cfg: ExperimentConfig, console=None):
 
 
 def run_training(cfg: ExperimentConfig, check_data: bool = True):
-    """Validate, start or connect to Ray, train, and return the Ray Train Result."""
+    """Validate, start or connect to Ray, train, and return the Ray Train Result;
+    ``RunStopped`` when a worker stopped the run on a deterministic error."""
     preflight_body_model(cfg)
     preflight_storage(cfg)
     if check_data:
@@ -161,12 +162,22 @@ def run_training(cfg: ExperimentConfig, check_data: bool = True):
     from ..console import WorkerLines
     try:
         with WorkerLines() as lines:
-            return build_trainer(cfg, console=lines.queue).fit()
+            result = build_trainer(cfg, console=lines.queue).fit()
     except Exception as err:  # a deterministic error of a worker: one line, not Ray's dump
         fatal = read_fatal_error(run_dir) or _data_error_in(err)
         if fatal is not None:
             raise RunStopped(fatal) from None
         raise
+    raise_if_run_stopped(cfg)
+    return result
+
+
+def raise_if_run_stopped(cfg: ExperimentConfig) -> None:
+    """After ``fit()`` returned: ``RunStopped`` with the recorded line when the workers
+    stopped on a deterministic error (they return normally then, ``fatal.py``)."""
+    fatal = read_fatal_error(run_dir_of(cfg))
+    if fatal is not None:
+        raise RunStopped(fatal)
 
 
 def _data_error_in(error: BaseException) -> str | None:

@@ -3,7 +3,8 @@
     run_loop(cfg, session)  # session: RaySession inside TorchTrainer, BareSession otherwise
 
 Per step: uint8 crops (with `data.device_crop`: decoded regions, cropped on the device) ->
-normalise on device -> network -> losses -> Adam. Every `train.val_every` steps:
+normalise on device -> network -> losses -> (the ranks agree that none met a data error or
+a non-finite loss: `fatal.stop_together`) -> backward -> Adam. Every `train.val_every` steps:
 validation (MPJPE, PA-MPJPE, PVE, camera error in mm; crops made in the CPU workers)
 reduced over ranks. Every `train.checkpoint_every` steps and at the end: a checkpoint
 with model, optimiser, scheduler, step, RNG and the data position (epoch, samples
@@ -21,12 +22,13 @@ import torch
 from ..body import load_body_model, load_mean_params
 from ..config import ExperimentConfig, config_from_raw, to_dict, with_legacy_defaults
 from ..data.device_crop import crop_batch
+from ..data.errors import DataError
 from ..data.pipeline import build_loader, close_loaders, epoch_length
 from ..eval.protocol import validate
 from ..losses import compute_losses, contrastive_warmup, gather_negatives
 from ..model import build_model, normalize_images
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .fatal import NonFiniteLoss, record_fatal_error, stop_if_failed_before
+from .fatal import NonFiniteLoss, PeerStopped, failed_before, record_fatal_error, stop_together
 from .logger import RunLogger
 
 log = logging.getLogger(__name__)
@@ -62,22 +64,29 @@ class Throughput:
 
 def ray_train_worker(loop_config: dict):
     """Entry point of every Ray Train worker: {"config": raw config, "console": queue or
-    None, "fatal": file}. A deterministic error (bad data, a non-finite loss) is recorded in
-    the fatal file so that Ray's restart stops at once (``fatal.py``)."""
+    None, "fatal": file}. On a deterministic error (bad data, a non-finite loss) every
+    rank returns normally, so that Ray restarts nothing: the rank that met it records it
+    in the fatal file, the others stop with it (``fatal.py``)."""
     from ..console import forward_to_driver
-    from ..data.errors import DataError
     from .session import RaySession
     forward_to_driver(loop_config.get("console"))
     fatal = loop_config.get("fatal")
-    if fatal:
-        stop_if_failed_before(fatal)
+    session = RaySession(run_dir=fatal.rsplit("/", 1)[0] if fatal else None)
+    if session.rank == 0:
+        log.info("[raytrain] worker group started: %d worker(s)", session.world_size)
+    recorded = failed_before(fatal) if fatal else None
+    if recorded is not None:
+        if session.rank == 0:
+            log.info("[raytrain] not retried: an earlier attempt stopped on %s", recorded)
+        return
     try:
-        run_dir = fatal.rsplit("/", 1)[0] if fatal else None
-        run_loop(config_from_raw(loop_config["config"]), RaySession(run_dir=run_dir))
+        run_loop(config_from_raw(loop_config["config"]), session)
+    except PeerStopped:
+        return
     except (DataError, NonFiniteLoss) as error:
-        if fatal:
-            record_fatal_error(fatal, error)
-        raise
+        if fatal and record_fatal_error(fatal, error):
+            return
+        raise  # unrecorded: the driver learns of it from Ray
 
 
 def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> dict:
@@ -101,17 +110,22 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
     metrics = {}
     try:
         while pos.step < total_steps:
-            loader = build_loader(cfg, "train", session.rank, session.world_size, pos.epoch,
-                                  skip=pos.samples_in_epoch, batch_size=per_worker, seed=cfg.seed)
-            for batch in loader:
-                terms = train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device,
-                                   step=pos.step + 1)
+            feed = EpochFeed(cfg, session, pos, per_worker)
+            batch, problem = feed.next()
+            stop_together(problem, device)  # before the epoch's first forward pass
+            while batch is not None:
+                loss = step_loss(cfg, model, body, batch, device, step=pos.step + 1)
+                done = loss.step >= total_steps
+                # the next batch is fetched now so that one agreement per step covers it
+                # (before its forward pass) and this loss (before its backward pass)
+                following, problem = (None, None) if done else feed.next()
+                stop_together(loss.error or problem, device)
+                terms = optimise(cfg, model, optimizer, scheduler, scaler, loss)
                 pos.step += 1
                 pos.samples_in_epoch += len(batch["keys"])
                 throughput.tick(len(batch["keys"]) * session.world_size)
                 logger.step(pos, terms, len(batch["keys"]), scheduler.get_last_lr()[0], batch["keys"],
                             batch.get("sources"))
-                done = pos.step >= total_steps
                 want_checkpoint = pos.step % cfg.train.checkpoint_every == 0 or done
                 # every checkpoint carries a fresh val_mpjpe: Ray keeps the best K by it
                 validated = pos.step % cfg.train.val_every == 0 or want_checkpoint
@@ -124,12 +138,11 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
                 # progress lines are logged): a Train V2 report waits for the controller to take
                 # the previous one, and it polls every 2 s
                 if want_checkpoint:
-                    _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, loader)
+                    _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, feed)
                 elif validated:
-                    session.report(_report_metrics(pos, terms, metrics, loader))
-                if done:
-                    break
-            else:
+                    session.report(_report_metrics(pos, terms, metrics, feed))
+                batch = following
+            if pos.step < total_steps:
                 pos.epoch += 1
                 pos.samples_in_epoch = 0
     finally:
@@ -139,21 +152,71 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
     return metrics
 
 
-def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device, step: int = 0) -> dict[str, float]:
-    """One optimisation step; ``NonFiniteLoss`` (naming ``step``, the batch's sample keys
-    and the loss terms) before the backward pass when the loss is NaN or infinite, and
-    before the optimiser step when the gradient is (without fp16's own skipping)."""
+class EpochFeed:
+    """This rank's training batches of one epoch, resuming at ``pos``. A data error met
+    opening or reading the loader is returned, not raised, so that the ranks can stop
+    together (``fatal.stop_together``)."""
+
+    def __init__(self, cfg, session, pos: Position, per_worker: int):
+        self.loader, self.batches, self.error = None, iter(()), None
+        try:
+            self.loader = build_loader(cfg, "train", session.rank, session.world_size, pos.epoch,
+                                       skip=pos.samples_in_epoch, batch_size=per_worker, seed=cfg.seed)
+            self.batches = iter(self.loader)
+        except DataError as error:
+            self.error = error
+
+    def next(self) -> tuple[dict | None, DataError | None]:
+        """(the next batch or None at the epoch's end, the data error met fetching it or None)."""
+        if self.error is not None:
+            return None, self.error
+        try:
+            return next(self.batches), None
+        except StopIteration:
+            return None, None
+        except DataError as error:
+            self.error = error
+            return None, error
+
+    @property
+    def bad_counts(self) -> dict[str, int]:
+        return self.loader.bad_counts if self.loader is not None else {}
+
+
+@dataclass
+class StepLoss:
+    """A training step up to its loss; ``error``: the NonFiniteLoss to stop on, or None."""
+    step: int
+    batch: dict                 # on the device
+    total: torch.Tensor         # () float32, with its graph
+    terms: dict                 # name -> () tensor
+    error: NonFiniteLoss | None
+
+
+def step_loss(cfg, model, body, batch, device, step: int = 0) -> StepLoss:
+    """Forward pass and losses of training step ``step``; a NaN or infinite loss gives
+    ``error`` (naming the step, the batch's sample keys and the loss terms): nothing of it
+    may reach the backward pass."""
     batch = batch_to_device(batch, device, cfg.data.crop_size)
     model.train()
     with _autocast(cfg, device):
         pred = forward(model, batch)
     total, terms = batch_losses(cfg, body, pred, batch, step)
-    if not torch.isfinite(total.detach()):  # stop before backward: nothing reaches Adam
+    error = None
+    if not torch.isfinite(total.detach()):
         values = {k: float(v) for k, v in terms.items()}
         values["total"] = float(total.detach())
-        raise NonFiniteLoss(step, batch["keys"], values)
+        error = NonFiniteLoss(step, batch["keys"], values)
+    return StepLoss(step, batch, total, terms, error)
+
+
+def optimise(cfg, model, optimizer, scheduler, scaler, loss: StepLoss) -> dict[str, float]:
+    """Backward pass and optimiser step of a finite loss -> the loss terms as floats.
+    ``NonFiniteLoss`` before the optimiser step when the gradient norm is NaN or infinite
+    (without fp16's own skipping); under DDP the norm is of all-reduced gradients, the
+    same on every rank, so every rank stops there."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(total).backward()
+    scaler.scale(loss.total).backward()
     if cfg.optim.grad_clip > 0:
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -162,15 +225,26 @@ def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device, st
     else:
         norm = None  # fp16: the scaler skips steps with non-finite gradients itself
     if norm is not None and not scaler.is_enabled() and not torch.isfinite(norm):
-        values = {k: float(v) for k, v in terms.items()}
-        values.update(total=float(total.detach()), grad_norm=float(norm))
-        raise NonFiniteLoss(step, batch["keys"], values, what="gradient")
+        values = {k: float(v) for k, v in loss.terms.items()}
+        values.update(total=float(loss.total.detach()), grad_norm=float(norm))
+        raise NonFiniteLoss(loss.step, loss.batch["keys"], values, what="gradient")
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-    terms = {k: float(v) for k, v in terms.items()}
-    terms["total"] = float(total.detach())
+    terms = {k: float(v) for k, v in loss.terms.items()}
+    terms["total"] = float(loss.total.detach())
     return terms
+
+
+def train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device, step: int = 0) -> dict[str, float]:
+    """One optimisation step of one process; ``NonFiniteLoss`` (naming ``step``, the
+    batch's sample keys and the loss terms) before the backward pass when the loss is NaN
+    or infinite, and before the optimiser step when the gradient is (without fp16's own
+    skipping). ``run_loop`` runs the same two halves with the ranks' agreement between."""
+    loss = step_loss(cfg, model, body, batch, device, step)
+    if loss.error is not None:
+        raise loss.error
+    return optimise(cfg, model, optimizer, scheduler, scaler, loss)
 
 
 def batch_to_device(batch: dict, device, crop_size: int) -> dict:
@@ -195,7 +269,7 @@ def batch_losses(cfg, body, pred: dict, batch: dict, step: int | None = None):
     return compute_losses(pred, batch, cfg.loss, gt_vertices, negatives, cont_factor=factor)
 
 
-def _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, loader):
+def _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, feed):
     directory = None
     if session.rank == 0:
         directory = session.checkpoint_dir(pos.step)
@@ -207,14 +281,14 @@ def _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics,
             "rng": rng_state(), "metrics": {k: float(v) for k, v in metrics.items()},
             "config": json.dumps(to_dict(cfg)),   # JSON text: loads under weights_only=True
         })
-    session.report(_report_metrics(pos, {}, metrics, loader), checkpoint_dir=directory)
+    session.report(_report_metrics(pos, {}, metrics, feed), checkpoint_dir=directory)
 
 
-def _report_metrics(pos, terms, metrics, loader):
+def _report_metrics(pos, terms, metrics, feed):
     out = {"step": pos.step, "epoch": pos.epoch}
     out.update({f"loss_{k}": v for k, v in terms.items()})
     out.update(metrics)
-    out.update({f"bad_{k}": v for k, v in getattr(loader, "bad_counts", {}).items()})
+    out.update({f"bad_{k}": v for k, v in feed.bad_counts.items()})
     return out
 
 

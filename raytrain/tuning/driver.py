@@ -110,7 +110,7 @@ def make_trainable(base: dict[str, Any], space: SearchSpace, exp_path: str, metr
         from ray import tune
 
         from ..config import config_from_raw
-        from ..train.launch import build_trainer
+        from ..train.launch import build_trainer, raise_if_run_stopped
         ctx = tune.get_context()
         trial_id = ctx.get_trial_id()
         raw = space.apply(base, params)
@@ -128,6 +128,7 @@ def make_trainable(base: dict[str, Any], space: SearchSpace, exp_path: str, metr
             callbacks.append(recorder)
         trainer.run_config.callbacks = callbacks
         trainer.fit()
+        raise_if_run_stopped(cfg)  # a deterministic error: the trial fails with its line
 
     return raytrain_trial
 
