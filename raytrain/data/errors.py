@@ -1,7 +1,7 @@
 """Errors of the data that retrying cannot fix: they stop a run with one line for the user.
 
 A ``DataError`` is deterministic (the same shards fail the same way on every attempt), so
-the training launcher does not let Ray retry it (``train/launch.py``). Every one pickles
+a training run stops on it without Ray retrying it (``train/fatal.py``). Every one pickles
 and unpickles with its details (Ray sends worker errors to the driver), and survives
 torch's DataLoader, which rebuilds a worker's error from its message alone.
 """

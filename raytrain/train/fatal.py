@@ -9,8 +9,9 @@ point. The rank that met it records its line in
 ``<storage_path>/<name>/raytrain_error.json`` (first writer wins); the others stop
 because a peer did (``PeerStopped``). Ray sees a finished run and restarts nothing; the
 driver finds the record and reports its line (``RunStopped``). A worker group restarted
-for another reason (a lost node) that finds the record returns at once. The driver
-clears the record when a run starts.
+for another reason (a lost node) that finds the record returns at once. A rank that
+cannot write the record raises its error instead (Ray's restarts then meet it again, and
+the driver reports it). The driver clears the record when a run starts.
 """
 
 from __future__ import annotations
