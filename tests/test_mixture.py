@@ -104,7 +104,9 @@ def test_resume_mid_epoch_loses_and_repeats_nothing(tmp_path, workers):
     assert head + rest == whole  # nothing lost, nothing repeated, same order
 
 
-def test_training_on_a_mixture_resumes_exactly_and_logs_sources(synthetic_shards, tmp_path, capsys):
+def test_training_on_a_mixture_resumes_exactly_and_logs_sources(synthetic_shards, tmp_path, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="raytrain")
     train, val = synthetic_shards
     mixture = (f"[{{name: synth_a, shards: {train}, weight: 0.75}}, "
                f"{{name: synth_b, shards: {val}, weight: 0.25}}]")
@@ -117,7 +119,7 @@ def test_training_on_a_mixture_resumes_exactly_and_logs_sources(synthetic_shards
         run_loop(cfg, BareSession(str(tmp_path / folder), device="cpu"))
 
     run("a", 13)
-    progress = [line for line in capsys.readouterr().out.splitlines() if " step 12/13 " in line]
+    progress = [line for line in caplog.messages if " step 12/13 " in line]
     assert progress and "sources synth_a=36 synth_b=12" in progress[0]  # epoch 0: 3 to 1
     scalars = _scalars(next((tmp_path / "a").rglob("events.out.tfevents.*")))
     assert scalars[("data/samples_synth_a", 12)] == 36 and scalars[("data/samples_synth_b", 12)] == 12
