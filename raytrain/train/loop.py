@@ -106,6 +106,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
             for batch in loader:
                 terms = train_step(cfg, model, body, optimizer, scheduler, scaler, batch, device,
                                    step=pos.step + 1)
+                loader.release(batch)  # its images are read no more: the worker may refill them
                 pos.step += 1
                 pos.samples_in_epoch += len(batch["keys"])
                 throughput.tick(len(batch["keys"]) * session.world_size)
