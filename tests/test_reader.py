@@ -441,36 +441,42 @@ def test_stopping_persistent_workers_mid_epoch_is_an_error(tmp_path):
 
 
 def test_released_buffers_are_filled_again_and_held_ones_never(tmp_path):
-    """One worker: the buffer of a released batch comes back with later batches (same
-    buffer number, next use), the buffer of a batch held without release never does and
-    its pixels stay as received, and every sample arrives once."""
+    """One persistent worker, two epochs: the buffer of a released batch comes back with
+    later batches (same buffer number, next use); the buffer of a batch held without
+    release never does and keeps its pixels, also when released after the worker forgot
+    it (more than ``keep`` = 6 buffers out); every sample arrives once per epoch."""
     from raytrain.data.pipeline import build_loader, close_loaders
 
     keys = _write(tmp_path, 96, maxcount=12)
-    loader = build_loader(_loader_config(tmp_path, workers=1), "train", 0, 1, 0, 0, 4, seed=0)
-    names, held, seen = [], [], []
+    cfg = _loader_config(tmp_path, workers=1)
+    names, held = [], []
     try:
-        for index, batch in enumerate(loader):
-            seen += batch["keys"]
-            source, worker, process, buffer, use = batch["buffer"]
-            names.append((process, buffer, use, index % 3 != 0))
-            if index % 3 == 0:  # kept, never released
-                held.append((batch, batch["images"].clone()))
-            else:
-                loader.release(batch)
-                loader.release(batch)  # the second time: nothing
-                assert "buffer" not in batch
+        for epoch in range(2):
+            loader, seen = build_loader(cfg, "train", 0, 1, epoch, 0, 4, seed=0), []
+            for index, batch in enumerate(loader):
+                seen += batch["keys"]
+                source, worker, process, buffer, use = batch["buffer"]
+                kept = epoch == 0 and index % 3 == 0
+                names.append((process, buffer, use, not kept))
+                if kept:  # never released, except the first after the epoch
+                    held.append((batch, batch["images"].clone()))
+                else:
+                    loader.release(batch)
+                    loader.release(batch)  # the second time: nothing
+                    assert "buffer" not in batch
+            assert sorted(seen) == sorted(keys)
+            if epoch == 0:  # 8 buffers held: the first is forgotten, its release ignored
+                loader.release(held[0][0])
     finally:
         close_loaders()
-    assert sorted(seen) == sorted(keys) and len(names) == 24
-    assert len({process for process, *_ in names}) == 1
+    assert len(names) == 48 and len({process for process, *_ in names}) == 1
     for batch, pixels in held:
         assert torch.equal(batch["images"], pixels)
     uses: dict[int, list] = {}
     for _, buffer, use, released in names:
         uses.setdefault(buffer, []).append((use, released))
-    reused = [buffer for buffer, sends in uses.items() if len(sends) > 1]
-    assert len(reused) >= 2 and len(uses) <= 18  # 16 released batches, most refilled
+    assert len(uses[names[0][1]]) == 1  # forgotten: never filled again
+    assert sum(len(sends) > 1 for sends in uses.values()) >= 2 and len(uses) <= 24
     for sends in uses.values():
         assert [use for use, _ in sends] == list(range(1, len(sends) + 1))
         assert all(released for _, released in sends[:-1])  # only a released buffer comes back
