@@ -21,6 +21,7 @@ images, and the name travels back to the worker through a queue. A buffer is fil
 again only after that explicit release (a fresh 12 MB buffer costs 6.9 ms, mostly the
 kernel zeroing its pages); a batch never released keeps its pixels.
 """
+
 from __future__ import annotations
 
 import queue

@@ -1,7 +1,9 @@
 """What a training worker iterates: shards -> reader -> multi-RoI cropper -> batches.
 
     loader = build_loader(cfg, "train", rank, world_size, epoch, skip=0, batch_size=B, seed=0)
-    for batch in loader: ...   # CONVENTIONS.md batch; images uint8 (N, M, 3, S, S)
+    for batch in loader:
+        ...                     # CONVENTIONS.md batch; images uint8 (N, M, 3, S, S)
+        loader.release(batch)   # its images are read no more: the worker may refill them
 
 The reader splits every epoch by rank and by DataLoader worker and skips what a
 checkpoint says was consumed; the cropper runs inside the DataLoader workers (decode and
