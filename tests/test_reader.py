@@ -320,8 +320,9 @@ def test_loader_never_recycles_a_batch_still_held(tmp_path):
 
 @pytest.mark.parametrize("batch_size", [3, 4])
 def test_loader_crops_in_place_match_in_process_crops_with_substitution(fuzzed, batch_size):
-    """Crops written straight into the workers' batch buffers (substituted bad samples
-    copied into their own slot) equal the in-process crops of the same keys."""
+    """Crops written straight into the workers' batch buffers, released and refilled
+    (substituted bad samples cropped again into their own slot), equal the in-process
+    crops of the same keys."""
     from raytrain.data.pipeline import build_loader
 
     path, _, good = fuzzed
@@ -330,8 +331,10 @@ def test_loader_crops_in_place_match_in_process_crops_with_substitution(fuzzed, 
         cfg = _loader_config(path, workers)
         cfg.data.max_bad_fraction = 0.5
         out = []
-        for batch in build_loader(cfg, "train", 0, 1, 0, 0, size, seed=0):
+        loader = build_loader(cfg, "train", 0, 1, 0, 0, size, seed=0)
+        for batch in loader:
             out += [(key, image.clone()) for key, image in zip(batch["keys"], batch["images"])]
+            loader.release(batch)  # buffers refilled while substitutes are made
         return out
 
     reference = dict(crops(0, 1))
@@ -346,14 +349,16 @@ def _epoch_crops(loader) -> dict:
     out = {}
     for batch in loader:
         out.update((key, image.clone()) for key, image in zip(batch["keys"], batch["images"]))
+        loader.release(batch)  # as the training loop does: its buffer is filled again
         del batch
     return out
 
 
 def test_persistent_workers_serve_every_epoch_like_fresh_ones(tmp_path):
-    """Persistent DataLoader workers (forked once) deliver each epoch, and a resumed
-    epoch, exactly as a fresh set of workers would: same keys, same crops (augmentation
-    seeded per epoch), each sample once."""
+    """Persistent DataLoader workers (forked once, their batch buffers released and
+    refilled across epochs) deliver each epoch, and a resumed epoch, exactly as a fresh
+    set of workers would: same keys, same crops (augmentation seeded per epoch), each
+    sample once."""
     from raytrain.data.pipeline import _PERSISTENT, build_loader, close_loaders
 
     keys = _write(tmp_path, 48, maxcount=12)
@@ -375,7 +380,7 @@ def test_persistent_workers_serve_every_epoch_like_fresh_ones(tmp_path):
         assert len(pids) == 2  # the same two workers for all four iterations
     finally:
         close_loaders()
-    assert not _PERSISTENT
+    assert len(_PERSISTENT) == 0
     assert not pids & {child.pid for child in multiprocessing.active_children()}  # stopped
 
 
@@ -430,3 +435,103 @@ def test_stopping_persistent_workers_mid_epoch_is_an_error(tmp_path):
             if batches == 2:
                 close_loaders()
     assert batches < 12
+
+
+# ---------------------------------------------------------------------------- batch buffers
+
+
+def test_released_buffers_are_filled_again_and_held_ones_never(tmp_path):
+    """One persistent worker, two epochs: the buffer of a released batch comes back with
+    later batches (same buffer number, next use); the buffer of a batch held without
+    release never does and keeps its pixels, also when released after the worker forgot
+    it (more than ``keep`` = 6 buffers out); every sample arrives once per epoch."""
+    from raytrain.data.pipeline import build_loader, close_loaders
+
+    keys = _write(tmp_path, 96, maxcount=12)
+    cfg = _loader_config(tmp_path, workers=1)
+    names, held = [], []
+    try:
+        for epoch in range(2):
+            loader, seen = build_loader(cfg, "train", 0, 1, epoch, 0, 4, seed=0), []
+            for index, batch in enumerate(loader):
+                seen += batch["keys"]
+                source, worker, process, buffer, use = batch["buffer"]
+                kept = epoch == 0 and index % 3 == 0
+                names.append((process, buffer, use, not kept))
+                if kept:  # never released, except the first after the epoch
+                    held.append((batch, batch["images"].clone()))
+                else:
+                    loader.release(batch)
+                    loader.release(batch)  # the second time: nothing
+                    assert "buffer" not in batch
+            assert sorted(seen) == sorted(keys)
+            if epoch == 0:  # 8 buffers held: the first is forgotten, its release ignored
+                loader.release(held[0][0])
+    finally:
+        close_loaders()
+    assert len(names) == 48 and len({process for process, *_ in names}) == 1
+    for batch, pixels in held:
+        assert torch.equal(batch["images"], pixels)
+    uses: dict[int, list] = {}
+    for _, buffer, use, released in names:
+        uses.setdefault(buffer, []).append((use, released))
+    assert len(uses[names[0][1]]) == 1  # forgotten: never filled again
+    assert sum(len(sends) > 1 for sends in uses.values()) >= 2 and len(uses) <= 24
+    for sends in uses.values():
+        assert [use for use, _ in sends] == list(range(1, len(sends) + 1))
+        assert all(released for _, released in sends[:-1])  # only a released buffer comes back
+
+
+def test_releases_from_earlier_workers_never_free_a_later_workers_buffer(tmp_path):
+    """Without persistent workers each iteration forks new ones (same return queues):
+    releasing the first iteration's batches during the second frees none of the second's
+    buffers, which the receiver holds."""
+    from raytrain.data.pipeline import build_loader
+
+    _write(tmp_path, 48, maxcount=12)
+    cfg = _loader_config(tmp_path, workers=1)
+    cfg.data.persistent_workers = False
+    loader = build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)
+    first = list(loader)
+    first_processes = {batch["buffer"][2] for batch in first}
+    second = []
+    for batch in loader:
+        second.append((batch, batch["images"].clone()))
+        if first:
+            loader.release(first.pop())
+    assert len(second) == 12 and not first
+    assert {batch["buffer"][2] for batch, _ in second}.isdisjoint(first_processes)
+    for batch, pixels in second:
+        assert torch.equal(batch["images"], pixels)
+
+
+def test_release_is_a_no_op_for_batches_made_in_process(tmp_path):
+    from raytrain.data.pipeline import build_loader
+
+    _write(tmp_path, 8, maxcount=8)
+    loader = build_loader(_loader_config(tmp_path, workers=0), "train", 0, 1, 0, 0, 4, seed=0)
+    batch = next(iter(loader))
+    assert "buffer" not in batch
+    pixels = batch["images"].clone()
+    loader.release(batch)
+    assert torch.equal(batch["images"], pixels)
+
+
+def test_substitute_crops_the_sample_again_without_reading_the_old_crops(tmp_path):
+    """A bad sample's position is filled by cropping the previous good sample once more
+    (its crops may sit in a buffer already released): the same pixels, whatever its old
+    buffer holds now."""
+    from raytrain.data.collate import BatchSink
+    from raytrain.data.crop import MultiRoICropper
+    from raytrain.data.pipeline import CropTransform, augment_from_config
+    from raytrain.data.schema import decode_sample
+
+    cfg = _loader_config(tmp_path, workers=0)
+    cropper = MultiRoICropper("paper", 5, crop_size=32, augment=augment_from_config(cfg.data))
+    transform = CropTransform(cropper, seed=3, epoch=1, sink=BatchSink(4, (5, 32, 32, 3)))
+    item = transform(decode_sample(make_fake_samples(1, seed=4)[0], decode_image=False))
+    expected = item["images"].copy()
+    assert expected.any()
+    item["images"][:] = 0  # its buffer filled with another batch
+    again = transform.substitute(item)
+    assert again["key"] == item["key"] and np.array_equal(again["images"], expected)

@@ -9,7 +9,8 @@ training under the default config (paper schedule, M = 5, S = 224):
 * ``stream_per_core``: the full streaming path as a training worker receives it: shards
   on disk -> ``build_loader`` (tar parsing, shuffle buffer, validation, cropper, collate
   in ``data.loader_workers`` persistent DataLoader worker processes, batches handed over
-  through shared memory) -> batches in the training process; samples per CPU-second of
+  through shared memory, each buffer released back to its worker as the training loop
+  does) -> batches in the training process; samples per CPU-second of
   the training process and all its loader workers together, over the epochs after the
   first (what each epoch of a training run costs);
 * ``full_frame_crop_per_core``: the straightforward path, decode the full frame and crop
@@ -143,6 +144,7 @@ def stream_rate(shards: str, workers: int, batch_size: int = 16, epochs: int = 2
             done, cpu0, wall0 = 0, _loader_cpu_seconds(loader), time.perf_counter()
             for batch in loader:
                 done += batch["images"].shape[0]
+                loader.release(batch)  # as the training loop does after each step
             wall.append(time.perf_counter() - wall0)
             cpu.append(_loader_cpu_seconds(loader) - cpu0)  # before the workers stop
             samples.append(done)

@@ -223,6 +223,7 @@ def _data_path_cost(cfg, device: torch.device, device_crop: bool) -> dict:
             for batch in loader:
                 images = batch_to_device(batch, device, cfg.data.crop_size)["images"]
                 done += images.shape[0]
+                loader.release(batch)  # as the training loop does after each step
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if epoch == 1:

@@ -1,7 +1,9 @@
 """What a training worker iterates: shards -> reader -> multi-RoI cropper -> batches.
 
     loader = build_loader(cfg, "train", rank, world_size, epoch, skip=0, batch_size=B, seed=0)
-    for batch in loader: ...   # CONVENTIONS.md batch; images uint8 (N, M, 3, S, S)
+    for batch in loader:
+        ...                     # CONVENTIONS.md batch; images uint8 (N, M, 3, S, S)
+        loader.release(batch)   # its images are read no more: the worker may refill them
 
 The reader splits every epoch by rank and by DataLoader worker and skips what a
 checkpoint says was consumed; the cropper runs inside the DataLoader workers (decode and
@@ -14,14 +16,21 @@ serve every later epoch and validation pass of the same config (`EpochSource`): 
 reader's position lives in shared memory and each `Loader` sets it before it iterates.
 `close_loaders()` stops them (`train.loop.run_loop` does at its end).
 
+The crops of a training batch arrive in a shared-memory buffer of the worker that made
+it; `loader.release(batch)` (once the batch's images are no longer read:
+`train.loop.run_loop` calls it after each step) hands the buffer back for the worker to
+fill again (`collate.BatchSink`). A batch not released keeps its pixels.
+
 With `data.device_crop` the workers of the training split only decode and draw the
 augmentation (`device_crop.DeviceCropPrep`): a batch carries the decoded regions and
 the crops are made after the move to the device (`train.loop.batch_to_device`).
 Validation always crops in the workers.
 """
+import itertools
+import multiprocessing
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 
 import numpy as np
@@ -31,7 +40,7 @@ from torch.utils.data import DataLoader
 from ..body.model import root_joint_model
 from ..geometry import schedule_from_config
 from .augment import AugmentConfig
-from .collate import BatchSink, batch_to_torch, collate_arrays
+from .collate import BatchSink, BufferName, batch_to_torch, collate_arrays
 from .crop import MultiRoICropper
 from .device_crop import DeviceCropPrep, collate_regions
 from .mixture import MixtureReader
@@ -80,11 +89,22 @@ class CropTransform:
         out["gender"] = sample.gender
         if destination is not None:
             self.sink.commit(out["images"])
+        if self.sink is not None:
+            out["sample"] = sample  # for ``substitute``
         return out
 
     def substitute(self, item):
-        """The reader yields ``item`` again in place of a bad sample (see ``BatchSink``)."""
-        return self.sink.substitute(item) if self.sink is not None else item
+        """The reader yields ``item`` again in place of a bad sample. With a sink, its
+        sample is cropped once more into the next slot (the same pixels: the
+        augmentation is seeded by the sample's key): ``item``'s own crops may sit in a
+        buffer already sent, which the receiver may have released for refilling."""
+        if self.sink is None or not isinstance(item, dict) or "sample" not in item:
+            return item
+        return self(item["sample"])
+
+
+#: Numbers of the ``EpochSource`` objects of this process (the ``source`` of a buffer name).
+_SOURCE_NUMBERS = itertools.count(1)
 
 
 class EpochSource:
@@ -95,6 +115,10 @@ class EpochSource:
     shared position (epoch, samples to skip) before it starts an iteration; forking the
     workers of a large training process costs ~0.1 s per epoch otherwise. One iteration
     at a time: ``owner`` is the ``Loader`` iterating now.
+
+    When the workers crop the training split, each has a return queue (``returns``,
+    made here before any worker starts, so every worker process inherits it): ``release``
+    sends a batch's buffer name back through it (``collate.BatchSink``).
     """
 
     def __init__(self, cfg, split: str, rank: int, world_size: int, batch_size: int,
@@ -114,27 +138,50 @@ class EpochSource:
         self.persistent = persistent and workers > 0
         if self.persistent:
             self.reader.share_position()
+        self.number = next(_SOURCE_NUMBERS)
+        context = multiprocessing.get_context()  # the DataLoader's and the return queues'
+        prefetch = 2 if workers else None
+        self.returns = None
+        if train and workers > 0 and not device_crop:  # validation: fresh buffers
+            self.returns = [context.Queue() for _ in range(workers)]
+            for returns in self.returns:
+                returns.cancel_join_thread()  # exiting never waits for a stopped worker to read
         item_shape = (cropper.num_rois, cropper.crop_size, cropper.crop_size, 3)
-        sink = BatchSink(batch_size, item_shape) if workers > 0 and not device_crop else None
+        sink = None
+        if workers > 0 and not device_crop:
+            # a worker keeps what it has in flight and what the receiver holds, with margin
+            sink = BatchSink(batch_size, item_shape, self.returns, self.number,
+                             keep=2 * prefetch + 2)
         prep = DeviceCropPrep(cropper) if device_crop else cropper
         self.reader.transform = CropTransform(prep, seed, sink=sink)
         collate = collate_regions if device_crop else collate_arrays
         self.loader = DataLoader(self.reader, batch_size=batch_size, num_workers=workers,
                                  collate_fn=_collate_with_counts(self.reader, sink, collate),
                                  drop_last=train, pin_memory=torch.cuda.is_available(),
-                                 persistent_workers=self.persistent,
-                                 prefetch_factor=2 if workers else None)
+                                 persistent_workers=self.persistent, prefetch_factor=prefetch,
+                                 multiprocessing_context=context if workers else None)
         self.max_batches = None
         if not train and cfg.data.max_val_samples:
             self.max_batches = max(1, cfg.data.max_val_samples // world_size // batch_size)
         self.owner = None
         self.closed = False
 
+    def release(self, name: BufferName) -> None:
+        """Send a batch's buffer name back to the worker that made it (``Loader.release``);
+        nothing for a name of another source, or once the workers are stopped."""
+        source, worker, process, buffer, use = name
+        if source != self.number or self.closed or self.returns is None:
+            return
+        if 0 <= worker < len(self.returns):
+            self.returns[worker].put((process, buffer, use))
+
     def close(self) -> None:
         """Stop the persistent workers: dropping the DataLoader drops its iterator, which
         shuts its workers down and joins them (their CPU time is reaped)."""
         self.closed = True
         self.loader = None
+        for returns in self.returns or ():
+            returns.close()
 
 
 class Loader:
@@ -182,7 +229,7 @@ class Loader:
             yield from self._batches(source)
         except Exception:
             if source.persistent:  # e.g. too many bad samples: do not reuse these workers
-                _forget(source)
+                _PERSISTENT.forget(source)
             raise
         finally:
             if source.owner is self:
@@ -200,19 +247,82 @@ class Loader:
                 raise RuntimeError("the loader's workers were stopped (close_loaders) in the "
                                    "middle of an epoch; the epoch is incomplete")
 
+    def release(self, batch: dict) -> None:
+        """The receiver is done with ``batch``: the worker that made it may fill its image
+        buffer with a later batch. Call it once nothing reads ``batch["images"]`` any more
+        (``train.loop.run_loop`` does after each step); a batch not released keeps its
+        pixels. Nothing happens for a batch that names no worker buffer (no
+        ``"buffer"``: made in this process, validation, crops made on the device), for a
+        batch of workers stopped since, and the second time (the name is removed)."""
+        name = batch.pop("buffer", None) if isinstance(batch, dict) else None
+        if name is not None:
+            self.source.release(name)
+
     def close(self) -> None:
         """Stop the (persistent) workers this loader iterates with, e.g. after a one-off
         evaluation pass; a later ``build_loader`` forks new ones."""
         if self.source.persistent:
-            _forget(self.source)
+            _PERSISTENT.forget(self.source)
 
     def __len__(self):
         n = len(self.loader)
         return n if self.max_batches is None else min(n, self.max_batches)
 
 
-#: The persistent ``EpochSource`` of each split, with the arguments it was built for.
-_PERSISTENT: dict[str, tuple] = {}
+class PersistentSources:
+    """The persistent ``EpochSource`` of each split in this process, with the key it was
+    built for (data and RoI config, body model, split, rank, world size, batch size, seed,
+    resolved shard list).
+
+    A split holds no source, or one that is *idle* (its workers wait between iterations)
+    or *iterating* for one ``Loader`` (``source.owner``). ``get`` returns the source held
+    for a key (idle or iterating: an iterating one makes the new ``Loader`` build private
+    workers when it starts); ``hold`` replaces what a split held, stopping it first, by a
+    new source; ``forget`` stops a source's workers and drops it (an error in its
+    iteration, ``Loader.close``); ``close`` forgets them all (``close_loaders``). A
+    forgotten source is *closed*: a ``Loader`` still referring to it builds private
+    workers.
+    """
+
+    def __init__(self):
+        self._held: dict[str, tuple[tuple, EpochSource]] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def get(self, split: str, key: tuple) -> EpochSource | None:
+        held = self._held.get(split)
+        if held is not None and held[0] == key and not held[1].closed:
+            return held[1]
+        return None
+
+    def iterating(self, split: str) -> bool:
+        """True while the source held for ``split`` iterates for a ``Loader``."""
+        held = self._held.get(split)
+        return held is not None and held[1].owner is not None
+
+    def hold(self, split: str, key: tuple, build: Callable[[], EpochSource]) -> EpochSource:
+        """``build()`` as the source of ``split`` for ``key``; the one it replaces stops first."""
+        held = self._held.get(split)
+        if held is not None:
+            self.forget(held[1])
+        source = build()
+        self._held[split] = (key, source)
+        return source
+
+    def forget(self, source: EpochSource) -> None:
+        """Stop ``source``'s workers and drop it."""
+        for split, (_, held) in list(self._held.items()):
+            if held is source:
+                del self._held[split]
+        source.close()
+
+    def close(self) -> None:
+        for _, source in list(self._held.values()):
+            self.forget(source)
+
+
+_PERSISTENT = PersistentSources()
 
 
 def build_loader(cfg, split: str, rank: int, world_size: int, epoch: int, skip: int,
@@ -233,30 +343,17 @@ def build_loader(cfg, split: str, rank: int, world_size: int, epoch: int, skip: 
     key = (repr(cfg.data), repr(cfg.rois), cfg.model.smpl_dir, *args,
            tuple((ref.url, ref.num_samples) for source in _sources(cfg, split)
                  for ref in resolve_shards(source)))
-    cached = _PERSISTENT.get(split)
-    if cached is not None and cached[0] == key and not cached[1].closed:
-        return Loader(cached[1], epoch, skip, private)
-    if cached is not None and cached[1].owner is not None:  # iterating for another loader
+    source = _PERSISTENT.get(split, key)
+    if source is None and _PERSISTENT.iterating(split):  # another key, still iterating
         return Loader(private(), epoch, skip, private)
-    if cached is not None:  # another config, shard set, rank or batch size: replace it
-        _forget(cached[1])
-    source = EpochSource(cfg, *args, persistent=True)
-    _PERSISTENT[split] = (key, source)
+    if source is None:  # first use, or another config, shard set, rank or batch size
+        source = _PERSISTENT.hold(split, key, lambda: EpochSource(cfg, *args, persistent=True))
     return Loader(source, epoch, skip, private)
-
-
-def _forget(source: EpochSource) -> None:
-    """Stop a persistent source's workers and drop it from the cache."""
-    for split, (_, cached) in list(_PERSISTENT.items()):
-        if cached is source:
-            del _PERSISTENT[split]
-    source.close()
 
 
 def close_loaders() -> None:
     """Stop every persistent DataLoader worker of this process (e.g. after training)."""
-    for _, source in list(_PERSISTENT.values()):
-        _forget(source)
+    _PERSISTENT.close()
 
 
 class _collate_with_counts:
@@ -267,12 +364,14 @@ class _collate_with_counts:
         self.reader, self.sink, self.collate = reader, sink, collate
 
     def __call__(self, items):
-        images = None
-        taken = self.sink.take() if self.sink is not None else None
-        if taken is not None and taken[1] == len(items):  # crops already in place
-            buffer = taken[0]
+        images, name = None, None
+        taken = self.sink.take(len(items)) if self.sink is not None else None
+        if taken is not None:  # crops already in place
+            buffer, name = taken
             images = buffer if len(items) == buffer.shape[0] else buffer[:len(items)]
         batch = self.collate(items, images)
+        if name is not None:
+            batch["buffer"] = name  # for Loader.release
         batch["gender"] = [item["gender"] for item in items]
         if "source" in items[0]:  # a mixture names each item's shard set
             batch["sources"] = [item["source"] for item in items]

@@ -121,6 +121,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
                 following, problem = (None, None) if done else feed.next()
                 stop_together(loss.error or problem, device)
                 terms = optimise(cfg, model, optimizer, scheduler, scaler, loss)
+                feed.release(batch)  # its images are read no more: the worker may refill them
                 pos.step += 1
                 pos.samples_in_epoch += len(batch["keys"])
                 throughput.tick(len(batch["keys"]) * session.world_size)
@@ -177,6 +178,11 @@ class EpochFeed:
         except DataError as error:
             self.error = error
             return None, error
+
+    def release(self, batch: dict) -> None:
+        """Hand ``batch``'s image buffer back to the worker that filled it (``Loader.release``)."""
+        if self.loader is not None:
+            self.loader.release(batch)
 
     @property
     def bad_counts(self) -> dict[str, int]:
