@@ -1,4 +1,5 @@
-# `make test` builds the environment from nothing, lints and runs the whole suite;
+# `make test` builds the environment from nothing, lints and runs the whole suite (two
+# pytest-xdist workers: the Ray tests in one, one after another, the rest beside them);
 # `make test-fast` leaves out the tests that start Ray or take seconds (`-m "not ray and not slow"`);
 # `make demo` runs the demo.
 # `make bench-gpu` runs the GPU check with the machine's own python3 (BENCHMARKS.md "GPU").
@@ -23,7 +24,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: lint
 	$(PY) -m pytest -q -m "not ray and not slow"

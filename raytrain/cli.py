@@ -122,6 +122,8 @@ def build_parser():
     study.add_argument("--out", default="docs/study", help="results.json, table.md, study.png go here")
     study.add_argument("--work", default="runs/study", help="shards and run directories")
     study.add_argument("--quick", action="store_true", help="tiny splits, 2 steps, 3 variants: a smoke test")
+    study.add_argument("--device", default="cpu", help="torch device of every run (cuda: one GPU shared by "
+                       "the --parallel runs)")
     study.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
     study.set_defaults(func=cmd_study)
 
@@ -271,7 +273,7 @@ def cmd_study(args):
         raise ConfigError("--seeds, --steps and --parallel must be at least 1")
     run_study(config=args.config, space=args.space, variants=variants, seeds=args.seeds, steps=args.steps,
               out=args.out, work=args.work, parallel=args.parallel, quick=args.quick,
-              overrides=tuple(args.overrides))
+              overrides=tuple(args.overrides), device=args.device)
 
 
 def cmd_bench(args):

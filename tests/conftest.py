@@ -16,6 +16,15 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), the tests that start
+    Ray or take seconds run one after another in one worker (two Ray instances on two
+    cores would starve each other); the rest spread over both workers beside them."""
+    for item in items:
+        if item.get_closest_marker("ray") or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+
+
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory):
     """(train_dir, val_dir): 48 + 16 rendered synthetic people."""

@@ -137,3 +137,17 @@ def test_quick_study_writes_results_table_plot_and_resumes(tmp_path):
     third = run_study(out=str(out), work=str(work), quick=True)
     assert len(third["runs"]) == len(results["runs"])
     assert third["runs"][-1]["variant"] == "full" and third["runs"][-1]["seed"] == 1
+
+
+@pytest.mark.parametrize("device", ["cuda", "tpu:x"])
+def test_study_refuses_a_device_it_cannot_use_before_rendering(tmp_path, capsys, device):
+    """A device torch cannot use here stops the study with exit 2 and one line, before
+    any split is rendered."""
+    from raytrain.cli import main
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    code = main(["study", "--quick", "--device", device, "--out", str(tmp_path / "out"),
+                 "--work", str(tmp_path / "work")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"--device {device}" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "work").exists()

@@ -57,7 +57,7 @@ def demo_synthetic_config(crop_size: int):
 def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
     t0 = time.perf_counter()
     out_dir = Path(out).resolve()
-    n_train, n_val = (160, 48) if quick else (2400, 200)
+    n_train, n_val = (160, 48) if quick else (1600, 200)
     overrides = [f"data.train_shards={out_dir / 'shards/train'}",
                  f"data.val_shards={out_dir / 'shards/val'}",
                  f"train.storage_path={out_dir / 'ray'}", "name=demo"]
@@ -195,7 +195,7 @@ def demo_sweep(cfg, quick: bool):
     from ..config import from_dict, to_dict
     from ..tuning.driver import run_tune
     from ..tuning.experiment import experiment_dir
-    steps = 4 if quick else 30
+    steps = 4 if quick else 20
     raw = to_dict(cfg)
     raw.update(name="demo-sweep")
     raw["optim"].update(max_steps=steps)

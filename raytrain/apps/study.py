@@ -57,7 +57,7 @@ CLAIMS = (
 def run_study(config: str | None = None, space: str | None = None, variants: list[str] | None = None,
               seeds: int | None = None, steps: int | None = None, out: str = "docs/study",
               work: str = "runs/study", parallel: int | None = None, quick: bool = False,
-              overrides: tuple = ()) -> dict:
+              overrides: tuple = (), device: str = "cpu") -> dict:
     """Train every (variant, seed) missing from `<out>/results.json`, then write the report."""
     from ..tuning.space import load_space
     budget = QUICK if quick else FULL
@@ -68,6 +68,11 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
     base = load_config(config, list(overrides))
     variant_sets = load_space(space, base).variants
     variants = list(variants or budget.get("variants") or variant_sets)
+    try:
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: torch sees no CUDA device here")
+    except RuntimeError as err:  # not a device string torch knows
+        raise ConfigError(f"--device {device}: {err}") from None
     unknown = [v for v in variants if v not in variant_sets]
     if unknown:
         raise ConfigError(f"--variants: unknown variant(s) {unknown}; {space} has {list(variant_sets)}")
@@ -77,7 +82,7 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
     from ..synthetic.hard import ensure_hard_splits
     shards = ensure_hard_splits(work_dir / "shards", budget["sizes"], base.data.crop_size, workers=parallel)
     common = {"config": config, "overrides": list(overrides), "steps": steps, "sizes": budget["sizes"],
-              "shards": shards}
+              "shards": shards, "device": device}
     base_key = _digest({"config": Path(config).read_text(), "overrides": list(overrides),
                         "steps": steps, "sizes": budget["sizes"]})
     results = load_results(out_dir / "results.json")
@@ -172,10 +177,10 @@ def run_one(spec_path: str) -> dict:
     spec = json.loads(Path(spec_path).read_text())
     cfg = run_config(spec)
     t0 = time.perf_counter()
-    session = BareSession(spec["run_dir"], device="cpu")
+    session = BareSession(spec["run_dir"], device=spec.get("device", "cpu"))
     val = run_loop(cfg, session)
     train_seconds = time.perf_counter() - t0
-    metrics = evaluate_split(cfg, session.model, spec["shards"]["test"])
+    metrics = evaluate_split(cfg, session.model, spec["shards"]["test"], torch.device(session.device))
     losses = next((r for r in reversed(session.reports) if any(k.startswith("loss_") for k in r)), {})
     record = {"variant": spec["variant"], "seed": spec["seed"], **metrics,
               "val_pa_mpjpe": val.get("val_pa_mpjpe"), "steps": spec["steps"],
@@ -188,19 +193,19 @@ def run_one(spec_path: str) -> dict:
 
 
 @torch.no_grad()
-def evaluate_split(cfg, model, shards: str) -> dict[str, float]:
+def evaluate_split(cfg, model, shards: str, device=torch.device("cpu")) -> dict[str, float]:
     """Mean errors (mm) on `shards`: the validation protocol plus the camera quantities."""
     from ..body import load_body_model
     from ..data.pipeline import build_loader, close_loaders
     from ..eval.protocol import camera_depth_error, evaluate_batch, roi_camera_spread
     cfg = replace(cfg, data=replace(cfg.data, val_shards=shards, max_val_samples=0, loader_workers=0))
-    body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
+    body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female")).to(device)
     sums, n = dict.fromkeys(METRICS, 0.0), 0
     try:
         for batch in build_loader(cfg, "val", 0, 1, epoch=0, skip=0, batch_size=cfg.data.val_batch_size,
                                   seed=cfg.seed):
-            pred, errors = evaluate_batch(model, body, batch, torch.device("cpu"))
-            errors["cam_depth_err"] = camera_depth_error(pred["cam_full"][:, 0], batch["cam_full"])
+            pred, errors = evaluate_batch(model, body, batch, device)
+            errors["cam_depth_err"] = camera_depth_error(pred["cam_full"][:, 0], batch["cam_full"].to(device))
             errors["roi_cam_spread"] = roi_camera_spread(pred["cam_full"])
             for key in METRICS:
                 sums[key] += float(errors[key].sum())
