@@ -122,6 +122,10 @@ def build_parser():
     study.add_argument("--out", default="docs/study", help="results.json, table.md, study.png go here")
     study.add_argument("--work", default="runs/study", help="shards and run directories")
     study.add_argument("--quick", action="store_true", help="tiny splits, 2 steps, 3 variants: a smoke test")
+    study.add_argument("--heading", type=float, default=180.0, help="people face the camera within "
+                       "+- this many degrees (default 180: any heading)")
+    study.add_argument("--pose-scale", type=float, default=None, help="body joints uniform in this "
+                       "fraction of their limits (default 0.6)")
     study.add_argument("--device", default="cpu", help="torch device of every run (cuda: one GPU shared by "
                        "the --parallel runs)")
     study.add_argument("overrides", nargs="*", help="dotted overrides of the base config")
@@ -273,7 +277,8 @@ def cmd_study(args):
         raise ConfigError("--seeds, --steps and --parallel must be at least 1")
     run_study(config=args.config, space=args.space, variants=variants, seeds=args.seeds, steps=args.steps,
               out=args.out, work=args.work, parallel=args.parallel, quick=args.quick,
-              overrides=tuple(args.overrides), device=args.device)
+              overrides=tuple(args.overrides), device=args.device, heading_deg=args.heading,
+              pose_scale=args.pose_scale)
 
 
 def cmd_bench(args):

@@ -139,15 +139,33 @@ def test_quick_study_writes_results_table_plot_and_resumes(tmp_path):
     assert third["runs"][-1]["variant"] == "full" and third["runs"][-1]["seed"] == 1
 
 
-@pytest.mark.parametrize("device", ["cuda", "tpu:x"])
-def test_study_refuses_a_device_it_cannot_use_before_rendering(tmp_path, capsys, device):
-    """A device torch cannot use here stops the study with exit 2 and one line, before
-    any split is rendered."""
+@pytest.mark.parametrize("args, named", [(["--device", "cuda"], "--device cuda"),
+                                         (["--device", "tpu:x"], "--device tpu:x"),
+                                         (["--heading", "0"], "--heading"),
+                                         (["--pose-scale", "1.5"], "--pose-scale")])
+def test_study_refuses_what_it_cannot_use_before_rendering(tmp_path, capsys, args, named):
+    """A device torch cannot use here, or a benchmark narrowed out of range, stops the
+    study with exit 2 and one line, before any split is rendered."""
     from raytrain.cli import main
-    if device == "cuda" and torch.cuda.is_available():
+    if args == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
-    code = main(["study", "--quick", "--device", device, "--out", str(tmp_path / "out"),
-                 "--work", str(tmp_path / "work")])
+    code = main(["study", "--quick", *args, "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and f"--device {device}" in err and len(err.splitlines()) == 1, err
+    assert code == 2 and named in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "work").exists()
+
+
+def test_narrowed_benchmark_renders_its_own_splits(tmp_path):
+    """--heading / --pose-scale render a benchmark of their own (the default splits stay as
+    they are): the headings of its people stay within the range."""
+    from scipy.spatial.transform import Rotation
+
+    from raytrain.data.reader import ShardReader
+    from raytrain.synthetic.hard import ensure_hard_splits
+    shards = ensure_hard_splits(tmp_path / "narrow", {"test": 12}, heading_deg=30, pose_scale=0.3)
+    recorded = json.loads((tmp_path / "narrow" / "test" / "synthetic.json").read_text())["synthetic"]
+    assert recorded["heading_range"] == pytest.approx(math.radians(30)) and recorded["pose_scale"] == 0.3
+    for sample in ShardReader(shards["test"], shuffle=False, decode_images=False):
+        facing = Rotation.from_rotvec(sample.pose[:3]).apply([0.0, 0.0, 1.0])  # body front in camera
+        heading = math.degrees(math.atan2(facing[0], -facing[2]))
+        assert abs(heading) < 30 + 25, heading  # + the pitch/roll around upright

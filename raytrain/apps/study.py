@@ -57,7 +57,8 @@ CLAIMS = (
 def run_study(config: str | None = None, space: str | None = None, variants: list[str] | None = None,
               seeds: int | None = None, steps: int | None = None, out: str = "docs/study",
               work: str = "runs/study", parallel: int | None = None, quick: bool = False,
-              overrides: tuple = (), device: str = "cpu") -> dict:
+              overrides: tuple = (), device: str = "cpu", heading_deg: float = 180.0,
+              pose_scale: float | None = None) -> dict:
     """Train every (variant, seed) missing from `<out>/results.json`, then write the report."""
     from ..tuning.space import load_space
     budget = QUICK if quick else FULL
@@ -73,18 +74,26 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
             raise ConfigError(f"--device {device}: torch sees no CUDA device here")
     except RuntimeError as err:  # not a device string torch knows
         raise ConfigError(f"--device {device}: {err}") from None
+    from ..synthetic.hard import HARD_POSE_SCALE, ensure_hard_splits
+    pose_scale = HARD_POSE_SCALE if pose_scale is None else pose_scale
+    if not (0 < heading_deg <= 180 and 0 < pose_scale <= 1):
+        raise ConfigError(f"--heading must be in (0, 180] degrees and --pose-scale in (0, 1], "
+                          f"got {heading_deg:g} and {pose_scale:g}")
     unknown = [v for v in variants if v not in variant_sets]
     if unknown:
         raise ConfigError(f"--variants: unknown variant(s) {unknown}; {space} has {list(variant_sets)}")
     out_dir, work_dir = Path(out), Path(work)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _say(f"rendering / reusing the hard benchmark's splits {budget['sizes']} under {work_dir / 'shards'}")
-    from ..synthetic.hard import ensure_hard_splits
-    shards = ensure_hard_splits(work_dir / "shards", budget["sizes"], base.data.crop_size, workers=parallel)
+    narrowed = (heading_deg, pose_scale) != (180.0, HARD_POSE_SCALE)
+    shard_dir = work_dir / (f"shards-h{heading_deg:g}-p{pose_scale:g}" if narrowed else "shards")
+    _say(f"rendering / reusing the hard benchmark's splits {budget['sizes']} under {shard_dir}")
+    shards = ensure_hard_splits(shard_dir, budget["sizes"], base.data.crop_size, workers=parallel,
+                                heading_deg=heading_deg, pose_scale=pose_scale)
     common = {"config": config, "overrides": list(overrides), "steps": steps, "sizes": budget["sizes"],
               "shards": shards, "device": device}
+    benchmark = {"heading_deg": heading_deg, "pose_scale": pose_scale} if narrowed else {}
     base_key = _digest({"config": Path(config).read_text(), "overrides": list(overrides),
-                        "steps": steps, "sizes": budget["sizes"]})
+                        "steps": steps, "sizes": budget["sizes"], **benchmark})
     results = load_results(out_dir / "results.json")
     keys = {v: _digest({"base": base_key, "variant": variant_sets[v]}) for v in variants}
     done = {(r["variant"], r["seed"]) for r in results["runs"] if keys.get(r["variant"]) == r["settings"]}
@@ -94,7 +103,8 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
         results["baseline"] = test_baseline(config, overrides, shards)
         results["baseline_settings"] = base_key
     results["settings"] = {"steps": steps, "sizes": budget["sizes"], "config": _shown(config),
-                           "space": _shown(space), "overrides": list(overrides), "seeds": seeds}
+                           "space": _shown(space), "overrides": list(overrides), "seeds": seeds,
+                           **benchmark}
     write_results(out_dir / "results.json", results)
     # seed by seed: a study stopped early has every variant at (about) the same number of seeds
     jobs = [(v, s) for s in range(seeds) for v in variants if (v, s) not in done]

@@ -24,21 +24,25 @@ HARD_POSE_SCALE = 0.6
 HARD_SPLIT_SEEDS = {"train": 101, "val": 102, "test": 103}
 
 
-def hard_synthetic_config(crop_size: int = 64) -> SyntheticConfig:
-    """The SyntheticConfig of the hard benchmark, stored at ``crop_size``'s resolution."""
+def hard_synthetic_config(crop_size: int = 64, heading_deg: float = 180.0,
+                          pose_scale: float = HARD_POSE_SCALE) -> SyntheticConfig:
+    """The SyntheticConfig of the hard benchmark, stored at ``crop_size``'s resolution;
+    ``heading_deg`` and ``pose_scale`` narrow it (docs/study.md, "Why no network learns
+    pose here")."""
     return SyntheticConfig(
         image_sizes=((640, 480), (480, 640), (800, 600), (960, 540), (720, 720), (1280, 720),
                      (1920, 1080), (1080, 1920), (320, 240)),
         focal_range=(0.5, 2.0), box_fraction=(0.2, 1.15), centre_range=(0.1, 0.9),
-        heading_range=math.pi, tilt_scale=1.0, pose_scale=HARD_POSE_SCALE,
+        heading_range=math.radians(heading_deg), tilt_scale=1.0, pose_scale=pose_scale,
         others=(0, 2), occluders=(0, 2), occluder_size=(0.15, 0.45), background_pool=8,
         crop_size=crop_size)
 
 
-def ensure_hard_splits(root, sizes: dict[str, int], crop_size: int = 64, workers: int = 1) -> dict[str, str]:
+def ensure_hard_splits(root, sizes: dict[str, int], crop_size: int = 64, workers: int = 1,
+                       heading_deg: float = 180.0, pose_scale: float = HARD_POSE_SCALE) -> dict[str, str]:
     """Render (or reuse) the splits ``sizes`` ({split: n}) under ``root``/<split>; returns
     {split: shard directory}."""
-    cfg = hard_synthetic_config(crop_size)
+    cfg = hard_synthetic_config(crop_size, heading_deg, pose_scale)
     out = {}
     for split, n in sizes.items():
         if split not in HARD_SPLIT_SEEDS:
