@@ -24,10 +24,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 test-fast: lint
-	$(PY) -m pytest -q -m "not ray and not slow"
+	$(PY) -m pytest -q -n 2 -m "not ray and not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/raytrain demo

@@ -12,7 +12,8 @@ LIBRARY = ("raytrain.data", "raytrain.model", "raytrain.geometry", "raytrain.bod
 HARNESS = ("raytrain.synthetic", "raytrain.bench", "raytrain.apps", "raytrain.cli")
 WORKAROUND = "raytrain.workarounds"
 PRIVATE = ("._iterator", "_shutdown_workers", "_storage_Use_Count", "_new_shared", "_typed_storage", "_cdata",
-           "._internal", "_raylet", "internal_kv", "._parent(", "._workers", "_worker_group_state")
+           "._internal", "_raylet", "internal_kv", "._parent(", "._workers", "_worker_group_state",
+           '"_iterator"', '"_workers"')  # also through getattr
 
 
 def _module_name(path: Path) -> str:

@@ -110,19 +110,26 @@ def write_bench_shards(encoded: list[dict], root: str, copies: int, per_shard: i
     return copies * len(encoded)
 
 
-def _process_cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system) of a live process, from /proc (Linux)."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _live_children_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process's live children (the loader workers),
+    from /proc (Linux)."""
+    me, tick, total = os.getpid(), os.sysconf("SC_CLK_TCK"), 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()  # state, ppid, ..., utime, stime
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
-def _loader_cpu_seconds(loader) -> float:
-    """CPU seconds of this process, its reaped children and ``loader``'s live workers."""
-    iterator = getattr(loader.loader, "_iterator", None)
-    workers = getattr(iterator, "_workers", []) if iterator is not None else []
-    live = sum(_process_cpu_seconds(w.pid) for w in workers if w.is_alive())
-    return _cpu_seconds() + live
+def _loader_cpu_seconds() -> float:
+    """CPU seconds of this process and its children, live (the loader workers) or reaped."""
+    return _cpu_seconds() + _live_children_cpu_seconds()
 
 
 def stream_rate(shards: str, workers: int, batch_size: int = 16, epochs: int = 2) -> dict:
@@ -141,12 +148,12 @@ def stream_rate(shards: str, workers: int, batch_size: int = 16, epochs: int = 2
     try:
         for epoch in range(epochs):
             loader = build_loader(cfg, "train", 0, 1, epoch, 0, batch_size, seed=0)
-            done, cpu0, wall0 = 0, _loader_cpu_seconds(loader), time.perf_counter()
+            done, cpu0, wall0 = 0, _loader_cpu_seconds(), time.perf_counter()
             for batch in loader:
                 done += batch["images"].shape[0]
                 loader.release(batch)  # as the training loop does after each step
             wall.append(time.perf_counter() - wall0)
-            cpu.append(_loader_cpu_seconds(loader) - cpu0)  # before the workers stop
+            cpu.append(_loader_cpu_seconds() - cpu0)  # before the workers stop
             samples.append(done)
     finally:
         close_loaders()

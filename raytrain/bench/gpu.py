@@ -218,7 +218,7 @@ def _data_path_cost(cfg, device: torch.device, device_crop: bool) -> dict:
     try:
         for epoch in range(2):
             loader = build_loader(cfg, "train", 0, 1, epoch, 0, cfg.data.batch_size, seed=cfg.seed)
-            main0, total0, wall0 = time.process_time(), _loader_cpu_seconds(loader), time.perf_counter()
+            main0, total0, wall0 = time.process_time(), _loader_cpu_seconds(), time.perf_counter()
             done = 0
             for batch in loader:
                 images = batch_to_device(batch, device, cfg.data.crop_size)["images"]
@@ -228,7 +228,7 @@ def _data_path_cost(cfg, device: torch.device, device_crop: bool) -> dict:
                 torch.cuda.synchronize(device)
             if epoch == 1:
                 main = time.process_time() - main0
-                workers = _loader_cpu_seconds(loader) - total0 - main
+                workers = _loader_cpu_seconds() - total0 - main
                 wall, persons = time.perf_counter() - wall0, done
     finally:
         close_loaders()
