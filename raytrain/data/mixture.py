@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
 from .plan import WorkerPlan, epoch_shard_order, sequence_segments
-from .reader import ShardReader, _Position, _rank_and_world
+from .reader import EpochPosition, ShardReader, _rank_and_world
 
 
 def normalised_weights(weights: Mapping[str, float]) -> dict[str, float]:
@@ -100,13 +100,11 @@ def worker_pieces(sources: np.ndarray, source: int, per_rank: int, mix_epoch: in
     return pieces
 
 
-class MixtureReader(IterableDataset):
+class MixtureReader(EpochPosition):
     """Iterable over the items of several shard sets in fixed ratios; see the module
     docstring. ``sources``: name -> shard set; ``weights``: name -> weight (any positive
     scale); other arguments as ``ShardReader``'s."""
 
-    epoch = _Position(0)
-    consumed = _Position(1)
 
     def __init__(self, sources: Mapping[str, Any], weights: Mapping[str, float], *, seed: int = 0,
                  shuffle_buffer: int = 500, rank: int | None = None, world_size: int | None = None,
@@ -175,20 +173,8 @@ class MixtureReader(IterableDataset):
             total.update(c or {})
         return dict(total)
 
-    def share_position(self) -> None:
-        """As ``ShardReader.share_position`` (persistent DataLoader workers)."""
-        if self._position is None:
-            self._position = torch.tensor([self.epoch, self.consumed], dtype=torch.int64).share_memory_()
-
     def __len__(self) -> int:
         return self.length
-
-    def set_epoch(self, epoch: int) -> None:
-        if int(epoch) != self.epoch:
-            self.epoch, self.consumed = int(epoch), 0
-
-    def advance(self, num_samples: int) -> None:
-        self.consumed += int(num_samples)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,

@@ -118,7 +118,33 @@ class _Position:
         setattr(reader, self.private, int(value))
 
 
-class ShardReader(IterableDataset):
+class EpochPosition(IterableDataset):
+    """What both readers (``ShardReader``, ``mixture.MixtureReader``) keep of where they
+    are: the epoch, and the samples of it already consumed on this rank."""
+
+    epoch = _Position(0)
+    consumed = _Position(1)
+    _position: torch.Tensor | None = None  # see ``share_position``
+
+    def share_position(self) -> None:
+        """Keep ``epoch`` and ``consumed`` in shared memory from now on, so that
+        persistent DataLoader workers (forked once, iterating again each epoch) start
+        every iteration at what this process set before it called ``iter(loader)``."""
+        if self._position is None:
+            position = torch.tensor([self.epoch, self.consumed], dtype=torch.int64)
+            self._position = position.share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (resets the position unless it is the current epoch)."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.consumed = int(epoch), 0
+
+    def advance(self, num_samples: int) -> None:
+        """Record ``num_samples`` consumed on this rank (when DataLoader workers iterate)."""
+        self.consumed += int(num_samples)
+
+
+class ShardReader(EpochPosition):
     """Iterable over decoded ``Sample``s of a shard set; see the module docstring.
 
     Args:
@@ -146,8 +172,6 @@ class ShardReader(IterableDataset):
         epoch: the first epoch.
     """
 
-    epoch = _Position(0)
-    consumed = _Position(1)
 
     def __init__(
         self,
@@ -186,14 +210,6 @@ class ShardReader(IterableDataset):
         self.substituted = 0
         self._shared_counts: torch.Tensor | None = None  # see ``share_counts``
 
-    def share_position(self) -> None:
-        """Keep ``epoch`` and ``consumed`` in shared memory from now on, so that
-        persistent DataLoader workers (forked once, iterating again each epoch) start
-        every iteration at what this process set before it called ``iter(loader)``."""
-        if self._position is None:
-            position = torch.tensor([self.epoch, self.consumed], dtype=torch.int64)
-            self._position = position.share_memory_()
-
     def share_counts(self, num_processes: int) -> None:
         """Also count bad samples by reason in shared memory, one row per DataLoader
         worker (row 0 without workers): ``shared_bad_counts()`` then sees every count of
@@ -223,15 +239,6 @@ class ShardReader(IterableDataset):
     def dropped_per_epoch(self) -> int:
         """Samples of each epoch that no rank sees (the tail of the shuffled sequence)."""
         return self.total - len(self) * self.world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (resets the position unless it is the current epoch)."""
-        if int(epoch) != self.epoch:
-            self.epoch, self.consumed = int(epoch), 0
-
-    def advance(self, num_samples: int) -> None:
-        """Record ``num_samples`` consumed on this rank (when DataLoader workers iterate)."""
-        self.consumed += int(num_samples)
 
     def state_dict(self) -> dict:
         """The data position: epoch and samples of it already consumed on this rank."""
