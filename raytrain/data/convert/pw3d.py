@@ -47,14 +47,7 @@ from raytrain.body.joints import J24_TO_OPENPOSE18
 from raytrain.geometry import axis_angle_to_rotmat, rotmat_to_axis_angle
 from raytrain.safe_pickle import UnsafePickleError, safe_load
 
-from .common import (
-    ConversionSummary,
-    Record,
-    RecordSet,
-    StorageConfig,
-    convert_record_set,
-    make_key,
-)
+from .common import ConversionSummary, Record, RecordSet, StorageConfig, convert_record_set, make_key
 
 SOURCE = "3dpw"
 PW3D_LICENCE = ("3DPW: non-commercial scientific research only (3DPW licence, "

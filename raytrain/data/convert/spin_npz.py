@@ -48,15 +48,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-from .common import (
-    ConversionError,
-    ConversionSummary,
-    Record,
-    RecordSet,
-    StorageConfig,
-    convert_record_set,
-    make_key,
-)
+from .common import ConversionError, ConversionSummary, Record, RecordSet, StorageConfig, convert_record_set, make_key
 
 #: Source name -> licence note written into the manifest (see datasets/README.md).
 SOURCES = {
