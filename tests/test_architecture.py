@@ -56,6 +56,12 @@ def test_library_never_imports_the_harness(graph):
     assert not wrong, wrong
 
 
+def test_validation_does_not_reach_into_training(graph):
+    """train/ imports eval/protocol.py for validation, never the other way round."""
+    wrong = sorted(dep for dep in graph["raytrain.eval.protocol"] if _within(dep, ("raytrain.train",)))
+    assert not wrong, wrong
+
+
 def find_cycle(edges: dict[str, set[str]]) -> list[str]:
     """One cycle of the directed graph `edges` as a path [a, b, ..., a], or []."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done

@@ -221,7 +221,7 @@ def test_ranks_stop_together_alone():
     """One process (no torch.distributed): no collective; this rank's problem is raised as
     it is, none returns; a count of failing peers alone gives PeerStopped."""
     from raytrain.data.errors import TooManyBadSamples
-    from raytrain.train.fatal import PeerStopped, raise_if_stopped, stop_together
+    from raytrain.ranks import PeerStopped, raise_if_stopped, stop_together
     assert not torch.distributed.is_initialized()
     assert stop_together(None, torch.device("cpu")) is None
     problem = TooManyBadSamples("too many bad samples in shard-00001.tar")
@@ -237,7 +237,7 @@ def _stop_together_rank(rank: int, world_size: int, port: int, failing: tuple[in
     import json
 
     from raytrain.data.errors import TooManyBadSamples
-    from raytrain.train.fatal import PeerStopped, stop_together
+    from raytrain.ranks import PeerStopped, stop_together
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world_size)
     outcomes = []

@@ -10,7 +10,7 @@ from ..body.joints import H36M_TO_J14
 from ..data.errors import DataError
 from ..data.pipeline import build_loader
 from ..model import normalize_images
-from ..train.fatal import raise_if_stopped, stop_together
+from ..ranks import raise_if_stopped, stop_together
 from .metrics import align_by_root, mpjpe, pa_mpjpe, per_joint_error, pve
 
 PELVIS_J14 = (2, 3)  # right hip, left hip
@@ -88,7 +88,7 @@ def validate(cfg, model, body, session, device) -> dict[str, float]:
     """Mean errors (mm) over this rank's part of the validation set, reduced over ranks.
 
     Each good sample is scored once; bad ones are skipped and counted (``val_skipped``).
-    A data error of one rank's loader stops every rank (``train.fatal.stop_together``):
+    A data error of one rank's loader stops every rank (``ranks.stop_together``):
     before the first forward pass (under DDP it broadcasts buffers) the ranks agree, and
     later errors are counted in the reduced sums."""
     sums = torch.zeros(8, dtype=torch.float64, device=device)  # mpjpe, pa, pve, n, cam, n_cam, bad, failed

@@ -8,7 +8,7 @@ meshes with the H36M regressor, both pelvis-aligned; MPJPE, PA-MPJPE, PVE in mm;
 from the gendered body models when the batch carries genders. Human3.6M protocol 2 is the
 same computation on H36M shards of the frontal camera, subjects 9 and 11.
 
-The per-batch computation is `raytrain.train.loop.evaluate_batch`, the very function the
+The per-batch computation is `raytrain.eval.protocol.evaluate_batch`, the very function the
 training validation (`val_mpjpe` reported to Ray/Tune) runs, over the same loader
 (`build_loader(cfg, "val", ...)` without augmentation), so evaluating a checkpoint on its
 validation shards reproduces the validation numbers it was saved with.

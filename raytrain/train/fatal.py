@@ -3,11 +3,11 @@
 A data error (``data.errors.DataError``: bad shards, inconsistent manifest) or a
 non-finite loss fails the same way on every attempt. Ray Train restarts the worker group
 after any worker error (``ray.max_failures``), so no worker raises on one: the ranks meet
-once per training step (``stop_together``: one all-reduce of a flag) and, when any rank
+once per training step (``ranks.stop_together``: one all-reduce of a flag) and, when any rank
 met such an error, every rank returns normally from the train function at that same
 point. The rank that met it records its line in
 ``<storage_path>/<name>/raytrain_error.json`` (first writer wins); the others stop
-because a peer did (``PeerStopped``). Ray sees a finished run and restarts nothing; the
+because a peer did (``ranks.PeerStopped``). Ray sees a finished run and restarts nothing; the
 driver finds the record and reports its line (``RunStopped``). A worker group restarted
 for another reason (a lost node) that finds the record returns at once. A rank that
 cannot write the record raises its error instead (Ray's restarts then meet it again, and
@@ -17,8 +17,6 @@ the driver reports it). The driver clears the record when a run starts.
 from __future__ import annotations
 
 import json
-
-import torch
 
 from ..data.errors import user_line
 from ..data.io import exists, get_fs, open_url
@@ -43,10 +41,6 @@ class NonFiniteLoss(ArithmeticError):
 
 class RunStopped(RuntimeError):
     """The run stopped on a deterministic error of a worker; ``str()`` is its one line."""
-
-
-class PeerStopped(RuntimeError):
-    """Another rank met a deterministic error (and records it): this rank stops with it."""
 
 
 def fatal_path(run_dir: str) -> str:
@@ -86,39 +80,3 @@ def read_fatal_error(run_dir_or_path: str) -> str | None:
         return f"{record['type']}: {record['message']}"
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def failed_before(path: str) -> str | None:
-    """In a (restarted) worker: the line an earlier attempt recorded, if any (the worker
-    then returns at once: no data is read, no step is taken again)."""
-    return read_fatal_error(path)
-
-
-def stop_together(problem: BaseException | None, device: torch.device) -> None:
-    """Where the ranks decide together whether the run stops on a deterministic error:
-    raises ``problem`` on a rank that has one, ``PeerStopped`` on the others when any rank
-    has one, and returns when none has.
-
-    Every rank calls it at the same point of a step: one all-reduce of one flag, only when
-    torch.distributed is initialised with more than one rank. Why: DDP's ranks meet in
-    collectives (the buffer broadcast of the forward pass, the gradient all-reduce of the
-    backward pass); a rank that stopped alone would leave its peers blocked there. And a
-    rank must not raise out of the train function, or Ray restarts the worker group into
-    the same error: a stopped rank returns normally (``train.loop.ray_train_worker``).
-    """
-    failing = int(problem is not None)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        flag = torch.tensor([failing], dtype=torch.int32, device=device)
-        torch.distributed.all_reduce(flag)
-        failing = int(flag.item())
-    raise_if_stopped(problem, failing)
-
-
-def raise_if_stopped(problem: BaseException | None, failing_ranks: int) -> None:
-    """After the ranks counted how many of them met a deterministic error: raise this
-    rank's ``problem``, or ``PeerStopped`` when only others met one."""
-    if problem is not None:
-        raise problem
-    if failing_ranks > 0:
-        raise PeerStopped(f"{failing_ranks} other rank(s) stopped on a deterministic error")

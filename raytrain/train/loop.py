@@ -4,7 +4,7 @@
 
 Per step: uint8 crops (with `data.device_crop`: decoded regions, cropped on the device) ->
 normalise on device -> network -> losses -> (the ranks agree that none met a data error or
-a non-finite loss: `fatal.stop_together`) -> backward -> Adam. Every `train.val_every` steps:
+a non-finite loss: `ranks.stop_together`) -> backward -> Adam. Every `train.val_every` steps:
 validation (MPJPE, PA-MPJPE, PVE, camera error in mm; crops made in the CPU workers)
 reduced over ranks. Every `train.checkpoint_every` steps and at the end: a checkpoint
 with model, optimiser, scheduler, step, RNG and the data position (epoch, samples
@@ -27,8 +27,9 @@ from ..data.pipeline import build_loader, close_loaders, epoch_length
 from ..eval.protocol import validate
 from ..losses import compute_losses, contrastive_warmup, gather_negatives
 from ..model import build_model, normalize_images
+from ..ranks import PeerStopped, stop_together
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .fatal import NonFiniteLoss, PeerStopped, failed_before, record_fatal_error, stop_together
+from .fatal import NonFiniteLoss, read_fatal_error, record_fatal_error
 from .logger import RunLogger
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def ray_train_worker(loop_config: dict):
     session = RaySession(run_dir=fatal.rsplit("/", 1)[0] if fatal else None)
     if session.rank == 0:
         log.info("[raytrain] worker group started: %d worker(s)", session.world_size)
-    recorded = failed_before(fatal) if fatal else None
+    recorded = read_fatal_error(fatal) if fatal else None  # restarted: do nothing again
     if recorded is not None:
         if session.rank == 0:
             log.info("[raytrain] not retried: an earlier attempt stopped on %s", recorded)
@@ -156,7 +157,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
 class EpochFeed:
     """This rank's training batches of one epoch, resuming at ``pos``. A data error met
     opening or reading the loader is returned, not raised, so that the ranks can stop
-    together (``fatal.stop_together``)."""
+    together (``ranks.stop_together``)."""
 
     def __init__(self, cfg, session, pos: Position, per_worker: int):
         self.loader, self.batches, self.error = None, iter(()), None
