@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import get_worker_info
 
 from .plan import WorkerPlan, epoch_shard_order, sequence_segments
@@ -127,7 +126,6 @@ class MixtureReader(EpochPosition):
         self.per_rank = [len(reader) for reader in self.readers]
         self.length = max(self.per_rank)
         self.counts = apportion(self.length, [shares[name] for name in self.names])
-        self._position: torch.Tensor | None = None
         self.epoch, self.consumed = int(epoch), 0
         self.transform = transform
 

@@ -204,7 +204,6 @@ class ShardReader(EpochPosition):
         self.max_bad_fraction = float(max_bad_fraction)
         self.substitute_bad, self.decode_images = substitute_bad, decode_images
         self.transform = transform
-        self._position: torch.Tensor | None = None  # see ``share_position``
         self.epoch, self.consumed = int(epoch), 0
         self.bad_counts: Counter = Counter()
         self.substituted = 0
