@@ -211,10 +211,13 @@ def step_loss(cfg, model, body, batch, device, step: int = 0) -> StepLoss:
     total, terms = batch_losses(cfg, body, pred, batch, step)
     error = None
     if not torch.isfinite(total.detach()):
-        values = {k: float(v) for k, v in terms.items()}
-        values["total"] = float(total.detach())
-        error = NonFiniteLoss(step, batch["keys"], values)
+        error = NonFiniteLoss(step, batch["keys"], _as_floats(terms, total))
     return StepLoss(step, batch, total, terms, error)
+
+
+def _as_floats(terms: dict, total: torch.Tensor) -> dict[str, float]:
+    """The loss terms and their weighted total as floats (progress lines, error messages)."""
+    return {**{k: float(v) for k, v in terms.items()}, "total": float(total.detach())}
 
 
 def optimise(cfg, model, optimizer, scheduler, scaler, loss: StepLoss) -> dict[str, float]:
@@ -231,15 +234,12 @@ def optimise(cfg, model, optimizer, scheduler, scaler, loss: StepLoss) -> dict[s
         norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     else:
         norm = None  # fp16: the scaler skips steps with non-finite gradients itself
+    terms = _as_floats(loss.terms, loss.total)
     if norm is not None and not scaler.is_enabled() and not torch.isfinite(norm):
-        values = {k: float(v) for k, v in loss.terms.items()}
-        values.update(total=float(loss.total.detach()), grad_norm=float(norm))
-        raise NonFiniteLoss(loss.step, loss.batch["keys"], values, what="gradient")
+        raise NonFiniteLoss(loss.step, loss.batch["keys"], {**terms, "grad_norm": float(norm)}, what="gradient")
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-    terms = {k: float(v) for k, v in loss.terms.items()}
-    terms["total"] = float(loss.total.detach())
     return terms
 
 
