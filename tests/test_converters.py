@@ -411,7 +411,7 @@ def test_shard_3dpw_with_ray_gives_the_same_samples(tmp_path, release, capsys):
               "--maxcount", "2", "--no-progress"]
     local, tasks = tmp_path / "local", tmp_path / "ray"
     assert cli_main(["shard", "3dpw", *common, "--out", str(local), "--workers", "1"]) == 0
-    ray.init(num_cpus=2, resources={"data_cpu": 2}, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, resources={"data_cpu": 2}, include_dashboard=False)
     try:
         assert cli_main(["shard", "3dpw", *common, "--out", str(tasks), "--ray", "--chunk", "4"]) == 0
         out = capsys.readouterr().out

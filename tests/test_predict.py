@@ -156,7 +156,7 @@ def test_predict_on_ray_data_gives_the_same_records(world, tmp_path):
     common = dict(inputs=[str(world["images"])], checkpoint=world["checkpoint"],
                   detections=str(world["detections"]), smpl_dir=body_dir(), device="cpu", quiet=True)
     single = run_predict(PredictOptions(out=str(tmp_path / "single"), **common))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         on_ray = run_predict_ray(PredictOptions(out=str(tmp_path / "ray"), ray=True, actors=2, actor_cpus=0.5,
                                             crop_cpus=0.5, batch_size=4, **common))
@@ -186,7 +186,7 @@ def test_predict_on_ray_data_writes_parquet(world, tmp_path):
                   detections=str(world["detections"]), smpl_dir=body_dir(), device="cpu", quiet=True)
     single = run_predict(PredictOptions(out=str(tmp_path / "single"), **common))
     mine = by_person(read_records(single["predictions"]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         parquet = run_predict_ray(PredictOptions(out=str(tmp_path / "parquet"), ray=True, ray_format="parquet",
                                              actors=2, actor_cpus=0.5, crop_cpus=0.5, batch_size=4, **common))

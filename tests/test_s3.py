@@ -92,7 +92,7 @@ def test_ray_tasks_write_a_cliff_npz_to_s3(s3_options, tmp_path):
     record_set = spin_npz_record_set(npz, img_root, "coco")
     convert_record_set(record_set, str(tmp_path / "local"), maxcount=2, progress=False, printer=None)
     out = f"s3://{BUCKET}/coco-ray"
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         lines = []
         summary = shard_with_ray(record_set, out, chunk=3, maxcount=2, storage_options=s3_options,

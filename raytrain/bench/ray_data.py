@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from ..connect import connect_ray
+
 
 class _CropShard:
     """flat_map function: one tar shard's bytes -> its cropped samples (dict rows)."""
@@ -83,7 +85,7 @@ def compare(samples: int = 768, cpus: int = 2, batch_size: int = 16, seed: int =
         loader = [stream_rate(root, cpus, batch_size, epochs=1) for _ in range(2)]
         result["loader_per_core"] = float(np.median([r["wall_per_worker"] for r in loader]))
         result["loader_per_cpu_second"] = float(np.median([r["per_cpu_second"] for r in loader]))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        connect_ray(num_cpus=cpus, log_to_driver=False)
         try:
             rates = []
             for _ in range(2):

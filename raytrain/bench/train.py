@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..config import load_config
+from ..connect import connect_ray
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -50,7 +51,6 @@ def ray_rate(cfg) -> float:
 
 
 def run_train_bench(quick: bool = False, repeats: int = None, steps: int = None, extra=()) -> dict:
-    import ray
     repeats = repeats or (1 if quick else 3)
     steps = steps or (10 if quick else 60)
     if quick:  # a small flavour so the whole comparison fits in a minute on 2 cores
@@ -59,8 +59,7 @@ def run_train_bench(quick: bool = False, repeats: int = None, steps: int = None,
     train, val = bench_shards(64 if quick else 256)
     bare, on_ray = [], []
     t0 = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    connect_ray(num_cpus=2, log_to_driver=False)
     with tempfile.TemporaryDirectory(prefix="raytrain-bench-") as tmp:
         for i in range(repeats):
             cfg = bench_config(train, val, steps, tmp, [f"name=bench-{i}", *extra])

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from ..connect import connect_ray
 from .crop import PersonCropper, Unit
 from .inputs import SkipItem, for_frame, read_image, read_video
 from .run import (
@@ -52,8 +53,7 @@ def run_predict_ray(opts: PredictOptions) -> dict:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     counts = missing_image_counts(table, sources)
-    if not ray.is_initialized():
-        ray.init()
+    connect_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     counter = SkipCounter.options(num_cpus=0).remote()
     started = time.perf_counter()

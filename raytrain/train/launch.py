@@ -6,10 +6,10 @@ workers send raytrain's log records to the driver through `console.WorkerLines`
 (docs/design.md §6).
 """
 import logging
-import os
 from pathlib import Path
 
 from ..config import ConfigError, ExperimentConfig, to_dict
+from ..connect import connect_ray
 from ..data.shards import checked_count
 from .fatal import RunStopped, clear_fatal_error, fatal_path, read_fatal_error
 
@@ -94,15 +94,7 @@ def run_log_path(cfg: ExperimentConfig, experiment: str | None = None) -> Path:
 def init_ray(cfg: ExperimentConfig):
     """Connect to `ray.address` / RAY_ADDRESS, or start a local instance with ray.num_cpus.
     Ray's processes log to its session directory, not to this console (log_to_driver=False)."""
-    import ray
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **quiet)
+    connect_ray(cfg.ray.address, cfg.ray.num_cpus, log_to_driver=False, logging_level=logging.WARNING)
 
 
 def preflight_resources(cfg: ExperimentConfig):

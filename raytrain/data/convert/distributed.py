@@ -26,10 +26,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable
 
+from ...connect import connect_ray
 from ..io import exists, get_fs, join_url, open_url
 from ..shards import MANIFEST_NAME, PARTS_DIR, make_manifest, write_json
 from .common import ConversionSummary, RecordSet, StorageConfig, prepare_output, run_conversion
@@ -114,9 +114,7 @@ def shard_with_ray(record_set: RecordSet, out: str, *, chunk: int = 2000, maxcou
     elif exists(join_url(out, MANIFEST_NAME), storage_options):
         get_fs(out, storage_options)[0].rm(get_fs(join_url(out, MANIFEST_NAME), storage_options)[1])
 
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False) if address else ray.init(include_dashboard=False)
+    connect_ray(address)
     total = record_set.total if limit is None else min(record_set.total, max(0, limit))
     chunks = chunk_ranges(total, chunk)
     parts: dict[int, dict] = {}
