@@ -25,6 +25,10 @@ def main(argv=None):
         print(f"raytrain: config error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
+        from .train.checkpoint import CheckpointError
+        if isinstance(err, CheckpointError):
+            print(f"raytrain: checkpoint error: {err}", file=sys.stderr)
+            return 2
         if not _deterministic(err):
             raise
         print(f"raytrain: stopped: {_user_line(err)}", file=sys.stderr)
@@ -68,8 +72,8 @@ def build_parser():
     tune.set_defaults(func=cmd_tune)
 
     ev = sub.add_parser("eval", help="evaluate checkpoints (3DPW / H36M protocols)")
-    ev.add_argument("--checkpoint", help="a checkpoint directory")
-    ev.add_argument("--experiment", help="a tune or train experiment directory")
+    ev.add_argument("--checkpoint", help="a checkpoint directory (local, s3:// or gs://)")
+    ev.add_argument("--experiment", help="a tune or train experiment directory (local, s3:// or gs://)")
     ev.add_argument("--best", action="store_true", help="with --experiment: the best trial(s)")
     ev.add_argument("--top", type=int, default=1)
     ev.add_argument("--data", required=True, help="shards to evaluate on")
@@ -240,7 +244,6 @@ def _smpl_dir(args, command: str) -> str:
 
 def cmd_predict(args):
     from .predict.run import PredictOptions, run_predict
-    from .train.checkpoint import CheckpointError
     opts = PredictOptions(
         inputs=args.inputs, checkpoint=args.checkpoint, out=args.out, detections=args.detections,
         detector=args.detector, detector_arch=args.detector_arch, score_threshold=args.score_threshold,
@@ -250,15 +253,11 @@ def cmd_predict(args):
         actor_cpus=args.actor_cpus, crop_cpus=args.crop_cpus)
     opts.check()
     opts.smpl_dir = _smpl_dir(args, "predict")
-    try:
-        if opts.ray:
-            from .predict.ray import run_predict_ray
-            run_predict_ray(opts)
-        else:
-            run_predict(opts)
-    except CheckpointError as error:
-        print(f"raytrain: checkpoint error: {error}", file=sys.stderr)
-        return 2
+    if opts.ray:
+        from .predict.ray import run_predict_ray
+        run_predict_ray(opts)
+    else:
+        run_predict(opts)
     return 0
 
 

@@ -22,16 +22,21 @@ def s3_endpoint(monkeypatch):
         monkeypatch.setenv(key, value)
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket="runs")
+    s3fs = pytest.importorskip("s3fs")
+    s3fs.S3FileSystem.clear_instance_cache()      # one cached for another endpoint would be reused
     yield client
+    s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
 
 
 @pytest.mark.timeout(600)
-def test_checkpoints_on_s3_and_resume(synthetic_shards, s3_endpoint, caplog):
+def test_checkpoints_on_s3_and_resume(synthetic_shards, s3_endpoint, caplog, tmp_path, monkeypatch):
     import logging
 
     import ray
     caplog.set_level(logging.INFO, logger="raytrain")
+    home = tmp_path / "home"
+    monkeypatch.setenv("RAYTRAIN_HOME", str(home))
 
     from raytrain.config import load_config
     from raytrain.train.launch import run_training
@@ -53,3 +58,9 @@ def test_checkpoints_on_s3_and_resume(synthetic_shards, s3_endpoint, caplog):
     assert result.error is None and result.metrics["step"] == 8
     assert result.checkpoint.path.startswith("runs/experiments/s3run/")
     assert any("resumed from step 4" in r.getMessage() for r in caplog.records)   # the worker's line
+
+    # `raytrain eval --experiment s3://...` ranks what Ray Train uploaded by the commit records
+    from raytrain.eval.run import select_checkpoints
+    targets = select_checkpoints("s3://runs/experiments/s3run", best=True, top=4)
+    assert len(targets) == 1 and targets[0].origin.startswith("s3://runs/experiments/s3run/checkpoint_")
+    assert targets[0].path.is_relative_to(home) and targets[0].step in (2, 4, 6, 8)

@@ -21,16 +21,28 @@ import copy
 import json
 import logging
 import math
+import posixpath
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
 from ..body.joints import J14_NAMES
 from ..config import ConfigError, ExperimentConfig, config_from_raw, load_config, read_yaml, with_legacy_defaults
-from ..train.checkpoint import STATE_FILE, CheckpointError, is_complete, list_complete_checkpoints, load_checkpoint
+from ..data.io import is_remote, isdir, join_url
+from ..train.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_step,
+    is_complete,
+    list_complete_checkpoints,
+    load_checkpoint,
+)
+from .fetch import StoredCheckpoint, fetch_checkpoint, remote_checkpoints, storage_errors, upload_dir
 
 log = logging.getLogger(__name__)
 
@@ -67,32 +79,35 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
     _check_data(data)
     if checkpoint:
         targets = [checkpoint_target(checkpoint, config)]
-        base = Path(checkpoint)
     else:
         targets = select_checkpoints(experiment, best=best, top=top, config=config)
-        base = Path(experiment)
-    out_dir = Path(out) if out else base / "eval" / data_name(data)
+    out = out or join_url(checkpoint or experiment, "eval", data_name(data))
+    out_dir = Path(tempfile.mkdtemp(prefix="raytrain-eval-")) if is_remote(out) else Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     from .report import write_report, write_summary_report
     results = []
     for rank, target in enumerate(targets):
-        target_out = out_dir if len(targets) == 1 else out_dir / f"{rank + 1:02d}-{target.label}"
+        name = "" if len(targets) == 1 else f"{rank + 1:02d}-{target.label}"
         cfg = eval_config(target.config, data, max_samples, smpl_dir)
         evaluation = evaluate_checkpoint(cfg, target.path, device=device, overlays=overlays)
         metrics = summarize(evaluation, target, data)
-        metrics["out"] = str(target_out)
-        write_report(target_out, metrics, evaluation)
+        metrics["out"] = join_url(out, name) if name else out
+        write_report(out_dir / name, metrics, evaluation)
         results.append(metrics)
         if not quiet:
             o = metrics["overall"]
             log.info("[eval] %s: MPJPE %.2f mm, PA-MPJPE %.2f mm, PVE %.2f mm over %d samples -> %s",
-                     target.path, o["mpjpe"], o["pa_mpjpe"], o["pve"], o["num_samples"], target_out)
+                     target.origin, o["mpjpe"], o["pa_mpjpe"], o["pve"], o["num_samples"], metrics["out"])
     first = dict(results[0])
     if len(results) > 1:
         write_summary_report(out_dir, results)
         first["evaluations"] = results
-        first["out"] = str(out_dir)
+        first["out"] = out
+    if is_remote(out):
+        with storage_errors(out, "write"):
+            upload_dir(out_dir, out)
+        shutil.rmtree(out_dir, ignore_errors=True)
     return first
 
 
@@ -104,8 +119,10 @@ def _check_data(data: str) -> None:
 
 @dataclass
 class Target:
-    """One checkpoint to evaluate and the training config it belongs to."""
+    """One checkpoint to evaluate and the training config it belongs to; `path` is local
+    (a copy for a checkpoint in object storage), `origin` the path or URL the user named."""
     path: Path
+    origin: str
     config: ExperimentConfig
     config_source: str
     label: str
@@ -132,9 +149,15 @@ class Evaluation:
 
 
 def checkpoint_target(path: str, config: str | None) -> Target:
-    """A checkpoint directory and its training config (``checkpoint_config``); raises
-    ``CheckpointError`` naming what is wrong when it is no complete checkpoint."""
-    path = Path(path)
+    """A checkpoint directory (a local path, or a URL copied into the local cache first) and
+    its training config (``checkpoint_config``); raises ``CheckpointError`` naming what is
+    wrong when it is no complete checkpoint."""
+    origin = str(path)
+    if is_remote(origin):
+        with storage_errors(origin):
+            path = fetch_checkpoint(origin)
+    else:
+        path = Path(path)
     if not is_complete(path):
         found = list_complete_checkpoints(str(path)) if path.is_dir() else []
         hint = (f"; it holds {len(found)} checkpoint(s): use --experiment {path} [--best]"
@@ -143,7 +166,7 @@ def checkpoint_target(path: str, config: str | None) -> Target:
                               f"({STATE_FILE} + COMMIT.json){hint}")
     state = _load_light(path)
     cfg, source = checkpoint_config(path, state, config)
-    return Target(path=path, config=cfg, config_source=source, label=_label(path),
+    return Target(path=path, origin=origin, config=cfg, config_source=source, label=_label(PurePosixPath(origin)),
                   stored_metrics=dict(state.get("metrics") or {}), step=state.get("step"))
 
 
@@ -243,25 +266,41 @@ def select_checkpoints(experiment: str, best: bool = False, top: int = 1,
     lowest stored ``val_mpjpe`` (``best``) or the latest one; trials ranked by that
     ``val_mpjpe``; the first ``top``.
     """
-    root = Path(experiment)
-    if not root.is_dir():
-        raise CheckpointError(f"experiment directory {root} not found")
-    exported = root / "best"
-    if best and top == 1 and exported.is_dir():
-        found = list_complete_checkpoints(str(exported))
-        if found:
-            yaml_config = config or _exported_config(exported)
-            return [checkpoint_target(str(_best_of(found)), yaml_config)]
-    candidates = [p for p in list_complete_checkpoints(str(root))
-                  if not {"best", "eval"} & set(p.relative_to(root).parts)]
-    if not candidates:
-        raise CheckpointError(f"no complete checkpoint below {root}")
-    by_trial: dict[Path, list[Path]] = {}
-    for path in candidates:
-        by_trial.setdefault(path.parent, []).append(path)
-    chosen = [(_best_of(paths) if best else paths[-1]) for paths in by_trial.values()]
-    chosen.sort(key=lambda p: (_stored_val_mpjpe(p), str(p)))
-    return [checkpoint_target(str(p), config) for p in chosen[:top]]
+    if is_remote(experiment):
+        with storage_errors(experiment):
+            if not isdir(experiment):
+                raise CheckpointError(f"experiment directory {experiment} not found")
+            found = remote_checkpoints(experiment, skip={"best", "eval"})
+    else:
+        root = Path(experiment)
+        if not root.is_dir():
+            raise CheckpointError(f"experiment directory {root} not found")
+        exported = root / "best"
+        if best and top == 1 and exported.is_dir():
+            paths = list_complete_checkpoints(str(exported))
+            if paths:
+                yaml_config = config or _exported_config(exported)
+                return [checkpoint_target(str(_best_of(paths)), yaml_config)]
+        found = [StoredCheckpoint(str(p), checkpoint_step(p), _stored_val_mpjpe(p))
+                 for p in list_complete_checkpoints(str(root))
+                 if not {"best", "eval"} & set(p.relative_to(root).parts)]
+    if not found:
+        raise CheckpointError(f"no complete checkpoint below {experiment}")
+    return [checkpoint_target(c.where, config) for c in rank_checkpoints(found, best, top)]
+
+
+def rank_checkpoints(found: list[StoredCheckpoint], best: bool, top: int) -> list[StoredCheckpoint]:
+    """Checkpoints (oldest step first) grouped by trial (their parent directory): per trial
+    the one of lowest val_mpjpe (`best`) or the latest; trials ranked by that val_mpjpe."""
+    by_trial: dict[str, list[StoredCheckpoint]] = {}
+    for stored in found:
+        by_trial.setdefault(posixpath.dirname(stored.where.rstrip("/")), []).append(stored)
+    chosen = [(min(group, key=_by_val_mpjpe) if best else group[-1]) for group in by_trial.values()]
+    return sorted(chosen, key=_by_val_mpjpe)[:top]
+
+
+def _by_val_mpjpe(stored: StoredCheckpoint) -> tuple[float, str]:
+    return stored.val_mpjpe, stored.where
 
 
 def _exported_config(folder: Path) -> str | None:
@@ -454,7 +493,7 @@ def summarize(ev: Evaluation, target: Target, data: str) -> dict:
         "units": "mm",
         "protocol": protocol_of(ev.keys),
         "data": str(data),
-        "checkpoint": str(target.path),
+        "checkpoint": target.origin,
         "step": target.step,
         "config_source": target.config_source,
         "backbone": target.config.model.backbone,

@@ -107,7 +107,7 @@ def load_inference_model(checkpoint: str, smpl_dir: str, config: str | None = No
     model.load_state_dict(weights)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
-    return InferenceModel(model=model, cfg=cfg, checkpoint=str(target.path),
+    return InferenceModel(model=model, cfg=cfg, checkpoint=target.origin,
                           config_source=target.config_source, device=device,
                           faces=np.asarray(body.faces))
 

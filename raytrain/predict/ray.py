@@ -13,8 +13,9 @@ The crop stage runs the single-process path's code (``inputs``, ``crop.PersonCro
 and the actors the same forward pass (``model.InferenceModel``), so the records equal
 those of `raytrain predict` without ``--ray`` (in completion order; ``image``, ``frame``
 and ``person`` identify each). Skips are counted by reason in a small counter actor.
-Every node must see the checkpoint path (shared storage) and the inputs (shared storage
-or ``s3://`` / ``gs://``).
+Every node must see the checkpoint (shared storage, or ``s3://`` / ``gs://``: each node
+copies it once into its cache, ``eval/fetch.py``) and the inputs (shared storage or
+``s3://`` / ``gs://``).
 """
 from __future__ import annotations
 

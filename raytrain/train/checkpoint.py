@@ -1,12 +1,14 @@
 """Checkpoints that are either whole or ignored.
 
 A checkpoint directory holds `state.pt` (model, optimiser, scheduler, step, data position,
-RNG states) and `COMMIT.json`, written last, with the step and the SHA-256 of
-`state.pt`. `is_complete` checks both, so a write killed half-way is never loaded.
+RNG states) and `COMMIT.json`, written last, with the step, the SHA-256 of `state.pt` and
+the step's finite metrics (so checkpoints in object storage are ranked without copying
+them). `is_complete` checks both files, so a write killed half-way is never loaded.
 Files are first written under a temporary name and renamed into place.
 """
 import hashlib
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 
 STATE_FILE = "state.pt"
 COMMIT_FILE = "COMMIT.json"
+MAX_COMMIT_BYTES = 1 << 16
 
 
 class CheckpointError(RuntimeError):
@@ -31,11 +34,29 @@ def save_checkpoint(directory: str, state: dict[str, Any]) -> Path:
     torch.save(state, tmp)
     digest = _sha256(tmp)
     os.replace(tmp, path / STATE_FILE)
-    commit = {"step": int(state.get("step", 0)), "sha256": digest, "format": 1}
+    metrics = {k: float(v) for k, v in (state.get("metrics") or {}).items() if math.isfinite(float(v))}
+    commit = {"step": int(state.get("step", 0)), "sha256": digest, "format": 1, "metrics": metrics}
     tmp_commit = path / (COMMIT_FILE + ".tmp")
     tmp_commit.write_text(json.dumps(commit))
     os.replace(tmp_commit, path / COMMIT_FILE)
     return path
+
+
+def parse_commit(raw: bytes) -> dict[str, Any] | None:
+    """A COMMIT.json record as written by `save_checkpoint`, or None for anything else
+    (too long, not JSON, a step or digest we did not write)."""
+    if len(raw) > MAX_COMMIT_BYTES:
+        return None
+    try:
+        commit = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(commit, dict):
+        return None
+    step = commit.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None
+    return commit if isinstance(commit.get("sha256"), str) else None
 
 
 def is_complete(directory: str) -> bool:
@@ -43,12 +64,9 @@ def is_complete(directory: str) -> bool:
     path = Path(directory)
     try:
         with open(path / COMMIT_FILE, "rb") as handle:
-            commit = json.loads(handle.read(1 << 16))
-        step = commit.get("step")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            return False  # a commit record we did not write
-        return commit.get("sha256") == _sha256(path / STATE_FILE)
-    except (OSError, ValueError, AttributeError, RecursionError):
+            commit = parse_commit(handle.read(MAX_COMMIT_BYTES + 1))
+        return commit is not None and commit["sha256"] == _sha256(path / STATE_FILE)
+    except OSError:
         return False
 
 

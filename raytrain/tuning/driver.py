@@ -224,6 +224,9 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
             log.info("[raytrain] best trial exported to %s", out)
         except (ValueError, FileNotFoundError) as err:
             log.warning("no best trial to export: %s", err)
+    elif not local:
+        log.info("[raytrain] %s is in object storage: no best/ export or ablation table; "
+                 "`raytrain eval --experiment %s --best --data ...` ranks its checkpoints", exp_path, exp_path)
     return grid
 
 
