@@ -122,7 +122,8 @@ class LocalRayHead:
         import signal
         import subprocess
         if self.head.poll() is None:
-            self.head.send_signal(signal.SIGTERM)
+            # `ray start --block` stops its processes in ~3 s on SIGINT, ~30 s on SIGTERM
+            self.head.send_signal(signal.SIGINT)
             try:
                 self.head.wait(timeout=30)
             except subprocess.TimeoutExpired:
