@@ -95,7 +95,7 @@ def fetch_checkpoint(url: str) -> Path:
     local.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
     try:
-        log.info("[eval] copying %s (%.1f MB) to %s", url, size / 1e6, local)
+        log.info("[raytrain] copying %s (%.1f MB) to %s", url, size / 1e6, local)
         fs.get_file(path, str(staging / STATE_FILE))
         (staging / COMMIT_FILE).write_text(json.dumps(commit))
         if not is_complete(staging):
