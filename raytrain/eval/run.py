@@ -87,27 +87,30 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
 
     from .report import write_report, write_summary_report
     results = []
-    for rank, target in enumerate(targets):
-        name = "" if len(targets) == 1 else f"{rank + 1:02d}-{target.label}"
-        cfg = eval_config(target.config, data, max_samples, smpl_dir)
-        evaluation = evaluate_checkpoint(cfg, target.path, device=device, overlays=overlays)
-        metrics = summarize(evaluation, target, data)
-        metrics["out"] = join_url(out, name) if name else out
-        write_report(out_dir / name, metrics, evaluation)
-        results.append(metrics)
-        if not quiet:
-            o = metrics["overall"]
-            log.info("[eval] %s: MPJPE %.2f mm, PA-MPJPE %.2f mm, PVE %.2f mm over %d samples -> %s",
-                     target.origin, o["mpjpe"], o["pa_mpjpe"], o["pve"], o["num_samples"], metrics["out"])
-    first = dict(results[0])
-    if len(results) > 1:
-        write_summary_report(out_dir, results)
-        first["evaluations"] = results
-        first["out"] = out
-    if is_remote(out):
-        with storage_errors(out, "write"):
-            upload_dir(out_dir, out)
-        shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        for rank, target in enumerate(targets):
+            name = "" if len(targets) == 1 else f"{rank + 1:02d}-{target.label}"
+            cfg = eval_config(target.config, data, max_samples, smpl_dir)
+            evaluation = evaluate_checkpoint(cfg, target.path, device=device, overlays=overlays)
+            metrics = summarize(evaluation, target, data)
+            metrics["out"] = join_url(out, name) if name else out
+            write_report(out_dir / name, metrics, evaluation)
+            results.append(metrics)
+            if not quiet:
+                o = metrics["overall"]
+                log.info("[eval] %s: MPJPE %.2f mm, PA-MPJPE %.2f mm, PVE %.2f mm over %d samples -> %s",
+                         target.origin, o["mpjpe"], o["pa_mpjpe"], o["pve"], o["num_samples"], metrics["out"])
+        first = dict(results[0])
+        if len(results) > 1:
+            write_summary_report(out_dir, results)
+            first["evaluations"] = results
+            first["out"] = out
+        if is_remote(out):
+            with storage_errors(out, "write"):
+                upload_dir(out_dir, out)
+    finally:
+        if is_remote(out):                       # the local staging of an uploaded report
+            shutil.rmtree(out_dir, ignore_errors=True)
     return first
 
 
@@ -264,7 +267,9 @@ def select_checkpoints(experiment: str, best: bool = False, top: int = 1,
     Otherwise every complete checkpoint below ``experiment`` (outside ``best/`` and
     ``eval/``) is grouped by trial (its parent directory); per trial the checkpoint of
     lowest stored ``val_mpjpe`` (``best``) or the latest one; trials ranked by that
-    ``val_mpjpe``; the first ``top``.
+    ``val_mpjpe``; the first ``top``. An experiment in object storage is ranked from the
+    checkpoints' commit records (``fetch.remote_checkpoints``); only the chosen ones are
+    copied.
     """
     if is_remote(experiment):
         with storage_errors(experiment):
