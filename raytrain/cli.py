@@ -218,27 +218,22 @@ def cmd_tune(args):
 
 def cmd_eval(args):
     from .eval.run import run_eval
-    smpl_dir, source = args.smpl_dir, "--smpl-dir"
-    if smpl_dir is None and args.config:
-        smpl_dir, source = load_config(args.config).model.smpl_dir, f"model.smpl_dir of {args.config}"
-    if smpl_dir is None:
-        from .synthetic.body_model import default_body_model_dir
-        smpl_dir, source = str(default_body_model_dir()), "the synthetic body model"
-    print(f"[eval] body model: {smpl_dir} ({source})", flush=True)
+    smpl_dir = _smpl_dir(args, "eval", file=sys.stdout)
     run_eval(checkpoint=args.checkpoint, experiment=args.experiment, best=args.best, top=args.top,
              data=args.data, out=args.out, config=args.config, max_samples=args.max_samples,
              smpl_dir=smpl_dir)
 
 
-def _smpl_dir(args, command: str) -> str:
-    """--smpl-dir, else --config's model.smpl_dir, else the synthetic body model (printed)."""
+def _smpl_dir(args, command: str, file=None) -> str:
+    """--smpl-dir, else --config's model.smpl_dir, else the synthetic body model (printed to
+    `file`, default stderr)."""
     smpl_dir, source = args.smpl_dir, "--smpl-dir"
     if smpl_dir is None and args.config:
         smpl_dir, source = load_config(args.config).model.smpl_dir, f"model.smpl_dir of {args.config}"
     if smpl_dir is None:
         from .synthetic.body_model import default_body_model_dir
         smpl_dir, source = str(default_body_model_dir()), "the synthetic body model"
-    print(f"[{command}] body model: {smpl_dir} ({source})", file=sys.stderr, flush=True)
+    print(f"[{command}] body model: {smpl_dir} ({source})", file=file or sys.stderr, flush=True)
     return smpl_dir
 
 

@@ -35,6 +35,29 @@ def synthetic_shards(tmp_path_factory):
     return str(root / "train"), str(root / "val")
 
 
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A moto S3 server on a free loopback port with bucket `runs`; the AWS_* variables
+    point pyarrow (Ray Train's storage), s3fs and boto3 at it. Yields a boto3 client."""
+    boto3 = pytest.importorskip("boto3")
+    s3fs = pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket="runs")
+    s3fs.S3FileSystem.clear_instance_cache()      # one cached for another endpoint would be reused
+    yield client
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
 def body_dir() -> str:
     """The synthetic body model's directory (generated once into $RAYTRAIN_HOME)."""
     from raytrain.synthetic.body_model import default_body_model_dir

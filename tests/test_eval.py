@@ -338,56 +338,42 @@ def test_eval_data_that_cannot_be_read_is_one_line_not_a_hang(data_root, trained
     assert code == 2 and "--data" in err and message in err and len(err.splitlines()) == 1, err
 
 
-def test_experiment_in_object_storage_is_ranked_copied_and_reported_back(data_root, trained, tmp_path, monkeypatch):
+def test_experiment_in_object_storage_is_ranked_copied_and_reported_back(data_root, trained, tmp_path, monkeypatch,
+                                                                         s3_endpoint):
     """An experiment in s3:// (a moto server on loopback) evaluates like its local copy: the
     same checkpoints chosen from their commit records alone, each copied once into the cache,
     the report uploaded to <experiment>/eval/<data>; a state.pt changed in storage is refused."""
-    boto3 = pytest.importorskip("boto3")
-    s3fs = pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
     from raytrain.train.checkpoint import CheckpointError
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
     monkeypatch.setenv("RAYTRAIN_HOME", str(tmp_path / "home"))
-    s3fs.S3FileSystem.clear_instance_cache()      # one cached for another endpoint would be reused
-    try:
-        client = boto3.client("s3")
-        client.create_bucket(Bucket="runs")
-        experiment = data_root / "experiment"
-        for path in sorted(p for p in experiment.rglob("*") if p.is_file() and "eval" not in p.parts):
-            client.upload_file(str(path), "runs", f"exp/{path.relative_to(experiment).as_posix()}")
-        url = "s3://runs/exp"
-        with pytest.raises(CheckpointError, match="s3://runs/nothing not found"):
-            select_checkpoints("s3://runs/nothing", best=True)
+    client = s3_endpoint
+    experiment = data_root / "experiment"
+    for path in sorted(p for p in experiment.rglob("*") if p.is_file() and "eval" not in p.parts):
+        client.upload_file(str(path), "runs", f"exp/{path.relative_to(experiment).as_posix()}")
+    url = "s3://runs/exp"
+    with pytest.raises(CheckpointError, match="s3://runs/nothing not found"):
+        select_checkpoints("s3://runs/nothing", best=True)
 
-        local = select_checkpoints(str(experiment), best=True, top=2)
-        remote = select_checkpoints(url, best=True, top=2)
-        assert [t.origin for t in remote] == [f"{url}/{t.path.relative_to(experiment).as_posix()}" for t in local]
-        assert [t.stored_metrics for t in remote] == [t.stored_metrics for t in local]
-        cached = remote[0].path
-        assert cached.is_relative_to(tmp_path / "home" / "checkpoints")
-        copied_at = (cached / "state.pt").stat().st_mtime_ns
-        assert [t.label for t in remote] == [t.label for t in local]
+    local = select_checkpoints(str(experiment), best=True, top=2)
+    remote = select_checkpoints(url, best=True, top=2)
+    assert [t.origin for t in remote] == [f"{url}/{t.path.relative_to(experiment).as_posix()}" for t in local]
+    assert [t.stored_metrics for t in remote] == [t.stored_metrics for t in local]
+    cached = remote[0].path
+    assert cached.is_relative_to(tmp_path / "home" / "checkpoints")
+    copied_at = (cached / "state.pt").stat().st_mtime_ns
+    assert [t.label for t in remote] == [t.label for t in local]
 
-        result = run_eval(experiment=url, best=True, data=str(data_root / "val"), quiet=True, smpl_dir=body_dir())
-        assert result["out"] == f"{url}/eval/val" and result["checkpoint"] == remote[0].origin
-        assert (cached / "state.pt").stat().st_mtime_ns == copied_at, "an unchanged checkpoint is copied once"
-        stored = json.loads(client.get_object(Bucket="runs", Key="exp/eval/val/metrics.json")["Body"].read())
-        at_home = run_eval(checkpoint=str(local[0].path), data=str(data_root / "val"), out=str(tmp_path / "here"),
-                           quiet=True, smpl_dir=body_dir())
-        assert stored["overall"] == at_home["overall"]
-        assert client.head_object(Bucket="runs", Key="exp/eval/val/report.md")["ContentLength"] > 0
+    result = run_eval(experiment=url, best=True, data=str(data_root / "val"), quiet=True, smpl_dir=body_dir())
+    assert result["out"] == f"{url}/eval/val" and result["checkpoint"] == remote[0].origin
+    assert (cached / "state.pt").stat().st_mtime_ns == copied_at, "an unchanged checkpoint is copied once"
+    stored = json.loads(client.get_object(Bucket="runs", Key="exp/eval/val/metrics.json")["Body"].read())
+    at_home = run_eval(checkpoint=str(local[0].path), data=str(data_root / "val"), out=str(tmp_path / "here"),
+                       quiet=True, smpl_dir=body_dir())
+    assert stored["overall"] == at_home["overall"]
+    assert client.head_object(Bucket="runs", Key="exp/eval/val/report.md")["ContentLength"] > 0
 
-        best_key = remote[0].origin.removeprefix("s3://runs/") + "/state.pt"
-        client.put_object(Bucket="runs", Key=best_key, Body=b"not the checkpoint that was committed")
-        shutil.rmtree(tmp_path / "home" / "checkpoints")           # no good copy left to use
-        with pytest.raises(CheckpointError, match="does not match the SHA-256"):
-            run_eval(checkpoint=remote[0].origin, data=str(data_root / "val"), quiet=True, smpl_dir=body_dir())
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+    best_key = remote[0].origin.removeprefix("s3://runs/") + "/state.pt"
+    client.put_object(Bucket="runs", Key=best_key, Body=b"not the checkpoint that was committed")
+    shutil.rmtree(tmp_path / "home" / "checkpoints")           # no good copy left to use
+    with pytest.raises(CheckpointError, match="does not match the SHA-256"):
+        run_eval(checkpoint=remote[0].origin, data=str(data_root / "val"), quiet=True, smpl_dir=body_dir())

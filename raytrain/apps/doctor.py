@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..connect import connect_ray
+
 OK, MISSING = "OK", "MISSING"
 
 
@@ -97,9 +99,7 @@ def check_ray(cfg=None, connect_timeout: float = 3.0) -> Check:
                                                  "or unset RAY_ADDRESS to run locally")
     try:
         import ray
-        started_here = not ray.is_initialized()
-        if started_here:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        started_here = connect_ray(address, logging_level="ERROR", log_to_driver=False)
         try:
             resources = ray.cluster_resources()
             nodes = len([n for n in ray.nodes() if n.get("Alive")])

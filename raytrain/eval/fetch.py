@@ -35,6 +35,13 @@ class StoredCheckpoint:
     val_mpjpe: float             # inf when none was stored
 
 
+def stored_val_mpjpe(metrics) -> float:
+    """The val_mpjpe of a checkpoint's stored metrics (state or commit record), inf when there
+    is no finite number."""
+    value = metrics.get("val_mpjpe") if isinstance(metrics, dict) else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+
 def read_commit(url: str) -> dict | None:
     """The commit record of checkpoint directory `url`, or None when it has none we wrote."""
     fs, path = get_fs(posixpath.join(url, COMMIT_FILE))
@@ -61,10 +68,7 @@ def remote_checkpoints(experiment: str, skip: set[str] = frozenset()) -> list[St
         url = f"{scheme}://{directory}"
         commit = read_commit(url)
         if commit is not None:
-            metrics = commit.get("metrics")
-            value = metrics.get("val_mpjpe") if isinstance(metrics, dict) else None
-            finite = isinstance(value, (int, float)) and math.isfinite(value)
-            found.append(StoredCheckpoint(url, commit["step"], float(value) if finite else math.inf))
+            found.append(StoredCheckpoint(url, commit["step"], stored_val_mpjpe(commit.get("metrics"))))
     return sorted(found, key=lambda c: (c.step, c.where))
 
 

@@ -20,7 +20,6 @@ report.md, per_joint.png, overlays/*.png (``raytrain.eval.report``). With severa
 import copy
 import json
 import logging
-import math
 import posixpath
 import re
 import shutil
@@ -37,12 +36,19 @@ from ..data.io import is_remote, isdir, join_url
 from ..train.checkpoint import (
     STATE_FILE,
     CheckpointError,
-    checkpoint_step,
     is_complete,
     list_complete_checkpoints,
     load_checkpoint,
 )
-from .fetch import StoredCheckpoint, fetch_checkpoint, remote_checkpoints, storage_errors, upload_dir
+from .fetch import (
+    StoredCheckpoint,
+    fetch_checkpoint,
+    read_commit,
+    remote_checkpoints,
+    storage_errors,
+    stored_val_mpjpe,
+    upload_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +164,15 @@ def checkpoint_target(path: str, config: str | None) -> Target:
     origin = str(path)
     if is_remote(origin):
         with storage_errors(origin):
-            path = fetch_checkpoint(origin)
+            path = fetch_checkpoint(origin)      # a copy already checked against its commit record
     else:
         path = Path(path)
-    if not is_complete(path):
-        found = list_complete_checkpoints(str(path)) if path.is_dir() else []
-        hint = (f"; it holds {len(found)} checkpoint(s): use --experiment {path} [--best]"
-                if found else "")
-        raise CheckpointError(f"{path} is not a complete checkpoint directory "
-                              f"({STATE_FILE} + COMMIT.json){hint}")
+        if not is_complete(path):
+            found = list_complete_checkpoints(str(path)) if path.is_dir() else []
+            hint = (f"; it holds {len(found)} checkpoint(s): use --experiment {path} [--best]"
+                    if found else "")
+            raise CheckpointError(f"{path} is not a complete checkpoint directory "
+                                  f"({STATE_FILE} + COMMIT.json){hint}")
     state = _load_light(path)
     cfg, source = checkpoint_config(path, state, config)
     return Target(path=path, origin=origin, config=cfg, config_source=source, label=_label(PurePosixPath(origin)),
@@ -282,13 +288,11 @@ def select_checkpoints(experiment: str, best: bool = False, top: int = 1,
             raise CheckpointError(f"experiment directory {root} not found")
         exported = root / "best"
         if best and top == 1 and exported.is_dir():
-            paths = list_complete_checkpoints(str(exported))
-            if paths:
+            found = _local_checkpoints(exported)
+            if found:
                 yaml_config = config or _exported_config(exported)
-                return [checkpoint_target(str(_best_of(paths)), yaml_config)]
-        found = [StoredCheckpoint(str(p), checkpoint_step(p), _stored_val_mpjpe(p))
-                 for p in list_complete_checkpoints(str(root))
-                 if not {"best", "eval"} & set(p.relative_to(root).parts)]
+                return [checkpoint_target(min(found, key=_by_val_mpjpe).where, yaml_config)]
+        found = _local_checkpoints(root, skip={"best", "eval"})
     if not found:
         raise CheckpointError(f"no complete checkpoint below {experiment}")
     return [checkpoint_target(c.where, config) for c in rank_checkpoints(found, best, top)]
@@ -308,20 +312,24 @@ def _by_val_mpjpe(stored: StoredCheckpoint) -> tuple[float, str]:
     return stored.val_mpjpe, stored.where
 
 
+def _local_checkpoints(root: Path, skip: set[str] = frozenset()) -> list[StoredCheckpoint]:
+    """The complete checkpoints below `root`, oldest step first, outside directories named
+    in `skip`; val_mpjpe from each commit record's metrics (from state.pt for a checkpoint
+    whose record holds none)."""
+    found = []
+    for path in list_complete_checkpoints(str(root)):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        commit = read_commit(str(path))
+        metrics = commit["metrics"] if "metrics" in commit else _load_light(path).get("metrics")
+        found.append(StoredCheckpoint(str(path), commit["step"], stored_val_mpjpe(metrics)))
+    return found
+
+
 def _exported_config(folder: Path) -> str | None:
     yamls = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
     preferred = [p for p in yamls if "config" in p.name] or yamls
     return str(preferred[0]) if preferred else None
-
-
-def _best_of(paths: list[Path]) -> Path:
-    return min(paths, key=lambda p: (_stored_val_mpjpe(p), str(p)))
-
-
-def _stored_val_mpjpe(path: Path) -> float:
-    metrics = _load_light(path).get("metrics") or {}
-    value = metrics.get("val_mpjpe")
-    return float(value) if value is not None and math.isfinite(float(value)) else math.inf
 
 
 def _label(path: Path) -> str:

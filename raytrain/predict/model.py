@@ -91,11 +91,15 @@ def load_inference_model(checkpoint: str, smpl_dir: str, config: str | None = No
     from ..train.checkpoint import CheckpointError, is_complete, list_complete_checkpoints, load_checkpoint
     if smpl_dir is None:
         raise ConfigError("predict: the body model directory (model.smpl_dir) is not set")
-    found = [] if is_complete(checkpoint) or not Path(checkpoint).is_dir() else list_complete_checkpoints(checkpoint)
-    if found:
-        raise CheckpointError(f"{checkpoint} is not a complete checkpoint directory itself; it holds "
-                              f"{len(found)} checkpoint(s), the latest {found[-1]}")
-    target = checkpoint_target(checkpoint, config)
+    try:
+        target = checkpoint_target(checkpoint, config)
+    except CheckpointError:
+        incomplete_dir = Path(checkpoint).is_dir() and not is_complete(checkpoint)
+        found = list_complete_checkpoints(checkpoint) if incomplete_dir else []
+        if found:
+            raise CheckpointError(f"{checkpoint} is not a complete checkpoint directory itself; it holds "
+                                  f"{len(found)} checkpoint(s), the latest {found[-1]}") from None
+        raise
     cfg = target.config
     body = load_body_model(smpl_dir)
     model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(smpl_dir))

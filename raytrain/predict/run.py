@@ -133,7 +133,7 @@ def run_predict(opts: PredictOptions) -> dict:
             units = (_image_units if source.kind == "image" else _video_units)(source, opts, predictor)
             for unit, rgb in units:
                 try:
-                    detections = (detector(unit.rgb(), unit.frame)
+                    detections = (detector(rgb if rgb is not None else unit.rgb(), unit.frame)
                                   if detector is not None else for_frame(table.lookup(source.name) or [], unit.frame))
                 except SkipItem as skip:
                     predictor.skip(unit.name, skip)
