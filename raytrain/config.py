@@ -416,8 +416,8 @@ def validate(cfg: ExperimentConfig):
 
 
 def _check_mixture(data: DataConfig):
-    """data.mixture: named sources with shards and finite weights of positive sum; not both
-    a mixture and data.train_shards."""
+    """data.mixture: named sources with shards and weights of positive sum (each weight's
+    bounds are checked with every other field); not both a mixture and data.train_shards."""
     if not data.mixture:
         return
     if data.train_shards:
@@ -428,8 +428,6 @@ def _check_mixture(data: DataConfig):
         if not source.name or not source.shards:
             raise ConfigError(f"{key}: needs a name and shards, got name={source.name!r} "
                               f"shards={source.shards!r}")
-        if not math.isfinite(source.weight) or source.weight < 0:
-            raise ConfigError(f"{key}.weight: {source.weight} is not a finite number >= 0")
         names.append(source.name)
     if len(set(names)) != len(names):
         raise ConfigError(f"data.mixture: source names repeat: {names}")
@@ -444,6 +442,10 @@ def _check_fields(obj, prefix: str):
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             _check_fields(value, f"{key}.")
+            continue
+        if isinstance(value, list) and any(dataclasses.is_dataclass(v) for v in value):
+            for i, item in enumerate(value):   # data.mixture: each source's fields
+                _check_fields(item, f"{key}[{i}].")
             continue
         meta = f.metadata
         if meta.get("choices") is not None and value not in meta["choices"]:

@@ -90,9 +90,6 @@ def read_smpl_pickle(smpl_dir: Path, gender: str) -> dict:
     except UnsafePickleError as exc:
         hint = (" (convert the official file with smplx's tools/clean_ch.py)" if "chumpy" in str(exc) else "")
         raise BodyModelError(f"{where}: {str(exc).split(': ', 1)[-1]}{hint}") from None
-    except ModuleNotFoundError as exc:
-        raise BodyModelError(f"{where}: needs module '{exc.name}' to unpickle (convert the "
-                             "official file with smplx's tools/clean_ch.py)") from None
     except Exception as exc:   # noqa: BLE001 - any unpickling failure is a bad file
         raise BodyModelError(f"{where}: not a readable pickle ({type(exc).__name__}) "
                              "(expected an SMPL model pickle)") from None

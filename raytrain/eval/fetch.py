@@ -20,7 +20,15 @@ from pathlib import Path
 
 from ..body.model import raytrain_home
 from ..data.io import get_fs, storage_error_hint
-from ..train.checkpoint import COMMIT_FILE, MAX_COMMIT_BYTES, STATE_FILE, CheckpointError, is_complete, parse_commit
+from ..train.checkpoint import (
+    COMMIT_FILE,
+    MAX_COMMIT_BYTES,
+    STATE_FILE,
+    CheckpointError,
+    is_complete,
+    parse_commit,
+    read_local_commit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +126,8 @@ def fetch_checkpoint(url: str) -> Path:
 
 def _holds(local: Path, commit: dict) -> bool:
     """True when `local` is a complete copy of the checkpoint `commit` describes."""
-    try:
-        return is_complete(local) and json.loads((local / COMMIT_FILE).read_text())["sha256"] == commit["sha256"]
-    except OSError:                              # removed meanwhile by another process's copy
-        return False
+    copied = read_local_commit(local)
+    return copied is not None and copied["sha256"] == commit["sha256"] and is_complete(local)
 
 
 @contextmanager

@@ -39,11 +39,11 @@ from ..train.checkpoint import (
     is_complete,
     list_complete_checkpoints,
     load_checkpoint,
+    read_local_commit,
 )
 from .fetch import (
     StoredCheckpoint,
     fetch_checkpoint,
-    read_commit,
     remote_checkpoints,
     storage_errors,
     stored_val_mpjpe,
@@ -320,7 +320,7 @@ def _local_checkpoints(root: Path, skip: set[str] = frozenset()) -> list[StoredC
     for path in list_complete_checkpoints(str(root)):
         if skip & set(path.relative_to(root).parts):
             continue
-        commit = read_commit(str(path))
+        commit = read_local_commit(path)
         metrics = commit["metrics"] if "metrics" in commit else _load_light(path).get("metrics")
         found.append(StoredCheckpoint(str(path), commit["step"], stored_val_mpjpe(metrics)))
     return found

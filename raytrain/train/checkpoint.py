@@ -59,12 +59,20 @@ def parse_commit(raw: bytes) -> dict[str, Any] | None:
     return commit if isinstance(commit.get("sha256"), str) else None
 
 
+def read_local_commit(directory: str | Path) -> dict[str, Any] | None:
+    """The commit record of a local checkpoint directory (`parse_commit`), None without one."""
+    try:
+        with open(Path(directory) / COMMIT_FILE, "rb") as handle:
+            return parse_commit(handle.read(MAX_COMMIT_BYTES + 1))
+    except OSError:
+        return None
+
+
 def is_complete(directory: str) -> bool:
     """True when COMMIT.json exists and matches state.pt."""
     path = Path(directory)
+    commit = read_local_commit(path)
     try:
-        with open(path / COMMIT_FILE, "rb") as handle:
-            commit = parse_commit(handle.read(MAX_COMMIT_BYTES + 1))
         return commit is not None and commit["sha256"] == _sha256(path / STATE_FILE)
     except OSError:
         return False
@@ -89,8 +97,13 @@ def list_complete_checkpoints(run_dir: str) -> list[Path]:
 
 
 def latest_complete_checkpoint(run_dir: str) -> Path | None:
-    found = list_complete_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The complete checkpoint of the highest step below a run directory (the last found of
+    equal steps). Candidates are ranked by their commit records and hashed newest first, so
+    normally one state.pt is read, not every kept one."""
+    records = [(p.parent, read_local_commit(p.parent)) for p in Path(run_dir).rglob(COMMIT_FILE)]
+    ranked = sorted(((directory, commit["step"]) for directory, commit in records if commit is not None),
+                    key=lambda record: record[1])
+    return next((directory for directory, _ in reversed(ranked) if is_complete(directory)), None)
 
 
 def rng_state() -> dict[str, Any]:

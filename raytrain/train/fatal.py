@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 
 from ..data.errors import user_line
-from ..data.io import exists, get_fs, open_url
+from ..data.io import exists, get_fs, join_url, open_url
 
 FATAL_FILE = "raytrain_error.json"
 
@@ -44,7 +44,7 @@ class RunStopped(RuntimeError):
 
 
 def fatal_path(run_dir: str) -> str:
-    return run_dir.rstrip("/") + "/" + FATAL_FILE
+    return join_url(run_dir, FATAL_FILE)
 
 
 def clear_fatal_error(run_dir: str) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from ..config import ConfigError, ExperimentConfig, to_dict
 from ..connect import connect_ray
+from ..data.io import join_url
 from ..data.shards import checked_count
-from .fatal import RunStopped, clear_fatal_error, fatal_path, read_fatal_error
+from .fatal import RunStopped, clear_fatal_error, read_fatal_error
 
 
 def storage_uri(path: str) -> str:
@@ -21,7 +22,7 @@ def storage_uri(path: str) -> str:
 
 def run_dir_of(cfg: ExperimentConfig) -> str:
     """Where Ray Train keeps this run: ``train.storage_path/<name>``."""
-    return storage_uri(cfg.train.storage_path).rstrip("/") + "/" + cfg.name
+    return join_url(storage_uri(cfg.train.storage_path), cfg.name)
 
 
 def preflight_data(cfg: ExperimentConfig):
@@ -88,7 +89,7 @@ def run_log_path(cfg: ExperimentConfig, experiment: str | None = None) -> Path:
     if "://" in cfg.train.storage_path or (experiment and "://" in experiment):
         from ..body.model import raytrain_home
         return raytrain_home() / "logs" / f"{cfg.name}.log"
-    return Path(storage_uri(cfg.train.storage_path)) / cfg.name / "raytrain.log"
+    return Path(run_dir_of(cfg)) / "raytrain.log"
 
 
 def init_ray(cfg: ExperimentConfig):
@@ -125,7 +126,7 @@ def build_trainer(cfg: ExperimentConfig, console=None):
         resources["GPU"] = 1
     return TorchTrainer(
         ray_train_worker,
-        train_loop_config={"config": to_dict(cfg), "console": console, "fatal": fatal_path(run_dir_of(cfg))},
+        train_loop_config={"config": to_dict(cfg), "console": console, "run_dir": run_dir_of(cfg)},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources),

@@ -29,7 +29,7 @@ from ..losses import compute_losses, contrastive_warmup, gather_negatives
 from ..model import build_model, normalize_images
 from ..ranks import PeerStopped, stop_together
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .fatal import NonFiniteLoss, read_fatal_error, record_fatal_error
+from .fatal import NonFiniteLoss, fatal_path, read_fatal_error, record_fatal_error
 from .logger import RunLogger
 
 log = logging.getLogger(__name__)
@@ -65,14 +65,16 @@ class Throughput:
 
 def ray_train_worker(loop_config: dict):
     """Entry point of every Ray Train worker: {"config": raw config, "console": queue or
-    None, "fatal": file}. On a deterministic error (bad data, a non-finite loss) every
-    rank returns normally, so that Ray restarts nothing: the rank that met it records it
-    in the fatal file, the others stop with it (``fatal.py``)."""
+    None, "run_dir": the run's directory, which holds the fatal file}. On a deterministic
+    error (bad data, a non-finite loss) every rank returns normally, so that Ray restarts
+    nothing: the rank that met it records it in the fatal file, the others stop with it
+    (``fatal.py``)."""
     from ..console import forward_to_driver
     from .session import RaySession
     forward_to_driver(loop_config.get("console"))
-    fatal = loop_config.get("fatal")
-    session = RaySession(run_dir=fatal.rsplit("/", 1)[0] if fatal else None)
+    run_dir = loop_config.get("run_dir")
+    fatal = fatal_path(run_dir) if run_dir else None
+    session = RaySession(run_dir=run_dir)
     if session.rank == 0:
         log.info("[raytrain] worker group started: %d worker(s)", session.world_size)
     recorded = read_fatal_error(fatal) if fatal else None  # restarted: do nothing again

@@ -99,8 +99,10 @@ def choose_resume(registered: str | None, run_dir: str | None) -> tuple[str | No
     directory (local) holds a complete one of a later step (a checkpoint written but
     not registered when the run was interrupted). The note says what was skipped."""
     candidates = []
-    if registered is not None and is_complete(registered):
-        candidates.append((checkpoint_step(registered), registered, "Ray's last registered checkpoint"))
+    registered_ok = registered is not None and is_complete(registered)
+    if registered_ok:
+        registered_step = checkpoint_step(registered)
+        candidates.append((registered_step, registered, "Ray's last registered checkpoint"))
     on_disk = None
     if run_dir and "://" not in run_dir and Path(run_dir).is_dir():
         on_disk = latest_complete_checkpoint(run_dir)
@@ -112,8 +114,7 @@ def choose_resume(registered: str | None, run_dir: str | None) -> tuple[str | No
         return None, note
     step, chosen, origin = max(candidates, key=lambda item: item[0])
     if registered is not None and chosen != registered:
-        why = ("is incomplete" if not is_complete(registered)
-               else f"is at step {checkpoint_step(registered)}")
+        why = f"is at step {registered_step}" if registered_ok else "is incomplete"
         return chosen, f"resuming from {origin} {chosen} (step {step}): Ray's last registered checkpoint {why}"
     if registered is None:
         return chosen, f"resuming from {origin} {chosen} (step {step}): Ray registered none"

@@ -190,10 +190,10 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
         if local:
             Path(exp_path).mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, str(Path(exp_path) / BASE_CONFIG_FILE))
-            shutil.copyfile(shipped_path(space_path), Path(exp_path) / SPACE_FILE)
+            shutil.copyfile(space_path, Path(exp_path) / SPACE_FILE)
         num_samples = tset.repeats if space.has_grid else trials
         total_trials = space.grid_size * tset.repeats if space.has_grid else trials
-        if space.has_grid and trials != space.grid_size * tset.repeats:
+        if space.has_grid and trials != total_trials:
             log.warning("%s is a grid: running its %d points x %d repeat(s), not --trials %d",
                         space_path, space.grid_size, tset.repeats, trials)
         tuner = tune.Tuner(
