@@ -173,14 +173,12 @@ class BatchSink:
 
     def _new_buffer(self, worker: int) -> tuple[int, int, torch.Tensor]:
         """(buffer number, use, tensor) for the next batch: a released buffer, else fresh."""
-        shape = (self.batch_size, *self.item_shape)
         self._collect(worker)
-        while self._released:
+        if self._released:  # every buffer has the one shape of this sink
             number, use, buffer = self._released.pop()
-            if tuple(buffer.shape) == shape:
-                return number, use + 1, buffer
+            return number, use + 1, buffer
         self._count += 1
-        return self._count, 1, batch_buffer(shape)
+        return self._count, 1, batch_buffer((self.batch_size, *self.item_shape))
 
     def _collect(self, worker: int) -> None:
         """Sent buffers whose names came back through this worker's queue -> released."""

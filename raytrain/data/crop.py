@@ -44,7 +44,7 @@ from .augment import (
     sample_params,
     virtual_transform,
 )
-from .schema import BadSample, Sample
+from .schema import BadSample, Sample, affine_scale
 
 _REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
                   4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -195,8 +195,7 @@ class MultiRoICropper:
         paper schedule's stored resolution)."""
         if not self.reduced_decode:
             return 1
-        a = sample.affine
-        stored_scale = abs(float(a[0, 0]) * float(a[1, 1]) - float(a[0, 1]) * float(a[1, 0])) ** 0.5
+        stored_scale = affine_scale(sample.affine)
         smallest = float(boxes[:, 2].min()) * stored_scale
         for reduction in (8, 4, 2):
             if smallest >= self.decode_coverage * reduction * self.crop_size:

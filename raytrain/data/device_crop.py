@@ -61,14 +61,6 @@ class DeviceCropPrep:
     def __init__(self, cropper: MultiRoICropper):
         self.cropper = cropper
 
-    @property
-    def num_rois(self) -> int:
-        return self.cropper.num_rois
-
-    @property
-    def crop_size(self) -> int:
-        return self.cropper.crop_size
-
     def __call__(self, sample: Sample, rng: np.random.Generator, out=None) -> dict:
         cropper = self.cropper
         params, boxes = cropper.draw(sample, rng)

@@ -174,10 +174,6 @@ class MixtureReader(EpochPosition):
     def __len__(self) -> int:
         return self.length
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
-                "world_size": self.world_size, "batch_size": self.batch_size}
-
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 

@@ -29,7 +29,6 @@ Validation always crops in the workers.
 import itertools
 import multiprocessing
 import zlib
-from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 
@@ -49,10 +48,9 @@ from .shards import count_samples, resolve_shards
 
 
 def epoch_length(cfg, split: str, rank: int, world_size: int) -> int:
-    """Samples each rank sees per epoch of `split` (the same on every rank)."""
-    if _mixture(cfg, split):  # MixtureReader: the largest source's per-rank length
-        return max(count_samples(m.shards) // world_size for m in cfg.data.mixture if m.weight > 0)
-    return count_samples(_source(cfg, split)) // world_size
+    """Samples each rank sees per epoch of `split` (the same on every rank): the largest
+    source's per-rank length for a mixture (``MixtureReader``)."""
+    return max(count_samples(source) for source in _sources(cfg, split)) // world_size
 
 
 def augment_from_config(data) -> AugmentConfig:
@@ -156,7 +154,7 @@ class EpochSource:
         self.reader.transform = CropTransform(prep, seed, sink=sink)
         collate = collate_regions if device_crop else collate_arrays
         self.loader = DataLoader(self.reader, batch_size=batch_size, num_workers=workers,
-                                 collate_fn=_collate_with_counts(self.reader, sink, collate),
+                                 collate_fn=_collate_batch(sink, collate),
                                  drop_last=train, pin_memory=torch.cuda.is_available(),
                                  persistent_workers=self.persistent, prefetch_factor=prefetch,
                                  multiprocessing_context=context if workers else None)
@@ -191,7 +189,6 @@ class Loader:
     def __init__(self, source: EpochSource, epoch: int, skip: int, rebuild=None):
         self.source, self.epoch, self.skip = source, int(epoch), int(skip)
         self._rebuild = rebuild  # -> a private EpochSource when the shared one is busy
-        self._bad_by_worker: dict[int, Counter] = {}
 
     @property
     def reader(self) -> ShardReader | MixtureReader:
@@ -207,14 +204,9 @@ class Loader:
 
     @property
     def bad_counts(self) -> dict[str, int]:
-        """Bad samples of this epoch by reason, over every worker (so far)."""
-        shared = self.source.reader.shared_bad_counts()
-        if shared is not None:
-            return shared
-        total = Counter()
-        for counts in self._bad_by_worker.values():
-            total.update(counts)
-        return dict(total)
+        """Bad samples of this epoch by reason, over every worker (so far): the counts the
+        workers keep in shared memory (``EpochSource`` always shares them)."""
+        return self.source.reader.shared_bad_counts()
 
     def __iter__(self) -> Iterator[dict]:
         source = self.source
@@ -222,7 +214,6 @@ class Loader:
             # the shared workers iterate for another loader now (or were stopped)
             source = self.source = self._rebuild()
         source.owner = self
-        self._bad_by_worker = {}
         source.reader.reset_shared_counts()
         source.reader.load_state_dict({"epoch": self.epoch, "consumed": self.skip})
         try:
@@ -240,8 +231,6 @@ class Loader:
         for index, batch in enumerate(batches):
             if self.max_batches is not None and index >= self.max_batches:
                 break
-            worker, counts = batch.pop("bad_counts", (0, {}))
-            self._bad_by_worker[worker] = Counter(counts)
             yield batch_to_torch(batch)
             if source.closed:  # stopped under this iteration: the epoch cannot complete
                 raise RuntimeError("the loader's workers were stopped (close_loaders) in the "
@@ -356,12 +345,12 @@ def close_loaders() -> None:
     _PERSISTENT.close()
 
 
-class _collate_with_counts:
+class _collate_batch:
     """Collate (labels stay numpy until ``Loader`` receives the batch: cheaper to send
-    from a worker), and attach this worker's bad-sample counts of the epoch so far."""
+    from a worker) into the sink's buffer when there is one."""
 
-    def __init__(self, reader, sink: BatchSink | None = None, collate=collate_arrays):
-        self.reader, self.sink, self.collate = reader, sink, collate
+    def __init__(self, sink: BatchSink | None = None, collate=collate_arrays):
+        self.sink, self.collate = sink, collate
 
     def __call__(self, items):
         images, name = None, None
@@ -375,9 +364,6 @@ class _collate_with_counts:
         batch["gender"] = [item["gender"] for item in items]
         if "source" in items[0]:  # a mixture names each item's shard set
             batch["sources"] = [item["source"] for item in items]
-        info = torch.utils.data.get_worker_info()
-        reader = info.dataset if info is not None else self.reader
-        batch["bad_counts"] = (info.id if info is not None else -1, dict(reader.bad_counts))
         return batch
 
 

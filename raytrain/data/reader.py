@@ -143,6 +143,12 @@ class EpochPosition(IterableDataset):
         """Record ``num_samples`` consumed on this rank (when DataLoader workers iterate)."""
         self.consumed += int(num_samples)
 
+    def state_dict(self) -> dict:
+        """The data position: epoch and samples of it already consumed on this rank (with
+        the seed, world size and batch size it depends on)."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed,
+                "world_size": self.world_size, "batch_size": self.batch_size}
+
 
 class ShardReader(EpochPosition):
     """Iterable over decoded ``Sample``s of a shard set; see the module docstring.
@@ -238,16 +244,6 @@ class ShardReader(EpochPosition):
     def dropped_per_epoch(self) -> int:
         """Samples of each epoch that no rank sees (the tail of the shuffled sequence)."""
         return self.total - len(self) * self.world_size
-
-    def state_dict(self) -> dict:
-        """The data position: epoch and samples of it already consumed on this rank."""
-        return {
-            "epoch": self.epoch,
-            "consumed": self.consumed,
-            "seed": self.seed,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at a saved position (the next iteration skips what was consumed)."""
@@ -382,11 +378,12 @@ class _BadTally:
             shared[self.row, BAD_REASONS.index(error.reason)] += 1
         log.debug("bad sample in %s: %s", shard, error)
         if shared is not None:  # every loader worker of this rank: its whole epoch
-            bad, size, reasons = int(shared.sum()), len(self.reader), self.reader.shared_bad_counts()
+            bad, size = int(shared.sum()), len(self.reader)
         else:
-            bad, size, reasons = sum(self.reasons.values()), self.quota, self.reasons
+            bad, size = sum(self.reasons.values()), self.quota
         if bad > self.reader.max_bad_fraction * size:
             worst = self.by_shard.most_common(1)[0][0]
+            reasons = self.reader.shared_bad_counts() if shared is not None else self.reasons
             raise too_many_bad(worst, bad, size, reasons)
 
     def report(self, worker: int) -> None:

@@ -149,7 +149,7 @@ class Sample:
     def decode_image(self) -> np.ndarray:
         """Decode (once) and return the stored image as (h, w, 3) uint8 RGB."""
         if self.image is None:
-            self.image = decode_jpeg(self.jpeg, self.stored_size)
+            self.image = decode_jpeg(self.jpeg, self.stored_size, self.key)
         return self.image
 
 
@@ -229,11 +229,12 @@ def decode_sample(raw: dict, decode_image: bool = True) -> Sample:
     _check_finite(sample)
     _check_box(sample)
     _check_ranges(sample)
-    check_jpeg_header(sample.jpeg, sample.stored_size, key)
     if decode_image:
-        sample.decode_image()
-    elif not _looks_like_jpeg(sample.jpeg):
-        raise BadSample("bad_jpeg", f"{key}: missing JPEG SOI/EOI markers")
+        sample.decode_image()  # the header is checked first (decode_jpeg)
+    else:
+        check_jpeg_header(sample.jpeg, sample.stored_size, key)
+        if not _looks_like_jpeg(sample.jpeg):
+            raise BadSample("bad_jpeg", f"{key}: missing JPEG SOI/EOI markers")
     return sample
 
 
@@ -271,6 +272,12 @@ def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def affine_scale(affine: np.ndarray) -> float:
+    """The scale of a 2x3 similarity (sqrt |det| of its linear part), in float64."""
+    det = float(affine[0, 0]) * float(affine[1, 1]) - float(affine[0, 1]) * float(affine[1, 0])
+    return abs(det) ** 0.5
+
+
 def check_jpeg_header(data: bytes, stored_size: tuple[int, int], key: str = "?") -> None:
     """Refuse a JPEG before decoding it: no frame header (``bad_jpeg``), dimensions over
     the limits (``too_large``) or other than the json's ``stored_size`` (``bad_jpeg``)."""
@@ -285,10 +292,11 @@ def check_jpeg_header(data: bytes, stored_size: tuple[int, int], key: str = "?")
                                     f"{tuple(stored_size)}")
 
 
-def decode_jpeg(data: bytes, stored_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode JPEG bytes to (h, w, 3) uint8 RGB; ``BadSample("bad_jpeg")`` if impossible."""
+def decode_jpeg(data: bytes, stored_size: tuple[int, int] | None = None, key: str = "?") -> np.ndarray:
+    """Decode JPEG bytes to (h, w, 3) uint8 RGB; ``BadSample("bad_jpeg")`` if impossible.
+    With ``stored_size`` the header is checked first (``check_jpeg_header``)."""
     if stored_size is not None:
-        check_jpeg_header(data, stored_size)
+        check_jpeg_header(data, stored_size, key)
     buffer = np.frombuffer(data, dtype=np.uint8)
     flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION  # the stored pixels as they are
     image = cv2.imdecode(buffer, flags) if buffer.size else None
@@ -492,7 +500,7 @@ def _check_ranges(sample: Sample) -> None:
     if not 1.0 <= side <= MAX_BOX_FACTOR * longer:
         problems.append(f"box side {side:g} outside [1, {MAX_BOX_FACTOR} x {longer}] px")
     a = sample.affine.astype(np.float64)
-    scale = abs(a[0, 0] * a[1, 1] - a[0, 1] * a[1, 0]) ** 0.5
+    scale = affine_scale(a)
     low, high = AFFINE_SCALE_RANGE
     if not low <= scale <= high or np.abs(a[:, 2]).max() > high * MAX_IMAGE_SIDE:
         problems.append(f"affine scale {scale:g} or shift outside the plausible range")

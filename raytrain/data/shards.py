@@ -314,9 +314,9 @@ def resolve_shards(source: str | Sequence[str], storage_options: dict | None = N
     elif "{" in source:
         urls = list(braceexpand(source))
     elif isdir(source, storage_options):
-        _refuse_incomplete(source, storage_options)
         if exists(join_url(source, MANIFEST_NAME), storage_options):
             return _from_manifest(join_url(source, MANIFEST_NAME), storage_options, verify)
+        _refuse_incomplete(source, storage_options)  # (_from_manifest checks it there)
         urls = list_files(source, ".tar", storage_options)
     else:
         urls = [source]
@@ -412,10 +412,11 @@ def _with_counts(urls: list[str], storage_options: dict | None, verify: bool = F
     """Attach counts from the manifests beside the shards, else by reading the shards."""
     known: dict[str, int] = {}
     for folder in sorted({dirname_url(url) for url in urls}):
-        _refuse_incomplete(folder or ".", storage_options)
         if exists(join_url(folder, MANIFEST_NAME), storage_options):
             for ref in _from_manifest(join_url(folder, MANIFEST_NAME), storage_options, verify):
                 known[ref.url] = ref.num_samples
+        else:
+            _refuse_incomplete(folder or ".", storage_options)
     unknown = [url for url in urls if url not in known]
     if unknown:
         log.warning("no manifest for %d shard(s); counting their samples by reading them", len(unknown))
