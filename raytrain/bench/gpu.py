@@ -150,10 +150,10 @@ def _log(line: str) -> None:
 def _write_shards(root: str, sizes: _Sizes, batch: int) -> tuple[str, str]:
     """Rendered HD scenes as (train, val) shards; the training epoch holds exactly
     ``steps`` batches of the largest batch size (copies under new keys)."""
-    from ..synthetic.people import SyntheticConfig, SyntheticGenerator
-    from .data import write_bench_shards
+    from ..synthetic.people import SyntheticGenerator
+    from .data import HD, write_bench_shards
 
-    encoded = SyntheticGenerator(SyntheticConfig(image_sizes=((1920, 1080),))).encoded(0, range(sizes.scenes))
+    encoded = SyntheticGenerator(HD).encoded(0, range(sizes.scenes))
     copies = -(-sizes.steps * batch // sizes.scenes)
     write_bench_shards(encoded, f"{root}/train", copies=copies)
     write_bench_shards(encoded[:8], f"{root}/val", copies=1)  # 8 at most
@@ -224,8 +224,7 @@ def _data_path_cost(cfg, device: torch.device, device_crop: bool) -> dict:
                 images = batch_to_device(batch, device, cfg.data.crop_size)["images"]
                 done += images.shape[0]
                 loader.release(batch)  # as the training loop does after each step
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _sync(device)
             if epoch == 1:
                 main = time.process_time() - main0
                 workers = _loader_cpu_seconds() - total0 - main

@@ -30,6 +30,7 @@ def bench_frames(n: int, crop_size: int, seed: int = 3):
     """n full-frame synthetic pictures: [(name, jpeg bytes, (W, H), bbox [x, y, w, h])]."""
     import json
 
+    from ..predict.crop import BOX_SCALE
     from ..synthetic.people import SyntheticConfig, SyntheticGenerator, encode_raw, with_storage
     cfg = with_storage(SyntheticConfig(crop_size=crop_size, image_sizes=((640, 480), (480, 640), (800, 600))),
                        "full")
@@ -38,7 +39,7 @@ def bench_frames(n: int, crop_size: int, seed: int = 3):
         sample = encode_raw(raw)
         meta = json.loads(sample["json"])
         cx, cy, b = meta["box"]
-        side = b / 1.2
+        side = b / BOX_SCALE  # the detection box that predict enlarges back to b
         frames.append((sample["__key__"], sample["jpg"], tuple(meta["image_size"]),
                        (cx - side / 2, cy - side / 2, side, side)))
     return frames
