@@ -469,13 +469,20 @@ def _check_finite(sample: Sample) -> None:
         raise BadSample("bad_json", f"{sample.key}: focal {sample.focal} <= 0")
 
 
+def box_overlaps_image(box, image_size) -> bool:
+    """The square box (cx, cy, side) covers part of the (width, height) image: the rule of
+    the reader, the converters and prediction."""
+    cx, cy, side = (float(v) for v in box)
+    width, height = image_size
+    half = side / 2
+    return cx + half > 0 and cx - half < width and cy + half > 0 and cy - half < height
+
+
 def _check_box(sample: Sample) -> None:
     """The square box must have a positive side and overlap the full image."""
     cx, cy, side = (float(v) for v in sample.box)
     width, height = sample.image_size
-    half = side / 2
-    overlaps = cx + half > 0 and cx - half < width and cy + half > 0 and cy - half < height
-    if side <= 0 or not overlaps:
+    if side <= 0 or not box_overlaps_image(sample.box, sample.image_size):
         raise BadSample(
             "box_outside_image",
             f"{sample.key}: box {[cx, cy, side]} vs image {width}x{height}",

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..data.crop import MultiRoICropper
 from ..data.pipeline import schedule_from_config
-from ..data.schema import BadSample, Sample
+from ..data.schema import BadSample, Sample, box_overlaps_image
 from .inputs import Detection, ImageData, SkipItem, decode_rgb
 
 BOX_SCALE = 1.2
@@ -40,11 +40,9 @@ def square_box(bbox, scale: float = BOX_SCALE) -> np.ndarray:
 
 def check_overlap(box: np.ndarray, image_size) -> None:
     """The square box must overlap the image (the rule of the shard reader)."""
-    cx, cy, side = (float(v) for v in box)
-    width, height = image_size
-    half = side / 2
-    if not (cx + half > 0 and cx - half < width and cy + half > 0 and cy - half < height):
-        raise SkipItem("box_outside_image", f"box {[round(v, 1) for v in (cx, cy, side)]} vs image "
+    if not box_overlaps_image(box, image_size):
+        width, height = image_size
+        raise SkipItem("box_outside_image", f"box {[round(float(v), 1) for v in box]} vs image "
                                             f"{width}x{height}")
 
 

@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 
 from ..io import storage_error_hint
-from ..schema import ARRAY_SHAPES, BadSample, decode_sample, encode_sample
+from ..schema import ARRAY_SHAPES, BadSample, box_overlaps_image, decode_sample, encode_sample
 from ..shards import clear_shard_folder, write_shards
 from ..storage import extract_context
 
@@ -251,9 +251,7 @@ def _check_labels(record: Record, width: int, height: int, source: str, storage:
         arrays["keypoints_2d"] = keypoints
     if box is None:
         box = _box_from_keypoints(keypoints, storage.box_scale)
-    cx, cy, side = box
-    half = side / 2
-    if not (side > 0 and cx + half > 0 and cx - half < width and cy + half > 0 and cy - half < height):
+    if not (box[2] > 0 and box_overlaps_image(box, (width, height))):
         raise _Skip("box_outside_image", f"box {[round(float(v), 1) for v in box]} vs image "
                                          f"{width}x{height}")
 
