@@ -80,10 +80,6 @@ class PersonCropper:
         self.cropper = MultiRoICropper(schedule_from_config(rois), crop_size=crop_size, augment=None)
         self.focal, self.box_scale, self.seed = focal, float(box_scale), int(seed)
 
-    @property
-    def num_rois(self) -> int:
-        return self.cropper.num_rois
-
     def __call__(self, unit: Unit, detections: list[Detection]) -> tuple[list[dict], Counter]:
         """The persons' crops (dicts, see ``crop_person``) and the skipped ones by reason."""
         items, skipped, decoded = [], Counter(), {}
