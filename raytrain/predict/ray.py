@@ -29,11 +29,12 @@ import ray
 
 from ..connect import connect_ray
 from .crop import PersonCropper, Unit
-from .inputs import SkipItem, for_frame, read_image, read_video
+from .inputs import SkipItem, read_image, read_video
 from .run import (
     PROGRESS_EVERY_S,
     PredictOptions,
     RecordWriter,
+    detections_for,
     finish,
     missing_image_counts,
     prediction_record,
@@ -131,12 +132,7 @@ def crop_source(row: dict, rois, crop_size: int, seed: int, opts: PredictOptions
     tally = Counter()
     try:
         for unit in _units(row, opts, tally):
-            if detector is not None:
-                detections = detector(unit.rgb(), unit.frame)
-            else:
-                found = table.lookup(row["name"]) or []
-                detections = for_frame(found, unit.frame)
-            items, skipped = cropper(unit, detections)
+            items, skipped = cropper(unit, detections_for(unit, row["name"], detector, table))
             tally.update(skipped)
             for item in items:
                 yield _crop_row(item)

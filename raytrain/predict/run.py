@@ -133,8 +133,7 @@ def run_predict(opts: PredictOptions) -> dict:
             units = (_image_units if source.kind == "image" else _video_units)(source, opts, predictor)
             for unit, rgb in units:
                 try:
-                    detections = (detector(rgb if rgb is not None else unit.rgb(), unit.frame)
-                                  if detector is not None else for_frame(table.lookup(source.name) or [], unit.frame))
+                    detections = detections_for(unit, source.name, detector, table, rgb)
                 except SkipItem as skip:
                     predictor.skip(unit.name, skip)
                     continue
@@ -146,6 +145,14 @@ def run_predict(opts: PredictOptions) -> dict:
     finally:
         predictor.close()
     return finish(opts, out, predictor.stats, counts, time.perf_counter() - started, predictor.path)
+
+
+def detections_for(unit: Unit, name: str, detector, table: DetectionTable | None, rgb=None) -> list:
+    """The persons of one image or frame: the detector's (run on ``rgb`` when already
+    decoded), else the detections file's entries for ``name`` at this frame."""
+    if detector is not None:
+        return detector(rgb if rgb is not None else unit.rgb(), unit.frame)
+    return for_frame(table.lookup(name) or [], unit.frame)
 
 
 def missing_image_counts(table: DetectionTable | None, sources) -> Counter:
