@@ -25,10 +25,11 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the key."""
 
 
-def opt(default, help: str, *, min=None, max=None, choices=None, registry=None, factory=False):
+def opt(default, help: str, *, min=None, max=None, choices=None, registry=None, factory=False, augment=False):
     """A dataclass field with help text and bounds; `registry` names the registry
-    (raytrain.registry.lookup) whose names the value must be one of."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "registry": registry}
+    (raytrain.registry.lookup) whose names the value must be one of; `augment` marks a
+    training augmentation setting (its value 0 turns it off; data/augment.py reads it)."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "registry": registry, "augment": augment}
     if factory:
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -65,13 +66,17 @@ class DataConfig:
     device_crop: bool = opt(False, "training split: the loader workers only decode; the RoI crops and their "
                                    "augmentation are made on the training device (grid_sample); validation "
                                    "crops in the workers")
-    flip_prob: float = opt(0.5, "probability of a horizontal flip (all RoIs of a person together)", min=0.0, max=1.0)
-    scale_jitter: float = opt(0.25, "box scale jitter: factor drawn from [1 - x, 1 + x]", min=0.0, max=0.9)
-    rot_jitter_deg: float = opt(30.0, "rotation jitter in degrees (applied with probability 0.4)", min=0.0, max=180.0)
-    color_jitter: float = opt(0.4, "per-channel colour gain jitter", min=0.0, max=1.0)
-    occlusion_prob: float = opt(0.0, "probability of a synthetic occluding rectangle", min=0.0, max=1.0)
+    flip_prob: float = opt(0.5, "probability of a horizontal flip (all RoIs of a person together)", min=0.0, max=1.0,
+                           augment=True)
+    scale_jitter: float = opt(0.25, "box scale jitter: factor drawn from [1 - x, 1 + x]", min=0.0, max=0.9,
+                              augment=True)
+    rot_jitter_deg: float = opt(30.0, "rotation jitter in degrees (applied with probability 0.4)", min=0.0, max=180.0,
+                                augment=True)
+    color_jitter: float = opt(0.4, "per-channel colour gain jitter", min=0.0, max=1.0, augment=True)
+    occlusion_prob: float = opt(0.0, "probability of a synthetic occluding rectangle", min=0.0, max=1.0,
+                                augment=True)
     roi_color_jitter: float = opt(0.0, "per-RoI colour gain jitter on top of the person's (RoIs of one person then "
-                                       "differ in colour; 0: off)", min=0.0, max=1.0)
+                                       "differ in colour; 0: off)", min=0.0, max=1.0, augment=True)
 
 
 @dataclass

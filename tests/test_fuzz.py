@@ -75,7 +75,7 @@ def test_fuzz_cropper_path_never_delivers_a_mismatched_image(corpus):
 
     def crop(sample):
         out = cropper(sample, rng)
-        image, _, _ = cropper._decode(sample, np.array([[0.0, 0.0, 1.0]]))
+        image, _ = cropper._decode(sample, np.array([[0.0, 0.0, 1.0]]))
         assert image.shape[:2] == (sample.stored_size[1], sample.stored_size[0])  # no EXIF turn
         return sample.key, out["images"]
 

@@ -523,11 +523,11 @@ def test_substitute_crops_the_sample_again_without_reading_the_old_crops(tmp_pat
     buffer holds now."""
     from raytrain.data.collate import BatchSink
     from raytrain.data.crop import MultiRoICropper
-    from raytrain.data.pipeline import CropTransform, augment_from_config
+    from raytrain.data.pipeline import CropTransform
     from raytrain.data.schema import decode_sample
 
     cfg = _loader_config(tmp_path, workers=0)
-    cropper = MultiRoICropper("paper", 5, crop_size=32, augment=augment_from_config(cfg.data))
+    cropper = MultiRoICropper("paper", 5, crop_size=32, augment=cfg.data)
     transform = CropTransform(cropper, seed=3, epoch=1, sink=BatchSink(4, (5, 32, 32, 3)))
     item = transform(decode_sample(make_fake_samples(1, seed=4)[0], decode_image=False))
     expected = item["images"].copy()

@@ -8,7 +8,7 @@ import torch
 from conftest import body_dir
 
 from raytrain.apps.study import QUICK, compare, mean_std, paired_difference, run_study
-from raytrain.data.augment import AugmentConfig
+from raytrain.config import DataConfig
 from raytrain.data.crop import MultiRoICropper
 from raytrain.data.schema import decode_sample
 from raytrain.eval.protocol import camera_depth_error, roi_camera_spread
@@ -98,8 +98,8 @@ def test_other_people_and_occluders_change_the_picture(body_model):
 def test_roi_colour_jitter_gives_each_roi_its_own_colour(body_model):
     encoded = SyntheticGenerator(hard_synthetic_config(64), body_model).encoded(101, range(2))
     samples = [decode_sample(e, decode_image=False) for e in encoded]
-    plain = AugmentConfig(scale_factor=0.0, rot_prob=0.0, flip_prob=0.0, color_noise=0.0, occlusion_prob=0.0)
-    jitter = AugmentConfig(**{**plain.__dict__, "roi_color_noise": 0.3})
+    plain = DataConfig(scale_jitter=0.0, rot_jitter_deg=0.0, flip_prob=0.0, color_jitter=0.0, occlusion_prob=0.0)
+    jitter = DataConfig(**{**plain.__dict__, "roi_color_jitter": 0.3})
     for sample in samples:
         base = MultiRoICropper("paper", 5, 64, augment=plain)(sample, np.random.default_rng(0))["images"]
         out = MultiRoICropper("paper", 5, 64, augment=jitter)(sample, np.random.default_rng(0))["images"]

@@ -17,8 +17,8 @@ training under the default config (paper schedule, M = 5, S = 224):
   the same RoIs from it (same cropper, no reduced decode);
 * ``bytes_per_sample_context`` / ``bytes_per_sample_full``: mean JPEG bytes per sample.
 
-Extras: ``crop_spin_aug_per_core`` ((b) with SPIN's augmentation defaults
-``AugmentConfig()``: rotation with probability 0.6, occluders with 0.3),
+Extras: ``crop_spin_aug_per_core`` ((b) with every augmentation on: occluders with
+probability 0.3, as in SPIN, and the paper configs' per-RoI colour jitter 0.3),
 ``crop_half_decode_per_core`` ((b) with ``decode_coverage=0.5``),
 ``stream_first_epoch_per_core`` ((c) over the first epoch alone: forking the workers,
 first touch of their buffers), ``stream_wall_per_core``
@@ -33,6 +33,7 @@ and the median round is reported.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import resource
@@ -43,7 +44,6 @@ import cv2
 import numpy as np
 import torch
 
-from raytrain.data.augment import AugmentConfig
 from raytrain.data.crop import MultiRoICropper
 from raytrain.data.schema import decode_sample
 from raytrain.geometry import schedule_from_config
@@ -90,12 +90,9 @@ def bench_config(shards: str = "", workers: int | None = None):
 
 def training_cropper(cfg, **overrides) -> MultiRoICropper:
     """The cropper ``build_loader`` builds for the training split of ``cfg``."""
-    from raytrain.data.pipeline import (
-        _root_joint,
-        augment_from_config,
-    )
+    from raytrain.data.pipeline import _root_joint
 
-    kwargs = {"crop_size": cfg.data.crop_size, "augment": augment_from_config(cfg.data),
+    kwargs = {"crop_size": cfg.data.crop_size, "augment": cfg.data,
               "root_joint": _root_joint(cfg.model.smpl_dir)}
     kwargs.update(overrides)
     return MultiRoICropper(schedule_from_config(cfg.rois), **kwargs)
@@ -181,7 +178,7 @@ def run_data_bench(quick: bool = False, num_samples: int | None = None, seed: in
     cfg = bench_config(workers=workers)
     cropper = training_cropper(cfg)
     naive = training_cropper(cfg, reduced_decode=False, fast_resize=False)
-    spin = training_cropper(cfg, augment=AugmentConfig())
+    spin = training_cropper(cfg, augment=dataclasses.replace(cfg.data, occlusion_prob=0.3, roi_color_jitter=0.3))
     half = training_cropper(cfg, decode_coverage=0.5)
     rng = np.random.default_rng(seed)
     tests = {

@@ -6,9 +6,13 @@ of its RoIs:
 * **flip**: mirror about the vertical line x = W/2 through the principal point;
 * **rotation** by ``angle`` about the image centre (the principal point): a roll of the
   camera about its optical axis, so it is an exact perspective re-imaging;
-* **scale / shift jitter** of the detected box (the image is unchanged, the box moves);
+* **scale jitter** of the detected box (the image is unchanged, the box moves);
 * **colour jitter** (per-channel gains) and a **synthetic occluder** (a rectangle in the
   virtual image, hence at the same place of the person in every RoI).
+
+The ranges are the ``data.*`` augmentation fields of ``config.DataConfig`` (those marked
+``augment``); the per-RoI colour (``data.roi_color_jitter``) is drawn by the cropper's
+plan (``crop.MultiRoICropper.plan``), after the person's parameters.
 
 The virtual image has the same size (W, H) and focal f as the original. Boxes, 2D
 keypoints, 3D joints, SMPL pose and the full camera in the batch are expressed in it:
@@ -35,24 +39,14 @@ import cv2
 import numpy as np
 
 from raytrain.body.joints import J24_FLIP_PERM, flip_smpl_pose
+from raytrain.config import DataConfig
 
 _J24_FLIP = np.asarray(J24_FLIP_PERM)
 
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Ranges of the augmentation (SPIN's defaults where SPIN has one)."""
-
-    enabled: bool = True
-    scale_factor: float = 0.25  # box side x clip(1 + N(0, sf), 1 - sf, 1 + sf)
-    shift_factor: float = 0.0  # box centre shift, uniform in +-shift * b per axis
-    rot_factor: float = 30.0  # degrees: clip(N(0, rf), -2rf, 2rf) ...
-    rot_prob: float = 0.6  # ... with this probability, else 0
-    flip_prob: float = 0.5
-    color_noise: float = 0.4  # per-channel gain uniform in [1 - c, 1 + c]
-    occlusion_prob: float = 0.3
-    occlusion_size: tuple = (0.1, 0.4)  # occluder sides as fractions of the box side
-    roi_color_noise: float = 0.0  # extra per-RoI channel gains in [1 - c, 1 + c] (0: off)
+#: Probability of a rotation when ``data.rot_jitter_deg`` > 0.
+ROT_PROB = 0.4
+#: Range of the occluder's sides as fractions of the (jittered) box side.
+OCCLUDER_SIDES = (0.1, 0.4)
 
 
 @dataclass
@@ -62,39 +56,36 @@ class AugmentParams:
     flip: bool = False
     angle: float = 0.0  # radians; positive turns image content clockwise on screen (y down)
     scale: float = 1.0
-    shift: np.ndarray = field(default_factory=lambda: np.zeros(2))  # in units of b
     color: np.ndarray = field(default_factory=lambda: np.ones(3))  # RGB gains
     occluder: np.ndarray | None = None  # (4,) x0, y0, x1, y1 in virtual-image px
     occluder_color: np.ndarray = field(default_factory=lambda: np.zeros(3))  # RGB 0..255
 
 
-def sample_params(cfg: AugmentConfig, rng: np.random.Generator, box: np.ndarray,
+def sample_params(data: DataConfig, rng: np.random.Generator, box: np.ndarray,
                   image_size) -> AugmentParams:
-    """Draw augmentation parameters for a person whose box (3,) is given in full-image px."""
-    if not cfg.enabled:
-        return AugmentParams()
-    sf, rf = cfg.scale_factor, cfg.rot_factor
+    """Draw the augmentation of a person whose box (3,) is given in full-image px, with
+    the ranges of ``data`` (``flip_prob``, ``scale_jitter``, ``rot_jitter_deg``,
+    ``color_jitter``, ``occlusion_prob``; ``roi_color_jitter`` is the cropper's)."""
+    sf, rf = data.scale_jitter, data.rot_jitter_deg
     scale = float(np.clip(1 + rng.normal() * sf, 1 - sf, 1 + sf))
     angle = 0.0
-    if rng.random() < cfg.rot_prob:
+    if rf > 0 and rng.random() < ROT_PROB:
         angle = float(np.deg2rad(np.clip(rng.normal() * rf, -2 * rf, 2 * rf)))
     params = AugmentParams(
-        flip=bool(rng.random() < cfg.flip_prob),
+        flip=bool(rng.random() < data.flip_prob),
         angle=angle,
         scale=scale,
-        shift=rng.uniform(-cfg.shift_factor, cfg.shift_factor, 2),
-        color=rng.uniform(1 - cfg.color_noise, 1 + cfg.color_noise, 3),
+        color=rng.uniform(1 - data.color_jitter, 1 + data.color_jitter, 3),
     )
-    if rng.random() < cfg.occlusion_prob:
-        params.occluder, params.occluder_color = _sample_occluder(cfg, rng, params, box, image_size)
+    if rng.random() < data.occlusion_prob:
+        params.occluder, params.occluder_color = _sample_occluder(rng, params, box, image_size)
     return params
 
 
-def _sample_occluder(cfg, rng, params, box, image_size):
+def _sample_occluder(rng, params, box, image_size):
     """A rectangle somewhere over the (jittered, transformed) box, in virtual px."""
     vbox = augment_box(params, box, image_size)
-    lo, hi = cfg.occlusion_size
-    size = rng.uniform(lo, hi, 2) * vbox[2]  # (2,) w, h
+    size = rng.uniform(*OCCLUDER_SIDES, 2) * vbox[2]  # (2,) w, h
     centre = vbox[:2] + rng.uniform(-0.4, 0.4, 2) * vbox[2]
     rect = np.concatenate([centre - size / 2, centre + size / 2])
     return rect, rng.uniform(0, 255, 3)
@@ -126,8 +117,7 @@ def augment_box(params: AugmentParams, box: np.ndarray, image_size) -> np.ndarra
     """Detected box (3,) in full px -> jittered box (3,) in virtual px."""
     box = np.asarray(box, dtype=np.float64)
     side = box[2] * params.scale
-    centre = box[:2] + params.shift * box[2]
-    moved = virtual_transform(params, image_size) @ np.array([centre[0], centre[1], 1.0])
+    moved = virtual_transform(params, image_size) @ np.array([box[0], box[1], 1.0])
     return np.array([moved[0], moved[1], side])
 
 

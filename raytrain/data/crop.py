@@ -1,18 +1,21 @@
 """Multi-RoI cropper: M RoI crops of one person straight from the stored image.
 
-For each sample: draw the augmentation (``augment.py``: it acts on a *virtual full
-image*), jitter the detected box, expand it to the M RoIs of the schedule in the
-virtual image, and fold  stored px -> full px -> virtual px -> crop px  into one 2x3
-matrix per RoI, applied with one ``cv2.warpAffine`` (bilinear, zero border) from the
-stored image into an S x S uint8 crop. No intermediate resize of the whole image. An
-axis-aligned RoI inside the image (no rotation; flips allowed) takes the cheaper
-``cv2.resize`` of a source rectangle instead (``_resize_roi``: same crop within
-interpolation error).
+For each sample, ``MultiRoICropper.plan`` draws the augmentation (``augment.py``: it acts
+on a *virtual full image*), jitters the detected box, expands it to the M RoIs of the
+schedule in the virtual image, draws the per-RoI colour, decodes the stored image and
+transforms the labels: a ``CropPlan``. ``render`` folds  stored px -> full px -> virtual
+px -> crop px  into one 2x3 matrix per RoI, applied with one ``cv2.warpAffine``
+(bilinear, zero border) from the stored image into an S x S uint8 crop, then the colour
+gains and the occluder; no intermediate resize of the whole image. An axis-aligned RoI
+inside the image (no rotation; flips allowed) takes the cheaper ``cv2.resize`` of a
+source rectangle instead (``_resize_roi``: same crop within interpolation error).
+``device_crop`` renders the same plan on the training device.
 
 Speed (see ``raytrain.bench.data``): when every RoI spans at least 2x (4x, 8x) S
 stored pixels, the JPEG is decoded at 1/2 (1/4, 1/8) with libjpeg's DCT scaling;
-colour jitter and BGR -> RGB are one ``cv2.transform`` over the M small crops; all
-crops of a sample are written into one preallocated (M, S, S, 3) array.
+colour jitter is one ``cv2.transform`` over the M small crops (one per crop with
+per-RoI colour); all crops of a sample are written into one preallocated (M, S, S, 3)
+array.
 
 Pixel convention: continuous coordinates, pixel (i, j) covers [i, i+1) x [j, j+1)
 (centre at i + 0.5); the ``affine`` of a shard (full px -> stored px) uses it too.
@@ -26,15 +29,16 @@ full image, and the labels transformed to it (see ``collate.SAMPLE_KEYS``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 
+from raytrain.config import DataConfig
 from raytrain.geometry import FixedSchedule, build_schedule
 
 from .augment import (
-    AugmentConfig,
     AugmentParams,
     augment_box,
     augment_cam_full,
@@ -88,18 +92,58 @@ def homogeneous(affine: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- cropper
 
 
+@dataclass
+class CropPlan:
+    """Everything the crops of one sample are made from, drawn by ``MultiRoICropper.plan``
+    and rendered by ``MultiRoICropper.render`` (CPU) or ``device_crop`` (training device)."""
+
+    params: AugmentParams  # the person's augmentation (flip, rotation, scale, colour, occluder)
+    boxes: np.ndarray  # (M, 3) RoIs (cx, cy, side) in virtual px
+    stored_to_virtual: np.ndarray  # (3, 3) stored px -> virtual px
+    image: np.ndarray  # (h, w, 3) uint8 RGB: the stored image decoded at 1 / reduction
+    reduction: int  # DCT reduction of the decode
+    roi_colour: np.ndarray  # (M, 3) per-RoI RGB gains on top of the person's (ones: off)
+    occluders: np.ndarray  # (M, 4) int crop-px rectangles x0, y0, x1, y1 (empty: none)
+    labels: dict  # the sample's labels in the virtual image (collate.SAMPLE_KEYS but images)
+
+    @property
+    def decoded_to_virtual(self) -> np.ndarray:
+        """(3, 3) decoded px -> virtual px."""
+        return decoded_to_virtual(self.stored_to_virtual, self.reduction)
+
+    @property
+    def gains(self) -> np.ndarray:
+        """(M, 3) RGB gains of each crop: the person's times the RoI's."""
+        return self.params.color[None, :] * self.roi_colour
+
+    @property
+    def occluder_colour(self) -> np.ndarray:
+        """(3,) RGB of the occluder, as painted (whole grey levels)."""
+        return self.params.occluder_color.astype(np.uint8)
+
+
+def decoded_to_virtual(stored_to_virtual: np.ndarray, reduction: int) -> np.ndarray:
+    """(3, 3) stored px -> virtual px and the decode's reduction -> decoded px -> virtual px."""
+    matrix = np.array(stored_to_virtual, np.float64)
+    matrix[:, :2] *= float(reduction)
+    return matrix
+
+
 class MultiRoICropper:
     """Crops the M RoIs of a person, with consistent augmentation and matching labels.
 
     schedule: a ``raytrain.geometry`` schedule (``.boxes(boxes (N,3), generator)``), or
-    a kind name for ``build_schedule``; augment: ``AugmentConfig`` or None (no
-    augmentation); decode_coverage: see ``_reduction``; root_joint: (mean (3,), dirs (3, 10)) of the SMPL
-    root joint for an
+    a kind name for ``build_schedule``; augment: the ``config.DataConfig`` whose
+    augmentation fields to draw from, or None (no augmentation); decode_coverage: see
+    ``_reduction``; root_joint: (mean (3,), dirs (3, 10)) of the SMPL root joint for an
     exact camera label under rotation (``augment.root_joint_model``).
+
+    One sample: ``plan(sample, rng)`` draws and decodes everything (``CropPlan``),
+    ``render(plan)`` cuts the crops on the CPU; ``cropper(sample, rng)`` does both.
     """
 
     def __init__(self, schedule="paper", num_rois: int = 5, crop_size: int = 224,
-                 augment: AugmentConfig | None = None, reduced_decode: bool = True,
+                 augment: DataConfig | None = None, reduced_decode: bool = True,
                  root_joint=None, border_value: int = 0, decode_coverage: float = 1.0,
                  fast_resize: bool = True):
         self.schedule = build_schedule(schedule, num_rois) if isinstance(schedule, str) else schedule
@@ -142,50 +186,67 @@ class MultiRoICropper:
                   if self.augment is not None else AugmentParams())
         return params, self.roi_boxes(augment_box(params, box, sample.image_size), rng)
 
-    def __call__(self, sample: Sample, rng: np.random.Generator,
-                 out: np.ndarray | None = None, decoded: dict[int, np.ndarray] | None = None) -> dict:
-        """One sample -> dict of numpy arrays (see module docstring).
+    def plan(self, sample: Sample, rng: np.random.Generator,
+             decoded: dict[int, np.ndarray] | None = None) -> CropPlan:
+        """Draw one sample's augmentation, RoIs and per-RoI colour (in this order, from
+        ``rng``), decode its image and transform its labels.
 
-        ``out``: optional (M, S, S, 3) uint8 array the crops are written into (e.g. the
-        sample's slot of a batch buffer); it becomes the result's ``images``.
         ``decoded``: optional cache {reduction: decoded image} shared by the samples of one
         stored image (several persons of a photo): each reduction is decoded once."""
         params, boxes = self.draw(sample, rng)
-        stored_to_virtual = virtual_transform(params, sample.image_size) @ invert_affine(sample.affine)
-        image, reduction, rgb = self._decode(sample, boxes, decoded)
-        images = self.warp(image, stored_to_virtual, boxes, reduction, out=out)
-        _apply_colour(images, params.color, rgb)
-        self._roi_colour(images, rng)
-        if params.occluder is not None:
-            self._occlude(images, boxes, params)
-        return self._labels(sample, params, boxes, images)
+        roi_colour = self._roi_colour(len(boxes), rng)
+        image, reduction = self._decode(sample, boxes, decoded)
+        return CropPlan(params=params, boxes=boxes,
+                        stored_to_virtual=virtual_transform(params, sample.image_size)
+                        @ invert_affine(sample.affine),
+                        image=image, reduction=reduction, roi_colour=roi_colour,
+                        occluders=occluder_rects(params, boxes, self.crop_size),
+                        labels=self._labels(sample, params, boxes))
+
+    def render(self, plan: CropPlan, out: np.ndarray | None = None) -> dict:
+        """A plan -> dict of numpy arrays (see module docstring): the warped crops, their
+        colour gains, the occluder, and the plan's labels.
+
+        ``out``: optional (M, S, S, 3) uint8 array the crops are written into (e.g. the
+        sample's slot of a batch buffer); it becomes the result's ``images``."""
+        images = self.warp(plan.image, plan.stored_to_virtual, plan.boxes, plan.reduction, out=out)
+        _apply_gains(images, plan.gains)
+        if plan.params.occluder is not None:
+            colour = plan.occluder_colour
+            for m, (x0, y0, x1, y1) in enumerate(plan.occluders):
+                images[m, y0:y1, x0:x1] = colour
+        return {**plan.labels, "images": images}
+
+    def __call__(self, sample: Sample, rng: np.random.Generator,
+                 out: np.ndarray | None = None, decoded: dict[int, np.ndarray] | None = None) -> dict:
+        """One sample -> dict of numpy arrays: ``render(plan(sample, rng, decoded), out)``."""
+        return self.render(self.plan(sample, rng, decoded), out)
 
     # -- image
 
-    def _roi_colour(self, images: np.ndarray, rng: np.random.Generator):
-        """In place: per-RoI channel gains (``AugmentConfig.roi_color_noise``) on the RGB
-        crops (M, S, S, 3), drawn after everything else of the sample."""
-        noise = self.augment.roi_color_noise if self.augment is not None and self.augment.enabled else 0.0
-        if noise <= 0:
-            return
-        gains = rng.uniform(1 - noise, 1 + noise, (len(images), 3))
-        for m, gain in enumerate(gains):
-            _apply_colour(images[m:m + 1], gain, True)
+    def _roi_colour(self, num_rois: int, rng: np.random.Generator) -> np.ndarray:
+        """(M, 3) per-RoI RGB gains in [1 - c, 1 + c], c = ``data.roi_color_jitter``
+        (ones, and no draw, when it is 0 or there is no augmentation)."""
+        jitter = self.augment.roi_color_jitter if self.augment is not None else 0.0
+        if jitter <= 0:
+            return np.ones((num_rois, 3))
+        return rng.uniform(1 - jitter, 1 + jitter, (num_rois, 3))
 
-    def _decode(self, sample: Sample, boxes: np.ndarray, decoded: dict[int, np.ndarray] | None = None):
-        """Decoded stored image (RGB, straight from libjpeg), its reduction factor, RGB flag."""
+    def _decode(self, sample: Sample, boxes: np.ndarray,
+                decoded: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, int]:
+        """Decoded stored image (RGB, straight from libjpeg) and its reduction factor."""
         if sample.image is not None:
-            return sample.image, 1, True
+            return sample.image, 1
         reduction = self._reduction(sample, boxes)
         if decoded is not None and reduction in decoded:
-            return decoded[reduction], reduction, True
+            return decoded[reduction], reduction
         buffer = np.frombuffer(sample.jpeg, np.uint8)
         image = cv2.imdecode(buffer, _RGB_FLAGS[reduction]) if buffer.size else None
         if image is None:
             raise BadSample("bad_jpeg", f"{sample.key}: cv2.imdecode failed")
         if decoded is not None:
             decoded[reduction] = image
-        return image, reduction, True
+        return image, reduction
 
     def _reduction(self, sample: Sample, boxes: np.ndarray) -> int:
         """Largest DCT reduction r such that every RoI spans >= coverage * r * S stored px.
@@ -220,8 +281,7 @@ class MultiRoICropper:
             out = np.empty(shape, np.uint8)
         elif out.shape != shape or out.dtype != np.uint8:
             raise ValueError(f"out has shape {out.shape} {out.dtype}, crops need {shape} uint8")
-        source_to_virtual = stored_to_virtual.copy()
-        source_to_virtual[:, :2] *= float(reduction)  # decoded px -> stored px -> virtual px
+        source_to_virtual = decoded_to_virtual(stored_to_virtual, reduction)
         t = source_to_virtual
         axis_aligned = (self.fast_resize and abs(t[0, 1]) <= 1e-12 * abs(t[0, 0])
                         and abs(t[1, 0]) <= 1e-12 * abs(t[1, 1]))
@@ -251,21 +311,14 @@ class MultiRoICropper:
             cv2.cvtColor(scratch, cv2.COLOR_RGBA2RGB, dst=out[m])
         return out
 
-    def _occlude(self, images: np.ndarray, boxes: np.ndarray, params: AugmentParams):
-        """Paint the occluder rectangle (virtual px) into every crop."""
-        colour = params.occluder_color.astype(np.uint8)
-        for m, (x0, y0, x1, y1) in enumerate(occluder_rects(params, boxes, self.crop_size)):
-            images[m, y0:y1, x0:x1] = colour
-
     # -- labels
 
-    def _labels(self, sample: Sample, params: AugmentParams, boxes, images) -> dict:
+    def _labels(self, sample: Sample, params: AugmentParams, boxes) -> dict:
         has_cam = sample.cam_full is not None
         cam = (augment_cam_full(params, sample.cam_full, sample.betas, self.root_joint)
                if has_cam else np.zeros(3, np.float32))
         return {
             "key": sample.key,
-            "images": images,
             "boxes": boxes.astype(np.float32),
             "image_size": np.asarray(sample.image_size, np.float32),
             "focal": np.float32(sample.focal),
@@ -294,16 +347,23 @@ def occluder_rects(params: AugmentParams, boxes: np.ndarray, crop_size: int) -> 
     return rects
 
 
-def _apply_colour(images: np.ndarray, gains: np.ndarray, rgb: bool):
-    """In place: per-channel gains and (from BGR input) the swap to RGB, saturating.
+def _apply_gains(images: np.ndarray, gains: np.ndarray):
+    """In place: RGB crops (M, S, S, 3) uint8 times their gains (M, 3), saturating.
 
-    One ``cv2.transform`` over the M crops (faster here than a per-channel ``cv2.LUT``
-    or ``cv2.multiply``)."""
-    if rgb and np.all(gains == 1.0):
+    One ``cv2.transform`` (faster here than a per-channel ``cv2.LUT`` or ``cv2.multiply``)
+    over all M crops when they share their gains, else one per crop."""
+    if np.all(gains == gains[0]):
+        if not np.all(gains[0] == 1.0):
+            _transform(images, gains[0])
         return
-    order = [0, 1, 2] if rgb else [2, 1, 0]
+    for m, gain in enumerate(gains):
+        _transform(images[m:m + 1], gain)
+
+
+def _transform(images: np.ndarray, gain: np.ndarray):
+    """In place: crops (k, S, S, 3) uint8 times the RGB gain (3,)."""
     matrix = np.zeros((3, 3), np.float32)
-    matrix[_CHANNELS, order] = gains
+    matrix[_CHANNELS, _CHANNELS] = gain
     flat = images.reshape(-1, images.shape[2], 3)
     cv2.transform(flat, matrix, dst=flat)
 

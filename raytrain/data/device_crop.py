@@ -1,15 +1,15 @@
 """Crop all RoIs of a batch on the training device (``affine_grid`` + ``grid_sample``).
 
 With ``data.device_crop`` the DataLoader workers of the training split only decode:
-``DeviceCropPrep`` draws the cropper's augmentation and RoIs (the same draws, from the
-same generator, as ``crop.MultiRoICropper``), decodes the stored region (with the same
-DCT reduction), computes the labels and, per RoI, the 3x3 matrix decoded px -> crop px
-the CPU cropper would warp with (RoI box, flip, rotation, scale folded in), plus the
-colour gains and the occluder. ``collate_regions`` pads the regions to a common size
-and turns the matrices into ``grid_sample``'s normalised form. After the batch is
-moved to the device, ``crop_batch`` makes the (N, M, 3, S, S) uint8 crops there; they
-equal the CPU cropper's within interpolation error (bilinear, zero border) and the
-labels are identical.
+``DeviceCropPrep`` takes the cropper's plan (``crop.MultiRoICropper.plan``, the one the
+CPU cropper renders: augmentation, RoIs, per-RoI colour, the stored region decoded at
+its DCT reduction, labels) and turns it into, per RoI, the 3x3 matrix decoded px -> crop
+px the CPU cropper warps with (RoI box, flip, rotation, scale folded in), the colour
+gains (the person's times the RoI's) and the occluder rectangle. ``collate_regions``
+pads the regions to a common size and turns the matrices into ``grid_sample``'s
+normalised form. After the batch is moved to the device, ``crop_batch`` makes the
+(N, M, 3, S, S) uint8 crops there; they equal the CPU cropper's within interpolation
+error (bilinear, zero border) and the labels are identical.
 
     prep = DeviceCropPrep(cropper)                              # in the workers
     batch = batch_to_torch(collate_regions([prep(s, rng) for s in samples]))
@@ -22,9 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import virtual_transform
 from .collate import batch_buffer, collate_arrays
-from .crop import MultiRoICropper, crop_transform, invert_affine, occluder_rects
+from .crop import MultiRoICropper, crop_transform
 from .schema import Sample
 
 #: Batch keys that only the device step reads (dropped once the crops are made).
@@ -53,7 +52,8 @@ def grid_theta(to_region: np.ndarray, region_size) -> np.ndarray:
 
 
 class DeviceCropPrep:
-    """Worker side, per sample: decode, draw augmentation and RoIs, labels, matrices.
+    """Worker side, per sample: the cropper's plan (``MultiRoICropper.plan``: augmentation,
+    RoIs, per-RoI colour, decoded image, labels) as the arrays ``crop_on_device`` renders.
 
     Called like the cropper (``prep(sample, rng)``), so ``pipeline.CropTransform`` runs
     either; the result's ``images`` is an empty (M, 0, 0, 3) placeholder."""
@@ -62,29 +62,23 @@ class DeviceCropPrep:
         self.cropper = cropper
 
     def __call__(self, sample: Sample, rng: np.random.Generator, out=None) -> dict:
-        cropper = self.cropper
-        params, boxes = cropper.draw(sample, rng)
-        stored_to_virtual = virtual_transform(params, sample.image_size) @ invert_affine(sample.affine)
-        image, reduction, _ = cropper._decode(sample, boxes)
-        decoded_to_virtual = stored_to_virtual.copy()
-        decoded_to_virtual[:, :2] *= float(reduction)
-        placeholder = np.empty((len(boxes), 0, 0, 3), np.uint8)
-        item = cropper._labels(sample, params, boxes, placeholder)
-        item["region"] = image  # (h, w, 3) uint8 RGB
-        matrices = roi_matrices(decoded_to_virtual, boxes, cropper.crop_size)
-        item["grid_to_region"] = grid_to_region(matrices, cropper.crop_size)  # (M, 3, 3)
-        item["colour"] = np.asarray(params.color, np.float32)
-        item["occluders"] = occluder_rects(params, boxes, cropper.crop_size)
-        item["occluder_colour"] = params.occluder_color.astype(np.uint8).astype(np.float32)
-        return item
+        plan, size = self.cropper.plan(sample, rng), self.cropper.crop_size
+        placeholder = np.empty((len(plan.boxes), 0, 0, 3), np.uint8)
+        matrices = roi_matrices(plan.decoded_to_virtual, plan.boxes, size)
+        return {**plan.labels, "images": placeholder,
+                "region": plan.image,  # (h, w, 3) uint8 RGB
+                "grid_to_region": grid_to_region(matrices, size),  # (M, 3, 3)
+                "colour": plan.gains.astype(np.float32),  # (M, 3)
+                "occluders": plan.occluders,  # (M, 4)
+                "occluder_colour": plan.occluder_colour.astype(np.float32)}  # (3,)
 
 
 def collate_regions(items: list[dict], images=None) -> dict:
     """``DeviceCropPrep`` items -> the batch of ``collate.collate_arrays`` (labels as numpy,
     ``images`` an empty (N, M, 0, 0, 3) placeholder) plus ``regions`` (N, H, W, 3) uint8
     zero-padded at the bottom/right (shared memory in a worker), ``roi_theta``
-    (N, M, 2, 3), ``colour`` (N, 3), ``occluders`` (N, M, 4) crop-px rectangles
-    (x0, y0, x1, y1; empty: none) and ``occluder_colour`` (N, 3)."""
+    (N, M, 2, 3), ``colour`` (N, M, 3) RGB gains per crop, ``occluders`` (N, M, 4)
+    crop-px rectangles (x0, y0, x1, y1; empty: none) and ``occluder_colour`` (N, 3)."""
     n, m = len(items), len(items[0]["grid_to_region"])
     batch = collate_arrays(items, torch.empty((n, m, 0, 0, 3), dtype=torch.uint8))
     h = max(item["region"].shape[0] for item in items)
@@ -106,8 +100,8 @@ def crop_on_device(batch: dict, crop_size: int = 224, as_uint8: bool = True) -> 
     """All RoIs of the batch at once -> (N, M, 3, S, S) (uint8, or float 0..255).
 
     ``batch['regions']`` (N, H, W, 3) uint8 RGB and ``roi_theta`` (N, M, 2, 3), on the
-    device that should do the work; optional ``colour`` (N, 3) gains and ``occluders``
-    (N, M, 4) with ``occluder_colour`` (N, 3).
+    device that should do the work; optional ``colour`` (N, M, 3) gains per crop and
+    ``occluders`` (N, M, 4) with ``occluder_colour`` (N, 3).
     """
     regions = batch["regions"].permute(0, 3, 1, 2).float()  # (N, 3, H, W)
     theta = batch["roi_theta"].to(regions.device, torch.float32)
@@ -117,7 +111,7 @@ def crop_on_device(batch: dict, crop_size: int = 224, as_uint8: bool = True) -> 
     crops = F.grid_sample(regions, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     crops = crops.view(n, 3, m, s, s).transpose(1, 2)  # (N, M, 3, S, S)
     if "colour" in batch:
-        crops = crops * batch["colour"].to(crops)[:, None, :, None, None]
+        crops = crops * batch["colour"].to(crops)[..., None, None]
     if "occluders" in batch:
         crops = _occlude(crops, batch["occluders"].to(crops.device), batch["occluder_colour"].to(crops))
     crops = crops.clamp(0, 255)

@@ -38,7 +38,6 @@ from torch.utils.data import DataLoader
 
 from ..body.model import root_joint_model
 from ..geometry import schedule_from_config
-from .augment import AugmentConfig
 from .collate import BatchSink, BufferName, batch_to_torch, collate_arrays
 from .crop import MultiRoICropper
 from .device_crop import DeviceCropPrep, collate_regions
@@ -51,13 +50,6 @@ def epoch_length(cfg, split: str, rank: int, world_size: int) -> int:
     """Samples each rank sees per epoch of `split` (the same on every rank): the largest
     source's per-rank length for a mixture (``MixtureReader``)."""
     return max(count_samples(source) for source in _sources(cfg, split)) // world_size
-
-
-def augment_from_config(data) -> AugmentConfig:
-    return AugmentConfig(scale_factor=data.scale_jitter, rot_factor=data.rot_jitter_deg,
-                         rot_prob=0.4 if data.rot_jitter_deg > 0 else 0.0,
-                         flip_prob=data.flip_prob, color_noise=data.color_jitter,
-                         occlusion_prob=data.occlusion_prob, roi_color_noise=data.roi_color_jitter)
 
 
 @lru_cache(maxsize=4)
@@ -126,7 +118,7 @@ class EpochSource:
         # validation always crops here, on the CPU
         device_crop = train and cfg.data.device_crop
         cropper = MultiRoICropper(schedule_from_config(cfg.rois), crop_size=cfg.data.crop_size,
-                                  augment=augment_from_config(cfg.data) if train else None,
+                                  augment=cfg.data if train else None,
                                   root_joint=_root_joint(cfg.model.smpl_dir))
         self.reader = _reader(cfg, split, rank, world_size, batch_size, seed)
         workers = cfg.data.loader_workers
