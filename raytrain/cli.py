@@ -66,7 +66,7 @@ def build_parser():
 
     tune = sub.add_parser("tune", help="hyperparameter search with Ray Tune + Optuna")
     _config_args(tune)
-    tune.add_argument("--space", required=True, help="search space YAML (tune/spaces/*.yaml)")
+    tune.add_argument("--space", required=True, help="search space YAML, or a shipped one by name (tune/spaces: paper)")
     tune.add_argument("--trials", type=int, default=8)
     tune.add_argument("--resume", action="store_true", help="finish an interrupted experiment")
     tune.set_defaults(func=cmd_tune)
@@ -116,8 +116,8 @@ def build_parser():
 
     study = sub.add_parser("study", help="the paper's ablations, several seeds each, on the hard synthetic "
                            "benchmark (docs/study.md)")
-    study.add_argument("--config", default=None, help="base config (default: configs/study.yaml)")
-    study.add_argument("--space", default=None, help="variants file (default: tune/spaces/study.yaml)")
+    study.add_argument("--config", default=None, help="base config (default: study, i.e. configs/study.yaml)")
+    study.add_argument("--space", default=None, help="variants file (default: study, i.e. tune/spaces/study.yaml)")
     study.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     study.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3; --quick: 2)")
     study.add_argument("--steps", type=int, default=None, help="training steps per run (default 400; --quick: 2)")
@@ -151,7 +151,7 @@ def build_parser():
 
 
 def _config_args(p):
-    p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    p.add_argument("--config", required=True, help="experiment YAML, or a shipped one by name (configs: r50_paper)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.backbone=hrnet_w48")
 
 
