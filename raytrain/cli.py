@@ -176,16 +176,12 @@ def _synthetic_args(synth):
 
 
 def cmd_shard_synthetic(args):
-    from .data.io import storage_error_hint
-    from .data.shards import clear_shard_folder
+    from .data.convert.common import ConversionError, prepare_output
     from .synthetic.people import shard_synthetic, with_storage
     try:
-        clear_shard_folder(args.out, args.overwrite)
-    except Exception as err:
-        hint = str(err) if isinstance(err, FileExistsError) else storage_error_hint(args.out, err)
-        if hint is None:
-            raise
-        raise ConfigError(f"--out: {hint}") from None
+        prepare_output(args.out, args.overwrite)
+    except ConversionError as err:
+        raise ConfigError(str(err)) from None
     cfg = with_storage(None, "full") if args.full_frame else None
     shard_synthetic(args.out, n=args.n, seed=args.seed, workers=args.workers, maxcount=args.maxcount,
                     cfg=cfg)   # logs "wrote N samples in K shards to OUT"

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, load_config, named_file
+from ..numeric import is_finite_number as _finite
 
 #: Split sizes and step budget: the full study and the quick flavour of the test suite.
 FULL = {"sizes": {"train": 1500, "val": 50, "test": 300}, "steps": 400}
@@ -391,10 +392,6 @@ def plot(results: dict, path: Path, metrics=("pa_mpjpe", "mpjpe", "cam_err", "ro
 
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _say(text: str):
