@@ -1,6 +1,6 @@
 """Search spaces as YAML, validated against the config schema before any trial runs.
 
-A space file (tune/spaces/*.yaml, format in tune/README.md)::
+A space file (tune/spaces/*.yaml, format in tune/spaces/README.md; a shipped one by bare name: `paper`)::
 
     space:                                   # sampled parameters, keyed by dotted config key
       loss.lambda_cam: {dist: loguniform, low: 0.1, high: 10}
