@@ -1,14 +1,12 @@
 #!/usr/bin/env python
-"""Shard Human3.6M from a SPIN/CLIFF-style .npz plus its images (see datasets/README.md).
+"""Shard Human3.6M from a SPIN/CLIFF-style .npz plus its images (see datasets/README.md);
+needs raytrain installed (`pip install -e .`).
 
     python datasets/shard_h36m.py --npz h36m_train.npz --img-root /data/h36m --out shards/h36m
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from raytrain.cli import main  # noqa: E402
+from raytrain.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["shard", "h36m", *sys.argv[1:]]))  # = raytrain shard h36m ...

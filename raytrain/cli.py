@@ -66,7 +66,7 @@ def build_parser():
 
     tune = sub.add_parser("tune", help="hyperparameter search with Ray Tune + Optuna")
     _config_args(tune)
-    tune.add_argument("--space", required=True, help="search space YAML (tune/spaces/*.yaml)")
+    tune.add_argument("--space", required=True, help="search space YAML, or a shipped one by name (tune/spaces: paper)")
     tune.add_argument("--trials", type=int, default=8)
     tune.add_argument("--resume", action="store_true", help="finish an interrupted experiment")
     tune.set_defaults(func=cmd_tune)
@@ -116,8 +116,8 @@ def build_parser():
 
     study = sub.add_parser("study", help="the paper's ablations, several seeds each, on the hard synthetic "
                            "benchmark (docs/study.md)")
-    study.add_argument("--config", default=None, help="base config (default: configs/study.yaml)")
-    study.add_argument("--space", default=None, help="variants file (default: tune/spaces/study.yaml)")
+    study.add_argument("--config", default=None, help="base config (default: study, i.e. configs/study.yaml)")
+    study.add_argument("--space", default=None, help="variants file (default: study, i.e. tune/spaces/study.yaml)")
     study.add_argument("--variants", default=None, help="comma-separated variant names (default: all)")
     study.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 3; --quick: 2)")
     study.add_argument("--steps", type=int, default=None, help="training steps per run (default 400; --quick: 2)")
@@ -151,7 +151,7 @@ def build_parser():
 
 
 def _config_args(p):
-    p.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    p.add_argument("--config", required=True, help="experiment YAML, or a shipped one by name (configs: r50_paper)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.backbone=hrnet_w48")
 
 
@@ -176,16 +176,12 @@ def _synthetic_args(synth):
 
 
 def cmd_shard_synthetic(args):
-    from .data.io import storage_error_hint
-    from .data.shards import clear_shard_folder
+    from .data.convert.common import ConversionError, prepare_output
     from .synthetic.people import shard_synthetic, with_storage
     try:
-        clear_shard_folder(args.out, args.overwrite)
-    except Exception as err:
-        hint = str(err) if isinstance(err, FileExistsError) else storage_error_hint(args.out, err)
-        if hint is None:
-            raise
-        raise ConfigError(f"--out: {hint}") from None
+        prepare_output(args.out, args.overwrite)
+    except ConversionError as err:
+        raise ConfigError(str(err)) from None
     cfg = with_storage(None, "full") if args.full_frame else None
     shard_synthetic(args.out, n=args.n, seed=args.seed, workers=args.workers, maxcount=args.maxcount,
                     cfg=cfg)   # logs "wrote N samples in K shards to OUT"

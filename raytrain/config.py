@@ -1,6 +1,7 @@
 """Typed experiment configuration: dataclasses, one YAML per experiment, dotted overrides.
 
     cfg = load_config("configs/demo.yaml", ["model.backbone=resnet18", "optim.lr=3e-4"])
+    cfg = load_config("r50_paper")       # a shipped config by its bare name, from any directory
 
 Every field carries its help text and bounds in `metadata`; `validate` checks them and
 the cross-field rules, and every error names the dotted key. The README's configuration
@@ -191,7 +192,7 @@ class ExperimentConfig:
 
 def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment (or the defaults), apply `key.sub=value` overrides, validate."""
-    raw = read_yaml(path) if path else {}
+    raw = read_yaml(named_file(str(path), "configs")) if path else {}
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
@@ -208,21 +209,56 @@ def config_from_raw(raw: dict[str, Any], where: str = "") -> ExperimentConfig:
     return cfg
 
 
-#: Configs and search spaces shipped inside the package, by the path they have in a checkout's
-#: documentation: `configs/demo.yaml`, `tune/spaces/paper.yaml`.
-SHIPPED = {"configs": Path(__file__).parent / "configs", "tune/spaces": Path(__file__).parent / "spaces"}
+# ----------------------------------------------------------------------------- shipped files
+
+_PACKAGE = Path(__file__).resolve().parent
+
+#: Where each kind of shipped file sits in a checkout; a wheel installs it as raytrain/<kind>
+#: (pyproject.toml's package-dir), an editable install reads the checkout's folder.
+_CHECKOUT_FOLDER = {"configs": "configs", "spaces": "tune/spaces"}
+_WHAT = {"configs": "config", "spaces": "search space"}
 
 
-def shipped_path(path: str) -> str:
-    """`path` itself when it exists, else the shipped file it names (`configs/X.yaml`,
-    `tune/spaces/X.yaml`), so documented commands work from any directory."""
-    if Path(path).exists():
-        return path
-    for prefix, folder in SHIPPED.items():
-        name = Path(path).as_posix()
-        if name.startswith(prefix + "/") and (folder / name[len(prefix) + 1:]).is_file():
-            return str(folder / name[len(prefix) + 1:])
-    return path
+def _shipped_folder(kind: str) -> Path:
+    installed = _PACKAGE / kind
+    return installed if installed.is_dir() else _PACKAGE.parent / _CHECKOUT_FOLDER[kind]
+
+
+def _shipped(kind: str, name: str) -> Path:
+    return _shipped_folder(kind) / (name if name.endswith(".yaml") else f"{name}.yaml")
+
+
+def shipped_config(name: str) -> Path:
+    """The shipped experiment config `name` (`r50_paper` or `r50_paper.yaml`): configs/ of the checkout,
+    or the copy inside an installed wheel."""
+    return _shipped("configs", name)
+
+
+def shipped_space(name: str) -> Path:
+    """The shipped search space `name` (`paper` or `paper.yaml`): tune/spaces/ of the checkout, or the
+    copy inside an installed wheel."""
+    return _shipped("spaces", name)
+
+
+def shipped_names(kind: str) -> list[str]:
+    """The bare names of the shipped `configs` or `spaces`."""
+    return sorted(p.stem for p in _shipped_folder(kind).glob("*.yaml"))
+
+
+def named_file(arg: str, kind: str) -> str:
+    """The file a `--config` (kind `configs`) or `--space` (kind `spaces`) argument names: a path means
+    that file; a bare name (no folder part, no such file here) means the shipped file of that name, from
+    any directory (`--config r50_paper`, `--space paper`)."""
+    if Path(arg).name != arg or Path(arg).is_file():
+        if not Path(arg).exists() and _shipped(kind, Path(arg).name).is_file():
+            raise ConfigError(f"{arg}: no such file here; the shipped {_WHAT[kind]} of that name is "
+                              f"`{Path(arg).stem}` (a bare name works from any directory)")
+        return arg
+    path = _shipped(kind, arg)
+    if not path.is_file():
+        raise ConfigError(f"{arg}: no such file, and no shipped {_WHAT[kind]} of that name "
+                          f"(shipped: {', '.join(shipped_names(kind))})")
+    return str(path)
 
 
 #: Largest config or search-space file read (bytes).
@@ -253,7 +289,6 @@ def short(value, limit: int = 120) -> str:
 
 
 def read_yaml(path: str) -> dict[str, Any]:
-    path = shipped_path(str(path))
     try:
         with open(path, "rb") as handle:
             payload = handle.read(MAX_YAML_BYTES + 1)

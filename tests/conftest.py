@@ -1,4 +1,6 @@
-"""Shared fixtures: small synthetic shard sets, written once per test session."""
+"""Shared fixtures: small synthetic shard sets written once per test session, the synthetic
+body model, a moto S3 server on loopback."""
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -35,33 +37,52 @@ def synthetic_shards(tmp_path_factory):
     return str(root / "train"), str(root / "val")
 
 
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    """A moto S3 server on a free loopback port with bucket `runs`; the AWS_* variables
-    point pyarrow (Ray Train's storage), s3fs and boto3 at it. Yields a boto3 client."""
-    boto3 = pytest.importorskip("boto3")
-    s3fs = pytest.importorskip("s3fs")
+@contextlib.contextmanager
+def moto_s3():
+    """A moto S3 server on a free loopback port for the duration of the block: its endpoint URL
+    (credentials `testing`/`testing`, region us-east-1). Skips when moto, boto3 or s3fs is missing."""
+    pytest.importorskip("boto3")
+    pytest.importorskip("s3fs")
     moto_server = pytest.importorskip("moto.server")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket="runs")
-    s3fs.S3FileSystem.clear_instance_cache()      # one cached for another endpoint would be reused
-    yield client
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A moto S3 server (`moto_s3`) with bucket `runs`; the AWS_* variables point pyarrow (Ray
+    Train's storage), s3fs and boto3 at it. Yields a boto3 client."""
+    with moto_s3() as endpoint:
+        import boto3
+        import s3fs
+        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(key, value)
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="runs")
+        s3fs.S3FileSystem.clear_instance_cache()      # one cached for another endpoint would be reused
+        yield client
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def body_dir() -> str:
     """The synthetic body model's directory (generated once into $RAYTRAIN_HOME)."""
     from raytrain.synthetic.body_model import default_body_model_dir
     return str(default_body_model_dir())
+
+
+@pytest.fixture(scope="session")
+def body_model():
+    """The synthetic body model, every gender (neutral first: the default of forward), loaded
+    once per test session; tests read it and never change it (copy it to alter it)."""
+    from raytrain.body import load_body_model
+    return load_body_model(body_dir(), genders=("neutral", "male", "female"))
 
 
 def tiny_overrides(train, val, run_dir, **extra):

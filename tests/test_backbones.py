@@ -201,7 +201,7 @@ def test_refused_checkpoint_stops_a_run_before_ray_starts(tmp_path):
     torch.manual_seed(8)
     state = timm.create_model("resnet18", pretrained=False).state_dict()
     torch.save({k: v for k, v in state.items() if not k.startswith(("layer3", "layer4"))}, tmp_path / "half.pth")
-    demo = str(REPO / "raytrain" / "configs" / "demo.yaml")
+    demo = str(REPO / "configs" / "demo.yaml")
     cfg = load_config(demo, ["model.backbone=resnet18", f"model.backbone_checkpoint={tmp_path / 'half.pth'}"])
     with pytest.raises(ConfigError, match=r"model.backbone_checkpoint: backbone checkpoint .*half.pth matches only "
                                           r"50/100 tensors"):

@@ -5,7 +5,7 @@ import pytest
 
 from raytrain.config import ConfigError, ExperimentConfig, config_reference_markdown, dump_yaml, load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "raytrain" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("name", ["demo", "r50_paper", "h48_paper", "finetune_3dpw", "coco_3dpw_ablation"])
@@ -91,7 +91,7 @@ def test_readme_config_reference_is_up_to_date():
     """The README's table is generated from the dataclasses: regenerate it with
     `python -m raytrain.config README.md` after changing a field."""
     from raytrain.config import REFERENCE_END, REFERENCE_START
-    readme = (CONFIGS.parents[1] / "README.md").read_text()
+    readme = (CONFIGS.parent / "README.md").read_text()
     table = readme[readme.index(REFERENCE_START) + len(REFERENCE_START):readme.index(REFERENCE_END)]
     assert table.strip() == config_reference_markdown().strip(), \
         "README config reference is stale: run `python -m raytrain.config README.md`"

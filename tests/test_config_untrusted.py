@@ -102,7 +102,7 @@ def test_tune_preflights_the_same_keys_before_ray(capsys, tmp_path):
     for override, key in (("model.smpl_dir=/nonexistent/smpl", "model.smpl_dir"),
                           ("train.storage_path=gs://bucket/runs", "train.storage_path")):
         code = main(["tune", "--config", str(tmp_path / "c.yaml"), "--space",
-                     str(REPO / "raytrain" / "spaces" / "paper.yaml"), *BASE,
+                     str(REPO / "tune" / "spaces" / "paper.yaml"), *BASE,
                      f"model.smpl_dir={body_dir()}", override])
         err = capsys.readouterr().err.strip()
         assert code == 2 and f"{key}:" in err and len(err.splitlines()) == 1, err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from copy import deepcopy
 from pathlib import Path
 
 import cv2
@@ -15,7 +16,6 @@ from conftest import body_dir
 from fixtures_3dpw import UNDETECTED, UNDETECTED_J24, make_3dpw_release, write_sequence_file
 from fixtures_data import make_cliff_npz
 
-from raytrain.body import load_body_model
 from raytrain.cli import main as cli_main
 from raytrain.data import ShardReader
 from raytrain.data.convert import SequenceFileError, StorageConfig, convert_3dpw, convert_spin_npz, load_sequence_file
@@ -30,8 +30,9 @@ ROOT_OFFSET = torch.tensor([0.01, -0.22, 0.03])
 
 
 @pytest.fixture(scope="module")
-def body_model():
-    model = load_body_model(body_dir(), genders=("male", "female"))
+def offset_body_model(body_model):
+    """The shared synthetic body model with its rest root joint moved by ROOT_OFFSET."""
+    model = deepcopy(body_model)
     with torch.no_grad():
         for layer in model.smpl.values():
             layer.v_template += ROOT_OFFSET
@@ -39,14 +40,14 @@ def body_model():
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory, body_model):
-    return make_3dpw_release(tmp_path_factory.mktemp("3dpw") / "3DPW", body_model)
+def release(tmp_path_factory, offset_body_model):
+    return make_3dpw_release(tmp_path_factory.mktemp("3dpw") / "3DPW", offset_body_model)
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, release, body_model):
+def converted(tmp_path_factory, release, offset_body_model):
     out = tmp_path_factory.mktemp("shards") / "3dpw-test"
-    summary = convert_3dpw(release["root"], "test", str(out), body_model=body_model,
+    summary = convert_3dpw(release["root"], "test", str(out), body_model=offset_body_model,
                            maxcount=4, progress=False, printer=None)
     samples = list(ShardReader(str(out), shuffle=False, rank=0, world_size=1))
     return summary, samples, out
@@ -75,7 +76,7 @@ def test_3dpw_one_sample_per_valid_actor_frame(converted, release):
         assert sample.focal == pytest.approx((490.0 + 494.0) / 2)
 
 
-def test_3dpw_ground_truth_in_camera_frame_reprojects(converted, release, body_model):
+def test_3dpw_ground_truth_in_camera_frame_reprojects(converted, release, offset_body_model):
     _, samples, _ = converted
     for sample in samples:
         _, name, frame, actor = sample.key.split("/")
@@ -89,7 +90,7 @@ def test_3dpw_ground_truth_in_camera_frame_reprojects(converted, release, body_m
         # The stored camera-frame SMPL (pose, betas, cam_full) gives the stored joints and
         # the release's world joints (jointPositions) moved by cam_poses.
         with torch.no_grad():
-            out = body_model.forward_axis_angle(torch.as_tensor(sample.pose[None]),
+            out = offset_body_model.forward_axis_angle(torch.as_tensor(sample.pose[None]),
                                                 torch.as_tensor(sample.betas[None]),
                                                 sample.gender)
         cam = seq["cam_poses"][frame]
@@ -152,12 +153,12 @@ def test_3dpw_sequence_pickles_are_read_with_the_restricted_unpickler(tmp_path, 
     assert not (tmp_path / "planted-by-pickle").exists()
 
 
-def test_3dpw_skips_with_reasons_limit_and_workers(tmp_path, release, body_model, converted):
+def test_3dpw_skips_with_reasons_limit_and_workers(tmp_path, release, offset_body_model, converted):
     root = tmp_path / "3DPW"
-    copy = make_3dpw_release(root, body_model)  # same seed: same data as `release`
+    copy = make_3dpw_release(root, offset_body_model)  # same seed: same data as `release`
     (root / "imageFiles" / "downtown_fixture_01" / "image_00001.jpg").unlink()  # 2 samples
     (root / "imageFiles" / "courtyard_fixture_00" / "image_00003.jpg").write_bytes(b"garbage")
-    summary = convert_3dpw(root, "test", str(tmp_path / "out"), body_model=body_model,
+    summary = convert_3dpw(root, "test", str(tmp_path / "out"), body_model=offset_body_model,
                            workers=2, progress=False, printer=None)
     assert summary.written == copy["num_valid"] - 4
     assert dict(summary.skipped) == {"missing_image": 2, "bad_image": 2}
@@ -170,7 +171,7 @@ def test_3dpw_skips_with_reasons_limit_and_workers(tmp_path, release, body_model
     for sample in samples:
         assert sample.jpeg == reference[sample.key].jpeg
         np.testing.assert_array_equal(sample.joints_3d, reference[sample.key].joints_3d)
-    limited = convert_3dpw(root, "test", str(tmp_path / "limited"), body_model=body_model,
+    limited = convert_3dpw(root, "test", str(tmp_path / "limited"), body_model=offset_body_model,
                            limit=3, progress=False, printer=None)
     assert limited.total == 3 and read_manifest(str(tmp_path / "limited"))["num_samples"] == limited.written
 

@@ -5,7 +5,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import body_dir
 
 from raytrain.config import DataConfig
 from raytrain.data.augment import (
@@ -23,12 +22,6 @@ from raytrain.data.schema import decode_sample
 from raytrain.synthetic.people import SyntheticConfig, SyntheticGenerator, with_storage
 
 HD = SyntheticConfig(image_sizes=((1920, 1080),))
-
-
-@pytest.fixture(scope="module")
-def body_model():
-    from raytrain.body import load_body_model
-    return load_body_model(body_dir())
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from raytrain.data.shards import write_shards
 from raytrain.train.loop import run_loop
 from raytrain.train.session import BareSession
 
-DEMO = str(REPO / "raytrain" / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "demo.yaml")
 
 
 class KeyOf:

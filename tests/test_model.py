@@ -344,15 +344,10 @@ def test_checkpoint_roundtrip_with_wrapper_prefix(tmp_path):
 
 # ----------------------------------------------------------------------------- body model
 
-def _body_model_or_skip():
-    body = pytest.importorskip("raytrain.body")
-    if not hasattr(body, "load_body_model"):
-        pytest.skip("raytrain.body.load_body_model is not built yet")
-    return body.load_body_model(body_dir()), body.load_mean_params(body_dir())
-
-
 def test_with_body_model_outputs_mesh_and_stays_out_of_state_dict():
-    body_model, mean = _body_model_or_skip()
+    from raytrain.body import load_body_model, load_mean_params
+    # its own body model, not the shared fixture: model.double() below converts it
+    body_model, mean = load_body_model(body_dir()), load_mean_params(body_dir())
     model = build_model(backbone=TINY, decoder_hidden=32, body_model=body_model, mean_params=mean)
     images, boxes, image_size, focal = make_batch()
     out = model(images, boxes, image_size, focal)

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import body_dir
+from conftest import body_dir, moto_s3
 from test_eval import small_overrides, write_synthetic
 
 from raytrain.body import load_body_model
@@ -389,12 +389,7 @@ def test_s3_prefix_and_glob_give_the_same_records(world, tmp_path):
     """Images under an S3 prefix (a moto server on loopback) predict like the local files."""
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
+    with moto_s3() as endpoint:
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                               aws_access_key_id="testing", aws_secret_access_key="testing")
         client.create_bucket(Bucket="pictures")
@@ -415,5 +410,3 @@ def test_s3_prefix_and_glob_give_the_same_records(world, tmp_path):
                 # the folder form names day1/<file>; detections match it by base name
                 key = (record["image"].rsplit("/", 1)[-1], record["frame"], record["person"])
                 np.testing.assert_allclose(record["pose"], local[key]["pose"], atol=1e-6)
-    finally:
-        server.stop()

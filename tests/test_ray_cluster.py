@@ -79,7 +79,7 @@ def test_two_node_ddp_replicas_agree(synthetic_shards, tmp_path):
 
     from raytrain.config import load_config, to_dict
     train, val = synthetic_shards
-    cfg = load_config(str(REPO / "raytrain/configs/demo.yaml"), tiny_overrides(
+    cfg = load_config(str(REPO / "configs/demo.yaml"), tiny_overrides(
         train, val, tmp_path / "runs", **{"ray.num_workers": 2, "data.batch_size": 8,
                                           "optim.max_steps": 4, "train.checkpoint_every": 100}))
     out = tmp_path / "digests"

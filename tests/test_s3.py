@@ -1,4 +1,4 @@
-"""Shards on an S3 endpoint on loopback (a moto server started here) read like local ones."""
+"""Shards on an S3 endpoint on loopback (a moto server, conftest's `moto_s3`) read like local ones."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
+from conftest import moto_s3  # noqa: E402
 from fixtures_data import make_fake_samples  # noqa: E402
 
 from raytrain.data import ShardReader, read_manifest, verify_shards, write_shards  # noqa: E402
@@ -19,22 +20,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:Your installed version of s3fs i
 
 @pytest.fixture(scope="module")
 def s3_options():
-    """Start moto on a free loopback port; yield fsspec storage options for it."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1",
-        aws_access_key_id="testing", aws_secret_access_key="testing",
-    )
-    client.create_bucket(Bucket=BUCKET)
-    yield {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-    }
-    server.stop()
+    """fsspec storage options for a moto server with bucket BUCKET."""
+    with moto_s3() as endpoint:
+        client = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+        )
+        client.create_bucket(Bucket=BUCKET)
+        yield {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        }
 
 
 def _read_all(reader: ShardReader) -> list[tuple]:

@@ -18,7 +18,7 @@ def test_checkpoints_on_s3_and_resume(synthetic_shards, s3_endpoint, caplog, tmp
     from raytrain.config import load_config
     from raytrain.train.launch import run_training
     train, val = synthetic_shards
-    config = str(REPO / "raytrain" / "configs" / "demo.yaml")
+    config = str(REPO / "configs" / "demo.yaml")
     first = load_config(config, tiny_overrides(train, val, "s3://runs/experiments", **{
         "optim.max_steps": 4, "train.checkpoint_every": 2, "name": "s3run"}))
     try:

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import body_dir
 
 from raytrain.apps.study import QUICK, compare, mean_std, paired_difference, run_study
 from raytrain.config import DataConfig
@@ -15,12 +14,6 @@ from raytrain.eval.protocol import camera_depth_error, roi_camera_spread
 from raytrain.losses import contrastive_warmup
 from raytrain.synthetic.hard import hard_synthetic_config
 from raytrain.synthetic.people import SyntheticGenerator, pooled_background, sample_scene, with_storage
-
-
-@pytest.fixture(scope="module")
-def body_model():
-    from raytrain.body import load_body_model
-    return load_body_model(body_dir())
 
 
 def test_roi_camera_spread_and_depth_error_by_hand():

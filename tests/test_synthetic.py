@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import body_dir
 
 from raytrain.body.model import root_joint_model
 from raytrain.data.augment import AugmentParams, augment_cam_full, augment_joints_3d, augment_pose
@@ -17,12 +16,6 @@ from raytrain.synthetic.people import (
     joint_limits,
     shard_synthetic,
 )
-
-
-@pytest.fixture(scope="module")
-def body_model():
-    from raytrain.body import load_body_model
-    return load_body_model(body_dir())
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import body_dir
 from scipy.spatial.transform import Rotation
 
-from raytrain.body import load_body_model
 from raytrain.data import ShardReader
 from raytrain.data.convert import StorageConfig, convert_3dpw
 from raytrain.synthetic.people import SyntheticConfig, rasterize, render_background
@@ -20,11 +18,6 @@ from raytrain.synthetic.pw3d_release import main, sequence_background, write_syn
 
 SIZE = (270, 480)  # portrait, 3DPW's 1080 x 1920 / 4
 SEED = 5
-
-
-@pytest.fixture(scope="module")
-def body_model():
-    return load_body_model(body_dir(), genders=("male", "female"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from raytrain.train.checkpoint import is_complete, latest_complete_checkpoint, l
 from raytrain.train.loop import run_loop
 from raytrain.train.session import BareSession
 
-DEMO = str(REPO / "raytrain" / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "demo.yaml")
 
 
 def _keys(log_prefix, rank=0, per_step_size=4):

@@ -13,14 +13,14 @@ from conftest import body_dir as tiny_body_dir
 from raytrain.config import ConfigError, load_config
 from raytrain.tuning.space import load_space
 
-SPACES = sorted((REPO / "raytrain" / "spaces").glob("*.yaml"))
+SPACES = sorted((REPO / "tune" / "spaces").glob("*.yaml"))
 
 
 # ----------------------------------------------------------------------------- space loader
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
 def test_shipped_spaces_load(path):
-    for cfg in (load_config(), load_config(str(REPO / "raytrain" / "configs" / "demo.yaml"))):
+    for cfg in (load_config(), load_config(str(REPO / "configs" / "demo.yaml"))):
         space = load_space(str(path), cfg)
         assert space.params or space.variants
         space.tune_param_space()
@@ -28,7 +28,7 @@ def test_shipped_spaces_load(path):
 
 def test_shipped_space_names():
     assert {p.stem for p in SPACES} >= {"paper", "rois", "demo", "ablations"}
-    ablations = load_space(str(REPO / "raytrain/spaces/ablations.yaml"))
+    ablations = load_space(str(REPO / "tune/spaces/ablations.yaml"))
     assert ablations.has_grid and ablations.grid_size == 9
     expected = {"no_raf", "no_lcam", "no_lcont", "self_attention", "m1", "m2", "m3", "m4", "full"}
     assert expected == set(ablations.variants)
@@ -87,7 +87,7 @@ def test_space_per_element_and_list_choices(tmp_path):
 
 
 def test_ablation_variants_apply():
-    space = load_space(str(REPO / "raytrain/spaces/ablations.yaml"))
+    space = load_space(str(REPO / "tune/spaces/ablations.yaml"))
     base = load_config()
     assert space.trial_config(base, {"variant": "no_raf"}).model.fusion == "none"
     assert space.trial_config(base, {"variant": "no_lcam"}).loss.lambda_cam == 0.0
@@ -139,8 +139,8 @@ def test_sweep_asha_killed_driver_resume_and_export(synthetic_shards, tmp_path):
     from raytrain.tuning.export import load_trials
     train, val = synthetic_shards
     n, last_step = 6, 6
-    args = ["tune", "--config", str(REPO / "raytrain/configs/demo.yaml"),
-            "--space", str(REPO / "raytrain/spaces/demo.yaml"),
+    args = ["tune", "--config", str(REPO / "configs/demo.yaml"),
+            "--space", str(REPO / "tune/spaces/demo.yaml"),
             "--trials", str(n), *_tune_args(train, val, tmp_path / "runs", "sweep")]
     exp = tmp_path / "runs" / "tune" / "sweep"
     log = open(tmp_path / "first.log", "w")
@@ -212,9 +212,9 @@ def test_every_shipped_ablation_variant_trains(synthetic_shards, tmp_path, varia
     from raytrain.train.loop import run_loop
     from raytrain.train.session import BareSession
     train, val = synthetic_shards
-    base = load_config(str(REPO / "raytrain/configs/demo.yaml"), tiny_overrides(
+    base = load_config(str(REPO / "configs/demo.yaml"), tiny_overrides(
         train, val, tmp_path, **{"optim.max_steps": 1, "data.max_val_samples": 8}))
-    cfg = load_space(str(REPO / "raytrain/spaces/ablations.yaml"), base).trial_config(base, {"variant": variant})
+    cfg = load_space(str(REPO / "tune/spaces/ablations.yaml"), base).trial_config(base, {"variant": variant})
     metrics = run_loop(cfg, BareSession(str(tmp_path), device="cpu"))
     assert metrics["val_samples"] == 8 and metrics["val_mpjpe"] > 0
 
@@ -231,7 +231,7 @@ def test_ablation_grid_writes_the_table(synthetic_shards, tmp_path):
     space.write_text("variants:\n  full: {}\n"
                      "  m1: {rois.num_rois: 1, loss.lambda_cam: 0.0, loss.lambda_cont: 0.0}\n"
                      "tune:\n  scheduler: fifo\n")
-    args = ["tune", "--config", str(REPO / "raytrain/configs/demo.yaml"), "--space", str(space),
+    args = ["tune", "--config", str(REPO / "configs/demo.yaml"), "--space", str(space),
             "--trials", "2", *_tune_args(train, val, tmp_path / "runs", "abl", **{"optim.max_steps": 2,
                                                                                   "train.val_every": 2})]
     log = open(tmp_path / "abl.log", "w")

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import load_config
+from ..config import load_config, shipped_config, shipped_space
 from ..synthetic.body_model import with_default_body_model
 
 log = logging.getLogger(__name__)
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = shipped_config("demo")
 
 # The demo's synthetic people [demo choice]: easier than the default distribution, so that a
 # 0.6 M-parameter CPU network trained from scratch for a few minutes learns pose from the
@@ -187,7 +187,7 @@ def evaluate_untrained(cfg):
 
 # ----------------------------------------------------------------------------- sweep and report
 
-DEMO_SPACE = Path(__file__).resolve().parents[1] / "spaces" / "demo.yaml"
+DEMO_SPACE = shipped_space("demo")
 
 
 def demo_sweep(cfg, quick: bool):

@@ -28,11 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, load_config
-
-PACKAGE = Path(__file__).resolve().parents[1]
-STUDY_CONFIG = PACKAGE / "configs" / "study.yaml"
-STUDY_SPACE = PACKAGE / "spaces" / "study.yaml"
+from ..config import ConfigError, load_config, named_file
+from ..numeric import is_finite_number as _finite
 
 #: Split sizes and step budget: the full study and the quick flavour of the test suite.
 FULL = {"sizes": {"train": 1500, "val": 50, "test": 300}, "steps": 400}
@@ -65,7 +62,8 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
     parallel = parallel or (1 if quick else 2)
     steps = steps or budget["steps"]
     seeds = seeds or budget.get("seeds", 3)
-    config, space = str(config or STUDY_CONFIG), str(space or STUDY_SPACE)
+    shown = {"config": config or "study", "space": space or "study"}  # as given: results.json records them
+    config, space = named_file(shown["config"], "configs"), named_file(shown["space"], "spaces")
     base = load_config(config, list(overrides))
     variant_sets = load_space(space, base).variants
     variants = list(variants or budget.get("variants") or variant_sets)
@@ -102,9 +100,8 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
         _say("mean-pose baseline on the test split")
         results["baseline"] = test_baseline(config, overrides, shards)
         results["baseline_settings"] = base_key
-    results["settings"] = {"steps": steps, "sizes": budget["sizes"], "config": _shown(config),
-                           "space": _shown(space), "overrides": list(overrides), "seeds": seeds,
-                           **benchmark}
+    results["settings"] = {"steps": steps, "sizes": budget["sizes"], **shown, "overrides": list(overrides),
+                           "seeds": seeds, **benchmark}
     write_results(out_dir / "results.json", results)
     # seed by seed: a study stopped early has every variant at (about) the same number of seeds
     jobs = [(v, s) for s in range(seeds) for v in variants if (v, s) not in done]
@@ -395,19 +392,6 @@ def plot(results: dict, path: Path, metrics=("pa_mpjpe", "mpjpe", "cam_err", "ro
 
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _shown(path: str) -> str:
-    """A shipped file as its documented name (configs/X.yaml, tune/spaces/X.yaml)."""
-    p = Path(path).resolve()
-    for prefix, folder in (("configs", PACKAGE / "configs"), ("tune/spaces", PACKAGE / "spaces")):
-        if p.parent == folder:
-            return f"{prefix}/{p.name}"
-    return str(path)
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _say(text: str):

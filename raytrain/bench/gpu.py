@@ -43,10 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import load_config
+from ..config import load_config, shipped_config
 from ..train.session import BareSession
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 #: (config, backbone, persons per step) of each model; ``--quick`` keeps the configs.
 MODELS = {"r50": ("r50_paper.yaml", "resnet50", 48), "h48": ("h48_paper.yaml", "hrnet_w48", 20)}
@@ -166,7 +164,7 @@ def _config(sizes: _Sizes, model: str, shards, run_dir: str, device: torch.devic
 
     config, backbone, batch = sizes.models[model]
     amp = "bf16" if fast and device.type == "cuda" else "none"
-    return with_default_body_model(load_config(str(CONFIGS / config), [
+    return with_default_body_model(load_config(str(shipped_config(config)), [
         "data.mixture=[]", f"data.train_shards={shards[0]}", f"data.val_shards={shards[1]}",
         f"data.crop_size={sizes.crop}", f"data.batch_size={batch}", f"data.val_batch_size={min(batch, 8)}",
         f"data.loader_workers={loader_workers}", "data.shuffle_buffer=256", "data.max_val_samples=8",

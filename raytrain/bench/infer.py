@@ -19,11 +19,8 @@ CPU-second of the process (``process_time``: what a shared machine's other load 
 change).
 """
 import time
-from pathlib import Path
 
 import torch
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def bench_frames(n: int, crop_size: int, seed: int = 3):
@@ -48,11 +45,11 @@ def bench_frames(n: int, crop_size: int, seed: int = 3):
 def inference_model(config: str, overrides=(), device: str = "cpu"):
     """The network of a config with random weights, as ``load_inference_model`` returns it."""
     from ..body import load_body_model, load_mean_params
-    from ..config import load_config
+    from ..config import load_config, shipped_config
     from ..model import build_model
     from ..predict.model import InferenceModel
     from ..synthetic.body_model import with_default_body_model
-    cfg = with_default_body_model(load_config(str(CONFIGS / f"{config}.yaml"), list(overrides)))
+    cfg = with_default_body_model(load_config(str(shipped_config(config)), list(overrides)))
     body = load_body_model(cfg.model.smpl_dir)
     model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
     model.to(device).eval()

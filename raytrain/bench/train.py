@@ -8,12 +8,11 @@ interleaved (bare, ray, bare, ray, ...) and the medians are compared.
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
-from ..config import load_config
+from ..config import load_config, shipped_config
 from ..connect import connect_ray
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = shipped_config("demo")
 
 
 def bench_shards(n_train: int, n_val: int = 16) -> tuple:

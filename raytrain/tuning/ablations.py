@@ -13,7 +13,8 @@ where the data carries the true camera (synthetic data) — the camera translati
 from pathlib import Path
 from typing import Any
 
-from .export import TrialRecord, is_finite_number, load_trials
+from ..numeric import is_finite_number
+from .export import TrialRecord, load_trials
 from .space import VARIANT_KEY
 
 TABLE_FILE = "ablation_table.md"

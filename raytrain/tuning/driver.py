@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, ExperimentConfig, dump_yaml, shipped_path, to_dict
+from ..config import ConfigError, ExperimentConfig, dump_yaml, to_dict
 from ..workarounds import placement_group_recorder, release_callback
 from .ablations import write_ablation_table
 from .experiment import BASE_CONFIG_FILE, SPACE_FILE, TRAIN_RUNS_DIR, TRIAL_CONFIG_FILE, experiment_dir
@@ -163,7 +163,6 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage_path))
     if trials < 1:
         raise ConfigError(f"--trials: must be at least 1, got {trials}")
-    space_path = shipped_path(space_path)
     space = load_space(space_path, cfg)
     tset = TuneSettings.from_sources(cfg, space, settings)
     preflight_body_model(cfg)
@@ -190,7 +189,7 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
         if local:
             Path(exp_path).mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, str(Path(exp_path) / BASE_CONFIG_FILE))
-            shutil.copyfile(space_path, Path(exp_path) / SPACE_FILE)
+            shutil.copyfile(space.path, Path(exp_path) / SPACE_FILE)
         num_samples = tset.repeats if space.has_grid else trials
         total_trials = space.grid_size * tset.repeats if space.has_grid else trials
         if space.has_grid and trials != total_trials:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..numeric import is_finite_number
 from .experiment import load_experiment_inputs, read_trial_config
 
 log = logging.getLogger(__name__)
@@ -275,11 +276,6 @@ def _param_names(trials) -> list[str]:
 def _trial_id_from_dir(name: str) -> str:
     match = re.search(r"_([0-9a-f]{5}_\d{5})_", name)
     return match.group(1) if match else name
-
-
-def is_finite_number(v) -> bool:
-    """A real, finite number (not a bool, not NaN or inf)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _cell(v) -> str:

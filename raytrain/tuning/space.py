@@ -1,6 +1,6 @@
 """Search spaces as YAML, validated against the config schema before any trial runs.
 
-A space file (tune/spaces/*.yaml, format in tune/README.md)::
+A space file (tune/spaces/*.yaml, format in tune/spaces/README.md; a shipped one by bare name: `paper`)::
 
     space:                                   # sampled parameters, keyed by dotted config key
       loss.lambda_cam: {dist: loguniform, low: 0.1, high: 10}
@@ -26,7 +26,17 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError, ExperimentConfig, config_from_raw, from_dict, read_yaml, set_dotted, to_dict, validate
+from ..config import (
+    ConfigError,
+    ExperimentConfig,
+    config_from_raw,
+    from_dict,
+    named_file,
+    read_yaml,
+    set_dotted,
+    to_dict,
+    validate,
+)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "int", "grid")
 VARIANT_KEY = "variant"          # the Tune parameter name of the `variants` grid
@@ -126,7 +136,9 @@ class SearchSpace:
 # ----------------------------------------------------------------------------- loading
 
 def load_space(path: str, base_cfg: ExperimentConfig | None = None) -> SearchSpace:
-    """Read and validate a space file against `base_cfg` (defaults: ExperimentConfig())."""
+    """Read and validate a space file (a path, or the bare name of a shipped space) against `base_cfg`
+    (defaults: ExperimentConfig())."""
+    path = named_file(str(path), "spaces")
     raw = read_yaml(path)
     where = f"{path}"
     unknown = [k for k in raw if k not in TOP_LEVEL]

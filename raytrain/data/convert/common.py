@@ -151,6 +151,12 @@ def key_part(text) -> str:
     return part or "_"
 
 
+def label_text(value, encoding: str = "utf-8") -> str:
+    """A text label of a loaded file: bytes decoded with `encoding` (UTF-8 in npz files; 3DPW's
+    Python 2 pickles hold latin-1 bytes), anything else through str()."""
+    return value.decode(encoding) if isinstance(value, bytes) else str(value)
+
+
 def make_key(source: str, sequence, frame, person) -> str:
     """``<source>/<sequence>/<frame>/<person>`` with every part made safe (no dots)."""
     return "/".join(key_part(p) for p in (source, sequence, frame, person))

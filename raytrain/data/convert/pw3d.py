@@ -47,7 +47,7 @@ from raytrain.body.joints import J24_TO_OPENPOSE18
 from raytrain.geometry import axis_angle_to_rotmat, rotmat_to_axis_angle
 from raytrain.safe_pickle import UnsafePickleError, safe_load
 
-from .common import ConversionSummary, Record, RecordSet, StorageConfig, convert_record_set, make_key
+from .common import ConversionSummary, Record, RecordSet, StorageConfig, convert_record_set, label_text, make_key
 
 SOURCE = "3dpw"
 PW3D_LICENCE = ("3DPW: non-commercial scientific research only (3DPW licence, "
@@ -121,8 +121,8 @@ def _normalise(data: dict) -> dict:
         raise ValueError("no actors in 'poses'")
     frames = poses[0].shape[0]
     out = {
-        "sequence": _text(data["sequence"]),
-        "genders": [_text(g) for g in data["genders"]],
+        "sequence": label_text(data["sequence"], "latin1"),
+        "genders": [label_text(g, "latin1") for g in data["genders"]],
         "poses": poses,
         "betas": [np.asarray(b, dtype=np.float64).reshape(-1) for b in data["betas"]],
         "trans": [np.asarray(t, dtype=np.float64) for t in data["trans"]],
@@ -158,10 +158,6 @@ def _normalise(data: dict) -> dict:
     if out["cam_intrinsics"].shape != (3, 3):
         raise ValueError(f"'cam_intrinsics' has shape {out['cam_intrinsics'].shape}, expected (3, 3)")
     return out
-
-
-def _text(value) -> str:
-    return value.decode("latin1") if isinstance(value, bytes) else str(value)
 
 
 def scan_split(root: str | os.PathLike, split: str) -> tuple[list[Path], int, list[str]]:

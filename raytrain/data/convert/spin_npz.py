@@ -48,7 +48,16 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-from .common import ConversionError, ConversionSummary, Record, RecordSet, StorageConfig, convert_record_set, make_key
+from .common import (
+    ConversionError,
+    ConversionSummary,
+    Record,
+    RecordSet,
+    StorageConfig,
+    convert_record_set,
+    label_text,
+    make_key,
+)
 
 #: Source name -> licence note written into the manifest (see datasets/README.md).
 SOURCES = {
@@ -127,7 +136,7 @@ def read_spin_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ConversionError(f"{path}: scale has shape {data['scale'].shape}, expected ({n},)")
     for row, value in enumerate(data["imgname"]):
         try:
-            name = _text(value)
+            name = label_text(value)
         except UnicodeDecodeError:
             raise ConversionError(f"{path}: imgname of row {row} is not UTF-8 text") from None
         if not _inside_root(name):
@@ -146,10 +155,6 @@ def _inside_root(name: str) -> bool:
     rel = PurePosixPath(name.replace("\\", "/"))
     return (bool(name) and not rel.is_absolute() and ".." not in rel.parts and ":" not in name
             and "\0" not in name)
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _joints_in_metres(S: np.ndarray) -> np.ndarray:
@@ -180,13 +185,13 @@ def spin_npz_records(data: dict[str, np.ndarray], img_root: str, source: str) ->
         focal = np.broadcast_to(np.asarray(focal, dtype=np.float64).reshape(-1)
                                 if np.ndim(focal) else np.asarray(focal, np.float64), (n,))
     for row in range(n):
-        name = _text(data["imgname"][row])
+        name = label_text(data["imgname"][row])
         rel = PurePosixPath(name.replace("\\", "/"))
         sequence = "-".join(rel.parent.parts) or "_"
         labels = {
             "box": [*np.asarray(data["center"][row], np.float64), 200.0 * scale[row]],
             "keypoints_2d": data["part"][row] if "part" in data else None,
-            "gender": _text(data["gender"][row]) if "gender" in data else None,
+            "gender": label_text(data["gender"][row]) if "gender" in data else None,
             "focal": None if focal is None else float(focal[row]),
             "cam_full": None if global_t is None else np.asarray(global_t[row], np.float64),
             "meta": {"imgname": name},
