@@ -199,9 +199,14 @@ def _load_config(args):
 
 def cmd_train(args):
     from .train.launch import run_log_path, run_training
+    from .train.run_identity import RunFinished
     cfg = _load_config(args)
     _log_to(run_log_path(cfg))
-    result = run_training(cfg)
+    try:
+        result = run_training(cfg)
+    except RunFinished as finished:  # nothing trained: say so, claim no result
+        print(f"raytrain: {finished}", file=sys.stderr)
+        return 0
     print(json.dumps({"metrics": _plain(result.metrics), "checkpoint": str(result.checkpoint.path)
                       if result.checkpoint else None}, indent=2))
     return 0 if result.error is None else 1
