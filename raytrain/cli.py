@@ -25,9 +25,13 @@ def main(argv=None):
         print(f"raytrain: config error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
+        from .body.model import BodyModelError
         from .train.checkpoint import CheckpointError
         if isinstance(err, CheckpointError):
             print(f"raytrain: checkpoint error: {err}", file=sys.stderr)
+            return 2
+        if isinstance(err, BodyModelError):
+            print(f"raytrain: body model error: {err}", file=sys.stderr)
             return 2
         if not _deterministic(err):
             raise

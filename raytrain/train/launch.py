@@ -58,10 +58,10 @@ def preflight_model(cfg: ExperimentConfig):
 
 
 def preflight_body_model(cfg: ExperimentConfig):
-    """``model.smpl_dir`` must hold the body model files before a worker starts."""
-    from ..body.model import BodyModelError, ensure_body_model_dir
+    """``model.smpl_dir`` must hold body model files that load, before a worker starts."""
+    from ..body.model import BodyModelError, check_body_model
     try:
-        ensure_body_model_dir(cfg.model.smpl_dir)
+        check_body_model(cfg.model.smpl_dir)
     except BodyModelError as err:
         raise ConfigError(f"model.smpl_dir: {err}") from None
 
