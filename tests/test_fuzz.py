@@ -200,6 +200,18 @@ def test_too_many_bad_samples_pickles_with_its_details():
     assert isinstance(manifest, ValueError) and manifest.shard == "x"
 
 
+def test_skip_errors_pickle_with_their_reason_and_detail():
+    """BadSample (reader) and SkipItem (predict) cross process boundaries whole."""
+    from raytrain.data.schema import BadSample
+    from raytrain.predict.inputs import SKIP_REASONS, SkipItem
+    for error in (BadSample("duplicate_key", "k: twice"), SkipItem(SKIP_REASONS[0], "frame 3")):
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and (back.reason, back.detail, str(back)) == (
+            error.reason, error.detail, str(error))
+    with pytest.raises(ValueError, match="unknown bad-sample reason"):
+        BadSample("no_such_reason")
+
+
 def test_too_many_bad_samples_from_a_loader_worker_keeps_its_type_and_line(tmp_path):
     samples = make_fake_samples(20, seed=6)
     for index in range(3, 13):

@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, ReasonError
 from .formats.npz import parse_npz
 from .formats.tar import DUPLICATE_FLAG, OVERSIZED_FLAG
 
@@ -111,15 +111,10 @@ class SchemaError(DataError, ValueError):
     """A shard or manifest uses a schema version this code cannot read."""
 
 
-class BadSample(ValueError):
+class BadSample(ReasonError):
     """A sample that must be skipped; ``reason`` is one of ``BAD_REASONS``."""
 
-    def __init__(self, reason: str, detail: str = ""):
-        if reason not in BAD_REASONS:
-            raise ValueError(f"unknown bad-sample reason {reason!r}")
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+    REASONS, KIND = BAD_REASONS, "bad-sample reason"
 
 
 @dataclass
