@@ -338,6 +338,32 @@ def test_eval_data_that_cannot_be_read_is_one_line_not_a_hang(data_root, trained
     assert code == 2 and "--data" in err and message in err and len(err.splitlines()) == 1, err
 
 
+def test_eval_on_a_tar_of_non_samples_is_one_line(data_root, trained, tmp_path, capsys):
+    """A tar holding files that are not samples: one line naming --data, exit 2."""
+    import tarfile
+    (tmp_path / "README.txt").write_text("not a sample\n")
+    (tmp_path / "photo.png").write_bytes(bytes(range(256)) * 8)
+    with tarfile.open(tmp_path / "junk.tar", "w") as tar:
+        for name in ("README.txt", "photo.png"):
+            tar.add(tmp_path / name, arcname=name)
+    _, session = trained["trial_a"]
+    code = cli_main(["eval", "--checkpoint", session.latest_checkpoint_dir(), "--data", str(tmp_path / "junk.tar"),
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("raytrain: config error: --data ") and "missing_key" in err, err
+
+
+def test_eval_out_in_a_missing_bucket_stops_before_the_evaluation(data_root, tmp_path, capsys, s3_endpoint):
+    """--out in a bucket that does not exist is found before any checkpoint is loaded
+    (here: none exists at all) or any sample is evaluated."""
+    code = cli_main(["eval", "--checkpoint", str(tmp_path / "not-loaded"), "--data", str(data_root / "val"),
+                     "--out", "s3://missing-bucket/report"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("raytrain: config error: --out s3://missing-bucket/report: cannot write there"), err
+
+
 def test_experiment_in_object_storage_is_ranked_copied_and_reported_back(data_root, trained, tmp_path, monkeypatch,
                                                                          s3_endpoint):
     """An experiment in s3:// (a moto server on loopback) evaluates like its local copy: the

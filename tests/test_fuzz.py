@@ -320,3 +320,26 @@ def test_duplicate_keys_and_members_are_counted_not_delivered(tmp_path):
     keys = _keys(reader)
     assert keys == [s["__key__"] for i, s in enumerate(samples) if i not in (5, 7)]
     assert reader.bad_counts == {"duplicate_key": 1, "duplicate_member": 1}
+
+
+def test_the_huge_count_manifest_is_refused_at_once_by_eval_and_doctor(tmp_path):
+    """Through the commands: `raytrain eval --data` stops before loading a checkpoint and
+    `raytrain doctor` reports the shard set, each naming the shard, in seconds."""
+    import contextlib
+    import io
+    import time
+
+    from raytrain.cli import main as cli_main
+    huge = huge_count_manifest(tmp_path / "huge")
+    config = tmp_path / "huge.yaml"
+    config.write_text(f"data:\n  train_shards: {huge}\n  val_shards: {huge}\n")
+    for argv in (["eval", "--checkpoint", str(tmp_path / "none"), "--data", str(huge)],
+                 ["doctor", "--config", str(config)]):
+        out, err = io.StringIO(), io.StringIO()
+        start = time.monotonic()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli_main(argv)
+        assert time.monotonic() - start < 30, argv
+        text = out.getvalue() + err.getvalue()
+        assert code != 0 and "said to hold 1000000000000 samples" in text and "shard-000001.tar" in text, text
+        assert "Traceback" not in text
