@@ -21,6 +21,9 @@ def main(argv=None):
     setup_console()
     try:
         return args.func(args) or 0
+    except KeyboardInterrupt:  # Ctrl-C: what was left is safe, say so in one line
+        print(f"raytrain: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
+        return 130
     except ConfigError as err:
         print(f"raytrain: config error: {err}", file=sys.stderr)
         return 2
@@ -37,6 +40,11 @@ def main(argv=None):
             raise
         print(f"raytrain: stopped: {_user_line(err)}", file=sys.stderr)
         return 1
+
+
+#: What an interrupted command leaves behind, by command.
+INTERRUPTED = {"shard": ": the output folder stays marked unfinished (readers, doctor and training refuse it); "
+                        "rerun the command with --overwrite (with --ray: the same command resumes it)"}
 
 
 def _deterministic(err: Exception) -> bool:

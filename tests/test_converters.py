@@ -492,6 +492,34 @@ def test_shard_ray_never_reuses_another_inputs_chunks_and_a_killed_folder_is_ref
         ray.shutdown()
 
 
+@pytest.mark.timeout(300)
+def test_ctrl_c_during_shard_is_one_line_and_leaves_a_refused_folder(tmp_path):
+    """SIGINT to the command's process group (Ctrl-C in a terminal), worker processes
+    included: one line, no traceback from the command or its workers, exit 130, and the
+    half-written folder is refused by the reader."""
+    import os
+    import signal
+    import time
+
+    from raytrain.data import ManifestError
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "raytrain.cli", "shard", "synthetic", "--out", str(out),
+                             "--n", "2000", "--workers", "2", "--maxcount", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 200
+    while not list(out.glob("*.tar")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("raytrain: interrupted: the output folder stays marked unfinished")
+    with pytest.raises(ManifestError, match="did not finish"):
+        ShardReader(str(out), rank=0, world_size=1)
+
+
 # ----------------------------------------------------------------------------- untrusted input
 
 
