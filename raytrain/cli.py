@@ -1,6 +1,7 @@
 """`raytrain {shard,train,tune,eval,predict,demo,study,bench,doctor}`: thin argument parsing over the package."""
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -36,6 +37,9 @@ def main(argv=None):
         if isinstance(err, BodyModelError):
             print(f"raytrain: body model error: {err}", file=sys.stderr)
             return 2
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            print(f"raytrain: cannot write {err.filename or 'a file'}: {err.strerror}", file=sys.stderr)
+            return 1
         if not _deterministic(err):
             raise
         print(f"raytrain: stopped: {_user_line(err)}", file=sys.stderr)

@@ -3,6 +3,7 @@ checkpoint reproducing the validation it was trained with. No mocks: synthetic s
 the synthetic body model, a small network trained for two steps with the real loop."""
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -241,6 +242,36 @@ def test_helpers():
     assert protocol_of(["h36m/S9_walking/1/0", "h36m/S11_eating/2/0"])["name"] == "h36m_p2"
     assert "S1" in protocol_of(["h36m/S1_walking/1/0"])["note"]
     assert protocol_of(["3dpw/seq/1/0"])["name"] == "3dpw"
+
+
+def test_a_full_disk_never_leaves_a_truncated_metrics_json(tmp_path):
+    """A write that fails half-way (the file-size limit stands in for a full disk) leaves
+    the previous metrics.json, or none, and no temporary file."""
+    import subprocess
+    import sys
+    script = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from raytrain.eval.report import write_report\n"
+        "out = Path(sys.argv[1])\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))\n"
+        "try:\n"
+        "    write_report(out, {'padding': list(range(100000)), 'per_joint': {}})\n"
+        "except OSError as err:\n"
+        "    print('failed', err.errno)\n"
+    )
+    for before in (None, '{"old": true}'):
+        out = tmp_path / f"out-{before is None}"
+        out.mkdir()
+        if before:
+            (out / "metrics.json").write_text(before)
+        run = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert run.stdout.startswith("failed"), run.stdout + run.stderr
+        metrics = out / "metrics.json"
+        assert (metrics.read_text() == before) if before else not metrics.exists()
+        assert [p.name for p in out.iterdir()] == (["metrics.json"] if before else [])
 
 
 def test_report_writes_every_file_without_overlays(tmp_path):

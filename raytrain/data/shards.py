@@ -133,10 +133,12 @@ def make_manifest(shards: list[dict], source: str, licence: str) -> dict:
     }
 
 
-def write_json(url: str, payload: dict, storage_options: dict | None = None) -> None:
+def write_json(url: str, payload: dict, storage_options: dict | None = None, indent: int = 1,
+               default=None) -> None:
     """Write ``payload`` atomically: a local file under a temporary name renamed into
-    place; an object-store PUT is atomic by itself."""
-    data = json.dumps(payload, indent=1).encode("utf-8")
+    place (a full disk leaves the old file or none, never a truncated one); an
+    object-store PUT is atomic by itself. ``default``: as ``json.dumps``'s."""
+    data = json.dumps(payload, indent=indent, default=default).encode("utf-8")
     if is_remote(url):
         with open_url(url, "wb", storage_options) as handle:
             handle.write(data)
@@ -144,11 +146,15 @@ def write_json(url: str, payload: dict, storage_options: dict | None = None) -> 
     path = url[len("file://"):] if url.startswith("file://") else url
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def clear_shard_folder(out: str, overwrite: bool, storage_options: dict | None = None) -> None:
