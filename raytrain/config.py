@@ -169,9 +169,9 @@ class TrainConfig:
     mlflow_uri: str | None = opt(None, "MLflow tracking URI (optional extra)")
     sample_log: str | None = opt(None, "append 'step epoch key' of every training sample to <this>.rank<r>.txt "
                                        "(audits resume)")
-    accept_changed_run: bool = opt(False, "resume a run directory whose recorded data sources or RoI schedule "
-                                          "differ from this config's (run_identity.json); a changed model always "
-                                          "needs a new name")
+    accept_changed_run: bool = opt(False, "resume a run directory whose recorded fingerprint (run_identity.json: "
+                                          "data sources, RoI schedule, model) differs from this config's; a change "
+                                          "of the network itself always needs a new name")
 
 
 @dataclass

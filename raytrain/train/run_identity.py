@@ -17,8 +17,8 @@ The states a run directory can be in when ``raytrain train`` starts:
 - **same** fingerprint: the run resumes from its latest checkpoint.
 - **changed** fingerprint: refused (``RunDirectoryError``, exit 2) with one line naming
   what differs; a new ``name`` starts another run, ``train.accept_changed_run=true``
-  resumes anyway and records the new fingerprint (other data or RoI schedule only: a
-  changed model cannot load the run's checkpoints, so that always needs a new name).
+  resumes anyway and records the new fingerprint (not for a key that decides the network,
+  ``eval.run.MODEL_KEYS``: the run's checkpoints cannot load into another one).
 - **live**: another process holds the run's lock (``run.lock`` beside the fingerprint;
   for a run directory in object storage, ``$RAYTRAIN_HOME/locks/``, which guards one
   machine only): refused with its pid and host. The lock is an ``fcntl`` lock, which the
@@ -45,6 +45,7 @@ from typing import IO
 
 from ..config import ConfigError, ExperimentConfig, to_dict
 from ..data.io import exists, is_remote, isdir, join_url, open_url
+from ..eval.run import MODEL_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,20 @@ def data_sources(cfg: ExperimentConfig) -> list[tuple[str, str]]:
 
 
 def source_digest(source) -> str:
-    """``manifest <sha256 prefix>`` of a shard folder or manifest, else of its shard list."""
+    """``manifest <sha256 prefix>`` of a shard folder or manifest, else of its shard list
+    (``unset`` / ``unreadable``: the pre-flight names those)."""
     from ..data.shards import MAX_MANIFEST_BYTES, manifest_url, resolve_shards
-    if isinstance(source, str) and "{" not in source and (source.endswith(".json") or isdir(source)):
-        url = manifest_url(source)
-        if exists(url):
-            with open_url(url, "rb") as handle:
-                return f"manifest {hashlib.sha256(handle.read(MAX_MANIFEST_BYTES + 1)).hexdigest()[:16]}"
-    listing = [(ref.name, ref.num_samples) for ref in resolve_shards(source)]
+    if not source:
+        return "unset"
+    try:
+        if isinstance(source, str) and "{" not in source and (source.endswith(".json") or isdir(source)):
+            url = manifest_url(source)
+            if exists(url):
+                with open_url(url, "rb") as handle:
+                    return f"manifest {hashlib.sha256(handle.read(MAX_MANIFEST_BYTES + 1)).hexdigest()[:16]}"
+        listing = [(ref.name, ref.num_samples) for ref in resolve_shards(source)]
+    except (OSError, ValueError) as error:
+        return f"unreadable ({type(error).__name__})"
     return f"shards {hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}"
 
 
@@ -210,7 +217,7 @@ def _check_identity(cfg: ExperimentConfig, run_dir: str) -> None:
         return
     changed = differences(record["fingerprint"], current) if record else [f"{IDENTITY_FILE} unreadable"]
     if changed:
-        model_changed = any(line.startswith("model.") for line in changed)
+        model_changed = any(line.split(":", 1)[0] in MODEL_KEYS for line in changed)
         shown = "; ".join(changed[:4]) + (f"; ... ({len(changed)} in all)" if len(changed) > 4 else "")
         if model_changed or not cfg.train.accept_changed_run:
             how = ("its checkpoints cannot load into another model: choose a new name (name=...)"
