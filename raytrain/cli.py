@@ -1,6 +1,7 @@
 """`raytrain {shard,train,tune,eval,predict,demo,study,bench,doctor}`: thin argument parsing over the package."""
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -21,18 +22,33 @@ def main(argv=None):
     setup_console()
     try:
         return args.func(args) or 0
+    except KeyboardInterrupt:  # Ctrl-C: what was left is safe, say so in one line
+        print(f"raytrain: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
+        return 130
     except ConfigError as err:
         print(f"raytrain: config error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
+        from .body.model import BodyModelError
         from .train.checkpoint import CheckpointError
         if isinstance(err, CheckpointError):
             print(f"raytrain: checkpoint error: {err}", file=sys.stderr)
             return 2
+        if isinstance(err, BodyModelError):
+            print(f"raytrain: body model error: {err}", file=sys.stderr)
+            return 2
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            print(f"raytrain: cannot write {err.filename or 'a file'}: {err.strerror}", file=sys.stderr)
+            return 1
         if not _deterministic(err):
             raise
         print(f"raytrain: stopped: {_user_line(err)}", file=sys.stderr)
         return 1
+
+
+#: What an interrupted command leaves behind, by command.
+INTERRUPTED = {"shard": ": the output folder stays marked unfinished (readers, doctor and training refuse it); "
+                        "rerun the command with --overwrite (with --ray: the same command resumes it)"}
 
 
 def _deterministic(err: Exception) -> bool:
@@ -195,9 +211,14 @@ def _load_config(args):
 
 def cmd_train(args):
     from .train.launch import run_log_path, run_training
+    from .train.run_identity import RunFinished
     cfg = _load_config(args)
     _log_to(run_log_path(cfg))
-    result = run_training(cfg)
+    try:
+        result = run_training(cfg)
+    except RunFinished as finished:  # nothing trained: say so, claim no result
+        print(f"raytrain: {finished}", file=sys.stderr)
+        return 0
     print(json.dumps({"metrics": _plain(result.metrics), "checkpoint": str(result.checkpoint.path)
                       if result.checkpoint else None}, indent=2))
     return 0 if result.error is None else 1

@@ -9,7 +9,9 @@ reference is generated from these dataclasses (`config_reference_markdown`).
 """
 import dataclasses
 import math
+import os
 import re
+import stat
 import types
 import typing
 from collections.abc import Sequence
@@ -173,11 +175,15 @@ class TrainConfig:
     mlflow_uri: str | None = opt(None, "MLflow tracking URI (optional extra)")
     sample_log: str | None = opt(None, "append 'step epoch key' of every training sample to <this>.rank<r>.txt "
                                        "(audits resume)")
+    accept_changed_run: bool = opt(False, "resume a run directory whose recorded fingerprint (run_identity.json: "
+                                          "data sources, RoI schedule, model) differs from this config's; a change "
+                                          "of the network itself always needs a new name")
 
 
 @dataclass
 class ExperimentConfig:
-    name: str = opt("experiment", "run name (directory under train.storage_path)")
+    name: str = opt("experiment", "run name (directory under train.storage_path); default: the config "
+                                  "file's name (configs/r50_paper.yaml -> r50_paper)")
     seed: int = opt(0, "global seed", min=0)
     data: DataConfig = opt(DataConfig, "data", factory=True)
     rois: RoIConfig = opt(RoIConfig, "RoI schedule", factory=True)
@@ -196,7 +202,16 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Exper
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
+    if path and isinstance(raw, dict) and "name" not in raw:
+        raw["name"] = run_name_of(path)
     return config_from_raw(raw)
+
+
+def run_name_of(path: str) -> str:
+    """The default run name of a config file: its name without the suffix, made a plain
+    run name (``configs/r50_paper.yaml`` -> ``r50_paper``)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem)[:128].lstrip("._-")
+    return name or "experiment"
 
 
 def config_from_raw(raw: dict[str, Any], where: str = "") -> ExperimentConfig:
@@ -290,6 +305,8 @@ def short(value, limit: int = 120) -> str:
 
 def read_yaml(path: str) -> dict[str, Any]:
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):  # a FIFO would hang
+            raise ConfigError(f"{path}: not a regular file (a FIFO, device or socket); expected a YAML file")
         with open(path, "rb") as handle:
             payload = handle.read(MAX_YAML_BYTES + 1)
     except FileNotFoundError:

@@ -10,6 +10,12 @@ pickles name, under their numpy 1 and 2 module names), the scipy sparse matrix c
 bytes at protocol 2), and ``copyreg._reconstructor`` for old protocols. Plain containers,
 strings and numbers need no global. Anything else raises ``UnsafePickleError`` naming the
 file and the refused global.
+
+The BUILD opcode (fill in an object's state) is only ever applied to an instance of the
+allowed data types (an array, a dtype, a numpy scalar, a sparse matrix): never to a class
+or function, so a crafted file cannot set attributes of one (``csr_matrix.toarray``, a
+function's ``__defaults__``) for the rest of the process. The opcode is checked in the
+pure-Python unpickler's dispatch table, the one place it can be intercepted.
 """
 
 from __future__ import annotations
@@ -53,10 +59,31 @@ _SPARSE_MODULES = ("scipy.sparse", "scipy.sparse._csc", "scipy.sparse.csc", "sci
                    "scipy.sparse.csr", "scipy.sparse._coo", "scipy.sparse.coo")
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+def _buildable(target) -> bool:
+    """An instance of a data type the allowed globals make (BUILD may fill it in)."""
+    if isinstance(target, type):
+        return False
+    if isinstance(target, (np.ndarray, np.dtype, np.generic)):
+        return True
+    module = type(target).__module__
+    return module.startswith("scipy.sparse") and type(target).__name__ in _SPARSE_CLASSES
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # the Python one: its BUILD can be checked
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, handle, allow_sparse: bool, **kwargs):
         super().__init__(handle, **kwargs)
         self.allow_sparse = allow_sparse
+
+    def load_build(self):
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if not _buildable(target):
+            raise UnsafePickleError(f"BUILD on {_name_of(target)} (state is only set on arrays, dtypes "
+                                    "and sparse matrices, never on a class or function)")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str):
         if (module, name) in _NUMPY:
@@ -73,6 +100,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
             import scipy.sparse
             return getattr(scipy.sparse, name)
         raise UnsafePickleError(f"refused global {module}.{name}")
+
+
+def _name_of(target) -> str:
+    if isinstance(target, type) or callable(target):
+        return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(target).__name__)}"
+    return f"a {type(target).__name__}"
 
 
 def safe_load(path: str | os.PathLike, allow_sparse: bool = False, encoding: str = "latin1"):

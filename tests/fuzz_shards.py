@@ -38,6 +38,17 @@ def header_bomb_jpeg(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def sparse_jpeg(width: int, height: int, size: int) -> bytes:
+    """A header-bomb JPEG padded with comment segments to ``size`` bytes: plausible by its
+    size alone, far too few bytes for the ``width`` x ``height`` it declares."""
+    data = header_bomb_jpeg(width, height)
+    comments = b""
+    while len(data) + len(comments) < size:
+        body = b"x" * min(65000, size - len(data) - len(comments))
+        comments += b"\xff\xfe" + struct.pack(">H", len(body) + 2) + body
+    return data[:2] + comments + data[2:]
+
+
 def other_size_jpeg(width: int = 64, height: int = 64) -> bytes:
     """A valid JPEG of another size than the json's ``stored_size``: a bright image, so a
     sample delivered with it would show."""
@@ -157,6 +168,14 @@ SAMPLE_DAMAGE: dict[str, tuple[str, Callable[[dict], None]]] = {
     "nan_label": ("nonfinite_label", lambda r: rewrite_npz(r, "pose", np.full(72, np.nan, np.float32))),
     "box_outside": ("box_outside_image", lambda r: _json(r, box=[5000.0, 5000.0, 30.0])),
     "missing_npz": ("missing_key", lambda r: r.pop("npz")),
+    "jpeg_80kb_declaring_36mp": ("too_large", lambda r: (r.update(jpg=sparse_jpeg(6000, 6000, 80_000)),
+                                                         _json(r, stored_size=[6000, 6000]))),
+}
+
+#: Damage to the tar's layout, done by ``write_fuzz_corpus`` itself: reason -> what.
+TAR_DAMAGE = {
+    "duplicate_key": "a sample written under the key of a sample two before it in its shard",
+    "duplicate_member": "a sample's json member written twice",
 }
 
 
@@ -183,8 +202,14 @@ def write_fuzz_corpus(path: Path, good_per_damage: int = 3, seed: int = 0) -> Fu
         expected[reason] += 1
         bad_index.add(index)
     samples[2]["jpg"] = with_exif_orientation(samples[2]["jpg"])  # good: delivered unrotated
+    duplicate = 10 * (total // 10 - 2) + 8  # in the second-last shard, away from the cut one
+    samples[duplicate]["__key__"] = samples[duplicate - 2]["__key__"]
+    twice = duplicate - 4
+    expected.update(["duplicate_key", "duplicate_member"])
+    bad_index |= {duplicate, twice}
     write_shards(samples, str(path), source="fake", licence="test", maxcount=10)
     shards = sorted(path.glob("*.tar"))
+    _member_twice(path, shards[-2], f"{samples[twice]['__key__']}.json")
     lost = _garbage_over_header(shards[1], samples, 10) | _cut(shards[-1], samples, 10 * (len(shards) - 1))
     expected["corrupt_member"] += len(lost - bad_index)
     for index in lost & bad_index:  # damaged twice: the tar damage decides
@@ -199,6 +224,40 @@ def write_fuzz_corpus(path: Path, good_per_damage: int = 3, seed: int = 0) -> Fu
 
 def _reason_of(index: int, good_per_damage: int) -> str:
     return list(SAMPLE_DAMAGE.values())[(index - 1) // (good_per_damage + 1)][0]
+
+
+def _member_twice(path: Path, shard: Path, name: str) -> None:
+    """Rewrite ``shard`` with member ``name`` a second time right after the first (other
+    bytes), and the manifest's size and sha256 of the shard to match."""
+    import hashlib
+    import tarfile
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data))
+            if info.name == name:
+                tar.addfile(info, io.BytesIO(data.replace(b'"focal"', b'"focal" ')[:info.size].ljust(info.size)))
+    manifest = json.loads((path / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["name"] == shard.name)
+    entry["bytes"] = shard.stat().st_size
+    entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def huge_count_manifest(path: Path, count: int = 10**12, with_bytes: bool = True) -> Path:
+    """A good shard set of 20 whose manifest says its second shard holds ``count`` samples
+    (``with_bytes=False``: the manifest records no sizes, and that shard is missing)."""
+    write_shards(make_fake_samples(20, seed=9), str(path), source="fake", licence="test", maxcount=10)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["shards"][1]["num_samples"] = count
+    manifest["num_samples"] = 10 + count
+    if not with_bytes:
+        for entry in manifest["shards"]:
+            entry.pop("bytes")
+        (path / manifest["shards"][1]["name"]).unlink()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
 
 
 def _garbage_over_header(shard: Path, samples: list[dict], first: int) -> set[int]:

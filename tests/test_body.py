@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import smplx
 import torch
+from conftest import REPO
 
 from raytrain.body import (
     H36M_FLIP_PERM,
@@ -381,3 +382,54 @@ def test_smpl_pickle_is_read_with_the_restricted_unpickler(body_dir, tmp_path, m
         loaded = safe_load(tmp_path / "p.pkl", allow_sparse=True)
         assert type(loaded["J_regressor"]).__name__ == "csc_matrix"
         assert loaded["v_template"].shape == (6890, 3)
+
+
+def test_a_crafted_build_never_sets_attributes_of_a_class(body_dir, tmp_path):
+    """BUILD on the sparse class itself (not an instance) would replace its methods for the
+    whole process: the restricted unpickler refuses it, naming the file, in one line."""
+    import scipy.sparse
+    before = scipy.sparse.csr_matrix.toarray
+    crafted = (b"\x80\x02cscipy.sparse\ncsr_matrix\n" + b"N}X\x07\x00\x00\x00toarrayK\x01s\x86b.")
+    user = _bad_pickle(body_dir, tmp_path, crafted)
+    with pytest.raises(BodyModelError, match=r"SMPL_NEUTRAL\.pkl in .*BUILD on scipy\.sparse.*csr_matrix") as info:
+        load_body_model(str(user))
+    assert "\n" not in str(info.value)
+    assert scipy.sparse.csr_matrix.toarray is before
+    function = (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\n" + b"N}X\x0c\x00\x00\x00__defaults__)s\x86b.")
+    (tmp_path / "f.pkl").write_bytes(function)
+    from raytrain.safe_pickle import UnsafePickleError, safe_load
+    with pytest.raises(UnsafePickleError, match="BUILD on numpy"):
+        safe_load(tmp_path / "f.pkl")
+
+
+@pytest.mark.parametrize("gender, damage, message", [
+    ("neutral", lambda d: d["weights"].__setitem__((0, 0), np.nan), "'weights' holds NaN"),
+    ("male", lambda d: d["kintree_table"].__setitem__((0, 5), 9), "'kintree_table' names a parent"),
+    ("female", lambda d: d.update(f=d["f"] + 10_000), "'f' names vertices outside"),
+    ("neutral", lambda d: d.update(v_template=np.full((6890, 3), "x")), "'v_template' holds <U1 values"),
+])
+def test_smpl_files_that_exist_but_do_not_load_stop_raytrain_train_before_ray(
+        body_dir, tmp_path, gender, damage, message, synthetic_shards):
+    """A damaged SMPL file of any gender: `raytrain train` loads the body model once before
+    Ray starts and exits 2 with one line naming the file."""
+    import contextlib
+    import io
+
+    import ray
+
+    from raytrain.cli import main as cli_main
+    train, val = synthetic_shards
+    user = _user_dir(body_dir, tmp_path)
+    data = _read(body_dir / GENDER_FILES[gender])
+    data = {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v for k, v in data.items()}
+    damage(data)
+    os.remove(user / GENDER_FILES[gender])
+    (user / GENDER_FILES[gender]).write_bytes(pickle.dumps(data, protocol=2))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli_main(["train", "--config", str(REPO / "raytrain" / "configs" / "demo.yaml"),
+                         f"model.smpl_dir={user}", f"train.storage_path={tmp_path / 'runs'}",
+                         f"data.train_shards={train}", f"data.val_shards={val}", "model.backbone=resnet18"])
+    line = err.getvalue().strip()
+    assert code == 2 and not ray.is_initialized(), line
+    assert "\n" not in line and f"{GENDER_FILES[gender]} in " in line and message in line, line

@@ -70,6 +70,34 @@ def test_unreadable_config_files_exit_2_in_one_line(capsys, tmp_path):
     assert code == 2 and "is a directory" in err
 
 
+@pytest.mark.timeout(60)
+def test_a_config_path_that_is_a_fifo_is_refused_not_waited_on(capsys, tmp_path):
+    """Nothing ever writes to the pipe: reading it would hang; it is refused at once."""
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    code, err = _train(capsys, path=fifo)
+    assert code == 2 and "not a regular file" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_5001_digit_number_is_bad_json_with_its_reason(tmp_path):
+    """Python refuses integers of over 4300 digits with a ValueError that is not a
+    JSONDecodeError: in a sample's json and in a manifest it is still named for what it is."""
+    from fixtures_data import make_fake_samples
+
+    from raytrain.data import ManifestError, ShardReader, write_shards
+    from raytrain.data.schema import BadSample, decode_sample
+    raw = make_fake_samples(1, seed=3)[0]
+    raw["json"] = raw["json"][:-1] + b', "focal": ' + b"9" * 5001 + b"}"
+    with pytest.raises(BadSample) as caught:
+        decode_sample(raw)
+    assert caught.value.reason == "bad_json" and "digits" in caught.value.detail
+    write_shards(make_fake_samples(4, seed=3), str(tmp_path / "set"), source="fake", licence="test")
+    manifest = tmp_path / "set" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"num_samples": 4', '"num_samples": ' + "4" * 5001, 1))
+    with pytest.raises(ManifestError, match="manifest is not valid JSON.*digits"):
+        ShardReader(str(tmp_path / "set"), rank=0, world_size=1)
+
+
 def test_yaml_alias_bomb_is_refused_at_once(capsys, tmp_path):
     """A 1 kB YAML whose aliases expand to 10^9 nodes: refused in a short line."""
     lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]

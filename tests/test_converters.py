@@ -424,14 +424,103 @@ def test_shard_3dpw_with_ray_gives_the_same_samples(tmp_path, release, capsys):
         # chunks of 4 records cut at shard boundaries of 2: the very same shard bytes
         digests = [[e["sha256"] for e in read_manifest(str(d))["shards"]] for d in (local, tasks)]
         assert digests[0] == digests[1]
-        # restartable: a lost chunk (its part record and a shard) is converted again, alone
+        # a finished set is not written over without --overwrite (the local writer's rule)
+        assert cli_main(["shard", "3dpw", *common, "--out", str(tasks), "--ray", "--chunk", "4"]) == 2
+        assert "already holds a shard set" in capsys.readouterr().err
+        # restartable: a conversion stopped before its manifest, one chunk lost (its part
+        # record and a shard): that chunk is converted again, alone
+        (tasks / "manifest.json").unlink()
+        (tasks / "WRITING.incomplete").write_text("stopped\n")
         (tasks / "parts" / "part-00001.json").unlink()
         (tasks / "part-00001-000000.tar").unlink()
         assert cli_main(["shard", "3dpw", *common, "--out", str(tasks), "--ray", "--chunk", "4"]) == 0
         assert "1 to convert as Ray tasks on data_cpu, 2 done before" in capsys.readouterr().out
         assert _shard_members(tasks) == expected and verify_shards(str(tasks)) == []
+        assert not (tasks / "WRITING.incomplete").exists()
     finally:
         ray.shutdown()
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_shard_ray_never_reuses_another_inputs_chunks_and_a_killed_folder_is_refused(tmp_path, capsys):
+    """A real `raytrain shard coco --ray` killed after its first chunk leaves a folder the
+    reader refuses; rerun with another input of the same record count, every chunk is
+    converted again (none reused); a finished folder needs --overwrite."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from raytrain.data import ManifestError
+    npz_a, img_root, data = make_cliff_npz(tmp_path, n=24)
+    npz_b = tmp_path / "other.npz"
+    np.savez(npz_b, **{**data, "pose": data["pose"] * 0.5, "global_t": data["global_t"] + [0.0, 0.0, 1.0]})
+
+    def args(npz, out, *extra):
+        return ["shard", "coco", "--npz", str(npz), "--img-root", str(img_root), "--out", str(out),
+                "--chunk", "1", "--maxcount", "2", "--no-progress", *extra]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "raytrain.cli", *args(npz_a, killed, "--ray")],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 300
+    while not (killed / "parts" / "part-00000.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the conversion ended before a part"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists() and (killed / "WRITING.incomplete").exists()
+    with pytest.raises(ManifestError, match="did not finish"):
+        ShardReader(str(killed), rank=0, world_size=1)
+
+    for name, npz in (("local_a", npz_a), ("local_b", npz_b)):
+        assert cli_main(args(npz, tmp_path / name, "--workers", "1")) == 0
+    capsys.readouterr()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        assert cli_main(args(npz_b, killed, "--ray")) == 0  # another input into the killed folder
+        assert ", 0 done before" in capsys.readouterr().out
+        assert _shard_members(killed) == _shard_members(tmp_path / "local_b") != _shard_members(tmp_path / "local_a")
+        assert not (killed / "WRITING.incomplete").exists() and len(ShardReader(str(killed), rank=0, world_size=1))
+        assert cli_main(args(npz_a, killed, "--ray")) == 2  # a finished set needs --overwrite
+        assert "already holds a shard set" in capsys.readouterr().err
+        assert cli_main(args(npz_a, killed, "--ray", "--overwrite")) == 0
+        assert ", 0 done before" in capsys.readouterr().out
+        assert _shard_members(killed) == _shard_members(tmp_path / "local_a")
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_during_shard_is_one_line_and_leaves_a_refused_folder(tmp_path):
+    """SIGINT to the command's process group (Ctrl-C in a terminal), worker processes
+    included: one line, no traceback from the command or its workers, exit 130, and the
+    half-written folder is refused by the reader."""
+    import os
+    import signal
+    import time
+
+    from raytrain.data import ManifestError
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "raytrain.cli", "shard", "synthetic", "--out", str(out),
+                             "--n", "2000", "--workers", "2", "--maxcount", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 200
+    while not list(out.glob("*.tar")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1].startswith("raytrain: interrupted: the output folder stays marked unfinished")
+    with pytest.raises(ManifestError, match="did not finish"):
+        ShardReader(str(out), rank=0, world_size=1)
+
+
 # ----------------------------------------------------------------------------- untrusted input
 
 

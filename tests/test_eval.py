@@ -3,6 +3,7 @@ checkpoint reproducing the validation it was trained with. No mocks: synthetic s
 the synthetic body model, a small network trained for two steps with the real loop."""
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -243,6 +244,36 @@ def test_helpers():
     assert protocol_of(["3dpw/seq/1/0"])["name"] == "3dpw"
 
 
+def test_a_full_disk_never_leaves_a_truncated_metrics_json(tmp_path):
+    """A write that fails half-way (the file-size limit stands in for a full disk) leaves
+    the previous metrics.json, or none, and no temporary file."""
+    import subprocess
+    import sys
+    script = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from raytrain.eval.report import write_report\n"
+        "out = Path(sys.argv[1])\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))\n"
+        "try:\n"
+        "    write_report(out, {'padding': list(range(100000)), 'per_joint': {}})\n"
+        "except OSError as err:\n"
+        "    print('failed', err.errno)\n"
+    )
+    for before in (None, '{"old": true}'):
+        out = tmp_path / f"out-{before is None}"
+        out.mkdir()
+        if before:
+            (out / "metrics.json").write_text(before)
+        run = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert run.stdout.startswith("failed"), run.stdout + run.stderr
+        metrics = out / "metrics.json"
+        assert (metrics.read_text() == before) if before else not metrics.exists()
+        assert [p.name for p in out.iterdir()] == (["metrics.json"] if before else [])
+
+
 def test_report_writes_every_file_without_overlays(tmp_path):
     metrics = {"data": "d", "checkpoint": "c", "protocol": {"name": "mesh", "note": "n"},
                "overall": {"mpjpe": 1.0, "pa_mpjpe": 0.5, "pve": 2.0, "num_samples": 3},
@@ -336,6 +367,32 @@ def test_eval_data_that_cannot_be_read_is_one_line_not_a_hang(data_root, trained
     code = cli_main(["eval", "--checkpoint", session.latest_checkpoint_dir(), "--data", data])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--data" in err and message in err and len(err.splitlines()) == 1, err
+
+
+def test_eval_on_a_tar_of_non_samples_is_one_line(data_root, trained, tmp_path, capsys):
+    """A tar holding files that are not samples: one line naming --data, exit 2."""
+    import tarfile
+    (tmp_path / "README.txt").write_text("not a sample\n")
+    (tmp_path / "photo.png").write_bytes(bytes(range(256)) * 8)
+    with tarfile.open(tmp_path / "junk.tar", "w") as tar:
+        for name in ("README.txt", "photo.png"):
+            tar.add(tmp_path / name, arcname=name)
+    _, session = trained["trial_a"]
+    code = cli_main(["eval", "--checkpoint", session.latest_checkpoint_dir(), "--data", str(tmp_path / "junk.tar"),
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("raytrain: config error: --data ") and "missing_key" in err, err
+
+
+def test_eval_out_in_a_missing_bucket_stops_before_the_evaluation(data_root, tmp_path, capsys, s3_endpoint):
+    """--out in a bucket that does not exist is found before any checkpoint is loaded
+    (here: none exists at all) or any sample is evaluated."""
+    code = cli_main(["eval", "--checkpoint", str(tmp_path / "not-loaded"), "--data", str(data_root / "val"),
+                     "--out", "s3://missing-bucket/report"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("raytrain: config error: --out s3://missing-bucket/report: cannot write there"), err
 
 
 def test_experiment_in_object_storage_is_ranked_copied_and_reported_back(data_root, trained, tmp_path, monkeypatch,

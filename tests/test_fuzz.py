@@ -14,7 +14,7 @@ import tarfile
 import numpy as np
 import pytest
 from fixtures_data import make_fake_samples
-from fuzz_shards import SAMPLE_DAMAGE, header_bomb_jpeg, write_fuzz_corpus
+from fuzz_shards import SAMPLE_DAMAGE, TAR_DAMAGE, header_bomb_jpeg, huge_count_manifest, write_fuzz_corpus
 from torch.utils.data import DataLoader
 
 from raytrain.data import ManifestError, ShardReader, TooManyBadSamples, resolve_shards, write_shards
@@ -46,7 +46,7 @@ class _PeakRSS:
 
 
 def test_corpus_holds_every_damage_class(corpus):
-    reasons = {reason for reason, _ in SAMPLE_DAMAGE.values()} | {"corrupt_member"}
+    reasons = {reason for reason, _ in SAMPLE_DAMAGE.values()} | set(TAR_DAMAGE) | {"corrupt_member"}
     assert reasons == set(BAD_REASONS)
     assert set(corpus.expected) == reasons and len(corpus.good) > 60
 
@@ -200,6 +200,18 @@ def test_too_many_bad_samples_pickles_with_its_details():
     assert isinstance(manifest, ValueError) and manifest.shard == "x"
 
 
+def test_skip_errors_pickle_with_their_reason_and_detail():
+    """BadSample (reader) and SkipItem (predict) cross process boundaries whole."""
+    from raytrain.data.schema import BadSample
+    from raytrain.predict.inputs import SKIP_REASONS, SkipItem
+    for error in (BadSample("duplicate_key", "k: twice"), SkipItem(SKIP_REASONS[0], "frame 3")):
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and (back.reason, back.detail, str(back)) == (
+            error.reason, error.detail, str(error))
+    with pytest.raises(ValueError, match="unknown bad-sample reason"):
+        BadSample("no_such_reason")
+
+
 def test_too_many_bad_samples_from_a_loader_worker_keeps_its_type_and_line(tmp_path):
     samples = make_fake_samples(20, seed=6)
     for index in range(3, 13):
@@ -262,3 +274,72 @@ def test_max_bad_fraction_counts_over_the_rank_not_one_loader_worker(tmp_path):
             run([5, 70])
     finally:
         close_loaders()
+
+
+# ------------------------------------------------------------------------- counts the bytes cannot hold
+
+
+def test_a_manifest_claiming_more_samples_than_its_bytes_hold_is_refused_at_once(tmp_path):
+    """10^12 samples in a shard of a few hundred kB: refused by the manifest check (at
+    least three 512-byte tar headers per sample), before any shard is read."""
+    import time
+
+    from raytrain.data.shards import MIN_SAMPLE_BYTES, read_manifest
+    huge_count_manifest(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(ManifestError, match=r"said to hold 1000000000000 samples.*hold at most \d+"):
+        read_manifest(str(tmp_path))
+    with pytest.raises(ManifestError, match="shard-000001.tar"):
+        ShardReader(str(tmp_path), rank=0, world_size=1)
+    assert time.monotonic() - start < 5
+    assert MIN_SAMPLE_BYTES == 1536
+
+
+def test_a_lost_tail_is_counted_at_once_and_stops_the_reader_promptly(tmp_path):
+    """A manifest without sizes whose missing shard claims 10^12 samples: the reader
+    counts the whole lost tail in one step, so data.max_bad_fraction stops it at once."""
+    import time
+    huge_count_manifest(tmp_path, with_bytes=False)
+    reader = ShardReader(str(tmp_path), rank=0, world_size=1, shuffle=False, max_bad_fraction=0.5)
+    start = time.monotonic()
+    with _PeakRSS() as peak, pytest.raises(TooManyBadSamples, match="corrupt_member: 1000000000000"):
+        _keys(reader)
+    assert time.monotonic() - start < 10 and peak.extra_mb < 100
+
+
+def test_duplicate_keys_and_members_are_counted_not_delivered(tmp_path):
+    """A key written twice in one tar (not adjacent) and a member present twice: each is
+    counted under its reason; the first sample of the key is delivered once."""
+    samples = make_fake_samples(10, seed=12)
+    samples[5]["__key__"] = samples[2]["__key__"]
+    write_shards(samples, str(tmp_path), source="fake", licence="test", maxcount=10)
+    from fuzz_shards import _member_twice
+    _member_twice(tmp_path, tmp_path / "shard-000000.tar", f"{samples[7]['__key__']}.npz")
+    reader = ShardReader(str(tmp_path), rank=0, world_size=1, shuffle=False, max_bad_fraction=1.0,
+                         substitute_bad=False)
+    keys = _keys(reader)
+    assert keys == [s["__key__"] for i, s in enumerate(samples) if i not in (5, 7)]
+    assert reader.bad_counts == {"duplicate_key": 1, "duplicate_member": 1}
+
+
+def test_the_huge_count_manifest_is_refused_at_once_by_eval_and_doctor(tmp_path):
+    """Through the commands: `raytrain eval --data` stops before loading a checkpoint and
+    `raytrain doctor` reports the shard set, each naming the shard, in seconds."""
+    import contextlib
+    import io
+    import time
+
+    from raytrain.cli import main as cli_main
+    huge = huge_count_manifest(tmp_path / "huge")
+    config = tmp_path / "huge.yaml"
+    config.write_text(f"data:\n  train_shards: {huge}\n  val_shards: {huge}\n")
+    for argv in (["eval", "--checkpoint", str(tmp_path / "none"), "--data", str(huge)],
+                 ["doctor", "--config", str(config)]):
+        out, err = io.StringIO(), io.StringIO()
+        start = time.monotonic()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli_main(argv)
+        assert time.monotonic() - start < 30, argv
+        text = out.getvalue() + err.getvalue()
+        assert code != 0 and "said to hold 1000000000000 samples" in text and "shard-000001.tar" in text, text
+        assert "Traceback" not in text

@@ -117,6 +117,27 @@ def _check_smpl_dict(data, where: str) -> None:
         if not ok:
             want = "(" + ", ".join("N" if p is None else str(p) for p in pattern) + ")"
             raise BodyModelError(f"{where}: '{key}' has shape {shape}, expected {want}")
+    for key in expected:
+        values = _numeric(data[key], key, where)
+        if not np.isfinite(values).all():
+            raise BodyModelError(f"{where}: '{key}' holds NaN or infinite values")
+    faces, parents = _numeric(data["f"], "f", where), _numeric(data["kintree_table"], "kintree_table", where)[0]
+    if faces.size and (faces.min() < 0 or faces.max() >= v):
+        raise BodyModelError(f"{where}: 'f' names vertices outside 0..{v - 1}")
+    if any(not 0 <= parent < joint for joint, parent in enumerate(parents[1:], 1)):
+        raise BodyModelError(f"{where}: 'kintree_table' names a parent joint that does not come before its child")
+
+
+def _numeric(value, key: str, where: str) -> np.ndarray:
+    """A label array (dense or scipy sparse) as a numeric numpy array; BodyModelError else."""
+    values = value.toarray() if hasattr(value, "toarray") and not isinstance(value, np.ndarray) else value
+    try:
+        values = np.asarray(values)
+    except Exception as exc:  # noqa: BLE001 - any object that is not an array
+        raise BodyModelError(f"{where}: '{key}' is not an array ({type(exc).__name__})") from None
+    if values.dtype.kind not in "biuf":
+        raise BodyModelError(f"{where}: '{key}' holds {values.dtype} values, expected numbers")
+    return values
 
 
 def read_h36m_regressor(smpl_dir: Path, num_vertices: int = 6890) -> np.ndarray:
@@ -189,10 +210,15 @@ class BodyModel(torch.nn.Module):
 
     def _make_smpl(self, gender: str) -> smplx.SMPL:
         data = read_smpl_pickle(self.smpl_dir, gender)
-        with contextlib.redirect_stdout(io.StringIO()):   # smplx prints a 10-betas warning
-            smpl = smplx.SMPL(str(self.smpl_dir), data_struct=Struct(**data), gender=gender,
-                              create_betas=False, create_global_orient=False,
-                              create_body_pose=False, create_transl=False)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):   # smplx prints a 10-betas warning
+                smpl = smplx.SMPL(str(self.smpl_dir), data_struct=Struct(**data), gender=gender,
+                                  create_betas=False, create_global_orient=False,
+                                  create_body_pose=False, create_transl=False)
+        except Exception as exc:  # noqa: BLE001 - whatever smplx makes of a checked but odd file
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise BodyModelError(f"{GENDER_FILES[gender]} in {self.smpl_dir}: smplx cannot build the model "
+                                 f"({type(exc).__name__}: {first})") from None
         _make_buffers_non_persistent(smpl)
         return smpl
 
@@ -271,6 +297,14 @@ def load_body_model(smpl_dir: str | os.PathLike | None = None,
                     genders: Sequence[str] = ("neutral",)) -> BodyModel:
     """BodyModel for `smpl_dir` (None: the synthetic model) with the given genders."""
     return BodyModel(smpl_dir, genders)
+
+
+def check_body_model(smpl_dir: str | os.PathLike | None, genders: Sequence[str] = tuple(GENDER_FILES)) -> None:
+    """Load every file a training run reads from `smpl_dir` once (the SMPL pickles of
+    `genders`, the H36M regressor, the mean parameters): a file that exists but does not
+    load is a one-line BodyModelError here, not an error in every worker."""
+    load_body_model(smpl_dir, genders)
+    load_mean_params(smpl_dir)
 
 
 def root_joint_model(body_model) -> tuple[np.ndarray, np.ndarray]:

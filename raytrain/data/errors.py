@@ -45,6 +45,23 @@ def user_line(error: BaseException) -> str:
     return rest if colon and " " not in head else last
 
 
+class ReasonError(ValueError):
+    """An item to skip and count under ``reason`` (one of the subclass's ``REASONS``), with
+    a ``detail``; pickles with both (Ray and DataLoader workers send errors pickled)."""
+
+    REASONS: tuple[str, ...] = ()
+    KIND = "reason"
+
+    def __init__(self, reason: str, detail: str = ""):
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown {self.KIND} {reason!r}")
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.detail)
+
+
 class ManifestError(DataError, ValueError):
     """A shard set and its manifest disagree, or the manifest is malformed."""
 

@@ -63,11 +63,13 @@ log = logging.getLogger(__name__)
 LOST_FLAG = "__lost__"  # a sample the manifest promises but the tar did not deliver
 
 
-def read_shard_range(ref: ShardRef, first: int, end: int, storage_options: dict | None) -> Iterator[dict]:
+def read_shard_range(ref: ShardRef, first: int, end: int, storage_options: dict | None,
+                     on_lost: Callable[[str, int], None] | None = None) -> Iterator[dict]:
     """Raw samples ``first..end-1`` of a shard, always exactly ``end - first`` of them.
 
     Samples the tar cannot deliver (truncated or unreadable shard) come as placeholders
-    flagged ``LOST_FLAG`` so that they are counted as ``corrupt_member``. A range that
+    flagged ``LOST_FLAG`` so that they are counted as ``corrupt_member``; ``on_lost(shard,
+    n)`` is told of the whole lost tail at once, before its first placeholder. A range that
     ends at the shard's end checks that the tar holds nothing more: a shard with more
     samples than its manifest records raises ``ManifestError`` (they would be lost).
     """
@@ -89,8 +91,10 @@ def read_shard_range(ref: ShardRef, first: int, end: int, storage_options: dict 
             f"shard {ref.url} holds more than the {ref.num_samples} samples its manifest "
             f"records: the manifest is stale or wrong (re-run the conversion with --overwrite)",
             shard=ref.name)
+    if on_lost is not None and first + delivered < end:
+        on_lost(ref.name, end - first - delivered)
     for index in range(first + delivered, end):
-        yield {"__key__": f"{ref.name}#{index}", "__shard__": ref.name, LOST_FLAG: True}
+        yield {"__key__": f"{ref.name}#{index}", "__shard__": ref.name, LOST_FLAG: on_lost is None or "counted"}
 
 
 # ============================================================================ the reader
@@ -293,15 +297,15 @@ class ShardReader(EpochPosition):
 
     def _stream(self, plan: WorkerPlan, worker: int, epoch: int) -> Iterator[Any]:
         """Read, shuffle, skip the consumed positions, decode and substitute bad ones."""
+        info = get_worker_info()
+        tally = _BadTally(self, plan, epoch, 0 if info is None else info.id)
         raws = (
             raw
             for shard, first, end in plan.segments
-            for raw in read_shard_range(self.shards[shard], first, end, self.storage_options)
+            for raw in read_shard_range(self.shards[shard], first, end, self.storage_options, tally.add_lost)
         )
         rng = random.Random(f"raytrain:{self.seed}:{epoch}:{self.rank}:{worker}")
         size = self.shuffle_buffer if self.shuffle else 0
-        info = get_worker_info()
-        tally = _BadTally(self, plan, epoch, 0 if info is None else info.id)
         last_good, owed = None, 0
         for position, raw in enumerate(buffer_shuffle(raws, size, rng)):
             if position < plan.skip:
@@ -334,6 +338,8 @@ class ShardReader(EpochPosition):
         """Decode (and transform) one raw sample, or count it as bad and return None."""
         shard = raw.get("__shard__", "?")
         try:
+            if raw.get(LOST_FLAG) == "counted":  # (``_BadTally.add_lost``)
+                return None
             if raw.get(LOST_FLAG):
                 raise BadSample("corrupt_member", f"{raw['__key__']}: missing from the tar stream")
             try:
@@ -369,13 +375,17 @@ class _BadTally:
         self.reasons: Counter = Counter()
         self.quota = plan.quota
 
-    def add(self, shard: str, error: BadSample) -> None:
-        self.reader.bad_counts[error.reason] += 1
-        self.reasons[error.reason] += 1
-        self.by_shard[shard] += 1
+    def add_lost(self, shard: str, count: int) -> None:
+        """A shard's tail of ``count`` samples the tar did not deliver, counted at once."""
+        self.add(shard, BadSample("corrupt_member", f"{count} samples missing from the tar stream"), count)
+
+    def add(self, shard: str, error: BadSample, count: int = 1) -> None:
+        self.reader.bad_counts[error.reason] += count
+        self.reasons[error.reason] += count
+        self.by_shard[shard] += count
         shared = self.reader._shared_counts
         if shared is not None and self.row < shared.shape[0]:
-            shared[self.row, BAD_REASONS.index(error.reason)] += 1
+            shared[self.row, BAD_REASONS.index(error.reason)] += count
         log.debug("bad sample in %s: %s", shard, error)
         if shared is not None:  # every loader worker of this rank: its whole epoch
             bad, size = int(shared.sum()), len(self.reader)

@@ -22,9 +22,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, ReasonError
 from .formats.npz import parse_npz
-from .formats.tar import OVERSIZED_FLAG
+from .formats.tar import DUPLICATE_FLAG, OVERSIZED_FLAG
 
 SCHEMA_VERSION = 1
 KNOWN_SCHEMA_VERSIONS = (1,)
@@ -62,6 +62,8 @@ BAD_REASONS = (
     "box_outside_image",  # box empty or not overlapping the full image
     "label_out_of_range",  # finite but physically absurd: sizes, focal, box, pose, depth
     "too_large",  # a member or a declared size beyond the limits (decompression bombs)
+    "duplicate_key",  # a key that came before in the same tar (a second sample under one key)
+    "duplicate_member",  # a member present twice in one sample
 )
 
 # ----------------------------------------------------------------------------- limits
@@ -77,6 +79,9 @@ MEMBER_LIMIT_OTHER = 1 << 20
 #: Largest stored image: side and pixel count (decoded RGB 3 bytes a pixel: 108 MB).
 MAX_STORED_SIDE = 8192
 MAX_STORED_PIXELS = 36_000_000
+#: Fewest JPEG bytes per declared pixel: a flat picture encodes at about 1/64 of a byte a
+#: pixel; a file far under that (80 KB declaring 36 MP) declares pixels it does not hold.
+MIN_JPEG_BYTES_PER_PIXEL = 1 / 256
 #: Largest full-image side the labels may refer to (pixels).
 MAX_IMAGE_SIDE = 32768
 #: Largest inflated npy payload of one label array (the largest is 24 x 4 float64).
@@ -106,15 +111,10 @@ class SchemaError(DataError, ValueError):
     """A shard or manifest uses a schema version this code cannot read."""
 
 
-class BadSample(ValueError):
+class BadSample(ReasonError):
     """A sample that must be skipped; ``reason`` is one of ``BAD_REASONS``."""
 
-    def __init__(self, reason: str, detail: str = ""):
-        if reason not in BAD_REASONS:
-            raise ValueError(f"unknown bad-sample reason {reason!r}")
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+    REASONS, KIND = BAD_REASONS, "bad-sample reason"
 
 
 @dataclass
@@ -217,6 +217,10 @@ def decode_sample(raw: dict, decode_image: bool = True) -> Sample:
     the JPEG is only checked for its markers; the image is decoded on demand.
     """
     key = str(raw.get("__key__", "?"))
+    duplicate = raw.get(DUPLICATE_FLAG)
+    if duplicate:
+        raise BadSample(f"duplicate_{duplicate}", f"{key}: " + (
+            "a sample of this key came before in the tar" if duplicate == "key" else "a member is in the tar twice"))
     oversized = raw.get(OVERSIZED_FLAG)
     if oversized:
         raise BadSample("too_large", f"{key}: member(s) {oversized} over the size limit")
@@ -287,6 +291,9 @@ def check_jpeg_header(data: bytes, stored_size: tuple[int, int], key: str = "?")
     width, height = frame
     if width > MAX_STORED_SIDE or height > MAX_STORED_SIDE or width * height > MAX_STORED_PIXELS:
         raise BadSample("too_large", f"{key}: JPEG declares {width}x{height} pixels")
+    if len(data) < width * height * MIN_JPEG_BYTES_PER_PIXEL:
+        raise BadSample("too_large", f"{key}: a JPEG of {len(data)} bytes declares {width}x{height} pixels "
+                                     f"(fewer than 1 byte per {round(1 / MIN_JPEG_BYTES_PER_PIXEL)} pixels)")
     if (width, height) != tuple(stored_size):
         raise BadSample("bad_jpeg", f"{key}: JPEG is {width}x{height}, stored_size is "
                                     f"{tuple(stored_size)}")
@@ -318,8 +325,8 @@ def _parse_meta(key: str, payload: bytes) -> dict:
     """Parse the json member and check the schema version."""
     try:
         meta = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise BadSample("bad_json", f"{key}: {error}") from None
+    except (ValueError, RecursionError) as error:  # ValueError: also a number of over 4300 digits
+        raise BadSample("bad_json", f"{key}: {str(error)[:200]}") from None
     if not isinstance(meta, dict):
         raise BadSample("bad_json", f"{key}: json is not an object")
     version = meta.get("schema_version")

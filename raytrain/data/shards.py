@@ -133,10 +133,12 @@ def make_manifest(shards: list[dict], source: str, licence: str) -> dict:
     }
 
 
-def write_json(url: str, payload: dict, storage_options: dict | None = None) -> None:
+def write_json(url: str, payload: dict, storage_options: dict | None = None, indent: int = 1,
+               default=None) -> None:
     """Write ``payload`` atomically: a local file under a temporary name renamed into
-    place; an object-store PUT is atomic by itself."""
-    data = json.dumps(payload, indent=1).encode("utf-8")
+    place (a full disk leaves the old file or none, never a truncated one); an
+    object-store PUT is atomic by itself. ``default``: as ``json.dumps``'s."""
+    data = json.dumps(payload, indent=indent, default=default).encode("utf-8")
     if is_remote(url):
         with open_url(url, "wb", storage_options) as handle:
             handle.write(data)
@@ -144,11 +146,15 @@ def write_json(url: str, payload: dict, storage_options: dict | None = None) -> 
     path = url[len("file://"):] if url.startswith("file://") else url
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def clear_shard_folder(out: str, overwrite: bool, storage_options: dict | None = None) -> None:
@@ -191,12 +197,13 @@ def read_manifest(path_or_url: str, storage_options: dict | None = None) -> dict
     try:
         with open_url(url, "rb", storage_options) as handle:
             payload = handle.read(MAX_MANIFEST_BYTES + 1)
-        if len(payload) > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{url}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
-        manifest = json.loads(payload.decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"no shard manifest at {url}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+    if len(payload) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{url}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = json.loads(payload.decode("utf-8"))
+    except (ValueError, RecursionError) as error:  # ValueError: also a number of over 4300 digits
         raise ManifestError(f"{url}: manifest is not valid JSON ({str(error)[:200]})") from None
     _check_manifest(url, manifest)
     return manifest
@@ -239,12 +246,27 @@ def _check_manifest(url: str, manifest: object) -> None:
                                 f"(a non-negative integer, got {entry.get('num_samples')!r})")
         if "bytes" in entry and not _is_count(entry["bytes"]):
             raise ManifestError(f"{url}: shard {name} has an invalid bytes {entry['bytes']!r}")
+        if "bytes" in entry:
+            check_count_fits(url, name, entry["num_samples"], entry["bytes"])
         if "sha256" in entry and not (isinstance(entry["sha256"], str) and _SHA256.fullmatch(entry["sha256"])):
             raise ManifestError(f"{url}: shard {name} has an invalid sha256")
     total = sum(entry["num_samples"] for entry in shards)
     declared = manifest.get("num_samples", total)
     if not _is_count(declared) or declared != total:
         raise ManifestError(f"{url}: num_samples {declared!r} != sum over shards {total}")
+
+
+#: Fewest bytes one sample takes in a tar: a 512-byte header for each of its three members.
+MIN_SAMPLE_BYTES = 3 * 512
+
+
+def check_count_fits(url: str, name: str, num_samples: int, size: int) -> None:
+    """``ManifestError`` when ``num_samples`` cannot fit in a shard of ``size`` bytes."""
+    if num_samples > size // MIN_SAMPLE_BYTES:
+        raise ManifestError(f"{url}: shard {name} is said to hold {num_samples} samples, but its {size} "
+                            f"bytes hold at most {size // MIN_SAMPLE_BYTES} (every sample takes at least "
+                            f"{MIN_SAMPLE_BYTES} bytes): the manifest is wrong (re-run the conversion)",
+                            shard=name)
 
 
 def _plain_name(name: str) -> bool:
@@ -364,6 +386,8 @@ def _from_manifest(url: str, storage_options: dict | None, verify: bool = False)
                             "manifest is stale or the folder holds two shard sets (re-run the "
                             "conversion with --overwrite)")
     for entry, ref in zip(manifest["shards"], refs):
+        if "bytes" not in entry and ref.name in sizes:
+            check_count_fits(url, ref.name, ref.num_samples, sizes[ref.name])
         _check_shard_file(ref, entry, sizes.get(ref.name), storage_options, verify)
     return refs
 

@@ -9,13 +9,14 @@ switch). Overlays project the predicted mesh with the full-perspective camera of
 pixels, map them into RoI 0's crop with the cropper's own transform, and draw the mesh
 edges over the (upscaled) crop; ground-truth 2D keypoints are drawn as green dots.
 """
-import json
 import re
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+
+from ..data.shards import write_json
 
 OVERLAY_SIZE = 320
 
@@ -29,7 +30,7 @@ def write_report(out_dir, metrics: dict, evaluation=None) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json", "per_joint": out / "per_joint.png",
              "report": out / "report.md"}
-    paths["metrics"].write_text(json.dumps(metrics, indent=2, default=_json_default))
+    write_json(str(paths["metrics"]), metrics, indent=2, default=_json_default)  # atomic: never half a file
     plot_per_joint(metrics["per_joint"], paths["per_joint"])
     overlays = []
     if evaluation is not None and evaluation.overlay_samples:
@@ -49,7 +50,7 @@ def write_summary_report(out_dir, results: list[dict]) -> dict[str, str]:
     rows = [{"rank": i + 1, "checkpoint": r["checkpoint"], "out": r.get("out"),
              "stored_val_mpjpe": r.get("stored_validation", {}).get("val_mpjpe"), **r["overall"]}
             for i, r in enumerate(results)]
-    (out / "summary.json").write_text(json.dumps({"evaluations": rows}, indent=2, default=_json_default))
+    write_json(str(out / "summary.json"), {"evaluations": rows}, indent=2, default=_json_default)
     lines = [f"# Evaluation of the top {len(results)} checkpoints", "",
              f"Data: `{results[0]['data']}`. {results[0]['protocol']['note']}", "",
              "| rank | checkpoint | MPJPE | PA-MPJPE | PVE | samples | stored val_mpjpe | report |",

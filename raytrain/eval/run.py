@@ -32,7 +32,7 @@ import torch
 
 from ..body.joints import J14_NAMES
 from ..config import ConfigError, ExperimentConfig, config_from_raw, load_config, read_yaml, with_legacy_defaults
-from ..data.io import is_remote, isdir, join_url
+from ..data.io import get_fs, is_remote, isdir, join_url
 from ..train.checkpoint import (
     STATE_FILE,
     CheckpointError,
@@ -83,11 +83,13 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
     if top < 1:
         raise ConfigError(f"eval: --top must be at least 1, got {top}")
     _check_data(data)
+    out = out or join_url(checkpoint or experiment, "eval", data_name(data))
+    if is_remote(out):
+        _check_writable(out)
     if checkpoint:
         targets = [checkpoint_target(checkpoint, config)]
     else:
         targets = select_checkpoints(experiment, best=best, top=top, config=config)
-    out = out or join_url(checkpoint or experiment, "eval", data_name(data))
     out_dir = Path(tempfile.mkdtemp(prefix="raytrain-eval-")) if is_remote(out) else Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -118,6 +120,20 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
         if is_remote(out):                       # the local staging of an uploaded report
             shutil.rmtree(out_dir, ignore_errors=True)
     return first
+
+
+def _check_writable(out: str) -> None:
+    """A report in object storage: the bucket must exist and take a write before anything
+    is evaluated (a probe object, removed again); ConfigError naming --out otherwise."""
+    from ..data.io import storage_error_hint
+    probe = join_url(out, ".raytrain-write-check")
+    try:
+        fs, path = get_fs(probe)
+        fs.pipe_file(path, b"")
+        fs.rm_file(path)
+    except Exception as err:  # noqa: BLE001 - the backends' errors share no base class
+        reason = storage_error_hint(out, err) or f"{type(err).__name__}: {str(err)[:200]}"
+        raise ConfigError(f"--out {out}: cannot write there ({reason})") from None
 
 
 def _check_data(data: str) -> None:
@@ -419,8 +435,9 @@ def evaluate_model(cfg: ExperimentConfig, model, body, device, overlays: int = O
         keys.extend(batch["keys"])
     skipped = dict(loader.bad_counts)
     if not keys:
-        raise ValueError(f"no samples to evaluate in {cfg.data.val_shards}"
-                         + (f" (all bad: {skipped})" if skipped else ""))
+        raise ConfigError(f"--data {cfg.data.val_shards}: no sample to evaluate"
+                          + (f" (all {sum(skipped.values())} bad: {skipped}; not raytrain shards?)"
+                             if skipped else ""))
     if skipped:
         print(f"[eval] skipped {sum(skipped.values())} bad sample(s) of {cfg.data.val_shards}: "
               f"{skipped}", flush=True)

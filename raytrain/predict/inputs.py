@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from ..data.errors import ReasonError
 from ..data.io import get_fs, is_remote, open_url
 
 log = logging.getLogger(__name__)
@@ -62,14 +63,10 @@ SKIP_REASONS = (
 )
 
 
-class SkipItem(ValueError):
+class SkipItem(ReasonError):
     """An input (image, frame, detection) to skip and count; ``reason`` in SKIP_REASONS."""
 
-    def __init__(self, reason: str, detail: str = ""):
-        if reason not in SKIP_REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}")
-        self.reason, self.detail = reason, detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+    REASONS, KIND = SKIP_REASONS, "skip reason"
 
 
 class InputError(ValueError):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import colorsys
 import logging
 import multiprocessing
+import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
@@ -625,6 +626,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(cfg_dict: dict):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (one line)
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     _WORKER["generator"] = SyntheticGenerator(SyntheticConfig(**cfg_dict))

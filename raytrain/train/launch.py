@@ -13,6 +13,7 @@ from ..connect import connect_ray
 from ..data.io import join_url
 from ..data.shards import checked_count
 from .fatal import RunStopped, clear_fatal_error, read_fatal_error
+from .run_identity import claim_run
 
 
 def storage_uri(path: str) -> str:
@@ -57,10 +58,10 @@ def preflight_model(cfg: ExperimentConfig):
 
 
 def preflight_body_model(cfg: ExperimentConfig):
-    """``model.smpl_dir`` must hold the body model files before a worker starts."""
-    from ..body.model import BodyModelError, ensure_body_model_dir
+    """``model.smpl_dir`` must hold body model files that load, before a worker starts."""
+    from ..body.model import BodyModelError, check_body_model
     try:
-        ensure_body_model_dir(cfg.model.smpl_dir)
+        check_body_model(cfg.model.smpl_dir)
     except BodyModelError as err:
         raise ConfigError(f"model.smpl_dir: {err}") from None
 
@@ -149,6 +150,7 @@ def run_training(cfg: ExperimentConfig, check_data: bool = True):
     if check_data:
         preflight_data(cfg)
     preflight_model(cfg)
+    claim = claim_run(cfg, run_dir_of(cfg))  # another run's directory, or a live one: refused here
     init_ray(cfg)
     preflight_resources(cfg)
     run_dir = run_dir_of(cfg)
@@ -161,6 +163,8 @@ def run_training(cfg: ExperimentConfig, check_data: bool = True):
         if fatal is not None:
             raise RunStopped(fatal) from None
         raise
+    finally:
+        claim.release()
     raise_if_run_stopped(cfg)
     return result
 

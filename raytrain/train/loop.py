@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..body import load_body_model, load_mean_params
+from ..body import BodyModelError, load_body_model, load_mean_params
 from ..config import ExperimentConfig, config_from_raw, to_dict, with_legacy_defaults
 from ..data.device_crop import crop_batch
-from ..data.errors import DataError
+from ..data.errors import DataError, user_line
 from ..data.pipeline import build_loader, close_loaders, epoch_length
 from ..eval.protocol import validate
 from ..losses import compute_losses, contrastive_warmup, gather_negatives
@@ -86,9 +86,13 @@ def ray_train_worker(loop_config: dict):
         run_loop(config_from_raw(loop_config["config"]), session)
     except PeerStopped:
         return
-    except (DataError, NonFiniteLoss) as error:
+    except (DataError, NonFiniteLoss, BodyModelError) as error:
         if fatal and record_fatal_error(fatal, error):
             return
+        # Ray Train has no public way to fail a run without its restarts: say they are expected
+        log.warning("[raytrain] rank %d: %s; the stop could not be recorded in %s, so Ray restarts the worker "
+                    "group up to ray.max_failures=%s times: the restarts are expected and meet the same error",
+                    session.rank, user_line(error), fatal, loop_config["config"].get("ray", {}).get("max_failures"))
         raise  # unrecorded: the driver learns of it from Ray
 
 

@@ -31,6 +31,7 @@ import itertools
 import multiprocessing
 import os
 import re
+import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -314,6 +315,7 @@ def _encode(key: str, image: np.ndarray, box: np.ndarray, meta: dict, arrays: di
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (one line)
 
 
 def _mp_context():

@@ -22,6 +22,7 @@ BLOCK = 512
 #: Extra entries a raw sample dict may carry besides ``__key__`` and its members.
 CORRUPT_FLAG = "__corrupt__"  # a damaged member was next to this sample
 OVERSIZED_FLAG = "__oversized__"  # extensions of members skipped for their size
+DUPLICATE_FLAG = "__duplicate__"  # "key": a key seen before in the tar; "member": a member twice
 
 #: Default largest member kept (bytes); ``tar_samples`` takes a per-name limit.
 DEFAULT_MEMBER_LIMIT = 64 << 20
@@ -203,10 +204,13 @@ def tar_samples(handle: IO[bytes], limit=None) -> Iterator[dict]:
     A sample next to a damaged region (the one open when it happened and the one that
     starts right after) carries ``CORRUPT_FLAG: True``, so that an incomplete sample can
     be told apart from one written without a member. A member over ``limit(name)``
-    bytes is not kept: its extension is listed under ``OVERSIZED_FLAG``.
+    bytes is not kept: its extension is listed under ``OVERSIZED_FLAG``. A sample whose
+    key came before in the tar, or that holds a member twice, carries ``DUPLICATE_FLAG``
+    (``"key"`` / ``"member"``): it is delivered, to be counted as bad, never merged.
     """
     current: dict | None = None
     flag_next = False
+    seen: set[int] = set()  # hashes of the keys so far (bounded by the tar's size / 1536)
     for kind, name, data in tar_events(handle, limit):
         if kind == "corrupt":
             if current is not None:
@@ -218,9 +222,14 @@ def tar_samples(handle: IO[bytes], limit=None) -> Iterator[dict]:
             if current is not None:
                 yield current
             current = {"__key__": key}
+            if hash(key) in seen:
+                current[DUPLICATE_FLAG] = "key"
+            seen.add(hash(key))
             if flag_next:
                 current[CORRUPT_FLAG] = True
                 flag_next = False
+        if ext in current or ext in current.get(OVERSIZED_FLAG, ()):
+            current.setdefault(DUPLICATE_FLAG, "member")
         if kind == "oversized":
             current.setdefault(OVERSIZED_FLAG, []).append(ext)
             continue
