@@ -25,7 +25,7 @@ def main(argv=None):
         print(f"raytrain: config error: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        from .train.checkpoint import CheckpointError
+        from .checkpoints import CheckpointError
         if isinstance(err, CheckpointError):
             print(f"raytrain: checkpoint error: {err}", file=sys.stderr)
             return 2

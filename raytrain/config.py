@@ -8,6 +8,7 @@ reference is generated from these dataclasses (`config_reference_markdown`).
 """
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -248,18 +249,16 @@ def short(value, limit: int = 120) -> str:
 
 
 def read_yaml(path: str) -> dict[str, Any]:
+    from .files import read_bounded
     path = shipped_path(str(path))
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory, expected a YAML file")
     try:
-        with open(path, "rb") as handle:
-            payload = handle.read(MAX_YAML_BYTES + 1)
+        payload = read_bounded(path, MAX_YAML_BYTES, f"{path}", ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
-    if len(payload) > MAX_YAML_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES} bytes; not a config file")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -186,11 +186,7 @@ def test_run_eval_on_checkpoint_reproduces_validation(data_root, trained, body, 
     # the same MPJPE as the validation recorded in the checkpoint and as validate() now
     stored = metrics["stored_validation"]["val_mpjpe"]
     assert abs(result["overall"]["mpjpe"] - stored) < 0.1
-    from raytrain.body import load_mean_params
-    from raytrain.model import build_model
-    from raytrain.train.checkpoint import load_checkpoint
-    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(body_dir()))
-    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    model = _model(cfg, body, session)
     fresh = validate(cfg, model, body, session, torch.device("cpu"))
     assert abs(result["overall"]["mpjpe"] - fresh["val_mpjpe"]) < 0.1
     assert abs(result["overall"]["pa_mpjpe"] - fresh["val_pa_mpjpe"]) < 0.1
@@ -286,12 +282,8 @@ def test_eval_scores_each_good_sample_once_and_reports_skipped(data_root, traine
 
 
 def _model(cfg, body, session):
-    from raytrain.body import load_mean_params
-    from raytrain.model import build_model
-    from raytrain.train.checkpoint import load_checkpoint
-    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(body_dir()))
-    model.load_state_dict(load_checkpoint(session.latest_checkpoint_dir())["model"])
-    return model
+    from raytrain.checkpoints import load_trained_model, verify_local
+    return load_trained_model(verify_local(session.latest_checkpoint_dir()), "cpu", body_model=body)
 
 
 def test_eval_config_that_differs_from_the_checkpoint_is_refused(data_root, trained, tmp_path):
@@ -315,9 +307,9 @@ def test_eval_config_that_differs_from_the_checkpoint_is_refused(data_root, trai
 def test_eval_never_takes_the_body_model_from_a_stored_config(data_root, trained, tmp_path, capsys):
     """A checkpoint whose stored config names another SMPL folder: eval scores with the
     synthetic body model (or --smpl-dir), never reads the stored folder."""
-    from raytrain.train.checkpoint import load_checkpoint, save_checkpoint
+    from raytrain.checkpoints import save_checkpoint, verify_local
     _, session = trained["trial_a"]
-    state = load_checkpoint(session.latest_checkpoint_dir())
+    state = dict(verify_local(session.latest_checkpoint_dir()).state())
     stored = json.loads(state["config"])
     stored["model"]["smpl_dir"] = str(tmp_path / "planted")
     state["config"] = json.dumps(stored)
@@ -343,7 +335,7 @@ def test_experiment_in_object_storage_is_ranked_copied_and_reported_back(data_ro
     """An experiment in s3:// (a moto server on loopback) evaluates like its local copy: the
     same checkpoints chosen from their commit records alone, each copied once into the cache,
     the report uploaded to <experiment>/eval/<data>; a state.pt changed in storage is refused."""
-    from raytrain.train.checkpoint import CheckpointError
+    from raytrain.checkpoints import CheckpointError
 
     monkeypatch.setenv("RAYTRAIN_HOME", str(tmp_path / "home"))
     client = s3_endpoint

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import REPO, tiny_overrides
 
+from raytrain.checkpoints import IncompleteCheckpoint, latest_checkpoint, save_checkpoint, verify_local
 from raytrain.config import ConfigError, load_config
-from raytrain.train.checkpoint import is_complete, latest_complete_checkpoint, load_checkpoint, save_checkpoint
 from raytrain.train.loop import run_loop
 from raytrain.train.session import BareSession
 
@@ -63,16 +63,18 @@ def test_interrupted_checkpoint_is_never_latest(tmp_path):
     save_checkpoint(tmp_path / "run/step_4", {"step": 4, "w": torch.ones(3) * 4})
     state = (tmp_path / "run/step_4/state.pt").read_bytes()
     (tmp_path / "run/step_4/state.pt").write_bytes(state[: len(state) // 2])
-    assert not is_complete(tmp_path / "run/step_3") and not is_complete(tmp_path / "run/step_4")
-    assert latest_complete_checkpoint(tmp_path / "run").name == "step_2"
-    assert load_checkpoint(tmp_path / "run/step_2")["step"] == 2
-    with pytest.raises(Exception, match="incomplete"):
-        load_checkpoint(tmp_path / "run/step_4")
+    with pytest.raises(IncompleteCheckpoint, match="not a complete checkpoint"):
+        verify_local(tmp_path / "run/step_3")
+    with pytest.raises(IncompleteCheckpoint, match="interrupted"):
+        verify_local(tmp_path / "run/step_4")
+    assert latest_checkpoint(tmp_path / "run").path.name == "step_2"
+    assert verify_local(tmp_path / "run/step_2").state()["step"] == 2
     # a commit record we did not write (a step that is not a count) is not complete either
     save_checkpoint(tmp_path / "run/step_5", {"step": 5, "w": torch.ones(3)})
     (tmp_path / "run/step_5/COMMIT.json").write_text('{"step": "5; rm -rf /", "sha256": "x"}')
-    assert not is_complete(tmp_path / "run/step_5")
-    assert latest_complete_checkpoint(tmp_path / "run").name == "step_2"
+    with pytest.raises(IncompleteCheckpoint):
+        verify_local(tmp_path / "run/step_5")
+    assert latest_checkpoint(tmp_path / "run").path.name == "step_2"
 
 
 def test_bad_input_stops_before_workers_start(synthetic_shards, tmp_path):
@@ -165,7 +167,7 @@ def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path
 def test_resume_takes_the_latest_complete_checkpoint_on_disk(tmp_path):
     """A checkpoint written but never registered with Ray (the run was interrupted in
     between) is newer than Ray's: resume takes it and says so; an incomplete one never."""
-    from raytrain.train.session import choose_resume
+    from raytrain.checkpoints import choose_resume
     run = tmp_path / "run"
     save_checkpoint(run / "checkpoint_a", {"step": 4})
     save_checkpoint(run / "checkpoint_b", {"step": 8})
@@ -174,11 +176,12 @@ def test_resume_takes_the_latest_complete_checkpoint_on_disk(tmp_path):
     registered = tmp_path / "restored"
     save_checkpoint(registered, {"step": 4})
     chosen, note = choose_resume(str(registered), str(run))
-    assert chosen == str(run / "checkpoint_b") and "step 8" in note and "step 4" in note
+    assert chosen.path == run / "checkpoint_b" and "step 8" in note and "step 4" in note
     save_checkpoint(tmp_path / "restored2", {"step": 8})
-    assert choose_resume(str(tmp_path / "restored2"), str(run)) == (str(tmp_path / "restored2"), "")
+    chosen, note = choose_resume(str(tmp_path / "restored2"), str(run))
+    assert (chosen.path, note) == (tmp_path / "restored2", "")
     chosen, note = choose_resume(None, str(run))
-    assert chosen == str(run / "checkpoint_b") and "registered none" in note
+    assert chosen.path == run / "checkpoint_b" and "registered none" in note
     assert choose_resume(None, str(tmp_path / "empty")) == (None, "")
 
 
@@ -288,14 +291,13 @@ class _NaNFromThirdStep(BareSession):
 def test_non_finite_loss_stops_the_bare_loop_before_its_step(synthetic_shards, tmp_path):
     """The loop stops at the step whose loss is NaN, naming it, before anything of that
     step is applied: the last checkpoint is the one before."""
-    from raytrain.train.checkpoint import checkpoint_step
     from raytrain.train.fatal import NonFiniteLoss
     train, val = synthetic_shards
     cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path, **{
         "train.checkpoint_every": 2, "train.val_every": 100}))
     with pytest.raises(NonFiniteLoss, match="non-finite loss at step 3 "):
         run_loop(cfg, _NaNFromThirdStep(str(tmp_path), device="cpu"))
-    assert checkpoint_step(str(latest_complete_checkpoint(tmp_path / "checkpoints"))) == 2
+    assert latest_checkpoint(tmp_path / "checkpoints").step == 2
 
 
 def _group_starts(caplog) -> int:
