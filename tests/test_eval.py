@@ -12,6 +12,7 @@ import torch
 from conftest import body_dir
 
 from raytrain.body import load_body_model
+from raytrain.checkpoints import Checkpoint
 from raytrain.cli import main as cli_main
 from raytrain.config import load_config
 from raytrain.data.shards import write_shards
@@ -115,7 +116,8 @@ def test_oracle_gives_zero_on_every_metric(data_root, body, tmp_path):
     for name in ("mpjpe", "pa_mpjpe", "pve", "cam_err"):
         assert np.abs(getattr(ev, name)).max() < 1e-3, name
     assert np.abs(ev.per_joint).max() < 1e-3
-    target = Target(path=tmp_path, origin=str(tmp_path), config=cfg, config_source="test", label="oracle")
+    checkpoint = Checkpoint(path=tmp_path, commit={"step": 0, "sha256": ""}, origin=str(tmp_path))
+    target = Target(checkpoint=checkpoint, config=cfg, config_source="test")
     metrics = summarize(ev, target, str(data_root / "val"))
     assert set(metrics["per_sequence"]) == {"seq0", "seq1", "seq2"}
     values = [metrics["overall"][k] for k in ("mpjpe", "pa_mpjpe", "pve", "cam_err")]
