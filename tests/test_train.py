@@ -95,13 +95,30 @@ def test_bad_input_stops_before_workers_start(synthetic_shards, tmp_path):
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance for this module's Ray tests, started as `raytrain train` starts
-    it (init_ray: 2 CPUs, log_to_driver=False)."""
+    it (init_ray: 2 CPUs, log_to_driver=False), its processes with a temp directory of their
+    own (TMPDIR; short: Ray puts its sockets there): yields that directory."""
+    import tempfile
+
     import ray
 
     from raytrain.train.launch import init_ray
-    init_ray(load_config(DEMO, ["ray.num_cpus=2"]))
-    yield
-    ray.shutdown()
+    private = Path(tempfile.mkdtemp(prefix="rt-"))
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"], tempfile.tempdir = str(private), None
+    try:
+        init_ray(load_config(DEMO, ["ray.num_cpus=2"]))
+        yield private
+    finally:
+        ray.shutdown()
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+        tempfile.tempdir = None
+
+
+def raytrain_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("raytrain"))
 
 
 @pytest.mark.slow
@@ -123,7 +140,9 @@ def test_ray_gpu_request_fails_fast(synthetic_shards, tmp_path, local_ray):
 def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path, caplog, local_ray):
     """SIGKILL the training worker mid-run: Ray restarts it, it resumes from the latest
     checkpoint, the step count is continuous and no sample of the epoch is lost or repeated.
-    The workers' own lines (progress, the resume notice) reach the driver's logging once."""
+    The workers' own lines (progress, the resume notice) reach the driver's logging once.
+    Nothing of raytrain's is left in the temp directory: not the copies of the killed
+    worker, not the copy it resumed from, not those of the run that finished."""
     import logging
     caplog.set_level(logging.INFO, logger="raytrain")
 
@@ -162,6 +181,29 @@ def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path
     forwarded = [r.getMessage() for r in caplog.records if r.name.startswith("raytrain.train.")]
     assert sum(m.startswith("[raytrain] step 12/12 ") for m in forwarded) == 1, forwarded
     assert sum("resumed from step" in m for m in forwarded) == 1, forwarded
+    # the killed worker's staged checkpoint, the restore copy and every persisted one: all gone
+    assert raytrain_files(local_ray) == []
+
+
+def test_copies_of_a_stopped_process_are_removed(tmp_path, monkeypatch):
+    """A local checkpoint copy whose process is gone (a worker killed mid-save) is removed
+    when the next session starts; a live process's copy stays."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from raytrain.checkpoints import local_copy_dir, remove_orphaned_copies
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    stale = tmp_path / f"raytrain-ckpt-{int(child.stdout)}-x1"
+    (stale / "step_00000004").mkdir(parents=True)
+    (stale / "step_00000004" / "state.pt").write_bytes(b"half")
+    mine = local_copy_dir("restore")
+    assert mine.parent == tmp_path
+    assert remove_orphaned_copies() == [stale]
+    assert raytrain_files(tmp_path) == [mine.name]
 
 
 def test_resume_takes_the_latest_complete_checkpoint_on_disk(tmp_path):

@@ -83,10 +83,7 @@ class CheckpointManager:
             for name, obj in self.states.items():
                 obj.load_state_dict(state[name])
             set_rng_state(state["rng"])
-            pos = Position(step=state["step"], epoch=state["epoch"], samples_in_epoch=state["samples_in_epoch"])
-        log.info("[raytrain] rank %d: resumed from step %d (epoch %d, %d samples into it)",
-                 self.session.rank, pos.step, pos.epoch, pos.samples_in_epoch)
-        return pos
+            return Position(step=state["step"], epoch=state["epoch"], samples_in_epoch=state["samples_in_epoch"])
 
     def _warn_on_other_camera_start(self, path: Path, state: dict) -> None:
         if not state.get("config"):

@@ -103,6 +103,9 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
     checkpoints = CheckpointManager(session, cfg, model=model, optimizer=optimizer, scheduler=scheduler,
                                     scaler=scaler)
     pos = checkpoints.restore()
+    if pos.step:
+        log.info("[raytrain] rank %d: resumed from step %d (epoch %d, %d samples into it)",
+                 session.rank, pos.step, pos.epoch, pos.samples_in_epoch)
     logger = RunLogger(cfg, session, total_steps)
     throughput = Throughput(warmup_steps=2)
     metrics = {}
