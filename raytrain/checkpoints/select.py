@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.io import is_remote
-from .format import COMMIT_FILE, STATE_FILE, Checkpoint, IncompleteCheckpoint, stored_val_mpjpe, verify_local
+from .format import (
+    COMMIT_FILE,
+    STATE_FILE,
+    Checkpoint,
+    IncompleteCheckpoint,
+    read_commit,
+    stored_val_mpjpe,
+    verify_local,
+)
 from .remote import fetch_checkpoint, storage_errors, stored_commits
 
 log = logging.getLogger(__name__)
@@ -115,26 +123,25 @@ def choose_resume(registered: str | None, run_dir: str | None) -> tuple[Checkpoi
 
     The newest *complete* checkpoint wins: Ray's, unless it is incomplete or the run
     directory (local) holds a complete one of a later step (a checkpoint written but
-    not registered when the run was interrupted). The note says what was skipped."""
-    mine = None
-    if registered is not None:
+    not registered when the run was interrupted). Candidates are ranked by their commit
+    records and hashed newest first, so normally one is hashed. The note says what was
+    skipped."""
+    mine = read_commit(registered) if registered is not None else None
+    options = [(mine["step"], 1, registered, "Ray's last registered checkpoint")] if mine else []
+    if run_dir and not is_remote(run_dir) and Path(run_dir).is_dir():
+        options += [(c.step, 0, c.where, "the latest complete checkpoint on disk") for c in candidates(run_dir)]
+    for step, _, where, origin in sorted(options, key=lambda option: option[:2], reverse=True):
         try:
-            mine = verify_local(registered)
-        except IncompleteCheckpoint:
-            pass
-    on_disk = latest_checkpoint(run_dir) if run_dir and not is_remote(run_dir) else None
-    options = [(c.step, c, origin) for c, origin in ((mine, "Ray's last registered checkpoint"),
-                                                      (on_disk, "the latest complete checkpoint on disk"))
-               if c is not None]
-    if not options:
-        note = (f"Ray's last checkpoint {registered} is incomplete and {run_dir} holds no complete "
-                "one: starting from scratch") if registered is not None else ""
-        return None, note
-    step, chosen, origin = max(options, key=lambda option: option[0])
-    if registered is not None and chosen is not mine:
-        why = f"is at step {mine.step}" if mine is not None else "is incomplete"
-        return chosen, (f"resuming from {origin} {chosen.path} (step {step}): Ray's last registered "
-                        f"checkpoint {why}")
-    if registered is None:
-        return chosen, f"resuming from {origin} {chosen.path} (step {step}): Ray registered none"
-    return chosen, ""
+            chosen = verify_local(where)
+        except IncompleteCheckpoint as err:
+            log.info("[raytrain] not resuming from %s", err)
+            continue
+        if registered is None:
+            return chosen, f"resuming from {origin} {where} (step {step}): Ray registered none"
+        if where != registered:
+            why = f"is at step {mine['step']}" if mine and mine["step"] < step else "is incomplete"
+            return chosen, f"resuming from {origin} {where} (step {step}): Ray's last registered checkpoint {why}"
+        return chosen, ""
+    note = (f"Ray's last checkpoint {registered} is incomplete and {run_dir} holds no complete "
+            "one: starting from scratch") if registered is not None else ""
+    return None, note
