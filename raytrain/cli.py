@@ -30,7 +30,7 @@ def main(argv=None):
         return 2
     except Exception as err:
         from .body.model import BodyModelError
-        from .train.checkpoint import CheckpointError
+        from .checkpoints import CheckpointError
         if isinstance(err, CheckpointError):
             print(f"raytrain: checkpoint error: {err}", file=sys.stderr)
             return 2

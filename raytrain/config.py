@@ -11,7 +11,6 @@ import dataclasses
 import math
 import os
 import re
-import stat
 import types
 import typing
 from collections.abc import Sequence
@@ -304,19 +303,15 @@ def short(value, limit: int = 120) -> str:
 
 
 def read_yaml(path: str) -> dict[str, Any]:
+    from .files import read_bounded
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory, expected a YAML file")
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):  # a FIFO would hang
-            raise ConfigError(f"{path}: not a regular file (a FIFO, device or socket); expected a YAML file")
-        with open(path, "rb") as handle:
-            payload = handle.read(MAX_YAML_BYTES + 1)
+        payload = read_bounded(path, MAX_YAML_BYTES, f"config file {path}", ConfigError)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
-    if len(payload) > MAX_YAML_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_YAML_BYTES} bytes; not a config file")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -7,8 +7,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "raytrain"
 LIBRARY = ("raytrain.data", "raytrain.model", "raytrain.geometry", "raytrain.body", "raytrain.train",
-           "raytrain.eval", "raytrain.tuning", "raytrain.predict", "raytrain.losses", "raytrain.config",
-           "raytrain.registry", "raytrain.safe_pickle", "raytrain.workarounds", "raytrain.console")
+           "raytrain.eval", "raytrain.tuning", "raytrain.predict", "raytrain.checkpoints", "raytrain.losses",
+           "raytrain.config", "raytrain.registry", "raytrain.safe_pickle", "raytrain.workarounds",
+           "raytrain.console", "raytrain.files")
 HARNESS = ("raytrain.synthetic", "raytrain.bench", "raytrain.apps", "raytrain.cli")
 WORKAROUND = "raytrain.workarounds"
 PRIVATE = ("._iterator", "_shutdown_workers", "_storage_Use_Count", "_new_shared", "_typed_storage", "_cdata",
@@ -90,6 +91,25 @@ def test_no_import_circle(graph):
     """No cycle between modules (package __init__ re-exports aside: they import downward)."""
     edges = {m: {d for d in deps if not PACKAGE.joinpath(*d.split(".")[1:], "__init__.py").exists()}
              for m, deps in graph.items()}
+    cycle = find_cycle(edges)
+    assert not cycle, " -> ".join(cycle)
+
+
+def _package(module: str) -> str:
+    """The unit a module belongs to: its subpackage of raytrain, or the top-level module."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_two_packages_import_each_other(graph):
+    """Between packages (a subpackage with everything in it, or a top-level module) the
+    imports, at the top of a file or inside a function, form no circle: not two packages
+    importing each other, not a longer ring."""
+    edges: dict[str, set[str]] = {}
+    for module, deps in graph.items():
+        edges.setdefault(_package(module), set()).update(
+            _package(dep) for dep in deps if _package(dep) != _package(module) and _package(dep) != "raytrain")
+    mutual = sorted(f"{a} <-> {b}" for a in edges for b in edges[a] if a < b and a in edges.get(b, ()))
+    assert not mutual, mutual
     cycle = find_cycle(edges)
     assert not cycle, " -> ".join(cycle)
 

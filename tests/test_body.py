@@ -427,7 +427,7 @@ def test_smpl_files_that_exist_but_do_not_load_stop_raytrain_train_before_ray(
     (user / GENDER_FILES[gender]).write_bytes(pickle.dumps(data, protocol=2))
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = cli_main(["train", "--config", str(REPO / "raytrain" / "configs" / "demo.yaml"),
+        code = cli_main(["train", "--config", str(REPO / "configs" / "demo.yaml"),
                          f"model.smpl_dir={user}", f"train.storage_path={tmp_path / 'runs'}",
                          f"data.train_shards={train}", f"data.val_shards={val}", "model.backbone=resnet18"])
     line = err.getvalue().strip()

@@ -13,6 +13,7 @@ import torch
 from conftest import body_dir
 
 from raytrain.body import load_body_model
+from raytrain.checkpoints import Checkpoint
 from raytrain.cli import main as cli_main
 from raytrain.config import load_config
 from raytrain.data.shards import write_shards
@@ -116,7 +117,8 @@ def test_oracle_gives_zero_on_every_metric(data_root, body, tmp_path):
     for name in ("mpjpe", "pa_mpjpe", "pve", "cam_err"):
         assert np.abs(getattr(ev, name)).max() < 1e-3, name
     assert np.abs(ev.per_joint).max() < 1e-3
-    target = Target(path=tmp_path, origin=str(tmp_path), config=cfg, config_source="test", label="oracle")
+    checkpoint = Checkpoint(path=tmp_path, commit={"step": 0, "sha256": ""}, origin=str(tmp_path))
+    target = Target(checkpoint=checkpoint, config=cfg, config_source="test")
     metrics = summarize(ev, target, str(data_root / "val"))
     assert set(metrics["per_sequence"]) == {"seq0", "seq1", "seq2"}
     values = [metrics["overall"][k] for k in ("mpjpe", "pa_mpjpe", "pve", "cam_err")]
@@ -187,11 +189,7 @@ def test_run_eval_on_checkpoint_reproduces_validation(data_root, trained, body, 
     # the same MPJPE as the validation recorded in the checkpoint and as validate() now
     stored = metrics["stored_validation"]["val_mpjpe"]
     assert abs(result["overall"]["mpjpe"] - stored) < 0.1
-    from raytrain.body import load_mean_params
-    from raytrain.model import build_model
-    from raytrain.train.checkpoint import load_checkpoint
-    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(body_dir()))
-    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    model = _model(cfg, body, session)
     fresh = validate(cfg, model, body, session, torch.device("cpu"))
     assert abs(result["overall"]["mpjpe"] - fresh["val_mpjpe"]) < 0.1
     assert abs(result["overall"]["pa_mpjpe"] - fresh["val_pa_mpjpe"]) < 0.1
@@ -317,12 +315,8 @@ def test_eval_scores_each_good_sample_once_and_reports_skipped(data_root, traine
 
 
 def _model(cfg, body, session):
-    from raytrain.body import load_mean_params
-    from raytrain.model import build_model
-    from raytrain.train.checkpoint import load_checkpoint
-    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(body_dir()))
-    model.load_state_dict(load_checkpoint(session.latest_checkpoint_dir())["model"])
-    return model
+    from raytrain.checkpoints import load_trained_model, verify_local
+    return load_trained_model(verify_local(session.latest_checkpoint_dir()), "cpu", body_model=body)
 
 
 def test_eval_config_that_differs_from_the_checkpoint_is_refused(data_root, trained, tmp_path):
@@ -346,9 +340,9 @@ def test_eval_config_that_differs_from_the_checkpoint_is_refused(data_root, trai
 def test_eval_never_takes_the_body_model_from_a_stored_config(data_root, trained, tmp_path, capsys):
     """A checkpoint whose stored config names another SMPL folder: eval scores with the
     synthetic body model (or --smpl-dir), never reads the stored folder."""
-    from raytrain.train.checkpoint import load_checkpoint, save_checkpoint
+    from raytrain.checkpoints import save_checkpoint, verify_local
     _, session = trained["trial_a"]
-    state = load_checkpoint(session.latest_checkpoint_dir())
+    state = dict(verify_local(session.latest_checkpoint_dir()).state())
     stored = json.loads(state["config"])
     stored["model"]["smpl_dir"] = str(tmp_path / "planted")
     state["config"] = json.dumps(stored)
@@ -400,7 +394,7 @@ def test_experiment_in_object_storage_is_ranked_copied_and_reported_back(data_ro
     """An experiment in s3:// (a moto server on loopback) evaluates like its local copy: the
     same checkpoints chosen from their commit records alone, each copied once into the cache,
     the report uploaded to <experiment>/eval/<data>; a state.pt changed in storage is refused."""
-    from raytrain.train.checkpoint import CheckpointError
+    from raytrain.checkpoints import CheckpointError
 
     monkeypatch.setenv("RAYTRAIN_HOME", str(tmp_path / "home"))
     client = s3_endpoint

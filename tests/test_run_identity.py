@@ -23,7 +23,7 @@ from raytrain.train.run_identity import (
     run_fingerprint,
 )
 
-DEMO = str(REPO / "raytrain" / "configs" / "demo.yaml")
+DEMO = str(REPO / "configs" / "demo.yaml")
 
 
 def _train(overrides):
@@ -97,7 +97,7 @@ def test_accepting_a_changed_run_records_the_new_fingerprint(synthetic_shards, t
     with a checkpoint in the run directory other data is refused unless
     train.accept_changed_run=true, which records the new fingerprint; a run directory
     without a checkpoint holds nothing to adopt (a new run)."""
-    from raytrain.train.checkpoint import save_checkpoint
+    from raytrain.checkpoints import save_checkpoint
     train, val = synthetic_shards
     first = _tiny(tmp_path, train, val)
     run_dir = tmp_path / "runs" / "shared"

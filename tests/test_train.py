@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import REPO, tiny_overrides
 
+from raytrain.checkpoints import IncompleteCheckpoint, latest_checkpoint, save_checkpoint, verify_local
 from raytrain.config import ConfigError, load_config
-from raytrain.train.checkpoint import is_complete, latest_complete_checkpoint, load_checkpoint, save_checkpoint
 from raytrain.train.loop import run_loop
 from raytrain.train.session import BareSession
 
@@ -63,16 +63,18 @@ def test_interrupted_checkpoint_is_never_latest(tmp_path):
     save_checkpoint(tmp_path / "run/step_4", {"step": 4, "w": torch.ones(3) * 4})
     state = (tmp_path / "run/step_4/state.pt").read_bytes()
     (tmp_path / "run/step_4/state.pt").write_bytes(state[: len(state) // 2])
-    assert not is_complete(tmp_path / "run/step_3") and not is_complete(tmp_path / "run/step_4")
-    assert latest_complete_checkpoint(tmp_path / "run").name == "step_2"
-    assert load_checkpoint(tmp_path / "run/step_2")["step"] == 2
-    with pytest.raises(Exception, match="incomplete"):
-        load_checkpoint(tmp_path / "run/step_4")
+    with pytest.raises(IncompleteCheckpoint, match="not a complete checkpoint"):
+        verify_local(tmp_path / "run/step_3")
+    with pytest.raises(IncompleteCheckpoint, match="interrupted"):
+        verify_local(tmp_path / "run/step_4")
+    assert latest_checkpoint(tmp_path / "run").path.name == "step_2"
+    assert verify_local(tmp_path / "run/step_2").state()["step"] == 2
     # a commit record we did not write (a step that is not a count) is not complete either
     save_checkpoint(tmp_path / "run/step_5", {"step": 5, "w": torch.ones(3)})
     (tmp_path / "run/step_5/COMMIT.json").write_text('{"step": "5; rm -rf /", "sha256": "x"}')
-    assert not is_complete(tmp_path / "run/step_5")
-    assert latest_complete_checkpoint(tmp_path / "run").name == "step_2"
+    with pytest.raises(IncompleteCheckpoint):
+        verify_local(tmp_path / "run/step_5")
+    assert latest_checkpoint(tmp_path / "run").path.name == "step_2"
 
 
 def test_bad_input_stops_before_workers_start(synthetic_shards, tmp_path):
@@ -93,13 +95,30 @@ def test_bad_input_stops_before_workers_start(synthetic_shards, tmp_path):
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance for this module's Ray tests, started as `raytrain train` starts
-    it (init_ray: 2 CPUs, log_to_driver=False)."""
+    it (init_ray: 2 CPUs, log_to_driver=False), its processes with a temp directory of their
+    own (TMPDIR; short: Ray puts its sockets there): yields that directory."""
+    import tempfile
+
     import ray
 
     from raytrain.train.launch import init_ray
-    init_ray(load_config(DEMO, ["ray.num_cpus=2"]))
-    yield
-    ray.shutdown()
+    private = Path(tempfile.mkdtemp(prefix="rt-"))
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"], tempfile.tempdir = str(private), None
+    try:
+        init_ray(load_config(DEMO, ["ray.num_cpus=2"]))
+        yield private
+    finally:
+        ray.shutdown()
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+        tempfile.tempdir = None
+
+
+def raytrain_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("raytrain"))
 
 
 @pytest.mark.slow
@@ -121,7 +140,9 @@ def test_ray_gpu_request_fails_fast(synthetic_shards, tmp_path, local_ray):
 def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path, caplog, local_ray):
     """SIGKILL the training worker mid-run: Ray restarts it, it resumes from the latest
     checkpoint, the step count is continuous and no sample of the epoch is lost or repeated.
-    The workers' own lines (progress, the resume notice) reach the driver's logging once."""
+    The workers' own lines (progress, the resume notice) reach the driver's logging once.
+    Nothing of raytrain's is left in the temp directory: not the copies of the killed
+    worker, not the copy it resumed from, not those of the run that finished."""
     import logging
     caplog.set_level(logging.INFO, logger="raytrain")
 
@@ -160,12 +181,35 @@ def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path
     forwarded = [r.getMessage() for r in caplog.records if r.name.startswith("raytrain.train.")]
     assert sum(m.startswith("[raytrain] step 12/12 ") for m in forwarded) == 1, forwarded
     assert sum("resumed from step" in m for m in forwarded) == 1, forwarded
+    # the killed worker's staged checkpoint, the restore copy and every persisted one: all gone
+    assert raytrain_files(local_ray) == []
+
+
+def test_copies_of_a_stopped_process_are_removed(tmp_path, monkeypatch):
+    """A local checkpoint copy whose process is gone (a worker killed mid-save) is removed
+    when the next session starts; a live process's copy stays."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from raytrain.checkpoints import local_copy_dir, remove_orphaned_copies
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    stale = tmp_path / f"raytrain-ckpt-{int(child.stdout)}-x1"
+    (stale / "step_00000004").mkdir(parents=True)
+    (stale / "step_00000004" / "state.pt").write_bytes(b"half")
+    mine = local_copy_dir("restore")
+    assert mine.parent == tmp_path
+    assert remove_orphaned_copies() == [stale]
+    assert raytrain_files(tmp_path) == [mine.name]
 
 
 def test_resume_takes_the_latest_complete_checkpoint_on_disk(tmp_path):
     """A checkpoint written but never registered with Ray (the run was interrupted in
     between) is newer than Ray's: resume takes it and says so; an incomplete one never."""
-    from raytrain.train.session import choose_resume
+    from raytrain.checkpoints import choose_resume
     run = tmp_path / "run"
     save_checkpoint(run / "checkpoint_a", {"step": 4})
     save_checkpoint(run / "checkpoint_b", {"step": 8})
@@ -174,11 +218,12 @@ def test_resume_takes_the_latest_complete_checkpoint_on_disk(tmp_path):
     registered = tmp_path / "restored"
     save_checkpoint(registered, {"step": 4})
     chosen, note = choose_resume(str(registered), str(run))
-    assert chosen == str(run / "checkpoint_b") and "step 8" in note and "step 4" in note
+    assert chosen.path == run / "checkpoint_b" and "step 8" in note and "step 4" in note
     save_checkpoint(tmp_path / "restored2", {"step": 8})
-    assert choose_resume(str(tmp_path / "restored2"), str(run)) == (str(tmp_path / "restored2"), "")
+    chosen, note = choose_resume(str(tmp_path / "restored2"), str(run))
+    assert (chosen.path, note) == (tmp_path / "restored2", "")
     chosen, note = choose_resume(None, str(run))
-    assert chosen == str(run / "checkpoint_b") and "registered none" in note
+    assert chosen.path == run / "checkpoint_b" and "registered none" in note
     assert choose_resume(None, str(tmp_path / "empty")) == (None, "")
 
 
@@ -288,14 +333,13 @@ class _NaNFromThirdStep(BareSession):
 def test_non_finite_loss_stops_the_bare_loop_before_its_step(synthetic_shards, tmp_path):
     """The loop stops at the step whose loss is NaN, naming it, before anything of that
     step is applied: the last checkpoint is the one before."""
-    from raytrain.train.checkpoint import checkpoint_step
     from raytrain.train.fatal import NonFiniteLoss
     train, val = synthetic_shards
     cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path, **{
         "train.checkpoint_every": 2, "train.val_every": 100}))
     with pytest.raises(NonFiniteLoss, match="non-finite loss at step 3 "):
         run_loop(cfg, _NaNFromThirdStep(str(tmp_path), device="cpu"))
-    assert checkpoint_step(str(latest_complete_checkpoint(tmp_path / "checkpoints"))) == 2
+    assert latest_checkpoint(tmp_path / "checkpoints").step == 2
 
 
 def _group_starts(caplog) -> int:

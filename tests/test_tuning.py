@@ -191,8 +191,8 @@ def test_sweep_asha_killed_driver_resume_and_export(synthetic_shards, tmp_path):
     assert cfg.optim.lr == pytest.approx(summary["params"]["optim.lr"])
     recorded = min(r["val_mpjpe"] for t in trials for r in t.results if r.get("checkpoint_path"))
     assert summary["val_mpjpe"] == pytest.approx(recorded)
-    from raytrain.train.checkpoint import load_checkpoint
-    state = load_checkpoint(str(best / "checkpoint"))
+    from raytrain.checkpoints import verify_local
+    state = verify_local(best / "checkpoint").state()
     assert state["step"] == summary["step"]
     assert state["metrics"]["val_mpjpe"] == pytest.approx(summary["val_mpjpe"], abs=0.1)
     rows = (best / "trials.csv").read_text().splitlines()

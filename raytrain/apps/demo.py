@@ -169,14 +169,14 @@ def mean_pose_baseline(cfg):
 
 def evaluate_untrained(cfg):
     """Validation metrics of the freshly initialised network (bare, one process)."""
-    from ..body import load_body_model, load_mean_params
+    from ..body import load_body_model
     from ..data.pipeline import close_loaders
     from ..eval.protocol import validate
-    from ..model import build_model
+    from ..train.loop import initial_network
     from ..train.session import BareSession
     body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
+    model = initial_network(cfg, body)
     with tempfile.TemporaryDirectory() as run_dir:  # validate writes nothing there
         session = BareSession(run_dir, device="cpu")
         try:

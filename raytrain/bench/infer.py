@@ -44,15 +44,14 @@ def bench_frames(n: int, crop_size: int, seed: int = 3):
 
 def inference_model(config: str, overrides=(), device: str = "cpu"):
     """The network of a config with random weights, as ``load_inference_model`` returns it."""
-    from ..body import load_body_model, load_mean_params
+    from ..body import load_body_model
+    from ..checkpoints import trained_network
     from ..config import load_config, shipped_config
-    from ..model import build_model
     from ..predict.model import InferenceModel
     from ..synthetic.body_model import with_default_body_model
     cfg = with_default_body_model(load_config(str(shipped_config(config)), list(overrides)))
     body = load_body_model(cfg.model.smpl_dir)
-    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
-    model.to(device).eval()
+    model = trained_network(cfg, body_model=body).to(device).eval()   # the network predict loads
     return InferenceModel(model=model, cfg=cfg, checkpoint="(random weights)", config_source=config,
                           device=torch.device(device), faces=body.faces)
 

@@ -144,3 +144,12 @@ def sha256_of(url: str, storage_options: dict | None = None, block: int = 1 << 2
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
+
+
+def upload_dir(local, url: str) -> None:
+    """Copy every file below local directory ``local`` to the same relative names below ``url``."""
+    from pathlib import Path
+    fs, root = get_fs(url)
+    local = Path(local)
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        fs.put_file(str(file), posixpath.join(root.rstrip("/"), file.relative_to(local).as_posix()))

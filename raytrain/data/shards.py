@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import webdataset as wds
 from braceexpand import braceexpand
 
+from ..files import read_bounded
 from .errors import ManifestError
 from .formats.tar import tar_samples
 from .io import (
@@ -195,12 +196,9 @@ def read_manifest(path_or_url: str, storage_options: dict | None = None) -> dict
     url = manifest_url(path_or_url)
     check_regular_file(url, storage_options)
     try:
-        with open_url(url, "rb", storage_options) as handle:
-            payload = handle.read(MAX_MANIFEST_BYTES + 1)
+        payload = read_bounded(url, MAX_MANIFEST_BYTES, f"{url}: manifest", ManifestError, storage_options)
     except FileNotFoundError:
         raise FileNotFoundError(f"no shard manifest at {url}") from None
-    if len(payload) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{url}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         manifest = json.loads(payload.decode("utf-8"))
     except (ValueError, RecursionError) as error:  # ValueError: also a number of over 4300 digits

@@ -18,37 +18,20 @@ report.md, per_joint.png, overlays/*.png (``raytrain.eval.report``). With severa
 (``--top K``) every one gets a sub-directory and ``out`` holds summary.json + report.md.
 """
 import copy
-import json
 import logging
-import posixpath
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..body.joints import J14_NAMES
-from ..config import ConfigError, ExperimentConfig, config_from_raw, load_config, read_yaml, with_legacy_defaults
-from ..data.io import get_fs, is_remote, isdir, join_url
-from ..train.checkpoint import (
-    STATE_FILE,
-    CheckpointError,
-    is_complete,
-    list_complete_checkpoints,
-    load_checkpoint,
-    read_local_commit,
-)
-from .fetch import (
-    StoredCheckpoint,
-    fetch_checkpoint,
-    remote_checkpoints,
-    storage_errors,
-    stored_val_mpjpe,
-    upload_dir,
-)
+from ..checkpoints import Target, checkpoint_target, load_trained_model, select_checkpoints, storage_errors
+from ..config import ConfigError, ExperimentConfig
+from ..data.io import get_fs, is_remote, join_url, upload_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +82,7 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
         for rank, target in enumerate(targets):
             name = "" if len(targets) == 1 else f"{rank + 1:02d}-{target.label}"
             cfg = eval_config(target.config, data, max_samples, smpl_dir)
-            evaluation = evaluate_checkpoint(cfg, target.path, device=device, overlays=overlays)
+            evaluation = evaluate_checkpoint(cfg, target, device=device, overlays=overlays)
             metrics = summarize(evaluation, target, data)
             metrics["out"] = join_url(out, name) if name else out
             write_report(out_dir / name, metrics, evaluation)
@@ -143,19 +126,6 @@ def _check_data(data: str) -> None:
 
 
 @dataclass
-class Target:
-    """One checkpoint to evaluate and the training config it belongs to; `path` is local
-    (a copy for a checkpoint in object storage), `origin` the path or URL the user named."""
-    path: Path
-    origin: str
-    config: ExperimentConfig
-    config_source: str
-    label: str
-    stored_metrics: dict[str, float] = field(default_factory=dict)
-    step: int | None = None
-
-
-@dataclass
 class Evaluation:
     """Per-sample results of one checkpoint over a shard set (numpy, mm)."""
     keys: list[str]
@@ -170,187 +140,7 @@ class Evaluation:
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples not scored, by reason
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_target(path: str, config: str | None) -> Target:
-    """A checkpoint directory (a local path, or a URL copied into the local cache first) and
-    its training config (``checkpoint_config``); raises ``CheckpointError`` naming what is
-    wrong when it is no complete checkpoint."""
-    origin = str(path)
-    if is_remote(origin):
-        with storage_errors(origin):
-            path = fetch_checkpoint(origin)      # a copy already checked against its commit record
-    else:
-        path = Path(path)
-        if not is_complete(path):
-            found = list_complete_checkpoints(str(path)) if path.is_dir() else []
-            hint = (f"; it holds {len(found)} checkpoint(s): use --experiment {path} [--best]"
-                    if found else "")
-            raise CheckpointError(f"{path} is not a complete checkpoint directory "
-                                  f"({STATE_FILE} + COMMIT.json){hint}")
-    state = _load_light(path)
-    cfg, source = checkpoint_config(path, state, config)
-    return Target(path=path, origin=origin, config=cfg, config_source=source, label=_label(PurePosixPath(origin)),
-                  stored_metrics=dict(state.get("metrics") or {}), step=state.get("step"))
-
-
-def _load_light(path: Path) -> dict:
-    """The checkpoint state, memory-mapped (tensors are only read when touched)."""
-    try:
-        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, TypeError):            # mmap needs the zipfile format
-        return load_checkpoint(str(path))
-
-
-def checkpoint_config(path: Path, state: dict, config: str | None = None):
-    """(ExperimentConfig, where it came from) of a checkpoint.
-
-    Order: the explicit ``config`` YAML; the config stored in the checkpoint (JSON text,
-    `loop._checkpoint`); ``params.json`` of the Ray trial (``train_loop_config``); a YAML
-    beside the checkpoint or one level up (the tuning export's best config).
-    """
-    stored = state.get("config")
-    if config:
-        cfg = load_config(config)
-        if stored:
-            check_same_model(_config(_stored_raw(stored, path), f"{path} (stored)"), cfg, path, config)
-        return cfg, str(config)
-    if stored:
-        return _config(_stored_raw(stored, path), f"{path} (stored)"), f"stored in {path / STATE_FILE}"
-    for folder in [path, *list(path.parents)[:3]]:
-        params = folder / "params.json"
-        if params.is_file():
-            try:
-                raw = json.loads(params.read_text())
-                raw = raw.get("train_loop_config", raw)
-                raw = dict(raw.get("config", raw))  # a Ray Train run's loop config holds it
-            except (ValueError, TypeError, AttributeError, RecursionError):
-                continue
-            raw = with_legacy_defaults(raw)
-            try:
-                return _config(raw, str(params)), str(params)
-            except ConfigError:
-                pass
-    for folder in (path, path.parent):
-        for yaml_path in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
-            try:
-                return _config(read_yaml(str(yaml_path)), str(yaml_path)), str(yaml_path)
-            except ConfigError:
-                continue
-    raise ConfigError(f"{path}: no training config found (not stored in the checkpoint, no "
-                      "params.json of a Ray trial, no config YAML beside it); pass config=...")
-
-
-#: Keys that decide the network a checkpoint's weights belong to (or how its inputs
-#: are made): an evaluation config must agree with the checkpoint's on each.
-MODEL_KEYS = ("rois.num_rois", "rois.schedule", "model.backbone", "model.fusion", "model.fusion_hidden",
-              "model.attention_heads", "model.pe_bands", "model.decoder_iters", "model.decoder_hidden",
-              "model.bbox_info_to_decoders", "model.cam_init", "model.proj_dim", "model.proj_hidden",
-              "data.crop_size")
-
-
-def check_same_model(stored: ExperimentConfig, given: ExperimentConfig, path, config: str) -> None:
-    """``ConfigError`` naming every key of ``MODEL_KEYS`` where ``config`` differs from the
-    config stored in the checkpoint: weights that happen to load would still be scored
-    under another architecture, RoI count or camera start."""
-    differences = []
-    for key in MODEL_KEYS:
-        section, name = key.split(".")
-        mine, theirs = getattr(getattr(given, section), name), getattr(getattr(stored, section), name)
-        if mine != theirs:
-            differences.append(f"{key}={mine!r} (checkpoint: {theirs!r})")
-    if differences:
-        raise ConfigError(f"--config {config} differs from the config stored in {path}: "
-                          f"{', '.join(differences)}; drop --config or make them agree")
-
-
-def _stored_raw(stored, path: Path) -> dict:
-    """The config a checkpoint stores (JSON text) as a dict with legacy defaults."""
-    try:
-        raw = json.loads(stored) if isinstance(stored, str) else stored
-    except (ValueError, RecursionError) as err:
-        raise ConfigError(f"{path}: the stored config is not valid JSON ({str(err)[:100]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the stored config is not a mapping")
-    return with_legacy_defaults(raw)
-
-
-def _config(raw: dict, where: str) -> ExperimentConfig:
-    return config_from_raw(raw, where)
-
-
-def select_checkpoints(experiment: str, best: bool = False, top: int = 1,
-                       config: str | None = None) -> list[Target]:
-    """The checkpoints of an experiment to evaluate, best first.
-
-    With ``best`` and top == 1, the tuning export ``<experiment>/best/`` is used when it
-    holds a complete checkpoint (its YAML config serves when the checkpoint stores none).
-    Otherwise every complete checkpoint below ``experiment`` (outside ``best/`` and
-    ``eval/``) is grouped by trial (its parent directory); per trial the checkpoint of
-    lowest stored ``val_mpjpe`` (``best``) or the latest one; trials ranked by that
-    ``val_mpjpe``; the first ``top``. An experiment in object storage is ranked from the
-    checkpoints' commit records (``fetch.remote_checkpoints``); only the chosen ones are
-    copied.
-    """
-    if is_remote(experiment):
-        with storage_errors(experiment):
-            if not isdir(experiment):
-                raise CheckpointError(f"experiment directory {experiment} not found")
-            found = remote_checkpoints(experiment, skip={"best", "eval"})
-    else:
-        root = Path(experiment)
-        if not root.is_dir():
-            raise CheckpointError(f"experiment directory {root} not found")
-        exported = root / "best"
-        if best and top == 1 and exported.is_dir():
-            found = _local_checkpoints(exported)
-            if found:
-                yaml_config = config or _exported_config(exported)
-                return [checkpoint_target(min(found, key=_by_val_mpjpe).where, yaml_config)]
-        found = _local_checkpoints(root, skip={"best", "eval"})
-    if not found:
-        raise CheckpointError(f"no complete checkpoint below {experiment}")
-    return [checkpoint_target(c.where, config) for c in rank_checkpoints(found, best, top)]
-
-
-def rank_checkpoints(found: list[StoredCheckpoint], best: bool, top: int) -> list[StoredCheckpoint]:
-    """Checkpoints (oldest step first) grouped by trial (their parent directory): per trial
-    the one of lowest val_mpjpe (`best`) or the latest; trials ranked by that val_mpjpe."""
-    by_trial: dict[str, list[StoredCheckpoint]] = {}
-    for stored in found:
-        by_trial.setdefault(posixpath.dirname(stored.where.rstrip("/")), []).append(stored)
-    chosen = [(min(group, key=_by_val_mpjpe) if best else group[-1]) for group in by_trial.values()]
-    return sorted(chosen, key=_by_val_mpjpe)[:top]
-
-
-def _by_val_mpjpe(stored: StoredCheckpoint) -> tuple[float, str]:
-    return stored.val_mpjpe, stored.where
-
-
-def _local_checkpoints(root: Path, skip: set[str] = frozenset()) -> list[StoredCheckpoint]:
-    """The complete checkpoints below `root`, oldest step first, outside directories named
-    in `skip`; val_mpjpe from each commit record's metrics (from state.pt for a checkpoint
-    whose record holds none)."""
-    found = []
-    for path in list_complete_checkpoints(str(root)):
-        if skip & set(path.relative_to(root).parts):
-            continue
-        commit = read_local_commit(path)
-        metrics = commit["metrics"] if "metrics" in commit else _load_light(path).get("metrics")
-        found.append(StoredCheckpoint(str(path), commit["step"], stored_val_mpjpe(metrics)))
-    return found
-
-
-def _exported_config(folder: Path) -> str | None:
-    yamls = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml"))
-    preferred = [p for p in yamls if "config" in p.name] or yamls
-    return str(preferred[0]) if preferred else None
-
-
-def _label(path: Path) -> str:
-    text = f"{path.parent.name}-{path.name}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:80]
+# ----------------------------------------------------------------------------- names
 
 
 def data_name(data: str) -> str:
@@ -381,18 +171,15 @@ def eval_config(cfg: ExperimentConfig, data: str, max_samples: int = 0,
 
 
 @torch.no_grad()
-def evaluate_checkpoint(cfg: ExperimentConfig, path, device: str | None = None,
+def evaluate_checkpoint(cfg: ExperimentConfig, target: Target, device: str | None = None,
                         overlays: int = OVERLAYS) -> Evaluation:
-    """Load the checkpoint's weights into the model its config describes and evaluate."""
-    from ..body import load_body_model, load_mean_params
-    from ..model import build_model
+    """Evaluate the trained network of ``target`` on ``cfg``'s validation shards, scored
+    with the body model of ``cfg.model.smpl_dir``."""
+    from ..body import load_body_model
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
-    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
-    state = load_checkpoint(str(path), map_location="cpu")
-    model.load_state_dict(state["model"])
-    model.to(device)
-    return evaluate_model(cfg, model, body.to(device), device, overlays=overlays)
+    body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female")).to(device)
+    model = load_trained_model(target, device, body_model=body)
+    return evaluate_model(cfg, model, body, device, overlays=overlays)
 
 
 def _one_pass(loader):

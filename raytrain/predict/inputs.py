@@ -37,6 +37,7 @@ import numpy as np
 
 from ..data.errors import ReasonError
 from ..data.io import get_fs, is_remote, open_url
+from ..files import read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -285,12 +286,9 @@ class DetectionTable:
 def load_detections(url: str, storage_options: dict | None = None) -> DetectionTable:
     """Read a COCO results (or COCO dataset) JSON file; see the module docstring."""
     try:
-        with open_url(url, "rb", storage_options) as handle:
-            text = handle.read(MAX_DETECTIONS_BYTES + 1)
+        text = read_bounded(url, MAX_DETECTIONS_BYTES, f"detections {url}", InputError, storage_options)
     except OSError as error:
         raise InputError(f"detections {url}: {error}") from None
-    if len(text) > MAX_DETECTIONS_BYTES:
-        raise InputError(f"detections {url}: larger than {MAX_DETECTIONS_BYTES} bytes")
     try:
         payload = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

@@ -3,25 +3,22 @@
     model = load_inference_model("runs/.../checkpoint_000003", smpl_dir=...)
     outputs = model(batch)   # batch of PersonCropper items -> numpy pose, betas, cam_full, ...
 
-Checkpoint and config are found as `raytrain eval` finds them (``eval.run``: the config
-stored in the checkpoint, the Ray trial's params.json, a YAML beside it, or ``config``);
-the network is built from that config (``model.build_model``) and the forward pass is
+Checkpoint, config and network come from ``checkpoints`` as `raytrain eval` gets them
+(``checkpoint_target``: the config stored in the checkpoint, the Ray trial's params.json,
+a YAML beside it, or ``config``; ``load_trained_model``: the network without its
+training-only inputs, the weights checked); the forward pass is
 ``eval.protocol.predict``, the function validation runs. The body model is never taken
 from a stored config (a downloaded checkpoint must not choose files to read).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..checkpoints import CheckpointMismatch, check_weights  # noqa: F401 - part of this module's API
 from ..config import ConfigError, ExperimentConfig
-
-
-class CheckpointMismatch(ConfigError):
-    """The checkpoint's weights do not fit the network its config describes."""
 
 
 @dataclass
@@ -85,50 +82,13 @@ def load_inference_model(checkpoint: str, smpl_dir: str, config: str | None = No
 
     Raises ``CheckpointError`` for a path that is no complete checkpoint and
     ``CheckpointMismatch`` (a ``ConfigError``) when its weights do not fit its config."""
-    from ..body import load_body_model, load_mean_params
-    from ..eval.run import checkpoint_target
-    from ..model import build_model
-    from ..train.checkpoint import CheckpointError, is_complete, list_complete_checkpoints, load_checkpoint
+    from ..body import load_body_model
+    from ..checkpoints import checkpoint_target, load_trained_model
     if smpl_dir is None:
         raise ConfigError("predict: the body model directory (model.smpl_dir) is not set")
-    try:
-        target = checkpoint_target(checkpoint, config)
-    except CheckpointError:
-        incomplete_dir = Path(checkpoint).is_dir() and not is_complete(checkpoint)
-        found = list_complete_checkpoints(checkpoint) if incomplete_dir else []
-        if found:
-            raise CheckpointError(f"{checkpoint} is not a complete checkpoint directory itself; it holds "
-                                  f"{len(found)} checkpoint(s), the latest {found[-1]}") from None
-        raise
-    cfg = target.config
+    target = checkpoint_target(checkpoint, config)
     body = load_body_model(smpl_dir)
-    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(smpl_dir))
-    state = load_checkpoint(str(target.path), map_location="cpu")
-    weights = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(weights, dict):
-        raise CheckpointMismatch(f"{checkpoint}: the checkpoint holds no model weights")
-    check_weights(model, weights, checkpoint, target.config_source)
-    model.load_state_dict(weights)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device).eval()
-    return InferenceModel(model=model, cfg=cfg, checkpoint=target.origin,
-                          config_source=target.config_source, device=device,
+    model = load_trained_model(target, device, body_model=body)
+    return InferenceModel(model=model, cfg=target.config, checkpoint=target.origin,
+                          config_source=target.config_source, device=next(model.parameters()).device,
                           faces=np.asarray(body.faces))
-
-
-def check_weights(model: torch.nn.Module, weights: dict, checkpoint: str, config_source: str) -> None:
-    """One clear error when the stored weights are not those of ``model``."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    shapes = [k for k in expected if k in weights and hasattr(weights[k], "shape")
-              and tuple(weights[k].shape) != tuple(expected[k].shape)]
-    if not (missing or unexpected or shapes):
-        return
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
-        if keys:
-            parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-    raise CheckpointMismatch(f"{checkpoint}: its weights do not fit the network of the config "
-                             f"({config_source}): {', '.join(parts)}; pass the config it was "
-                             "trained with (--config) or another checkpoint")

@@ -10,7 +10,6 @@ reduced over ranks. Every `train.checkpoint_every` steps and at the end: a check
 with model, optimiser, scheduler, step, RNG and the data position (epoch, samples
 consumed).
 """
-import json
 import logging
 import math
 import time
@@ -20,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from ..body import BodyModelError, load_body_model, load_mean_params
-from ..config import ExperimentConfig, config_from_raw, to_dict, with_legacy_defaults
+from ..checkpoints import CheckpointManager, Position
+from ..config import ExperimentConfig, config_from_raw
 from ..data.device_crop import crop_batch
 from ..data.errors import DataError, user_line
 from ..data.pipeline import build_loader, close_loaders, epoch_length
@@ -28,18 +28,10 @@ from ..eval.protocol import validate
 from ..losses import compute_losses, contrastive_warmup, gather_negatives
 from ..model import build_model, normalize_images
 from ..ranks import PeerStopped, stop_together
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .fatal import NonFiniteLoss, fatal_path, read_fatal_error, record_fatal_error
 from .logger import RunLogger
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Position:
-    step: int = 0
-    epoch: int = 0
-    samples_in_epoch: int = 0   # samples this rank has consumed in `epoch`
 
 
 class Throughput:
@@ -94,6 +86,8 @@ def ray_train_worker(loop_config: dict):
                     "group up to ray.max_failures=%s times: the restarts are expected and meet the same error",
                     session.rank, user_line(error), fatal, loop_config["config"].get("ray", {}).get("max_failures"))
         raise  # unrecorded: the driver learns of it from Ray
+    finally:
+        session.close()  # a checkpoint staged when the run failed
 
 
 def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> dict:
@@ -101,8 +95,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
     torch.set_num_threads(max(1, int(round(cfg.ray.cpus_per_worker))))
     device = session.device
     body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
-    model = build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
-    model = session.prepare_model(model)
+    model = session.prepare_model(initial_network(cfg, body))
     body = body.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                  weight_decay=cfg.optim.weight_decay)
@@ -111,7 +104,12 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
     total_steps = _total_steps(cfg, steps_per_epoch, max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.optim.amp == "fp16")
-    pos = _restore(session, cfg, model, optimizer, scheduler, scaler)
+    checkpoints = CheckpointManager(session, cfg, model=model, optimizer=optimizer, scheduler=scheduler,
+                                    scaler=scaler)
+    pos = checkpoints.restore()
+    if pos.step:
+        log.info("[raytrain] rank %d: resumed from step %d (epoch %d, %d samples into it)",
+                 session.rank, pos.step, pos.epoch, pos.samples_in_epoch)
     logger = RunLogger(cfg, session, total_steps)
     throughput = Throughput(warmup_steps=2)
     metrics = {}
@@ -146,7 +144,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
                 # progress lines are logged): a Train V2 report waits for the controller to take
                 # the previous one, and it polls every 2 s
                 if want_checkpoint:
-                    _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, feed)
+                    checkpoints.save(pos, metrics, _report_metrics(pos, {}, metrics, feed))
                 elif validated:
                     session.report(_report_metrics(pos, terms, metrics, feed))
                 batch = following
@@ -158,6 +156,13 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
     logger.close()
     session.model = model
     return metrics
+
+
+def initial_network(cfg: ExperimentConfig, body) -> torch.nn.Module:
+    """The network training starts from: backbone weights from ``model.backbone_checkpoint``
+    or ``model.pretrained``, decoders from SMPL's mean parameters. A trained network is
+    built by ``checkpoints.load_trained_model`` instead, from its own weights."""
+    return build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
 
 
 class EpochFeed:
@@ -282,50 +287,12 @@ def batch_losses(cfg, body, pred: dict, batch: dict, step: int | None = None):
     return compute_losses(pred, batch, cfg.loss, gt_vertices, negatives, cont_factor=factor)
 
 
-def _checkpoint(session, cfg, model, optimizer, scheduler, scaler, pos, metrics, feed):
-    directory = None
-    if session.rank == 0:
-        directory = session.checkpoint_dir(pos.step)
-        module = model.module if hasattr(model, "module") else model
-        save_checkpoint(directory, {
-            "step": pos.step, "epoch": pos.epoch, "samples_in_epoch": pos.samples_in_epoch,
-            "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state(), "metrics": {k: float(v) for k, v in metrics.items()},
-            "config": json.dumps(to_dict(cfg)),   # JSON text: loads under weights_only=True
-        })
-    session.report(_report_metrics(pos, {}, metrics, feed), checkpoint_dir=directory)
-
-
 def _report_metrics(pos, terms, metrics, feed):
     out = {"step": pos.step, "epoch": pos.epoch}
     out.update({f"loss_{k}": v for k, v in terms.items()})
     out.update(metrics)
     out.update({f"bad_{k}": v for k, v in feed.bad_counts.items()})
     return out
-
-
-def _restore(session, cfg, model, optimizer, scheduler, scaler) -> Position:
-    directory = session.latest_checkpoint_dir()
-    if directory is None:
-        return Position()
-    state = load_checkpoint(directory, map_location=session.device)
-    if state.get("config"):
-        stored = with_legacy_defaults(json.loads(state["config"])).get("model", {})
-        if stored.get("cam_init", cfg.model.cam_init) != cfg.model.cam_init:
-            log.warning("%s was trained with model.cam_init=%s, resuming with %s: pass "
-                        "model.cam_init=%s to keep its camera start", directory, stored["cam_init"],
-                        cfg.model.cam_init, stored["cam_init"])
-    module = model.module if hasattr(model, "module") else model
-    module.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    pos = Position(step=state["step"], epoch=state["epoch"], samples_in_epoch=state["samples_in_epoch"])
-    log.info("[raytrain] rank %d: resumed from step %d (epoch %d, %d samples into it)",
-             session.rank, pos.step, pos.epoch, pos.samples_in_epoch)
-    return pos
 
 
 def _total_steps(cfg, steps_per_epoch, max_steps):

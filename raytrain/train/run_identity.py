@@ -18,7 +18,7 @@ The states a run directory can be in when ``raytrain train`` starts:
 - **changed** fingerprint: refused (``RunDirectoryError``, exit 2) with one line naming
   what differs; a new ``name`` starts another run, ``train.accept_changed_run=true``
   resumes anyway and records the new fingerprint (not for a key that decides the network,
-  ``eval.run.MODEL_KEYS``: the run's checkpoints cannot load into another one).
+  ``checkpoints.MODEL_KEYS``: the run's checkpoints cannot load into another one).
 - **live**: another process holds the run's lock (``run.lock`` beside the fingerprint;
   for a run directory in object storage, ``$RAYTRAIN_HOME/locks/``, which guards one
   machine only): refused with its pid and host. The lock is an ``fcntl`` lock, which the
@@ -45,7 +45,7 @@ from typing import IO
 
 from ..config import ConfigError, ExperimentConfig, to_dict
 from ..data.io import exists, is_remote, isdir, join_url, open_url
-from ..eval.run import MODEL_KEYS
+from ..checkpoints import MODEL_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +241,9 @@ def _latest_checkpoint(run_dir: str) -> tuple[int, Path] | None:
     """(step, folder) of the latest complete checkpoint of a local run directory."""
     if is_remote(run_dir) or not Path(run_dir).is_dir():
         return None
-    from .checkpoint import checkpoint_step, latest_complete_checkpoint
-    found = latest_complete_checkpoint(run_dir)
-    return None if found is None else (checkpoint_step(str(found)), found)
+    from ..checkpoints import latest_checkpoint
+    found = latest_checkpoint(run_dir)
+    return None if found is None else (found.step, found.path)
 
 
 def last_step(cfg: ExperimentConfig) -> int:

@@ -99,16 +99,9 @@ def export_best(exp_path: str, out: str | None = None, metric="val_mpjpe", mode=
     cfg = _trial_config(exp_path, trial)
     from ..config import dump_yaml
     dump_yaml(cfg, str(out_dir / "config.yaml"))
-    source = Path(report[CHECKPOINT_KEY])
+    source = str(report[CHECKPOINT_KEY])
     target = out_dir / "checkpoint"
-    if target.exists():
-        shutil.rmtree(target)
-    if "://" in str(report[CHECKPOINT_KEY]):
-        import pyarrow.fs
-        fs, path = pyarrow.fs.FileSystem.from_uri(str(report[CHECKPOINT_KEY]))
-        pyarrow.fs.copy_files(path, str(target), source_filesystem=fs)
-    else:
-        shutil.copytree(source, target)
+    export_checkpoint(source, target)
     max_step = max(t.last_step for t in trials)
     summary = {
         "trial_id": trial.trial_id, "trial_dir": str(trial.directory), "metric": metric, "mode": mode,
@@ -123,6 +116,19 @@ def export_best(exp_path: str, out: str | None = None, metric="val_mpjpe", mode=
     if plots:
         write_plots(trials, out_dir, metric, mode, exp_path)
     return out_dir
+
+
+def export_checkpoint(source: str, target: Path) -> None:
+    """Copy checkpoint ``source`` (local path or URL) to ``target``, verified: opened
+    through ``checkpoints.open_checkpoint`` (a URL copied into the cache first), so an
+    incomplete or changed checkpoint is refused, not exported."""
+    from ..checkpoints import COMMIT_FILE, STATE_FILE, open_checkpoint
+    checkpoint = open_checkpoint(source)
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for name in (STATE_FILE, COMMIT_FILE):
+        shutil.copy2(checkpoint.path / name, target / name)
 
 
 def write_trials_csv(trials, path, metric="val_mpjpe", mode="min", max_step=None):
