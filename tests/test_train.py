@@ -1,5 +1,6 @@
 """Training loop, checkpoints, resume and fault tolerance on real components."""
 import os
+import shutil
 import signal
 import threading
 import time
@@ -110,6 +111,7 @@ def local_ray():
         yield private
     finally:
         ray.shutdown()
+        shutil.rmtree(private, ignore_errors=True)
         if before is None:
             os.environ.pop("TMPDIR", None)
         else:
