@@ -10,11 +10,18 @@ network or a filled Hugging Face cache).
     backbone, d = create_backbone("resnet50")                           # d = 2048, random init
     backbone, d = create_backbone("hrnet_w48", "pose_hrnet_w48_256x192.pth")  # d = 720
 
+The ViTs (`vit_tiny` ... `vit_huge`, model/vit.py) also take ViTPose's and HMR 2.0's files and
+timm's ViT files. Any other timm model is reachable as `timm:<name>` (`timm:convnext_tiny`):
+globally average-pooled, random init, timm's ImageNet hub weights or a timm-layout file.
+
 A checkpoint load prints `matched/total` backbone tensors always, warns below 98 % and
-refuses below 90 % (naming what did not match) unless `partial_ok` (`model.backbone_partial_ok`).
+refuses below 90 % (naming what did not match) unless `partial_ok` (`model.backbone_partial_ok`);
+a file whose tensors are not all finite is refused.
 """
 import logging
 import os
+import stat
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -23,11 +30,42 @@ import torch
 import torch.nn as nn
 
 from ..registry import Registry
+from .vit import VIT_SIZES, PooledViT
 
 log = logging.getLogger(__name__)
 
+TIMM_PREFIX = "timm:"
+
+
+class BackboneRegistry(Registry):
+    """The registered backbones, and any timm CNN as `timm:<name>` (asked of timm)."""
+
+    def get(self, name: str):
+        if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+            problem = self.problem(name)
+            if problem:
+                raise ValueError(f"backbone {problem}")
+            return lambda pretrained=False: _pooled(name[len(TIMM_PREFIX):], pretrained)
+        return super().get(name)
+
+    def problem(self, name) -> str | None:
+        if not (isinstance(name, str) and name.startswith(TIMM_PREFIX)):
+            return super().problem(name)
+        timm_name = name[len(TIMM_PREFIX):]
+        if not timm.is_model(timm_name):
+            return (f"{name!r}: timm {timm.__version__} has no model {timm_name!r} "
+                    f"(timm.list_models('{timm_name[:4]}*') lists its names)")
+        if getattr(timm.get_pretrained_cfg(timm_name), "fixed_input_size", False):
+            return (f"{name!r}: timm's {timm_name} takes one fixed input size, not the S×S RoI crops; "
+                    f"for a ViT use one of {', '.join(VIT_SIZES)}")
+        return None
+
+    def __contains__(self, name: object) -> bool:
+        return self.problem(name) is None
+
+
 #: name -> builder `(pretrained: bool) -> (module, feature_dim)`.
-BACKBONES = Registry("backbone")
+BACKBONES = BackboneRegistry("backbone")
 
 
 def list_backbones() -> list[str]:
@@ -43,8 +81,12 @@ def create_backbone(name: str, checkpoint: str | None = None, *, pretrained: str
         raise ValueError(f"pretrained must be 'none' or 'imagenet', got {pretrained!r}")
     if checkpoint is not None and pretrained != "none":
         raise ValueError("pass a backbone checkpoint or pretrained='imagenet', not both")
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"backbone checkpoint not found: {checkpoint}")
+    if pretrained == "imagenet" and name in VIT_SIZES:
+        raise BackboneLoadError(f"model.pretrained=imagenet is not offered for {name}: put a timm ViT "
+                                "file (or a ViTPose / HMR 2.0 checkpoint) on disk and set "
+                                "model.backbone_checkpoint")
+    if checkpoint is not None:
+        check_weights_file(checkpoint)
     try:
         module, dim = builder(pretrained == "imagenet")
     except Exception as error:  # no network, no cache entry, a hub error: one clear line
@@ -58,7 +100,8 @@ def create_backbone(name: str, checkpoint: str | None = None, *, pretrained: str
         source = module.weights_target().pretrained_cfg.get("hf_hub_id") or "timm"
         log.info("[raytrain] backbone %s: ImageNet weights from timm (%s)", name, source)
     if checkpoint is not None:
-        report = load_backbone_weights(module.weights_target(), checkpoint, partial_ok=partial_ok)
+        report = load_backbone_weights(module.weights_target(), checkpoint, partial_ok=partial_ok,
+                                       adapt=getattr(module, "adapt_state", None))
         level = logging.WARNING if report.fraction < QUIET_FRACTION else logging.INFO
         log.log(level, "[raytrain] backbone %s: %s", name, report.format())
     return module, dim
@@ -160,6 +203,41 @@ def mobilenetv3_small_050(pretrained=False):  # fastest on CPU, d = 1024 (after 
     return _pooled("mobilenetv3_small_050", pretrained)
 
 
+def _vit(name: str) -> tuple[nn.Module, int]:
+    module = PooledViT(*VIT_SIZES[name], drop_path=VIT_DROP_PATH[name])
+    return module, module.dim
+
+
+#: Stochastic depth of each ViT while fine-tuning: ViTPose's rates (B 0.3, L 0.5, H 0.55;
+#: HMR 2.0 trains ViT-H with 0.55), none for the CPU flavour.
+VIT_DROP_PATH = {"vit_tiny": 0.0, "vit_small": 0.1, "vit_base": 0.3, "vit_large": 0.5, "vit_huge": 0.55}
+
+
+@BACKBONES.register("vit_tiny")
+def vit_tiny(pretrained=False):  # CPU flavour (ViT-Ti/16, DeiT-Ti's size), d = 192, 5.5 M params
+    return _vit("vit_tiny")
+
+
+@BACKBONES.register("vit_small")
+def vit_small(pretrained=False):  # ViT-S/16 (ViTPose-S), d = 384
+    return _vit("vit_small")
+
+
+@BACKBONES.register("vit_base")
+def vit_base(pretrained=False):  # ViT-B/16 (ViTPose-B), d = 768
+    return _vit("vit_base")
+
+
+@BACKBONES.register("vit_large")
+def vit_large(pretrained=False):  # ViT-L/16 (ViTPose-L), d = 1024
+    return _vit("vit_large")
+
+
+@BACKBONES.register("vit_huge")
+def vit_huge(pretrained=False):  # ViT-H/16 (ViTPose-H, HMR 2.0's encoder), d = 1280
+    return _vit("vit_huge")
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
@@ -234,6 +312,39 @@ def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
     return out
 
 
+#: Largest backbone file read, on disk and inflated (a Lightning checkpoint of HMR 2.0 with
+#: its optimiser state is a few GB).
+MAX_WEIGHTS_BYTES = 16 << 30
+
+
+def check_weights_file(path: str) -> None:
+    """A regular file within MAX_WEIGHTS_BYTES (inflated, for a zip) or an error naming why;
+    nothing of it is read but a zip's directory."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"backbone checkpoint not found: {path}") from None
+    except OSError as err:
+        raise BackboneLoadError(f"cannot read backbone checkpoint {path}: {err.strerror or err}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise BackboneLoadError(f"backbone checkpoint {path} is a directory, expected a weights file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode) \
+            or stat.S_ISBLK(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a file"
+        raise BackboneLoadError(f"backbone checkpoint {path} is {kind}, not a regular file; "
+                                "pass a weights file")
+    size = info.st_size
+    if size <= MAX_WEIGHTS_BYTES and zipfile.is_zipfile(path):  # torch's format: members may be deflated
+        try:
+            with zipfile.ZipFile(path) as archive:
+                size = max(size, sum(member.file_size for member in archive.infolist()))
+        except (zipfile.BadZipFile, OSError) as err:
+            raise BackboneLoadError(f"cannot read backbone checkpoint {path}: {err}") from None
+    if size > MAX_WEIGHTS_BYTES:
+        raise BackboneLoadError(f"backbone checkpoint {path} holds {size / 2**30:.1f} GiB, more than the "
+                                f"{MAX_WEIGHTS_BYTES >> 30} GiB a backbone file may hold")
+
+
 def _read_state(path: str) -> dict[str, torch.Tensor]:
     try:
         if path.endswith(".safetensors"):
@@ -281,19 +392,23 @@ def match_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], pa
     return report
 
 
-def load_backbone_weights(module: nn.Module, path: str, partial_ok: bool = False) -> LoadReport:
+def load_backbone_weights(module: nn.Module, path: str, partial_ok: bool = False,
+                          adapt=None) -> LoadReport:
     """Load the matching tensors of a local checkpoint into `module`; returns the report.
 
     Keys are matched by name after stripping wrapper prefixes (`module.`, `backbone.`, ...);
     timm, torchvision, HRNet-pose and SimpleBaseline files use the backbone's own names,
     their heads (`fc`, `classifier`, `final_layer`, `deconv_layers`) are reported unused.
-    Refuses (BackboneLoadError naming what did not match) when less than MIN_FRACTION of
-    the backbone's tensors match, unless `partial_ok`.
+    `adapt(state) -> state` turns another layout into the module's names and shapes (the
+    ViTs' ViTPose / HMR 2.0 / timm layouts). Refuses (BackboneLoadError naming what did not
+    match) when less than MIN_FRACTION of the backbone's tensors match, unless `partial_ok`,
+    and always when a matched tensor holds NaN or infinity.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone checkpoint not found: {path}")
+    check_weights_file(path)
     own = module.state_dict()
     state = _read_state(path)
+    if adapt is not None:
+        state = adapt(state)
     report = match_state(own, state, path)
     if not report.matched:
         raise BackboneLoadError(f"backbone checkpoint {path} has no tensor matching the model "
@@ -305,6 +420,15 @@ def load_backbone_weights(module: nn.Module, path: str, partial_ok: bool = False
             f"({report.fraction:.0%}); left at init: {_groups(report.missing + report.mismatched)}"
             + (f"; file tensors not used: {_groups(report.unused)}" if report.unused else "")
             + "; set model.backbone_partial_ok=true to train from it anyway")
+    _refuse_non_finite(state, report)
     module.load_state_dict({k: state[k] for k in report.matched}, strict=False)
     log.debug("backbone load report: %s", report)
     return report
+
+
+def _refuse_non_finite(state: dict[str, torch.Tensor], report: LoadReport) -> None:
+    bad = [k for k in report.matched if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+    if bad:
+        raise BackboneLoadError(f"backbone checkpoint {report.path}: {len(bad)} of {len(report.matched)} "
+                                f"matched tensors hold NaN or infinite values ({_groups(bad)}); "
+                                "not usable weights")
