@@ -261,6 +261,7 @@ class LoadReport:
     mismatched: list[str] = field(default_factory=list)  # in both, other shape
     unused: list[str] = field(default_factory=list)  # file tensors nothing takes (heads)
     layout_gap: list[str] = field(default_factory=list)  # missing because the layout has none
+    notes: list[str] = field(default_factory=list)  # what the layout adapter changed
 
     @property
     def fraction(self) -> float:
@@ -275,6 +276,7 @@ class LoadReport:
         else:
             line += f" ({self.fraction:.1%})"
         line += f" from {self.path}"
+        line += "".join(f"; {note}" for note in self.notes)
         if self.missing or self.mismatched:
             line += f"; left at init: {_groups(self.missing + self.mismatched)}"
         if self.mismatched:
@@ -399,17 +401,18 @@ def load_backbone_weights(module: nn.Module, path: str, partial_ok: bool = False
     Keys are matched by name after stripping wrapper prefixes (`module.`, `backbone.`, ...);
     timm, torchvision, HRNet-pose and SimpleBaseline files use the backbone's own names,
     their heads (`fc`, `classifier`, `final_layer`, `deconv_layers`) are reported unused.
-    `adapt(state) -> state` turns another layout into the module's names and shapes (the
+    `adapt(state) -> (state, notes)` turns another layout into the module's names and shapes (the
     ViTs' ViTPose / HMR 2.0 / timm layouts). Refuses (BackboneLoadError naming what did not
     match) when less than MIN_FRACTION of the backbone's tensors match, unless `partial_ok`,
     and always when a matched tensor holds NaN or infinity.
     """
     check_weights_file(path)
     own = module.state_dict()
-    state = _read_state(path)
+    state, notes = _read_state(path), []
     if adapt is not None:
-        state = adapt(state)
+        state, notes = adapt(state)
     report = match_state(own, state, path)
+    report.notes = notes
     if not report.matched:
         raise BackboneLoadError(f"backbone checkpoint {path} has no tensor matching the model "
                                 f"(e.g. model key {next(iter(own))!r}, file key "

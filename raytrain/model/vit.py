@@ -19,15 +19,12 @@ and that grid before the backbone loader matches them:
 * timm's ViT files (`cls_token`, `pos_embed` (1, 1 + 14·14, C), `norm`): the class token
   and its position row stay unused; the patch rows are resampled if the grid differs.
 """
-import logging
 import math
 
 import torch
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
-
-log = logging.getLogger(__name__)
 
 PATCH = 16
 GRID_SIZE = 224  # crop size whose grid (14×14) holds the position embeddings
@@ -73,19 +70,23 @@ class PooledViT(nn.Module):
             return int(name.split(".")[1]) + 1
         return self.num_layers + 1
 
-    def adapt_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A ViTPose / HMR 2.0 / timm state dict (wrapper prefixes already stripped) in
-        this net's names and position grid; other layouts pass through unchanged."""
-        state = dict(state)
+    def adapt_state(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """A ViTPose / HMR 2.0 / timm state dict (wrapper prefixes already stripped) in this
+        net's names and position grid, and what was changed; other layouts pass unchanged."""
+        state, notes = dict(state), []
         vitpose = any(k.startswith("last_norm.") for k in state)
         for suffix in ("weight", "bias"):
             if f"last_norm.{suffix}" in state:
                 state[f"norm.{suffix}"] = state.pop(f"last_norm.{suffix}")
         own = self.net.pos_embed
         posemb = state.get("pos_embed")
+        grid = tuple(self.net.patch_embed.grid_size)
         if posemb is not None and posemb.ndim == 3 and posemb.shape[-1] == own.shape[-1]:
-            state["pos_embed"] = patch_pos_embed(posemb, self.net.patch_embed.grid_size, vitpose)
-        return state
+            old = file_grid(posemb.shape[1]) or file_grid(posemb.shape[1] - 1)
+            state["pos_embed"] = patch_pos_embed(posemb, grid, vitpose)
+            if old and old != grid:
+                notes.append(f"position embeddings resized from {old[0]}x{old[1]} to {grid[0]}x{grid[1]}")
+        return state, notes
 
 
 def patch_pos_embed(posemb: torch.Tensor, grid: tuple[int, int], vitpose: bool) -> torch.Tensor:
@@ -100,8 +101,6 @@ def patch_pos_embed(posemb: torch.Tensor, grid: tuple[int, int], vitpose: bool) 
     patches = posemb[:, prefix:]
     if prefix and vitpose:
         patches = patches + posemb[:, :1]
-    if tuple(old) != tuple(grid):
-        log.info("[raytrain] ViT position embeddings resized from %dx%d to %dx%d", *old, *grid)
     return resample_abs_pos_embed(patches, new_size=list(grid), old_size=list(old), num_prefix_tokens=0)
 
 
