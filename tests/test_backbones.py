@@ -394,3 +394,54 @@ def test_unknown_timm_backbone_exits_2_naming_the_key(tmp_path):
     assert run.stderr.strip().splitlines() == [
         f"raytrain: config error: model.backbone: 'timm:nosuchnet': timm {timm.__version__} has no model "
         "'nosuchnet' (timm.list_models('nosu*') lists its names)"]
+
+
+def _pickled_with_foreign_class(module_name: str, class_name: str, build, path):
+    """torch.save of build(cls) with `cls` importable as module_name.class_name only while
+    saving, as a checkpoint written by another project's code is read here."""
+    import types
+    module = types.ModuleType(module_name)
+    sys.modules[module_name] = module
+    try:
+        cls = build(module, class_name)
+        torch.save(cls, path)
+    finally:
+        del sys.modules[module_name]
+
+
+def test_hmr2_lightning_file_with_its_yacs_config_loads_and_runs_nothing(tmp_path, summaries):
+    """HMR 2.0's checkpoint keeps its yacs CfgNode (a dict subclass) in `hyper_parameters`:
+    torch's weights-only unpickler refuses the class; the backbone loader reads it as a
+    plain mapping and takes the tensors. A file naming a function to call gets no call."""
+    state = _vitpose_state(seed=14)
+
+    def lightning(module, name):
+        cfg_node = type(name, (dict,), {"__module__": module.__name__})
+        setattr(module, name, cfg_node)
+        cfg = cfg_node(MODEL=cfg_node(IMAGE_SIZE=256, BACKBONE=cfg_node(TYPE="vit")))
+        cfg.__dict__["__immutable__"] = True  # yacs keeps its flags in the instance dict
+        return {"state_dict": {f"backbone.{k}": v for k, v in state.items()}, "hyper_parameters": {"cfg": cfg}}
+    path = tmp_path / "epoch=35-step=1000000.ckpt"
+    _pickled_with_foreign_class("yacs_standin", "CfgNode", lightning, path)
+    with pytest.raises(Exception, match="yacs_standin"):
+        torch.load(path, weights_only=True)
+    module, _ = create_backbone("vit_tiny", str(path))
+    _assert_vitpose_loaded(module, state)
+    line = summaries()
+    assert "yacs_standin.CfgNode read as plain mappings" in line and "loaded 149/149" in line
+
+    marker = tmp_path / "ran"
+
+    def crafted(module, name):
+        runner = type(name, (), {"__module__": module.__name__,
+                                 "__reduce__": lambda self: (os.system, (f"touch {marker}",))})
+        setattr(module, name, runner)
+        return {"state_dict": {f"backbone.{k}": v for k, v in state.items()}, "extra": runner()}
+    path = tmp_path / "crafted.ckpt"
+    _pickled_with_foreign_class("crafted_standin", "Runner", crafted, path)
+    with pytest.raises(BackboneLoadError) as refused:
+        create_backbone("vit_tiny", str(path))
+    message = str(refused.value)
+    assert message.startswith(f"cannot read backbone checkpoint {path}: it holds more than tensors")
+    assert "\n" not in message and "weights_only=False" not in message and "weights_only` set to `False" not in message
+    assert not marker.exists()

@@ -20,9 +20,10 @@ a file whose tensors are not all finite is refused.
 """
 import logging
 import os
+import pickle
 import stat
 import zipfile
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import timm
@@ -352,9 +353,38 @@ def _read_state(path: str) -> dict[str, torch.Tensor]:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             return _unwrap_state_dict(load_file(path, device="cpu"))
-        return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as e:  # unpickling refused, truncated file, wrong format
-        raise BackboneLoadError(f"cannot read backbone checkpoint {path}: {e}") from None
+        return _unwrap_state_dict(_torch_load(path))
+    except pickle.UnpicklingError as e:  # a global even the stand-ins could not take
+        detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error:" in line
+                       or "Unsupported" in line), "refused by torch's weights-only unpickler")
+        raise BackboneLoadError(f"cannot read backbone checkpoint {path}: it holds more than tensors and "
+                                f"plain containers ({detail[:200]})") from None
+    except Exception as e:  # truncated file, wrong format
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackboneLoadError(f"cannot read backbone checkpoint {path}: {line[:300]}") from None
+
+
+#: Most classes a checkpoint may name beside its tensors (read as plain mappings).
+MAX_STAND_INS = 64
+
+
+def _torch_load(path: str):
+    """torch.load with weights_only; a zip checkpoint that also pickles objects of other
+    classes (HMR 2.0's Lightning file keeps its yacs CfgNode config in `hyper_parameters`)
+    is read again with every such class name standing for an empty OrderedDict, so none of
+    its code is reached and the tensors come out."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip checkpoint: nothing to stand in for
+            unknown = []
+        if not unknown or len(unknown) > MAX_STAND_INS:
+            raise
+    log.info("[raytrain] backbone checkpoint %s: %s read as plain mappings", path, ", ".join(unknown))
+    with torch.serialization.safe_globals([(OrderedDict, name) for name in unknown]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 HRNET_POSE_GAP = ("stage-4 fusion tensors into branches 1-3 (the HRNet pose net's last module "
