@@ -88,10 +88,11 @@ class RoIConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = opt("resnet50", "encoder from the backbone registry", registry="backbone")
+    backbone: str = opt("resnet50", "encoder from the backbone registry, or `timm:<name>` for any timm CNN "
+                                    "(README \"Backbones\")", registry="backbone")
     backbone_checkpoint: str | None = opt(None, "local checkpoint for the backbone: HRNet-pose pose_hrnet_*.pth, "
-                                                "SimpleBaseline pose_resnet_*.pth, timm or torchvision ImageNet files "
-                                                "(.pth, .safetensors)")
+                                                "SimpleBaseline pose_resnet_*.pth, ViTPose and HMR 2.0 checkpoints "
+                                                "(ViTs), timm or torchvision ImageNet files (.pth, .safetensors)")
     backbone_partial_ok: bool = opt(False, "accept a backbone checkpoint that matches less than 90% of the backbone's "
                                            "tensors (the rest stays at random init)")
     pretrained: str = opt("none", "'imagenet': ImageNet weights through timm's hub loading (needs the network or a "
