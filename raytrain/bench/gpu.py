@@ -49,9 +49,6 @@ import torch
 from ..config import load_config
 from ..train.session import BareSession
 
-#: Where the shipped configs are: inside the package, or at the top of a checkout.
-CONFIG_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[2] / "configs")
-
 #: (config, backbone, persons per step) of each model; ``--quick`` keeps the configs.
 MODELS = {"r50": ("r50_paper.yaml", "resnet50", 48), "h48": ("h48_paper.yaml", "hrnet_w48", 20),
           "vit_b": ("vit_b_paper.yaml", "vit_base", 48), "vit_h": ("vit_h_paper.yaml", "vit_huge", 12)}
@@ -178,8 +175,7 @@ def _config(sizes: _Sizes, model: str, shards, run_dir: str, device: torch.devic
 
     config, backbone, batch = sizes.models[model]
     amp = "bf16" if bf16 and device.type == "cuda" else "none"
-    path = next((folder / config for folder in CONFIG_DIRS if (folder / config).is_file()), config)
-    return with_default_body_model(load_config(str(path), [
+    return with_default_body_model(load_config(f"configs/{config}", [  # the shipped file (config.shipped_path)
         "data.mixture=[]", f"data.train_shards={shards[0]}", f"data.val_shards={shards[1]}",
         f"data.crop_size={sizes.crop}", f"data.batch_size={batch}", f"data.val_batch_size={min(batch, 8)}",
         f"data.loader_workers={loader_workers}", "data.shuffle_buffer=256", "data.max_val_samples=8",
