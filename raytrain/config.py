@@ -427,6 +427,9 @@ def _check_vit(cfg: ExperimentConfig):
     """A ViT's crops are whole patches; layer-wise lr decay needs a ViT's blocks."""
     from .model.vit import PATCH, VIT_SIZES
     vit = cfg.model.backbone in VIT_SIZES
+    if vit and cfg.model.pretrained != "none":
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained} is not offered for {cfg.model.backbone}: "
+                          "set model.backbone_checkpoint to a timm ViT, ViTPose or HMR 2.0 file")
     if vit and cfg.data.crop_size % PATCH:
         raise ConfigError(f"data.crop_size: {cfg.data.crop_size} is not a multiple of {cfg.model.backbone}'s "
                           f"{PATCH}-pixel patch (e.g. {cfg.data.crop_size // PATCH * PATCH or PATCH})")

@@ -80,3 +80,6 @@ def test_vit_configs_validate_and_need_whole_patches():
         load_config(VIT_B, ["model.backbone=resnet50"])
     with pytest.raises(ConfigError, match=r"^optim.layer_decay: 0.0 must be above 0"):
         load_config(VIT_B, ["optim.layer_decay=0"])
+    with pytest.raises(ConfigError, match=r"^model.pretrained=imagenet is not offered for vit_base: set "
+                                          r"model.backbone_checkpoint"):
+        load_config(VIT_B, ["model.pretrained=imagenet"])
