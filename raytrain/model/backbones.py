@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 import timm
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
 
 from ..registry import Registry
-from .vit import VIT_SIZES, PooledViT
+from .vit import VIT_SIZES, PooledViT, adapt_state
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,7 @@ def create_backbone(name: str, checkpoint: str | None = None, *, pretrained: str
         source = module.weights_target().pretrained_cfg.get("hf_hub_id") or "timm"
         log.info("[raytrain] backbone %s: ImageNet weights from timm (%s)", name, source)
     if checkpoint is not None:
-        report = load_backbone_weights(module.weights_target(), checkpoint, partial_ok=partial_ok,
-                                       adapt=getattr(module, "adapt_state", None))
+        report = load_backbone_weights(module.weights_target(), checkpoint, partial_ok=partial_ok)
         level = logging.WARNING if report.fraction < QUIET_FRACTION else logging.INFO
         log.log(level, "[raytrain] backbone %s: %s", name, report.format())
     return module, dim
@@ -424,23 +424,24 @@ def match_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], pa
     return report
 
 
-def load_backbone_weights(module: nn.Module, path: str, partial_ok: bool = False,
-                          adapt=None) -> LoadReport:
+def load_backbone_weights(module: nn.Module, path: str, partial_ok: bool = False) -> LoadReport:
     """Load the matching tensors of a local checkpoint into `module`; returns the report.
 
     Keys are matched by name after stripping wrapper prefixes (`module.`, `backbone.`, ...);
     timm, torchvision, HRNet-pose and SimpleBaseline files use the backbone's own names,
     their heads (`fc`, `classifier`, `final_layer`, `deconv_layers`) are reported unused.
-    `adapt(state) -> (state, notes)` turns another layout into the module's names and shapes (the
-    ViTs' ViTPose / HMR 2.0 / timm layouts). Refuses (BackboneLoadError naming what did not
+    A ViT (timm's VisionTransformer, a PooledViT's net) first takes the ViTPose / HMR 2.0 /
+    timm layouts to its names and position grid (vit.adapt_state). Refuses (BackboneLoadError naming what did not
     match) when less than MIN_FRACTION of the backbone's tensors match, unless `partial_ok`,
     and always when a matched tensor holds NaN or infinity.
     """
     check_weights_file(path)
+    if hasattr(module, "weights_target"):  # a registry wrapper: its network's tensors
+        module = module.weights_target()
     own = module.state_dict()
     state, notes = _read_state(path), []
-    if adapt is not None:
-        state, notes = adapt(state)
+    if isinstance(module, VisionTransformer) and module.num_prefix_tokens == 0:
+        state, notes = adapt_state(module, state)
     report = match_state(own, state, path)
     report.notes = notes
     if not report.matched:

@@ -70,23 +70,23 @@ class PooledViT(nn.Module):
             return int(name.split(".")[1]) + 1
         return self.num_layers + 1
 
-    def adapt_state(self, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """A ViTPose / HMR 2.0 / timm state dict (wrapper prefixes already stripped) in this
-        net's names and position grid, and what was changed; other layouts pass unchanged."""
-        state, notes = dict(state), []
-        vitpose = any(k.startswith("last_norm.") for k in state)
-        for suffix in ("weight", "bias"):
-            if f"last_norm.{suffix}" in state:
-                state[f"norm.{suffix}"] = state.pop(f"last_norm.{suffix}")
-        own = self.net.pos_embed
-        posemb = state.get("pos_embed")
-        grid = tuple(self.net.patch_embed.grid_size)
-        if posemb is not None and posemb.ndim == 3 and posemb.shape[-1] == own.shape[-1]:
-            old = file_grid(posemb.shape[1]) or file_grid(posemb.shape[1] - 1)
-            state["pos_embed"] = patch_pos_embed(posemb, grid, vitpose)
-            if old and old != grid:
-                notes.append(f"position embeddings resized from {old[0]}x{old[1]} to {grid[0]}x{grid[1]}")
-        return state, notes
+
+def adapt_state(net: VisionTransformer, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A ViTPose / HMR 2.0 / timm state dict (wrapper prefixes already stripped) in the names
+    and position grid of `net` (a PooledViT's), and what was changed; other layouts pass
+    unchanged. `net` holds no class token."""
+    state, notes = dict(state), []
+    vitpose = any(k.startswith("last_norm.") for k in state)
+    for suffix in ("weight", "bias"):
+        if f"last_norm.{suffix}" in state:
+            state[f"norm.{suffix}"] = state.pop(f"last_norm.{suffix}")
+    posemb, grid = state.get("pos_embed"), tuple(net.patch_embed.grid_size)
+    if posemb is not None and posemb.ndim == 3 and posemb.shape[-1] == net.pos_embed.shape[-1]:
+        old = file_grid(posemb.shape[1]) or file_grid(posemb.shape[1] - 1)
+        state["pos_embed"] = patch_pos_embed(posemb, grid, vitpose)
+        if old and old != grid:
+            notes.append(f"position embeddings resized from {old[0]}x{old[1]} to {grid[0]}x{grid[1]}")
+    return state, notes
 
 
 def patch_pos_embed(posemb: torch.Tensor, grid: tuple[int, int], vitpose: bool) -> torch.Tensor:
