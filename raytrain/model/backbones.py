@@ -332,8 +332,9 @@ def check_weights_file(path: str) -> None:
     if stat.S_ISDIR(info.st_mode):
         raise BackboneLoadError(f"backbone checkpoint {path} is a directory, expected a weights file")
     if not stat.S_ISREG(info.st_mode):
-        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if stat.S_ISCHR(info.st_mode) \
-            or stat.S_ISBLK(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) else "not a file"
+        kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+                 stat.S_ISSOCK: "a socket"}
+        kind = next((name for test, name in kinds.items() if test(info.st_mode)), "not a file")
         raise BackboneLoadError(f"backbone checkpoint {path} is {kind}, not a regular file; "
                                 "pass a weights file")
     size = info.st_size
@@ -464,5 +465,5 @@ def _refuse_non_finite(state: dict[str, torch.Tensor], report: LoadReport) -> No
     bad = [k for k in report.matched if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
     if bad:
         raise BackboneLoadError(f"backbone checkpoint {report.path}: {len(bad)} of {len(report.matched)} "
-                                f"matched tensors hold NaN or infinite values ({_groups(bad)}); "
+                                f"matched tensors are non-finite (NaN or infinity: {_groups(bad)}); "
                                 "not usable weights")
