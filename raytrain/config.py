@@ -95,10 +95,11 @@ class RoIConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = opt("resnet50", "encoder from the backbone registry", registry="backbone")
+    backbone: str = opt("resnet50", "encoder from the backbone registry, or `timm:<name>` for any timm CNN "
+                                    "(README \"Backbones\")", registry="backbone")
     backbone_checkpoint: str | None = opt(None, "local checkpoint for the backbone: HRNet-pose pose_hrnet_*.pth, "
-                                                "SimpleBaseline pose_resnet_*.pth, timm or torchvision ImageNet files "
-                                                "(.pth, .safetensors)")
+                                                "SimpleBaseline pose_resnet_*.pth, ViTPose and HMR 2.0 checkpoints "
+                                                "(ViTs), timm or torchvision ImageNet files (.pth, .safetensors)")
     backbone_partial_ok: bool = opt(False, "accept a backbone checkpoint that matches less than 90% of the backbone's "
                                            "tensors (the rest stays at random init)")
     pretrained: str = opt("none", "'imagenet': ImageNet weights through timm's hub loading (needs the network or a "
@@ -145,6 +146,12 @@ class OptimConfig:
     lr: float = opt(1e-4, "Adam learning rate", min=0.0, max=1.0)
     betas: list[float] = opt(lambda: [0.9, 0.999], "Adam betas", factory=True)
     weight_decay: float = opt(0.0, "Adam weight decay", min=0.0)
+    optimizer: str = opt("adam", "'adam': the paper's (weight decay as an L2 term on every weight); 'adamw': "
+                                 "decoupled weight decay, none on biases, norms and position embeddings (the ViT "
+                                 "recipe)", choices=["adam", "adamw"])
+    layer_decay: float = opt(1.0, "layer-wise lr decay of a ViT encoder: block i of L trains at lr * x^(L - i), the "
+                                  "patch and position embeddings at lr * x^(L + 1), the final norm and the rest "
+                                  "of the network at lr (1: off; ViT backbones only)", min=0.0, max=1.0)
     epochs: int = opt(25, "training epochs", min=1)
     max_steps: int = opt(0, "stop after this many optimisation steps (0: epochs decide)", min=0)
     lr_schedule: str = opt("none", "learning-rate schedule", choices=["none", "cosine", "step"])
@@ -463,8 +470,27 @@ def validate(cfg: ExperimentConfig):
     if cfg.model.pretrained != "none" and cfg.model.backbone_checkpoint:
         raise ConfigError(f"model.pretrained={cfg.model.pretrained} and model.backbone_checkpoint are exclusive: "
                           "weights come from timm's hub or from the file")
+    _check_vit(cfg)
     if cfg.optim.amp != "none" and not cfg.ray.use_gpu:
         raise ConfigError(f"optim.amp={cfg.optim.amp} needs ray.use_gpu=true (mixed precision runs on GPU only)")
+
+
+def _check_vit(cfg: ExperimentConfig):
+    """A ViT's crops are whole patches; layer-wise lr decay needs a ViT's blocks."""
+    from .model.vit import PATCH, VIT_SIZES
+    vit = cfg.model.backbone in VIT_SIZES
+    if vit and cfg.model.pretrained != "none":
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained} is not offered for {cfg.model.backbone}: "
+                          "set model.backbone_checkpoint to a timm ViT, ViTPose or HMR 2.0 file")
+    if vit and cfg.data.crop_size % PATCH:
+        raise ConfigError(f"data.crop_size: {cfg.data.crop_size} is not a multiple of {cfg.model.backbone}'s "
+                          f"{PATCH}-pixel patch (e.g. {cfg.data.crop_size // PATCH * PATCH or PATCH})")
+    if not cfg.optim.layer_decay > 0:
+        raise ConfigError(f"optim.layer_decay: {cfg.optim.layer_decay} must be above 0 (1: off)")
+    if cfg.optim.layer_decay < 1 and not vit:
+        raise ConfigError(f"optim.layer_decay: {cfg.optim.layer_decay} applies to the ViT backbones "
+                          f"({', '.join(VIT_SIZES)}); model.backbone={cfg.model.backbone} has no blocks to "
+                          "decay: set optim.layer_decay=1")
 
 
 def _check_mixture(data: DataConfig):
@@ -502,9 +528,8 @@ def _check_fields(obj, prefix: str):
         meta = f.metadata
         if meta.get("choices") is not None and value not in meta["choices"]:
             raise ConfigError(f"{key}: {value!r} is not one of {meta['choices']}")
-        if meta.get("registry") is not None and value not in lookup(meta["registry"]):
-            names = ", ".join(lookup(meta["registry"]).names())
-            raise ConfigError(f"{key}: {value!r} is not a registered {meta['registry']} (registered: {names})")
+        if meta.get("registry") is not None and (problem := lookup(meta["registry"]).problem(value)):
+            raise ConfigError(f"{key}: {problem}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}: expected a finite number, got {value}")
         if isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):

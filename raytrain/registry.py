@@ -37,6 +37,12 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def problem(self, name: object) -> str | None:
+        """Why `name` is not a valid choice (one phrase after the name), None when it is."""
+        if name in self._entries:
+            return None
+        return f"{name!r} is not a registered {self.kind} (registered: {', '.join(self.names())})"
+
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 

@@ -209,3 +209,239 @@ def test_refused_checkpoint_stops_a_run_before_ray_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"model.backbone: 'resnet5' is not a registered backbone .*resnet50"):
         load_config(demo, ["model.backbone=resnet5"])
     assert not ray.is_initialized()
+
+
+# ----------------------------------------------------------------------------- ViT layouts
+
+def _vitpose_state(embed=192, depth=12, grid=(16, 12), seed=9):
+    """ViTPose's layout (mmpose models/backbones/vit.py, also HMR 2.0's backbone): no class
+    token, `pos_embed` (1, 1 + 16*12, C) for 256x192 crops whose first row its forward adds
+    to every patch, the patch conv, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`
+    and `last_norm`."""
+    g = torch.Generator().manual_seed(seed)
+    state = {"patch_embed.proj.weight": torch.randn(embed, 3, 16, 16, generator=g),
+             "patch_embed.proj.bias": torch.randn(embed, generator=g),
+             "pos_embed": torch.randn(1, 1 + grid[0] * grid[1], embed, generator=g)}
+    for i in range(depth):
+        for name, shape in (("norm1.weight", (embed,)), ("norm1.bias", (embed,)),
+                            ("attn.qkv.weight", (3 * embed, embed)), ("attn.qkv.bias", (3 * embed,)),
+                            ("attn.proj.weight", (embed, embed)), ("attn.proj.bias", (embed,)),
+                            ("norm2.weight", (embed,)), ("norm2.bias", (embed,)),
+                            ("mlp.fc1.weight", (4 * embed, embed)), ("mlp.fc1.bias", (4 * embed,)),
+                            ("mlp.fc2.weight", (embed, 4 * embed)), ("mlp.fc2.bias", (embed,))):
+            state[f"blocks.{i}.{name}"] = torch.randn(*shape, generator=g)
+    state["last_norm.weight"] = torch.randn(embed, generator=g)
+    state["last_norm.bias"] = torch.randn(embed, generator=g)
+    return state
+
+
+def _resized(patches, old, new=(14, 14)):
+    """(1, h*w, C) rows on grid `old` resampled bicubically (antialiased) to `new`."""
+    grid = patches.reshape(1, *old, -1).permute(0, 3, 1, 2)
+    out = torch.nn.functional.interpolate(grid, size=new, mode="bicubic", antialias=True)
+    return out.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], -1)
+
+
+def _assert_vitpose_loaded(module, state):
+    own = module.weights_target().state_dict()
+    for key, value in state.items():
+        if key.startswith("blocks.") or key.startswith("patch_embed."):
+            assert torch.equal(own[key], value), key
+    assert torch.equal(own["norm.weight"], state["last_norm.weight"])
+    pos = state["pos_embed"]
+    torch.testing.assert_close(own["pos_embed"], _resized(pos[:, 1:] + pos[:, :1], (16, 12)))
+
+
+def test_vitpose_layout_loads_every_tensor_with_position_embeddings_resized(tmp_path, summaries):
+    state = _vitpose_state()
+    head = {"keypoint_head.deconv_layers.0.weight": torch.randn(192, 256, 4, 4),
+            "keypoint_head.final_layer.weight": torch.randn(17, 256, 1, 1),
+            "keypoint_head.final_layer.bias": torch.zeros(17)}
+    path = tmp_path / "vitpose_tiny_coco_256x192.pth"
+    torch.save({"meta": {"epoch": 210, "mmpose_version": "0.24.0"},  # mmpose's checkpoint form
+                "state_dict": {**{f"backbone.{k}": v for k, v in state.items()}, **head}}, path)
+    module, dim = create_backbone("vit_tiny", str(path))
+    assert dim == 192
+    _assert_vitpose_loaded(module, state)
+    line = summaries()
+    assert "vitpose_tiny_coco_256x192.pth; position embeddings resized from 16x12 to 14x14;" in line
+    assert "backbone vit_tiny: loaded 149/149 tensors (100.0%)" in line and "warning" not in line
+    assert "file tensors not used: keypoint_head (3" in line
+    # The RoI feature: the mean of the normed patch tokens, for any crop that is whole patches.
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        tokens = module.net.forward_features(x)                      # (2, 16, 192) after the norm
+        torch.testing.assert_close(module.eval()(x), tokens.mean(dim=1))
+
+
+def test_hmr2_checkpoint_backbone_loads_every_tensor(tmp_path, summaries):
+    """HMR 2.0 / 4D-Humans: a Lightning checkpoint whose `state_dict` holds the ViTPose ViT
+    under `backbone.`, next to its SMPL head, the SMPL layer's buffers and the discriminator."""
+    state = _vitpose_state(seed=10)
+    others = {"smpl_head.decpose.weight": torch.randn(138, 1024), "smpl_head.init_body_pose": torch.zeros(1, 138),
+              "smpl.shapedirs": torch.randn(6890, 3, 10), "discriminator.D_conv1.weight": torch.randn(32, 9, 1, 1)}
+    path = tmp_path / "epoch=35-step=1000000.ckpt"
+    torch.save({"epoch": 35, "global_step": 1000000, "pytorch-lightning_version": "2.0.2",
+                "state_dict": {**{f"backbone.{k}": v for k, v in state.items()}, **others},
+                "hyper_parameters": {"cfg": {"MODEL": {"IMAGE_SIZE": 256}}}}, path)
+    module, _ = create_backbone("vit_tiny", str(path))
+    _assert_vitpose_loaded(module, state)
+    line = summaries()
+    assert "loaded 149/149 tensors (100.0%)" in line
+    assert all(f"{top} (" in line for top in ("smpl_head", "smpl", "discriminator"))
+
+
+def test_timm_vit_files_load_every_tensor(tmp_path, summaries):
+    """timm's own ViT files (the hub's model.safetensors): class token and head unused, the
+    patch rows of `pos_embed` taken as they are at 224 px and resized from a 384 px file."""
+    torch.manual_seed(11)
+    for timm_name, grid in (("vit_tiny_patch16_224", (14, 14)), ("vit_tiny_patch16_384", (24, 24))):
+        state = {k: v.contiguous() for k, v in timm.create_model(timm_name, pretrained=False).state_dict().items()}
+        assert state["pos_embed"].shape == (1, 1 + grid[0] * grid[1], 192) and "cls_token" in state
+        path = tmp_path / f"{timm_name}.safetensors"
+        save_file(state, str(path))
+        module, _ = create_backbone("vit_tiny", str(path))
+        own = module.weights_target().state_dict()
+        for key in own:
+            if key != "pos_embed":
+                assert torch.equal(own[key], state[key]), key
+        expected = state["pos_embed"][:, 1:]
+        torch.testing.assert_close(own["pos_embed"], expected if grid == (14, 14) else _resized(expected, grid))
+        line = summaries()
+        assert "loaded 149/149 tensors (100.0%)" in line and "warning" not in line
+        assert "cls_token (1" in line and "head (2" in line
+
+
+def test_truncated_vit_files_are_refused_naming_what_is_missing(tmp_path):
+    state = _vitpose_state()
+    half = {k: v for k, v in state.items() if not (k.startswith("blocks.") and int(k.split(".")[1]) >= 6)}
+    half = {k: v for k, v in half.items() if not k.startswith("last_norm.")}
+    path = tmp_path / "vitpose_half.pth"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in half.items()}}, path)
+    with pytest.raises(BackboneLoadError) as refused:
+        create_backbone("vit_tiny", str(path))
+    message = str(refused.value)
+    assert "matches only 75/149 tensors (50%)" in message and "\n" not in message
+    assert "left at init: blocks (72, e.g. blocks.6.norm1.weight), norm (2, e.g. norm.weight)" in message
+    # A file cut short on disk: one line, no traceback-worthy error.
+    whole = tmp_path / "vitpose_whole.pth"
+    torch.save({"state_dict": state}, whole)
+    cut = tmp_path / "vitpose_cut.pth"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(BackboneLoadError, match=r"cannot read backbone checkpoint .*vitpose_cut.pth"):
+        create_backbone("vit_tiny", str(cut))
+
+
+def test_non_finite_and_non_regular_backbone_files_are_refused(tmp_path):
+    torch.manual_seed(12)
+    state = timm.create_model("resnet18", pretrained=False).state_dict()
+    path = tmp_path / "nan.pth"
+    torch.save({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}, path)
+    with pytest.raises(BackboneLoadError, match=r"nan.pth: 100 of 100 matched tensors are non-finite \(NaN or "):
+        create_backbone("resnet18", str(path))
+    one = dict(state, **{"layer4.1.bn2.weight": torch.full((512,), float("inf"))})
+    torch.save(one, path)
+    with pytest.raises(BackboneLoadError, match=r"1 of 100 matched tensors are non-finite .*layer4 \(1, e.g. "):
+        create_backbone("resnet18", str(path), partial_ok=True)
+    fifo = tmp_path / "weights.pth"
+    os.mkfifo(fifo)  # opening it would block: refused from its type alone
+    with pytest.raises(BackboneLoadError, match=r"weights.pth is a FIFO, not a regular file"):
+        create_backbone("resnet18", str(fifo))
+    with pytest.raises(BackboneLoadError, match=r"/dev/zero is a character device, not a regular file"):
+        create_backbone("resnet18", "/dev/zero")
+    with pytest.raises(BackboneLoadError, match="is a directory"):
+        create_backbone("resnet18", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="backbone checkpoint not found"):
+        create_backbone("resnet18", str(tmp_path / "missing.pth"))
+    # Before Ray: the training pre-flight turns each into a config error naming the key.
+    from raytrain.train.launch import preflight_model
+    vit_b = str(REPO / "configs" / "vit_b_paper.yaml")
+    cfg = load_config(vit_b, ["data.mixture=[]", "data.train_shards=x", "model.backbone=resnet18",
+                             "optim.layer_decay=1", "model.backbone_checkpoint=/dev/zero"])
+    with pytest.raises(ConfigError, match=r"model.backbone_checkpoint: backbone checkpoint /dev/zero is a character "):
+        preflight_model(cfg)
+
+
+def test_inflated_size_of_a_zip_checkpoint_is_bounded(tmp_path, monkeypatch):
+    from raytrain.model import backbones
+    torch.manual_seed(13)
+    path = tmp_path / "small.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
+    monkeypatch.setattr(backbones, "MAX_WEIGHTS_BYTES", path.stat().st_size - 1)
+    with pytest.raises(BackboneLoadError, match=r"small.pth holds .* GiB, more than"):
+        create_backbone("resnet18", str(path))
+
+
+def test_timm_prefix_builds_any_timm_cnn_and_refuses_what_timm_lacks():
+    module, dim = create_backbone("timm:resnet10t")
+    assert dim == 512 and module(torch.randn(2, 3, 64, 64)).shape == (2, 512)
+    cfg = load_config(None, ["model.backbone=timm:convnext_atto"])
+    assert cfg.model.backbone == "timm:convnext_atto"
+    with pytest.raises(ConfigError, match=r"^model.backbone: 'timm:resnet5': timm [\d.]+ has no model 'resnet5'"):
+        load_config(None, ["model.backbone=timm:resnet5"])
+    with pytest.raises(ConfigError, match=r"model.backbone: 'timm:vit_base_patch16_224': .*fixed input size.*vit_base"):
+        load_config(None, ["model.backbone=timm:vit_base_patch16_224"])
+    with pytest.raises(ValueError, match="has no model 'resnet5'"):
+        create_backbone("timm:resnet5")
+
+
+def test_unknown_timm_backbone_exits_2_naming_the_key(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAYTRAIN_HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-m", "raytrain.cli", "train", "--config",
+                          str(REPO / "configs" / "vit_b_paper.yaml"), "model.backbone=timm:nosuchnet"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"raytrain: config error: model.backbone: 'timm:nosuchnet': timm {timm.__version__} has no model "
+        "'nosuchnet' (timm.list_models('nosu*') lists its names)"]
+
+
+def _pickled_with_foreign_class(module_name: str, class_name: str, build, path):
+    """torch.save of build(cls) with `cls` importable as module_name.class_name only while
+    saving, as a checkpoint written by another project's code is read here."""
+    import types
+    module = types.ModuleType(module_name)
+    sys.modules[module_name] = module
+    try:
+        cls = build(module, class_name)
+        torch.save(cls, path)
+    finally:
+        del sys.modules[module_name]
+
+
+def test_hmr2_lightning_file_with_its_yacs_config_loads_and_runs_nothing(tmp_path, summaries):
+    """HMR 2.0's checkpoint keeps its yacs CfgNode (a dict subclass) in `hyper_parameters`:
+    torch's weights-only unpickler refuses the class; the backbone loader reads it as a
+    plain mapping and takes the tensors. A file naming a function to call gets no call."""
+    state = _vitpose_state(seed=14)
+
+    def lightning(module, name):
+        cfg_node = type(name, (dict,), {"__module__": module.__name__})
+        setattr(module, name, cfg_node)
+        cfg = cfg_node(MODEL=cfg_node(IMAGE_SIZE=256, BACKBONE=cfg_node(TYPE="vit")))
+        cfg.__dict__["__immutable__"] = True  # yacs keeps its flags in the instance dict
+        return {"state_dict": {f"backbone.{k}": v for k, v in state.items()}, "hyper_parameters": {"cfg": cfg}}
+    path = tmp_path / "epoch=35-step=1000000.ckpt"
+    _pickled_with_foreign_class("yacs_standin", "CfgNode", lightning, path)
+    with pytest.raises(Exception, match="yacs_standin"):
+        torch.load(path, weights_only=True)
+    module, _ = create_backbone("vit_tiny", str(path))
+    _assert_vitpose_loaded(module, state)
+    line = summaries()
+    assert "yacs_standin.CfgNode read as plain mappings" in line and "loaded 149/149" in line
+
+    marker = tmp_path / "ran"
+
+    def crafted(module, name):
+        runner = type(name, (), {"__module__": module.__name__,
+                                 "__reduce__": lambda self: (os.system, (f"touch {marker}",))})
+        setattr(module, name, runner)
+        return {"state_dict": {f"backbone.{k}": v for k, v in state.items()}, "extra": runner()}
+    path = tmp_path / "crafted.ckpt"
+    _pickled_with_foreign_class("crafted_standin", "Runner", crafted, path)
+    with pytest.raises(BackboneLoadError) as refused:
+        create_backbone("vit_tiny", str(path))
+    message = str(refused.value)
+    assert message.startswith(f"cannot read backbone checkpoint {path}: it holds more than tensors")
+    assert "\n" not in message and "weights_only=False" not in message and "weights_only` set to `False" not in message
+    assert not marker.exists()

@@ -11,7 +11,8 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow  # `make test-fast` leaves it out
 
-TRAIN_RUNS = ("r50_fp32", "r50_bf16_cl", "r50_bf16_cl_device_crop", "h48_fp32", "h48_bf16_cl")
+TRAIN_RUNS = ("r50_fp32", "r50_bf16_cl", "r50_bf16_cl_device_crop", "h48_fp32", "h48_bf16_cl", "vit_b_bf16",
+              "vit_h_bf16")
 
 
 def _bench(*args, timeout=300):
@@ -31,6 +32,10 @@ def test_quick_gpu_bench_on_cpu_prints_every_field(tmp_path):
         assert row["persons_per_s"] > 0 and row["peak_memory_gib"] > 0, (name, row)
     assert result["train"]["r50_bf16_cl_device_crop"]["device_crop"] is True
     assert result["train"]["r50_bf16_cl"]["channels_last"] is True
+    for name in ("vit_b_bf16", "vit_h_bf16"):  # quick: the tiny ViT in the ViT configs
+        row = result["train"][name]
+        assert row["backbone"] == "vit_tiny" and row["channels_last"] is False, row
+    assert set(result["inference"]) == {"r50", "h48"}
     for mode in ("cpu_crop", "device_crop"):
         cost = result["data_path"][mode]
         assert cost["loader_cpu_s_per_person"] > 0 and cost["main_cpu_s_per_person"] > 0, cost

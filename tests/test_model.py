@@ -287,7 +287,8 @@ def test_consistent_camera_start_is_one_full_camera():
 
 # ----------------------------------------------------------------------------- paper backbones
 
-@pytest.mark.parametrize("name,dim", [("resnet50", 2048), ("hrnet_w48", 720)])
+@pytest.mark.parametrize("name,dim", [("resnet50", 2048), ("hrnet_w48", 720), ("vit_tiny", 192),
+                                      ("timm:resnet10t", 512)])
 def test_paper_backbones_forward_backward(name, dim):
     torch.manual_seed(0)
     model = build_model(backbone=name)

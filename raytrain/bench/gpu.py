@@ -12,7 +12,9 @@ DataLoader workers) and the real training step. Sections of the result:
   peak memory (``torch.cuda.max_memory_allocated`` over the run, validation included)
   for R50 (batch 48) and H48 (batch 20), M = 5, S = 224: fp32 (cuDNN's default TF32
   convolutions), and bf16 autocast (``optim.amp=bf16``) with the model in
-  ``channels_last``; the R50 bf16 step once more with ``data.device_crop``.
+  ``channels_last``; the R50 bf16 step once more with ``data.device_crop``; ViT-B/16
+  (batch 48) and ViT-H/16 (batch 12) with bf16 autocast, from their configs (AdamW,
+  layer-wise lr decay).
 * ``data_path``: CPU-seconds per person of the data path, with crops made in the loader
   workers and on the device: the loader workers and the training process (pinning, the
   move to the device, the crops) over a whole epoch after a first one, no training.
@@ -24,7 +26,8 @@ DataLoader workers) and the real training step. Sections of the result:
 * ``precision``: one training batch, loss and gradient with bf16 autocast against fp32
   (TF32 off), from the same weights, dropout off.
 
-``--quick`` swaps in small backbones, 64 px crops, batch 4 and a few steps, and
+``--quick`` swaps in small backbones (``vit_tiny`` for both ViTs), 64 px crops, batch 2
+and a few steps, and
 ``torch.compile`` with the ``eager`` backend (inductor's C++ build takes minutes on a CPU).
 Without CUDA, mixed precision is off in the training runs (``optim.amp`` is for GPUs);
 the precision check and the batched inference then run CPU bf16 autocast.
@@ -47,13 +50,19 @@ from ..config import load_config, shipped_config
 from ..train.session import BareSession
 
 #: (config, backbone, persons per step) of each model; ``--quick`` keeps the configs.
-MODELS = {"r50": ("r50_paper.yaml", "resnet50", 48), "h48": ("h48_paper.yaml", "hrnet_w48", 20)}
+MODELS = {"r50": ("r50_paper.yaml", "resnet50", 48), "h48": ("h48_paper.yaml", "hrnet_w48", 20),
+          "vit_b": ("vit_b_paper.yaml", "vit_base", 48), "vit_h": ("vit_h_paper.yaml", "vit_huge", 12)}
 QUICK_MODELS = {"r50": ("r50_paper.yaml", "mobilenetv3_small_050", 2),
-                "h48": ("h48_paper.yaml", "resnet10t", 2)}
-#: (name, model, bf16 + channels_last, crops on the device) of each training run.
-TRAIN_RUNS = (("r50_fp32", "r50", False, False), ("r50_bf16_cl", "r50", True, False),
-              ("r50_bf16_cl_device_crop", "r50", True, True),
-              ("h48_fp32", "h48", False, False), ("h48_bf16_cl", "h48", True, False))
+                "h48": ("h48_paper.yaml", "resnet10t", 2),
+                "vit_b": ("vit_b_paper.yaml", "vit_tiny", 2), "vit_h": ("vit_h_paper.yaml", "vit_tiny", 2)}
+#: (name, model, bf16, channels_last, crops on the device) of each training run; the ViTs'
+#: one convolution (the patch embedding) gains nothing from channels_last.
+TRAIN_RUNS = (("r50_fp32", "r50", False, False, False), ("r50_bf16_cl", "r50", True, True, False),
+              ("r50_bf16_cl_device_crop", "r50", True, True, True),
+              ("h48_fp32", "h48", False, False, False), ("h48_bf16_cl", "h48", True, True, False),
+              ("vit_b_bf16", "vit_b", True, False, False), ("vit_h_bf16", "vit_h", True, False, False))
+#: The models whose inference is measured (the paper's two).
+INFER_MODELS = ("r50", "h48")
 
 
 class _Sizes:
@@ -97,10 +106,12 @@ def run_gpu_bench(quick: bool = False, device: str | None = None, out: str | Non
         shards = _write_shards(tmp, sizes, max(m[2] for m in sizes.models.values()))
         result["startup_s"] = round(time.perf_counter() - start, 1)
         models = {}
-        for name, model, fast, device_crop in TRAIN_RUNS:
-            cfg = _config(sizes, model, shards, f"{tmp}/{name}", device, fast, device_crop, loader_workers)
-            result["train"][name], trained = _train_run(cfg, device, fast, sizes.steps)
-            models.setdefault(model, (cfg, trained.cpu()))  # off the device: not in later peaks
+        for name, model, bf16, channels_last, device_crop in TRAIN_RUNS:
+            cfg = _config(sizes, model, shards, f"{tmp}/{name}", device, bf16, device_crop, loader_workers)
+            result["train"][name], trained = _train_run(cfg, device, channels_last, sizes.steps)
+            if model in INFER_MODELS:
+                models.setdefault(model, (cfg, trained.cpu()))  # off the device: not in later peaks
+            del trained
             _log(f"train {name}: {result['train'][name]}")
         result["data_path"] = {
             "cpu_crop": _data_path_cost(models["r50"][0], device, device_crop=False),
@@ -158,12 +169,12 @@ def _write_shards(root: str, sizes: _Sizes, batch: int) -> tuple[str, str]:
     return f"{root}/train", f"{root}/val"
 
 
-def _config(sizes: _Sizes, model: str, shards, run_dir: str, device: torch.device, fast: bool,
+def _config(sizes: _Sizes, model: str, shards, run_dir: str, device: torch.device, bf16: bool,
             device_crop: bool, loader_workers: int):
     from ..synthetic.body_model import with_default_body_model
 
     config, backbone, batch = sizes.models[model]
-    amp = "bf16" if fast and device.type == "cuda" else "none"
+    amp = "bf16" if bf16 and device.type == "cuda" else "none"
     return with_default_body_model(load_config(str(shipped_config(config)), [
         "data.mixture=[]", f"data.train_shards={shards[0]}", f"data.val_shards={shards[1]}",
         f"data.crop_size={sizes.crop}", f"data.batch_size={batch}", f"data.val_batch_size={min(batch, 8)}",

@@ -145,11 +145,14 @@ class EpochSource:
         prep = DeviceCropPrep(cropper) if device_crop else cropper
         self.reader.transform = CropTransform(prep, seed, sink=sink)
         collate = collate_regions if device_crop else collate_arrays
+        # its own generator: starting an iteration never draws from the global torch RNG,
+        # whose state a checkpoint restores for dropout (a resume would shift it)
         self.loader = DataLoader(self.reader, batch_size=batch_size, num_workers=workers,
                                  collate_fn=_collate_batch(sink, collate),
                                  drop_last=train, pin_memory=torch.cuda.is_available(),
                                  persistent_workers=self.persistent, prefetch_factor=prefetch,
-                                 multiprocessing_context=context if workers else None)
+                                 multiprocessing_context=context if workers else None,
+                                 generator=torch.Generator().manual_seed(seed))
         self.max_batches = None
         if not train and cfg.data.max_val_samples:
             self.max_batches = max(1, cfg.data.max_val_samples // world_size // batch_size)

@@ -10,24 +10,64 @@ network or a filled Hugging Face cache).
     backbone, d = create_backbone("resnet50")                           # d = 2048, random init
     backbone, d = create_backbone("hrnet_w48", "pose_hrnet_w48_256x192.pth")  # d = 720
 
+The ViTs (`vit_tiny` ... `vit_huge`, model/vit.py) also take ViTPose's and HMR 2.0's files and
+timm's ViT files. Any other timm model is reachable as `timm:<name>` (`timm:convnext_tiny`):
+globally average-pooled, random init, timm's ImageNet hub weights or a timm-layout file.
+
 A checkpoint load prints `matched/total` backbone tensors always, warns below 98 % and
-refuses below 90 % (naming what did not match) unless `partial_ok` (`model.backbone_partial_ok`).
+refuses below 90 % (naming what did not match) unless `partial_ok` (`model.backbone_partial_ok`);
+a file whose tensors are not all finite is refused.
 """
 import logging
 import os
-from collections import Counter
+import pickle
+import stat
+import zipfile
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import timm
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
 
 from ..registry import Registry
+from .vit import VIT_SIZES, PooledViT, adapt_state
 
 log = logging.getLogger(__name__)
 
+TIMM_PREFIX = "timm:"
+
+
+class BackboneRegistry(Registry):
+    """The registered backbones, and any timm CNN as `timm:<name>` (asked of timm)."""
+
+    def get(self, name: str):
+        if isinstance(name, str) and name.startswith(TIMM_PREFIX):
+            problem = self.problem(name)
+            if problem:
+                raise ValueError(f"backbone {problem}")
+            return lambda pretrained=False: _pooled(name[len(TIMM_PREFIX):], pretrained)
+        return super().get(name)
+
+    def problem(self, name) -> str | None:
+        if not (isinstance(name, str) and name.startswith(TIMM_PREFIX)):
+            return super().problem(name)
+        timm_name = name[len(TIMM_PREFIX):]
+        if not timm.is_model(timm_name):
+            return (f"{name!r}: timm {timm.__version__} has no model {timm_name!r} "
+                    f"(timm.list_models('{timm_name[:4]}*') lists its names)")
+        if getattr(timm.get_pretrained_cfg(timm_name), "fixed_input_size", False):
+            return (f"{name!r}: timm's {timm_name} takes one fixed input size, not the S×S RoI crops; "
+                    f"for a ViT use one of {', '.join(VIT_SIZES)}")
+        return None
+
+    def __contains__(self, name: object) -> bool:
+        return self.problem(name) is None
+
+
 #: name -> builder `(pretrained: bool) -> (module, feature_dim)`.
-BACKBONES = Registry("backbone")
+BACKBONES = BackboneRegistry("backbone")
 
 
 def list_backbones() -> list[str]:
@@ -43,8 +83,12 @@ def create_backbone(name: str, checkpoint: str | None = None, *, pretrained: str
         raise ValueError(f"pretrained must be 'none' or 'imagenet', got {pretrained!r}")
     if checkpoint is not None and pretrained != "none":
         raise ValueError("pass a backbone checkpoint or pretrained='imagenet', not both")
-    if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"backbone checkpoint not found: {checkpoint}")
+    if pretrained == "imagenet" and name in VIT_SIZES:
+        raise BackboneLoadError(f"model.pretrained=imagenet is not offered for {name}: put a timm ViT "
+                                "file (or a ViTPose / HMR 2.0 checkpoint) on disk and set "
+                                "model.backbone_checkpoint")
+    if checkpoint is not None:
+        check_weights_file(checkpoint)
     try:
         module, dim = builder(pretrained == "imagenet")
     except Exception as error:  # no network, no cache entry, a hub error: one clear line
@@ -160,6 +204,41 @@ def mobilenetv3_small_050(pretrained=False):  # fastest on CPU, d = 1024 (after 
     return _pooled("mobilenetv3_small_050", pretrained)
 
 
+def _vit(name: str) -> tuple[nn.Module, int]:
+    module = PooledViT(*VIT_SIZES[name], drop_path=VIT_DROP_PATH[name])
+    return module, module.dim
+
+
+#: Stochastic depth of each ViT while fine-tuning: ViTPose's rates (B 0.3, L 0.5, H 0.55;
+#: HMR 2.0 trains ViT-H with 0.55), none for the CPU flavour.
+VIT_DROP_PATH = {"vit_tiny": 0.0, "vit_small": 0.1, "vit_base": 0.3, "vit_large": 0.5, "vit_huge": 0.55}
+
+
+@BACKBONES.register("vit_tiny")
+def vit_tiny(pretrained=False):  # CPU flavour (ViT-Ti/16, DeiT-Ti's size), d = 192, 5.5 M params
+    return _vit("vit_tiny")
+
+
+@BACKBONES.register("vit_small")
+def vit_small(pretrained=False):  # ViT-S/16 (ViTPose-S), d = 384
+    return _vit("vit_small")
+
+
+@BACKBONES.register("vit_base")
+def vit_base(pretrained=False):  # ViT-B/16 (ViTPose-B), d = 768
+    return _vit("vit_base")
+
+
+@BACKBONES.register("vit_large")
+def vit_large(pretrained=False):  # ViT-L/16 (ViTPose-L), d = 1024
+    return _vit("vit_large")
+
+
+@BACKBONES.register("vit_huge")
+def vit_huge(pretrained=False):  # ViT-H/16 (ViTPose-H, HMR 2.0's encoder), d = 1280
+    return _vit("vit_huge")
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
@@ -183,6 +262,7 @@ class LoadReport:
     mismatched: list[str] = field(default_factory=list)  # in both, other shape
     unused: list[str] = field(default_factory=list)  # file tensors nothing takes (heads)
     layout_gap: list[str] = field(default_factory=list)  # missing because the layout has none
+    notes: list[str] = field(default_factory=list)  # what the layout adapter changed
 
     @property
     def fraction(self) -> float:
@@ -197,6 +277,7 @@ class LoadReport:
         else:
             line += f" ({self.fraction:.1%})"
         line += f" from {self.path}"
+        line += "".join(f"; {note}" for note in self.notes)
         if self.missing or self.mismatched:
             line += f"; left at init: {_groups(self.missing + self.mismatched)}"
         if self.mismatched:
@@ -234,14 +315,77 @@ def _unwrap_state_dict(obj) -> dict[str, torch.Tensor]:
     return out
 
 
+#: Largest backbone file read, on disk and inflated (a Lightning checkpoint of HMR 2.0 with
+#: its optimiser state is a few GB).
+MAX_WEIGHTS_BYTES = 16 << 30
+
+
+def check_weights_file(path: str) -> None:
+    """A regular file within MAX_WEIGHTS_BYTES (inflated, for a zip) or an error naming why;
+    nothing of it is read but a zip's directory."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"backbone checkpoint not found: {path}") from None
+    except OSError as err:
+        raise BackboneLoadError(f"cannot read backbone checkpoint {path}: {err.strerror or err}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise BackboneLoadError(f"backbone checkpoint {path} is a directory, expected a weights file")
+    if not stat.S_ISREG(info.st_mode):
+        kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+                 stat.S_ISSOCK: "a socket"}
+        kind = next((name for test, name in kinds.items() if test(info.st_mode)), "not a file")
+        raise BackboneLoadError(f"backbone checkpoint {path} is {kind}, not a regular file; "
+                                "pass a weights file")
+    size = info.st_size
+    if size <= MAX_WEIGHTS_BYTES and zipfile.is_zipfile(path):  # torch's format: members may be deflated
+        try:
+            with zipfile.ZipFile(path) as archive:
+                size = max(size, sum(member.file_size for member in archive.infolist()))
+        except (zipfile.BadZipFile, OSError) as err:
+            raise BackboneLoadError(f"cannot read backbone checkpoint {path}: {err}") from None
+    if size > MAX_WEIGHTS_BYTES:
+        raise BackboneLoadError(f"backbone checkpoint {path} holds {size / 2**30:.1f} GiB, more than the "
+                                f"{MAX_WEIGHTS_BYTES >> 30} GiB a backbone file may hold")
+
+
 def _read_state(path: str) -> dict[str, torch.Tensor]:
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
             return _unwrap_state_dict(load_file(path, device="cpu"))
-        return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as e:  # unpickling refused, truncated file, wrong format
-        raise BackboneLoadError(f"cannot read backbone checkpoint {path}: {e}") from None
+        return _unwrap_state_dict(_torch_load(path))
+    except pickle.UnpicklingError as e:  # a global even the stand-ins could not take
+        detail = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler error:" in line
+                       or "Unsupported" in line), "refused by torch's weights-only unpickler")
+        raise BackboneLoadError(f"cannot read backbone checkpoint {path}: it holds more than tensors and "
+                                f"plain containers ({detail[:200]})") from None
+    except Exception as e:  # truncated file, wrong format
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackboneLoadError(f"cannot read backbone checkpoint {path}: {line[:300]}") from None
+
+
+#: Most classes a checkpoint may name beside its tensors (read as plain mappings).
+MAX_STAND_INS = 64
+
+
+def _torch_load(path: str):
+    """torch.load with weights_only; a zip checkpoint that also pickles objects of other
+    classes (HMR 2.0's Lightning file keeps its yacs CfgNode config in `hyper_parameters`)
+    is read again with every such class name standing for an empty OrderedDict, so none of
+    its code is reached and the tensors come out."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip checkpoint: nothing to stand in for
+            unknown = []
+        if not unknown or len(unknown) > MAX_STAND_INS:
+            raise
+    log.info("[raytrain] backbone checkpoint %s: %s read as plain mappings", path, ", ".join(unknown))
+    with torch.serialization.safe_globals([(OrderedDict, name) for name in unknown]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 HRNET_POSE_GAP = ("stage-4 fusion tensors into branches 1-3 (the HRNet pose net's last module "
@@ -287,14 +431,20 @@ def load_backbone_weights(module: nn.Module, path: str, partial_ok: bool = False
     Keys are matched by name after stripping wrapper prefixes (`module.`, `backbone.`, ...);
     timm, torchvision, HRNet-pose and SimpleBaseline files use the backbone's own names,
     their heads (`fc`, `classifier`, `final_layer`, `deconv_layers`) are reported unused.
-    Refuses (BackboneLoadError naming what did not match) when less than MIN_FRACTION of
-    the backbone's tensors match, unless `partial_ok`.
+    A ViT (timm's VisionTransformer, a PooledViT's net) first takes the ViTPose / HMR 2.0 /
+    timm layouts to its names and position grid (vit.adapt_state). Refuses (BackboneLoadError naming what did not
+    match) when less than MIN_FRACTION of the backbone's tensors match, unless `partial_ok`,
+    and always when a matched tensor holds NaN or infinity.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone checkpoint not found: {path}")
+    check_weights_file(path)
+    if hasattr(module, "weights_target"):  # a registry wrapper: its network's tensors
+        module = module.weights_target()
     own = module.state_dict()
-    state = _read_state(path)
+    state, notes = _read_state(path), []
+    if isinstance(module, VisionTransformer) and module.num_prefix_tokens == 0:
+        state, notes = adapt_state(module, state)
     report = match_state(own, state, path)
+    report.notes = notes
     if not report.matched:
         raise BackboneLoadError(f"backbone checkpoint {path} has no tensor matching the model "
                                 f"(e.g. model key {next(iter(own))!r}, file key "
@@ -305,6 +455,15 @@ def load_backbone_weights(module: nn.Module, path: str, partial_ok: bool = False
             f"({report.fraction:.0%}); left at init: {_groups(report.missing + report.mismatched)}"
             + (f"; file tensors not used: {_groups(report.unused)}" if report.unused else "")
             + "; set model.backbone_partial_ok=true to train from it anyway")
+    _refuse_non_finite(state, report)
     module.load_state_dict({k: state[k] for k in report.matched}, strict=False)
     log.debug("backbone load report: %s", report)
     return report
+
+
+def _refuse_non_finite(state: dict[str, torch.Tensor], report: LoadReport) -> None:
+    bad = [k for k in report.matched if state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+    if bad:
+        raise BackboneLoadError(f"backbone checkpoint {report.path}: {len(bad)} of {len(report.matched)} "
+                                f"matched tensors are non-finite (NaN or infinity: {_groups(bad)}); "
+                                "not usable weights")

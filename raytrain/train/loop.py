@@ -30,6 +30,7 @@ from ..model import build_model, normalize_images
 from ..ranks import PeerStopped, stop_together
 from .fatal import NonFiniteLoss, fatal_path, read_fatal_error, record_fatal_error
 from .logger import RunLogger
+from .optim import build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
     body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female"))
     model = session.prepare_model(initial_network(cfg, body))
     body = body.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                 weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg.optim, model)
     per_worker = cfg.data.batch_size // session.world_size
     steps_per_epoch = max(1, epoch_length(cfg, "train", session.rank, session.world_size) // per_worker)
     total_steps = _total_steps(cfg, steps_per_epoch, max_steps)

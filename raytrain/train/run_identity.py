@@ -43,9 +43,9 @@ import time
 from pathlib import Path
 from typing import IO
 
+from ..checkpoints import MODEL_KEYS
 from ..config import ConfigError, ExperimentConfig, to_dict
 from ..data.io import exists, is_remote, isdir, join_url, open_url
-from ..checkpoints import MODEL_KEYS
 
 log = logging.getLogger(__name__)
 
