@@ -186,7 +186,7 @@ def test_non_finite_loss_stops_before_the_optimiser(synthetic_shards, tmp_path):
     """A batch whose loss is infinite raises NonFiniteLoss naming the step, the batch's
     samples and the loss terms; no parameter changes."""
     from raytrain.body import load_body_model, load_mean_params
-    from raytrain.data.pipeline import build_loader
+    from raytrain.data.pipeline import Loader
     from raytrain.model import build_model
     from raytrain.train.fatal import NonFiniteLoss
     from raytrain.train.loop import train_step
@@ -197,7 +197,8 @@ def test_non_finite_loss_stops_before_the_optimiser(synthetic_shards, tmp_path):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    batch = next(iter(build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)))
+    with Loader(cfg, "train", batch_size=4, seed=0) as loader:
+        batch = next(loader.epoch(0))
     batch["joints_3d"][0, :, :3] = float("inf")
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(NonFiniteLoss) as caught:
@@ -208,7 +209,8 @@ def test_non_finite_loss_stops_before_the_optimiser(synthetic_shards, tmp_path):
     import pickle
     assert pickle.loads(pickle.dumps(caught.value)).keys == batch["keys"]
     # a finite loss whose gradient overflows (here forced by a hook) stops before Adam too
-    batch = next(iter(build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)))
+    with Loader(cfg, "train", batch_size=4, seed=0) as loader:
+        batch = next(loader.epoch(0))
     first = next(p for p in model.parameters() if p.requires_grad)
     handle = first.register_hook(lambda grad: grad * float("inf"))
     with pytest.raises(NonFiniteLoss, match="non-finite gradient at step 8.*grad_norm="):

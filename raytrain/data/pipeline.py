@@ -185,23 +185,24 @@ class Loader:
             self._data_loader = self._make_data_loader()
         self._batches = iter(self._data_loader)  # persistent workers: they start the epoch
         index = 0
-        try:
-            while self.max_batches is None or index < self.max_batches:
-                if self.closed:  # stopped under this iteration: the epoch cannot complete
-                    raise RuntimeError(f"the {self.split} loader was closed in the middle of an "
-                                       "epoch; the epoch is incomplete")
-                if token != self._current:
-                    raise RuntimeError(f"a later epoch of the {self.split} loader started in the "
-                                       "middle of this one")
+        while self.max_batches is None or index < self.max_batches:
+            if self.closed:  # stopped under this iteration: the epoch cannot complete
+                raise RuntimeError(f"the {self.split} loader was closed in the middle of an "
+                                   "epoch; the epoch is incomplete")
+            if token != self._current:
+                raise RuntimeError(f"a later epoch of the {self.split} loader started in the "
+                                   "middle of this one")
+            try:
                 batch = next(self._batches, None)
-                if batch is None:
-                    return
-                yield batch_to_torch(batch)
-                index += 1
-        except Exception:
-            if token == self._current:  # e.g. too many bad samples: do not reuse these workers
+            except Exception as error:  # e.g. too many bad samples: do not reuse these workers
                 self._stop_workers()
-            raise
+                # without the iterator's frames, which would keep its workers alive as long
+                # as the error is kept (a worker's own traceback is in the message)
+                raise error.with_traceback(None) from None
+            if batch is None:
+                return
+            yield batch_to_torch(batch)
+            index += 1
 
     def release(self, batch: dict) -> None:
         """The receiver is done with ``batch``: the worker that made it may fill its image
