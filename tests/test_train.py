@@ -35,18 +35,20 @@ def _keys(log_prefix, rank=0, per_step_size=4):
     return per_step
 
 
-def test_bare_resume_is_exact(synthetic_shards, tmp_path):
-    """Stopping at a checkpoint and resuming sees exactly the keys of an uninterrupted run."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bare_resume_is_exact(synthetic_shards, tmp_path, workers):
+    """Stopping at a checkpoint and resuming sees exactly the keys of an uninterrupted run,
+    also with persistent loader workers (serving two epochs and the validations), which
+    the loop stops when it ends."""
+    import multiprocessing
     train, val = synthetic_shards
-    whole = load_config(DEMO, tiny_overrides(train, val, tmp_path / "a", **{
-        "optim.max_steps": 16, "train.sample_log": tmp_path / "a/keys"}))
-    run_loop(whole, BareSession(str(tmp_path / "a"), device="cpu"))
-    first = load_config(DEMO, tiny_overrides(train, val, tmp_path / "b", **{
-        "optim.max_steps": 9, "train.sample_log": tmp_path / "b/keys"}))
-    run_loop(first, BareSession(str(tmp_path / "b"), device="cpu"))
-    rest = load_config(DEMO, tiny_overrides(train, val, tmp_path / "b", **{
-        "optim.max_steps": 16, "train.sample_log": tmp_path / "b/keys"}))
-    run_loop(rest, BareSession(str(tmp_path / "b"), device="cpu"))
+    before = {child.pid for child in multiprocessing.active_children()}
+    for run, steps in (("a", 16), ("b", 9), ("b", 16)):
+        cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path / run, **{
+            "optim.max_steps": steps, "train.sample_log": tmp_path / f"{run}/keys",
+            "data.loader_workers": workers}))
+        run_loop(cfg, BareSession(str(tmp_path / run), device="cpu"))
+        assert {child.pid for child in multiprocessing.active_children()} == before  # none left
     expected, resumed = _keys(tmp_path / "a/keys"), _keys(tmp_path / "b/keys")
     assert sorted(resumed) == list(range(1, 17))
     assert resumed == expected
