@@ -108,6 +108,10 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
     write_results(out_dir / "results.json", results)
     # seed by seed: a study stopped early has every variant at (about) the same number of seeds
     jobs = [(v, s) for s in range(seeds) for v in variants if (v, s) not in done]
+    from ..train.launch import prepare
+    for variant in dict.fromkeys(v for v, _ in jobs):  # the pre-flight of every training command
+        prepare(run_config(dict(common, variant=variant, seed=0, space=space, run_dir=str(work_dir / "runs"))),
+                start_ray=False)
     _say(f"{len(jobs)} runs to train ({len(done)} already in {out_dir / 'results.json'}), "
          f"{parallel} at a time, {steps} steps each")
     for record in run_jobs(jobs, common, space, work_dir / "runs", parallel):
