@@ -56,6 +56,18 @@ def test_bare_resume_is_exact(synthetic_shards, tmp_path, workers):
     assert len(epoch0) == len(set(epoch0)) == 48  # 12 steps x 4: each sample once per epoch
 
 
+def test_run_steps_is_the_same_on_every_world_size(synthetic_shards, tmp_path):
+    """One formula for the run's length (the loop's end and schedule, tune's ASHA max_t):
+    epochs of whole per-rank batches, capped by optim.max_steps and the caller's cap."""
+    from raytrain.train.loop import run_steps
+    train, val = synthetic_shards  # 48 training samples, data.batch_size 4
+    cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path, **{"optim.max_steps": 0, "optim.epochs": 2}))
+    assert [run_steps(cfg, world) for world in (1, 2, 4)] == [24, 24, 24]
+    assert run_steps(cfg, 1, max_steps=5) == 5
+    cfg.optim.max_steps = 7
+    assert run_steps(cfg, 2) == 7 and run_steps(cfg, 2, max_steps=9) == 7
+
+
 def test_interrupted_checkpoint_is_never_latest(tmp_path):
     save_checkpoint(tmp_path / "run/step_1", {"step": 1, "w": torch.ones(3)})
     save_checkpoint(tmp_path / "run/step_2", {"step": 2, "w": torch.ones(3) * 2})
