@@ -5,8 +5,8 @@
 Checks: Python / torch / Ray versions; the Ray cluster (RAY_ADDRESS or `ray.address`,
 else this machine's CPUs and GPUs); GPUs as torch sees them; the body model files; the
 shard sets the config's run reads (`data.train_shards` or each `data.mixture` source of
-positive weight, and `data.val_shards`). Every line starts with OK or MISSING; a MISSING line names the fix.
-Lines marked "(optional)" do not fail.
+positive weight, and `data.val_shards`). Every line starts with OK or MISSING; a MISSING
+line names the fix. Lines marked "(optional)" do not fail.
 Exit code: 0 when every required check passes, 1 otherwise.
 """
 import os
