@@ -128,7 +128,7 @@ class MixtureReader(EpochPosition):
         self.epoch, self.consumed = int(epoch), 0
         self.transform = transform
 
-    # ---------------------------------------------------------------- what ShardReader offers
+    # ---------------------------------------------------------------- the reader.Reader surface
 
     @property
     def transform(self):

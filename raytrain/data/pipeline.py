@@ -46,7 +46,7 @@ from .collate import BatchSink, batch_to_torch, collate_arrays
 from .crop import MultiRoICropper
 from .device_crop import DeviceCropPrep, collate_regions
 from .mixture import MixtureReader
-from .reader import ShardReader
+from .reader import Reader, ShardReader
 from .shards import count_samples
 
 
@@ -158,7 +158,7 @@ class Loader:
             self.max_batches = max(1, cfg.data.max_val_samples // world_size // self.batch_size)
         # names this loader's batch buffers: a release of another loader's batch is ignored
         self.number = secrets.randbits(62)
-        self.reader: ShardReader | MixtureReader | None = None  # opened by the first epoch
+        self.reader: Reader | None = None  # opened by the first epoch
         self.returns: list | None = None
         self._data_loader: DataLoader | None = None
         self._batches: Iterator | None = None  # the DataLoader iterator of the current epoch
@@ -314,7 +314,7 @@ class _collate_batch:
         return batch
 
 
-def _reader(cfg, split: str, rank: int, world_size: int, batch_size: int, seed: int):
+def _reader(cfg, split: str, rank: int, world_size: int, batch_size: int, seed: int) -> Reader:
     """The split's ShardReader, or for a training mixture its MixtureReader."""
     sets = _sources(cfg, split)
     common = dict(seed=seed, shuffle_buffer=cfg.data.shuffle_buffer, rank=rank, world_size=world_size,

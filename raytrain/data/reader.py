@@ -43,7 +43,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -118,6 +118,24 @@ class _Position:
         setattr(reader, self.private, int(value))
 
 
+@runtime_checkable
+class Reader(Protocol):
+    """What ``pipeline.Loader`` uses of a reader: ``ShardReader`` and
+    ``mixture.MixtureReader`` (which forwards it to its sources' readers) both have it."""
+
+    batch_size: int
+    transform: Callable[[Any], Any] | None  # run on each good sample, in the reading process
+
+    def __iter__(self) -> Iterator[Any]: ...
+    def __len__(self) -> int: ...  # samples per epoch on this rank
+    def load_state_dict(self, state: dict) -> None: ...  # the position: epoch, consumed
+    def share_position(self) -> None: ...  # see EpochPosition.share_position
+    def share_counts(self, num_processes: int) -> None: ...  # bad-sample counts in shared memory
+    def reset_shared_counts(self) -> None: ...
+    def shared_bad_counts(self) -> dict[str, int] | None: ...
+    def reset_counts(self) -> None: ...  # this process's counts
+
+
 class Iteration(NamedTuple):
     """Where one iteration of a reader starts (``EpochPosition.start_iteration``)."""
 
@@ -133,8 +151,8 @@ class EpochPosition(IterableDataset):
     are: the epoch, and the samples of it already consumed on this rank; and how each of
     their iterations starts from it (``start_iteration``, ``counted``).
 
-    A reader also has ``batch_size``, ``transform``, ``__len__`` (samples per epoch on
-    this rank) and ``reset_counts()`` (its bad-sample counts of this process)."""
+    The rest of a reader's surface is the ``Reader`` protocol (``start_iteration`` uses
+    its ``batch_size``, ``transform``, ``__len__`` and ``reset_counts``)."""
 
     epoch = _Position(0)
     consumed = _Position(1)
