@@ -265,7 +265,7 @@ def test_loader_with_device_crop_matches_cpu_loader(hd_pairs, tmp_path):
     are made after the move to the device (here the CPU); same samples, same order, same
     labels as the default loader, crops within the CPU fast path's interpolation error."""
     from raytrain.bench.data import bench_config, write_bench_shards
-    from raytrain.data.pipeline import build_loader, close_loaders
+    from raytrain.data.pipeline import Loader
     from raytrain.train.loop import batch_to_device
 
     write_bench_shards(hd_pairs[0], str(tmp_path), copies=3, per_shard=6)
@@ -275,11 +275,8 @@ def test_loader_with_device_crop_matches_cpu_loader(hd_pairs, tmp_path):
         cfg.data.crop_size, cfg.data.shuffle_buffer, cfg.data.occlusion_prob = 64, 8, 0.5
         cfg.data.roi_color_jitter = 0.3
         cfg.data.device_crop = device_crop
-        try:
-            loader = build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)
-            batches[device_crop] = [batch_to_device(b, torch.device("cpu"), 64) for b in loader]
-        finally:
-            close_loaders()
+        with Loader(cfg, "train", batch_size=4, seed=0) as loader:
+            batches[device_crop] = [batch_to_device(b, torch.device("cpu"), 64) for b in loader.epoch(0)]
     cpu, device = batches[False], batches[True]
     assert len(cpu) == len(device) == 3
     for a, b in zip(cpu, device):

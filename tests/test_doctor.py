@@ -99,3 +99,33 @@ def test_doctor_fails_shards_that_disagree_with_their_manifest(tmp_path):
     (tmp_path / "s" / "shard-000002.tar").write_bytes(shard.read_bytes())
     check = check_shard_set("data.val_shards", str(tmp_path / "s"))
     assert check.status != "OK" and "not listed" in check.message
+
+
+def test_doctor_and_the_preflight_check_the_sets_the_run_reads_once_each(tmp_path, monkeypatch):
+    """A weight-0 mixture source is never read by training: neither doctor nor the
+    pre-flight checks it (its shards do not exist here); every other set's manifest is
+    read once."""
+    from raytrain.config import load_config
+    from raytrain.data import shards
+    from raytrain.data.pipeline import shard_sets
+    from raytrain.train.launch import preflight_data
+
+    write_shards(make_fake_samples(8, seed=0), str(tmp_path / "a"), "fake", "test", maxcount=4)
+    write_shards(make_fake_samples(4, seed=1), str(tmp_path / "val"), "fake", "test")
+    config = tmp_path / "mix.yaml"
+    config.write_text(yaml.safe_dump({"data": {
+        "mixture": [{"name": "a", "shards": str(tmp_path / "a"), "weight": 1.0},
+                    {"name": "unused", "shards": str(tmp_path / "absent"), "weight": 0.0}],
+        "val_shards": str(tmp_path / "val"), "batch_size": 4}}))
+    cfg = load_config(str(config))
+    assert [(s.key, s.split) for s in shard_sets(cfg)] == [("data.mixture[0].shards (a)", "train"),
+                                                          ("data.val_shards", "val")]
+    reads = []
+    real = shards.read_manifest
+    monkeypatch.setattr(shards, "read_manifest", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    code, lines = run(config=str(config))
+    shard_lines = [line for line in lines if line.split()[1].startswith("data.")]
+    assert code == 0 and len(shard_lines) == 2 and all(line.startswith("OK") for line in shard_lines)
+    assert "8 samples in 2 shard(s)" in shard_lines[0] and "unused" not in "".join(lines)
+    assert len(reads) == 2 and len(set(reads)) == 2  # one read per set
+    preflight_data(cfg)  # the absent weight-0 source is not checked here either

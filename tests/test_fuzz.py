@@ -252,7 +252,7 @@ def test_max_bad_fraction_counts_over_the_rank_not_one_loader_worker(tmp_path):
     """96 samples, 2 loader workers, 1 bad: 1/96 is under 1.5 % of the epoch (a rule per
     loader worker would see 1/48 and stop); 2 bad is over and stops naming the counts."""
     from raytrain.bench.data import bench_config
-    from raytrain.data.pipeline import build_loader
+    from raytrain.data.pipeline import Loader
 
     def run(bad):
         samples = make_fake_samples(96, seed=11)
@@ -262,18 +262,14 @@ def test_max_bad_fraction_counts_over_the_rank_not_one_loader_worker(tmp_path):
         write_shards(samples, str(folder), source="fake", licence="test", maxcount=12)
         cfg = bench_config(str(folder), 2)
         cfg.data.crop_size, cfg.data.shuffle_buffer, cfg.data.max_bad_fraction = 32, 8, 0.015
-        loader = build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)
-        keys = [key for batch in loader for key in batch["keys"]]
-        return keys, loader.bad_counts
+        with Loader(cfg, "train", batch_size=4, seed=0) as loader:
+            keys = [key for batch in loader.epoch(0) for key in batch["keys"]]
+            return keys, loader.bad_counts
 
-    from raytrain.data.pipeline import close_loaders
-    try:
-        keys, counts = run([5])
-        assert len(keys) == 96 and counts == {"bad_jpeg": 1}
-        with pytest.raises(TooManyBadSamples, match="bad_jpeg: 2"):
-            run([5, 70])
-    finally:
-        close_loaders()
+    keys, counts = run([5])
+    assert len(keys) == 96 and counts == {"bad_jpeg": 1}
+    with pytest.raises(TooManyBadSamples, match="bad_jpeg: 2"):
+        run([5, 70])
 
 
 # ------------------------------------------------------------------------- counts the bytes cannot hold

@@ -64,7 +64,9 @@ def test_worker_pieces_hand_worked():
 
 
 def test_ratio_over_4000_samples_and_determinism(tmp_path):
+    from raytrain.data.reader import Reader
     reader = _mixture(tmp_path, {"big": 1000, "small": 400}, {"big": 0.75, "small": 0.25})
+    assert isinstance(reader, Reader) and isinstance(reader.readers[0], Reader)  # the loader's surface
     assert len(reader) == 1000  # the largest source's length (SPIN's MixedDataset)
     drawn = []
     for epoch in range(4):

@@ -15,7 +15,7 @@ from test_eval import small_overrides, write_synthetic
 from raytrain.body import load_body_model
 from raytrain.cli import main as cli_main
 from raytrain.config import load_config
-from raytrain.data.pipeline import build_loader
+from raytrain.data.pipeline import Loader
 from raytrain.data.shards import write_shards
 from raytrain.eval.protocol import evaluate_batch, mesh_protocol
 from raytrain.eval.run import eval_config
@@ -84,10 +84,9 @@ def eval_path(world):
     model = load_inference_model(world["checkpoint"], body_dir(), device="cpu").model
     body = load_body_model(body_dir(), genders=("neutral", "male", "female"))
     cfg = eval_config(world["cfg"], str(world["root"] / "val"), smpl_dir=body_dir())
-    loader = build_loader(cfg, "val", 0, 1, epoch=0, skip=0, batch_size=cfg.data.val_batch_size, seed=cfg.seed)
     found = {}
-    try:
-        for batch in loader:
+    with Loader(cfg, "val") as loader:
+        for batch in loader.epoch(0):
             pred, errors = evaluate_batch(model, body, batch, torch.device("cpu"))
             pose = rotmat_to_axis_angle(pred["pose_rotmat"]).reshape(-1, 72)
             for i, key in enumerate(batch["keys"]):
@@ -95,8 +94,6 @@ def eval_path(world):
                               "cam_full": pred["cam_full"][i, 0].numpy(),
                               "gt_pose": batch["pose"][i], "gt_betas": batch["betas"][i],
                               **{m: float(errors[m][i]) for m in ("mpjpe", "pa_mpjpe", "pve")}}
-    finally:
-        loader.close()
     return found, body
 
 

@@ -288,7 +288,7 @@ def test_transform_runs_in_reader_and_its_bad_samples_are_counted(tmp_path):
     assert dict(reader.bad_counts) == {"box_outside_image": 4}
 
 
-# ---------------------------------------------------------------------------- build_loader
+# ---------------------------------------------------------------------------- Loader
 
 
 def _loader_config(path, workers):
@@ -303,12 +303,14 @@ def _loader_config(path, workers):
 def test_loader_never_recycles_a_batch_still_held(tmp_path):
     """Batches the training loop keeps are never overwritten by the workers, and every
     sample of the epoch arrives exactly once."""
-    from raytrain.data.pipeline import build_loader
+    from raytrain.data.pipeline import Loader
 
     keys = _write(tmp_path, 96, maxcount=12)
     cfg = _loader_config(tmp_path, workers=2)
     held, sums, seen = [], [], []
-    for batch in build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0):
+    with Loader(cfg, "train", batch_size=4, seed=0) as loader:
+        batches = list(loader.epoch(0))
+    for batch in batches:
         assert batch["images"].shape == (4, 5, 3, 32, 32)
         assert all(isinstance(batch[name], torch.Tensor) for name in ("boxes", "pose", "has_cam"))
         held.append(batch)
@@ -323,7 +325,7 @@ def test_loader_crops_in_place_match_in_process_crops_with_substitution(fuzzed, 
     """Crops written straight into the workers' batch buffers, released and refilled
     (substituted bad samples cropped again into their own slot), equal the in-process
     crops of the same keys."""
-    from raytrain.data.pipeline import build_loader
+    from raytrain.data.pipeline import Loader
 
     path, _, good = fuzzed
 
@@ -331,10 +333,10 @@ def test_loader_crops_in_place_match_in_process_crops_with_substitution(fuzzed, 
         cfg = _loader_config(path, workers)
         cfg.data.max_bad_fraction = 0.5
         out = []
-        loader = build_loader(cfg, "train", 0, 1, 0, 0, size, seed=0)
-        for batch in loader:
-            out += [(key, image.clone()) for key, image in zip(batch["keys"], batch["images"])]
-            loader.release(batch)  # buffers refilled while substitutes are made
+        with Loader(cfg, "train", batch_size=size, seed=0) as loader:
+            for batch in loader.epoch(0):
+                out += [(key, image.clone()) for key, image in zip(batch["keys"], batch["images"])]
+                loader.release(batch)  # buffers refilled while substitutes are made
         return out
 
     reference = dict(crops(0, 1))
@@ -345,9 +347,9 @@ def test_loader_crops_in_place_match_in_process_crops_with_substitution(fuzzed, 
         assert torch.equal(image, reference[key]), key
 
 
-def _epoch_crops(loader) -> dict:
+def _epoch_crops(loader, epoch: int, skip: int = 0) -> dict:
     out = {}
-    for batch in loader:
+    for batch in loader.epoch(epoch, skip):
         out.update((key, image.clone()) for key, image in zip(batch["keys"], batch["images"]))
         loader.release(batch)  # as the training loop does: its buffer is filled again
         del batch
@@ -359,82 +361,127 @@ def test_persistent_workers_serve_every_epoch_like_fresh_ones(tmp_path):
     refilled across epochs) deliver each epoch, and a resumed epoch, exactly as a fresh
     set of workers would: same keys, same crops (augmentation seeded per epoch), each
     sample once."""
-    from raytrain.data.pipeline import _PERSISTENT, build_loader, close_loaders
+    from raytrain.data.pipeline import Loader
 
     keys = _write(tmp_path, 48, maxcount=12)
     cfg = _loader_config(tmp_path, workers=2)
     fresh = _loader_config(tmp_path, workers=2)
     fresh.data.persistent_workers = False
     pids = set()
-    try:
+    with Loader(cfg, "train", batch_size=4, seed=0) as loader, \
+            Loader(fresh, "train", batch_size=4, seed=0) as forking:
         for epoch, skip in ((0, 0), (1, 0), (2, 16), (1, 0)):
-            loader = build_loader(cfg, "train", 0, 1, epoch, skip, 4, seed=0)
-            crops = _epoch_crops(loader)
+            crops = _epoch_crops(loader, epoch, skip)
             pids.update(child.pid for child in multiprocessing.active_children())
-            reference = _epoch_crops(build_loader(fresh, "train", 0, 1, epoch, skip, 4, seed=0))
+            reference = _epoch_crops(forking, epoch, skip)
             assert list(crops) == list(reference) and len(crops) == 48 - skip
             if skip == 0:
                 assert sorted(crops) == sorted(keys)
             for key, image in crops.items():
                 assert torch.equal(image, reference[key]), (epoch, key)
         assert len(pids) == 2  # the same two workers for all four iterations
-    finally:
-        close_loaders()
-    assert len(_PERSISTENT) == 0
     assert not pids & {child.pid for child in multiprocessing.active_children()}  # stopped
 
 
 def test_persistent_workers_after_abandoned_epochs(tmp_path):
     """Iterations broken off after two batches (in-flight batches drained and dropped)
     leave the next epoch complete."""
-    from raytrain.data.pipeline import build_loader, close_loaders
+    from raytrain.data.pipeline import Loader
 
     keys = _write(tmp_path, 48, maxcount=12)
-    cfg = _loader_config(tmp_path, workers=2)
-    try:
+    with Loader(_loader_config(tmp_path, workers=2), "train", batch_size=4, seed=0) as loader:
         for epoch in range(4):
-            loader = build_loader(cfg, "train", 0, 1, epoch, 0, 4, seed=0)
-            for index, _batch in enumerate(loader):
+            for index, _batch in enumerate(loader.epoch(epoch)):
                 if index == 1:
                     break
         del _batch
-        loader = build_loader(cfg, "train", 0, 1, 4, 0, 4, seed=0)
-        assert sorted(_epoch_crops(loader)) == sorted(keys)
-    finally:
-        close_loaders()
+        assert sorted(_epoch_crops(loader, 4)) == sorted(keys)
 
 
-def test_second_loader_while_persistent_workers_are_busy(tmp_path):
-    """Two loaders of the same split iterated at once: the second gets its own workers."""
-    from raytrain.data.pipeline import build_loader, close_loaders
+def test_a_later_epoch_ends_an_open_one(tmp_path):
+    """One epoch at a time: starting the next epoch while one is still open ends the open
+    one (drawing from it again raises), and the new epoch is complete."""
+    from raytrain.data.pipeline import Loader
+
+    keys = _write(tmp_path, 24, maxcount=12)
+    with Loader(_loader_config(tmp_path, workers=2), "train", batch_size=4, seed=0) as loader:
+        first = loader.epoch(0)
+        next(first)
+        assert sorted(_epoch_crops(loader, 1)) == sorted(keys)
+        with pytest.raises(RuntimeError, match="later epoch"):
+            next(first)
+
+
+def test_two_loaders_of_a_split_have_their_own_workers(tmp_path):
+    """Two loaders of the same split iterated at once: each its own workers, the same batches."""
+    from raytrain.data.pipeline import Loader
 
     keys = _write(tmp_path, 24, maxcount=12)
     cfg = _loader_config(tmp_path, workers=2)
-    try:
-        first = build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)
-        second = build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)
-        pairs = list(zip(first, second))
-        assert len(pairs) == 6
+    with Loader(cfg, "train", batch_size=4, seed=0) as first, Loader(cfg, "train", batch_size=4, seed=0) as second:
+        pairs = list(zip(first.epoch(0), second.epoch(0)))
+        assert len(pairs) == 6 and len(multiprocessing.active_children()) >= 4
         assert [b["keys"] for b, _ in pairs] == [b["keys"] for _, b in pairs]
-        assert second.source is not first.source and not second.source.persistent
         assert sorted(k for b, _ in pairs for k in b["keys"]) == sorted(keys)
-    finally:
-        close_loaders()
 
 
-def test_stopping_persistent_workers_mid_epoch_is_an_error(tmp_path):
-    """close_loaders() under a running epoch ends it with an error, not a short epoch."""
-    from raytrain.data.pipeline import build_loader, close_loaders
+def test_closing_the_loader_mid_epoch_is_an_error(tmp_path):
+    """close() under a running epoch ends it with an error, not a short epoch; a closed
+    loader refuses another epoch."""
+    from raytrain.data.pipeline import Loader
 
     _write(tmp_path, 48, maxcount=12)
-    loader = build_loader(_loader_config(tmp_path, workers=2), "train", 0, 1, 0, 0, 4, seed=0)
+    loader = Loader(_loader_config(tmp_path, workers=2), "train", batch_size=4, seed=0)
     batches = 0
-    with pytest.raises(RuntimeError, match="stopped.*middle of an epoch"):
-        for _batch in loader:
+    with pytest.raises(RuntimeError, match="closed in the middle of an epoch"):
+        for _batch in loader.epoch(0):
             batches += 1
             if batches == 2:
-                close_loaders()
+                loader.close()
     assert batches < 12
+    with pytest.raises(RuntimeError, match="closed"):
+        loader.epoch(1)
+
+
+def _forgotten_loader(path) -> set[int]:
+    """A loader whose persistent workers served a whole epoch, dropped without close()."""
+    from raytrain.data.pipeline import Loader
+
+    loader = Loader(_loader_config(path, workers=2), "train", batch_size=4, seed=0)
+    before = {child.pid for child in multiprocessing.active_children()}
+    assert len(_epoch_crops(loader, 0)) == 24
+    return {child.pid for child in multiprocessing.active_children()} - before
+
+
+def test_a_loader_dropped_without_close_stops_its_workers(tmp_path):
+    """Persistent workers do not outlive the loader that forked them: a caller that forgets
+    close() leaks no worker processes into what runs after it."""
+    _write(tmp_path, 24, maxcount=12)
+    workers = _forgotten_loader(tmp_path)
+    assert len(workers) == 2
+    assert not workers & {child.pid for child in multiprocessing.active_children()}
+
+
+def test_an_epoch_that_raises_stops_its_workers_and_the_next_forks_new_ones(tmp_path):
+    """Too many bad samples: the epoch raises, its persistent workers are not reused; the
+    next epoch (the bad shard gone) runs on freshly forked ones."""
+    from raytrain.data.errors import TooManyBadSamples
+    from raytrain.data.pipeline import Loader
+
+    samples = make_fake_samples(24, seed=3)
+    for sample in samples[:6]:
+        sample["jpg"] = b"\xff\xd8broken\xff\xd9"
+    write_shards(samples, str(tmp_path), source="fake", licence="test", maxcount=12)
+    cfg = _loader_config(tmp_path, workers=2)
+    cfg.data.max_bad_fraction = 0.1
+    with Loader(cfg, "train", batch_size=4, seed=0) as loader:
+        failed = set()
+        with pytest.raises(TooManyBadSamples):
+            for _batch in loader.epoch(0):
+                failed.update(child.pid for child in multiprocessing.active_children())
+        assert len(failed) == 2 and not failed & {child.pid for child in multiprocessing.active_children()}
+        loader.reader.max_bad_fraction = 1.0  # inherited by the workers forked next
+        assert len(_epoch_crops(loader, 1)) == 18  # every good sample (bad ones substituted)
 
 
 # ---------------------------------------------------------------------------- batch buffers
@@ -445,15 +492,15 @@ def test_released_buffers_are_filled_again_and_held_ones_never(tmp_path):
     later batches (same buffer number, next use); the buffer of a batch held without
     release never does and keeps its pixels, also when released after the worker forgot
     it (more than ``keep`` = 6 buffers out); every sample arrives once per epoch."""
-    from raytrain.data.pipeline import build_loader, close_loaders
+    from raytrain.data.pipeline import Loader
 
     keys = _write(tmp_path, 96, maxcount=12)
     cfg = _loader_config(tmp_path, workers=1)
     names, held = [], []
-    try:
+    with Loader(cfg, "train", batch_size=4, seed=0) as loader:
         for epoch in range(2):
-            loader, seen = build_loader(cfg, "train", 0, 1, epoch, 0, 4, seed=0), []
-            for index, batch in enumerate(loader):
+            seen = []
+            for index, batch in enumerate(loader.epoch(epoch)):
                 seen += batch["keys"]
                 source, worker, process, buffer, use = batch["buffer"]
                 kept = epoch == 0 and index % 3 == 0
@@ -467,8 +514,6 @@ def test_released_buffers_are_filled_again_and_held_ones_never(tmp_path):
             assert sorted(seen) == sorted(keys)
             if epoch == 0:  # 8 buffers held: the first is forgotten, its release ignored
                 loader.release(held[0][0])
-    finally:
-        close_loaders()
     assert len(names) == 48 and len({process for process, *_ in names}) == 1
     for batch, pixels in held:
         assert torch.equal(batch["images"], pixels)
@@ -486,16 +531,16 @@ def test_releases_from_earlier_workers_never_free_a_later_workers_buffer(tmp_pat
     """Without persistent workers each iteration forks new ones (same return queues):
     releasing the first iteration's batches during the second frees none of the second's
     buffers, which the receiver holds."""
-    from raytrain.data.pipeline import build_loader
+    from raytrain.data.pipeline import Loader
 
     _write(tmp_path, 48, maxcount=12)
     cfg = _loader_config(tmp_path, workers=1)
     cfg.data.persistent_workers = False
-    loader = build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)
-    first = list(loader)
+    loader = Loader(cfg, "train", batch_size=4, seed=0)
+    first = list(loader.epoch(0))
     first_processes = {batch["buffer"][2] for batch in first}
     second = []
-    for batch in loader:
+    for batch in loader.epoch(0):
         second.append((batch, batch["images"].clone()))
         if first:
             loader.release(first.pop())
@@ -506,11 +551,11 @@ def test_releases_from_earlier_workers_never_free_a_later_workers_buffer(tmp_pat
 
 
 def test_release_is_a_no_op_for_batches_made_in_process(tmp_path):
-    from raytrain.data.pipeline import build_loader
+    from raytrain.data.pipeline import Loader
 
     _write(tmp_path, 8, maxcount=8)
-    loader = build_loader(_loader_config(tmp_path, workers=0), "train", 0, 1, 0, 0, 4, seed=0)
-    batch = next(iter(loader))
+    loader = Loader(_loader_config(tmp_path, workers=0), "train", batch_size=4, seed=0)
+    batch = next(loader.epoch(0))
     assert "buffer" not in batch
     pixels = batch["images"].clone()
     loader.release(batch)

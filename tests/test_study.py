@@ -162,3 +162,20 @@ def test_narrowed_benchmark_renders_its_own_splits(tmp_path):
         facing = Rotation.from_rotvec(sample.pose[:3]).apply([0.0, 0.0, 1.0])  # body front in camera
         heading = math.degrees(math.atan2(facing[0], -facing[2]))
         assert abs(heading) < 30 + 25, heading  # + the pitch/roll around upright
+
+
+def test_study_runs_the_training_preflight_before_training(tmp_path, capsys):
+    """`raytrain study` trains through the bare loop, after the pre-flight every training
+    command runs: a backbone file matching too little exits 2 naming the key, no run trained."""
+    import timm
+
+    from raytrain.cli import main
+    state = timm.create_model("mobilenetv3_small_050", pretrained=False).state_dict()
+    keys = list(state)
+    torch.save({k: state[k] for k in keys[:len(keys) // 3]}, tmp_path / "third.pth")
+    code = main(["study", "--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+                 f"model.backbone_checkpoint={tmp_path / 'third.pth'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("raytrain: config error: model.backbone_checkpoint:"), err
+    assert "matches only" in err[-1]
+    assert not (tmp_path / "work" / "runs").exists() or not any((tmp_path / "work" / "runs").iterdir())

@@ -36,23 +36,37 @@ def _keys(log_prefix, rank=0, per_step_size=4):
     return per_step
 
 
-def test_bare_resume_is_exact(synthetic_shards, tmp_path):
-    """Stopping at a checkpoint and resuming sees exactly the keys of an uninterrupted run."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bare_resume_is_exact(synthetic_shards, tmp_path, workers):
+    """Stopping at a checkpoint and resuming sees exactly the keys of an uninterrupted run,
+    also with persistent loader workers (serving two epochs and the validations), which
+    the loop stops when it ends."""
+    import multiprocessing
     train, val = synthetic_shards
-    whole = load_config(DEMO, tiny_overrides(train, val, tmp_path / "a", **{
-        "optim.max_steps": 16, "train.sample_log": tmp_path / "a/keys"}))
-    run_loop(whole, BareSession(str(tmp_path / "a"), device="cpu"))
-    first = load_config(DEMO, tiny_overrides(train, val, tmp_path / "b", **{
-        "optim.max_steps": 9, "train.sample_log": tmp_path / "b/keys"}))
-    run_loop(first, BareSession(str(tmp_path / "b"), device="cpu"))
-    rest = load_config(DEMO, tiny_overrides(train, val, tmp_path / "b", **{
-        "optim.max_steps": 16, "train.sample_log": tmp_path / "b/keys"}))
-    run_loop(rest, BareSession(str(tmp_path / "b"), device="cpu"))
+    before = {child.pid for child in multiprocessing.active_children()}
+    for run, steps in (("a", 16), ("b", 9), ("b", 16)):
+        cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path / run, **{
+            "optim.max_steps": steps, "train.sample_log": tmp_path / f"{run}/keys",
+            "data.loader_workers": workers}))
+        run_loop(cfg, BareSession(str(tmp_path / run), device="cpu"))
+        assert {child.pid for child in multiprocessing.active_children()} == before  # none left
     expected, resumed = _keys(tmp_path / "a/keys"), _keys(tmp_path / "b/keys")
     assert sorted(resumed) == list(range(1, 17))
     assert resumed == expected
     epoch0 = [k for step in sorted(expected) for e, k in expected[step] if e == 0]
     assert len(epoch0) == len(set(epoch0)) == 48  # 12 steps x 4: each sample once per epoch
+
+
+def test_run_steps_is_the_same_on_every_world_size(synthetic_shards, tmp_path):
+    """One formula for the run's length (the loop's end and schedule, tune's ASHA max_t):
+    epochs of whole per-rank batches, capped by optim.max_steps and the caller's cap."""
+    from raytrain.train.loop import run_steps
+    train, val = synthetic_shards  # 48 training samples, data.batch_size 4
+    cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path, **{"optim.max_steps": 0, "optim.epochs": 2}))
+    assert [run_steps(cfg, world) for world in (1, 2, 4)] == [24, 24, 24]
+    assert run_steps(cfg, 1, max_steps=5) == 5
+    cfg.optim.max_steps = 7
+    assert run_steps(cfg, 2) == 7 and run_steps(cfg, 2, max_steps=9) == 7
 
 
 def test_interrupted_checkpoint_is_never_latest(tmp_path):
@@ -233,7 +247,7 @@ def test_non_finite_loss_stops_before_the_optimiser(synthetic_shards, tmp_path):
     """A batch whose loss is infinite raises NonFiniteLoss naming the step, the batch's
     samples and the loss terms; no parameter changes."""
     from raytrain.body import load_body_model, load_mean_params
-    from raytrain.data.pipeline import build_loader
+    from raytrain.data.pipeline import Loader
     from raytrain.model import build_model
     from raytrain.train.fatal import NonFiniteLoss
     from raytrain.train.loop import train_step
@@ -244,7 +258,8 @@ def test_non_finite_loss_stops_before_the_optimiser(synthetic_shards, tmp_path):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    batch = next(iter(build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)))
+    with Loader(cfg, "train", batch_size=4, seed=0) as loader:
+        batch = next(loader.epoch(0))
     batch["joints_3d"][0, :, :3] = float("inf")
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(NonFiniteLoss) as caught:
@@ -255,7 +270,8 @@ def test_non_finite_loss_stops_before_the_optimiser(synthetic_shards, tmp_path):
     import pickle
     assert pickle.loads(pickle.dumps(caught.value)).keys == batch["keys"]
     # a finite loss whose gradient overflows (here forced by a hook) stops before Adam too
-    batch = next(iter(build_loader(cfg, "train", 0, 1, 0, 0, 4, seed=0)))
+    with Loader(cfg, "train", batch_size=4, seed=0) as loader:
+        batch = next(loader.epoch(0))
     first = next(p for p in model.parameters() if p.requires_grad)
     handle = first.register_hook(lambda grad: grad * float("inf"))
     with pytest.raises(NonFiniteLoss, match="non-finite gradient at step 8.*grad_norm="):

@@ -243,3 +243,66 @@ def test_ablation_grid_writes_the_table(synthetic_shards, tmp_path):
     for label in ("Full method", "M = 1"):
         assert any(label in row for row in rows), label
     assert "Δ MPJPE" in table and "+0.0" in next(row for row in rows if "Full method" in row)
+
+
+# ----------------------------------------------------------------------------- the pre-flight
+
+def _half_backbone(path):
+    """A backbone file holding 40 % of the tiny backbone's tensors (refused below 90 %)."""
+    import timm
+    import torch
+    state = timm.create_model("mobilenetv3_small_050", pretrained=False).state_dict()
+    keys = list(state)
+    torch.save({k: state[k] for k in keys[:int(0.4 * len(keys))]}, path)
+    return str(path)
+
+
+def test_tune_refuses_a_backbone_file_that_matches_too_little_before_ray(synthetic_shards, tmp_path):
+    """`raytrain tune` runs the pre-flight of `raytrain train`: a backbone file that matches
+    < 90 % of the backbone exits 2 naming the key, before Ray starts and before any trial."""
+    import ray
+
+    from raytrain.tuning.driver import run_tune
+    train, val = synthetic_shards
+    args = _tune_args(train, val, tmp_path / "runs", "refused",
+                      **{"model.backbone_checkpoint": _half_backbone(tmp_path / "half.pth")})
+    proc = _cli(["tune", "--config", "configs/demo.yaml", "--space", "tune/spaces/demo.yaml",
+                 "--trials", "2", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _finish(proc, 300)
+    err = proc.stderr.read()
+    assert proc.returncode == 2, err[-4000:]
+    assert "raytrain: config error: model.backbone_checkpoint:" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "tune" / "refused" / "tuner.pkl").exists()  # no Tuner either
+    cfg = load_config("configs/demo.yaml", args)
+    with pytest.raises(ConfigError, match="model.backbone_checkpoint: .*half.pth matches only"):
+        run_tune(cfg, "tune/spaces/demo.yaml", trials=2)
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_sweep_whose_trials_all_fail_exits_non_zero(synthetic_shards, tmp_path):
+    """Shards whose manifest is sound but whose every image is broken pass the pre-flight
+    and stop each trial at its first batch: the sweep exits 1 with one line saying so and
+    where the trials' errors are, not 0 with "no best trial to export"."""
+    from fixtures_data import make_fake_samples
+
+    from raytrain.data.shards import write_shards
+    _, val = synthetic_shards
+    samples = make_fake_samples(24, seed=5)
+    for sample in samples:
+        sample["jpg"] = b"\xff\xd8broken\xff\xd9"
+    broken = tmp_path / "broken"
+    write_shards(samples, str(broken), source="fake", licence="test", maxcount=12)
+    args = _tune_args(str(broken), val, tmp_path / "runs", "failing",
+                      **{"optim.max_steps": 2, "ray.max_failures": 0})
+    log = open(tmp_path / "tune.log", "w")
+    rc = _finish(_cli(["tune", "--config", "configs/demo.yaml", "--space", "tune/spaces/demo.yaml",
+                       "--trials", "2", *args], stdout=log, stderr=subprocess.STDOUT), 540)
+    out = (tmp_path / "tune.log").read_text()
+    assert rc == 1, out[-4000:]
+    exp = tmp_path / "runs" / "tune" / "failing"
+    line = next(line for line in out.splitlines() if line.startswith("raytrain: stopped:"))
+    assert "all 2 trials failed" in line and str(exp) in line and "bad" in line, line
+    assert "no best trial to export" not in out

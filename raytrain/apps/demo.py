@@ -170,7 +170,6 @@ def mean_pose_baseline(cfg):
 def evaluate_untrained(cfg):
     """Validation metrics of the freshly initialised network (bare, one process)."""
     from ..body import load_body_model
-    from ..data.pipeline import close_loaders
     from ..eval.protocol import validate
     from ..train.loop import initial_network
     from ..train.session import BareSession
@@ -179,10 +178,7 @@ def evaluate_untrained(cfg):
     model = initial_network(cfg, body)
     with tempfile.TemporaryDirectory() as run_dir:  # validate writes nothing there
         session = BareSession(run_dir, device="cpu")
-        try:
-            return validate(cfg, model, body, session, session.device)
-        finally:
-            close_loaders()  # one pass: do not keep its DataLoader workers
+        return validate(cfg, model, body, session, session.device)  # its loader: this pass only
 
 
 # ----------------------------------------------------------------------------- sweep and report

@@ -4,9 +4,9 @@
 
 Checks: Python / torch / Ray versions; the Ray cluster (RAY_ADDRESS or `ray.address`,
 else this machine's CPUs and GPUs); GPUs as torch sees them; the body model files; the
-shard manifests of the config (`data.train_shards` or each `data.mixture` source, and
-`data.val_shards`). Every line starts with OK or MISSING; a MISSING line names the fix.
-Lines marked "(optional)" do not fail.
+shard sets the config's run reads (`data.train_shards` or each `data.mixture` source of
+positive weight, and `data.val_shards`). Every line starts with OK or MISSING; a MISSING
+line names the fix. Lines marked "(optional)" do not fail.
 Exit code: 0 when every required check passes, 1 otherwise.
 """
 import os
@@ -152,45 +152,31 @@ def check_body_model(smpl_dir: str | None, from_flag: bool = True) -> Check:
 
 
 def check_shards(cfg=None, config_given: bool = False) -> list[Check]:
-    """Every shard set the config names: manifest readable, shards present, samples > 0."""
+    """Every shard set the config's run reads (``data.pipeline.shard_sets``): manifest
+    readable, shards present as recorded, samples > 0."""
     if cfg is None:
         if config_given:
             return []            # the config line already failed
         return [Check(MISSING, "shards", "no --config given, no shard manifest to check; fix: "
                                          "raytrain doctor --config configs/demo.yaml", required=False)]
-    sets = ([(f"data.mixture[{i}].shards", m.shards) for i, m in enumerate(cfg.data.mixture)]
-            if cfg.data.mixture else [("data.train_shards", cfg.data.train_shards)])
-    return [check_shard_set(key, source) for key, source in [*sets, ("data.val_shards", cfg.data.val_shards)]]
+    from ..data.pipeline import shard_sets
+    return [check_shard_set(s.key, s.source) for s in shard_sets(cfg)]
 
 
 def check_shard_set(key: str, source: str) -> Check:
+    """The pre-flight's shard check (``data.shards.checked_shards``, one manifest read),
+    also refusing a listed shard that is missing or of another size than recorded."""
+    from ..config import ConfigError
+    from ..data.shards import SIZES, checked_shards
     fix = (f"fix: write shards there (`raytrain shard synthetic --out {source or 'shards/NAME'}`) "
            f"or set {key} to existing shards")
-    if not source:
-        return Check(MISSING, key, f"not set; {fix}")
-    from ..data.io import exists
-    from ..data.shards import resolve_shards
-    if "{" not in source and not exists(source):
-        return Check(MISSING, key, f"{source}: not found; {fix}")
     try:
-        refs = resolve_shards(source)
-        absent = [ref.url for ref in refs if not exists(ref.url)]
+        refs = checked_shards(key, source, verify=SIZES)
+    except ConfigError as err:
+        return Check(MISSING, key, f"{str(err).removeprefix(f'{key}: ')}; {fix}")
     except Exception as err:    # noqa: BLE001 - unreadable for any reason is the finding
         return Check(MISSING, key, f"{source}: {str(err).splitlines()[0] if str(err) else type(err).__name__}; {fix}")
-    if absent:
-        return Check(MISSING, key, f"{source}: {len(absent)} of {len(refs)} shard(s) listed but absent "
-                                   f"(first: {absent[0]}); {fix}")
-    from ..data.shards import MANIFEST_NAME, manifest_url, size_mismatches
-    manifest = manifest_url(source) if "{" not in source else None
-    if manifest and (source.endswith(".json") or exists(manifest)):
-        changed = size_mismatches(manifest)
-        if changed:
-            return Check(MISSING, key, f"{source}: {len(changed)} shard(s) differ from {MANIFEST_NAME} "
-                                       f"(first: {changed[0]}): replaced or damaged; re-run the "
-                                       "conversion with --overwrite")
     total = sum(ref.num_samples for ref in refs)
-    if total == 0:
-        return Check(MISSING, key, f"{source}: zero samples; {fix}")
     return Check(OK, key, f"{source}: {total} samples in {len(refs)} shard(s)")
 
 

@@ -105,6 +105,10 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
     write_results(out_dir / "results.json", results)
     # seed by seed: a study stopped early has every variant at (about) the same number of seeds
     jobs = [(v, s) for s in range(seeds) for v in variants if (v, s) not in done]
+    from ..train.launch import prepare
+    for variant in dict.fromkeys(v for v, _ in jobs):  # the pre-flight of every training command
+        prepare(run_config(dict(common, variant=variant, seed=0, space=space, run_dir=str(work_dir / "runs"))),
+                start_ray=False)
     _say(f"{len(jobs)} runs to train ({len(done)} already in {out_dir / 'results.json'}), "
          f"{parallel} at a time, {steps} steps each")
     for record in run_jobs(jobs, common, space, work_dir / "runs", parallel):
@@ -203,22 +207,19 @@ def run_one(spec_path: str) -> dict:
 def evaluate_split(cfg, model, shards: str, device=torch.device("cpu")) -> dict[str, float]:
     """Mean errors (mm) on `shards`: the validation protocol plus the camera quantities."""
     from ..body import load_body_model
-    from ..data.pipeline import build_loader, close_loaders
+    from ..data.pipeline import Loader
     from ..eval.protocol import camera_depth_error, evaluate_batch, roi_camera_spread
     cfg = replace(cfg, data=replace(cfg.data, val_shards=shards, max_val_samples=0, loader_workers=0))
     body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female")).to(device)
     sums, n = dict.fromkeys(METRICS, 0.0), 0
-    try:
-        for batch in build_loader(cfg, "val", 0, 1, epoch=0, skip=0, batch_size=cfg.data.val_batch_size,
-                                  seed=cfg.seed):
+    with Loader(cfg, "val") as loader:
+        for batch in loader.epoch(0):
             pred, errors = evaluate_batch(model, body, batch, device)
             errors["cam_depth_err"] = camera_depth_error(pred["cam_full"][:, 0], batch["cam_full"].to(device))
             errors["roi_cam_spread"] = roi_camera_spread(pred["cam_full"])
             for key in METRICS:
                 sums[key] += float(errors[key].sum())
             n += len(batch["keys"])
-    finally:
-        close_loaders()
     return {key: value / max(n, 1) for key, value in sums.items()} | {"test_samples": n}
 
 

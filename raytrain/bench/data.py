@@ -1,13 +1,13 @@
 """``raytrain bench data``: data-pipeline throughput per CPU core, and bytes per sample.
 
 On synthetic 1920x1080 scenes stored both as context regions (default storage) and as
-full frames, with the cropper and augmentation that ``pipeline.build_loader`` uses for
+full frames, with the cropper and augmentation that ``pipeline.Loader`` uses for
 training under the default config (paper schedule, M = 5, S = 224):
 
 * ``decode_per_core``: JPEG decode of the stored context images (the bound);
 * ``crop_per_core``: decode + M = 5 RoI crops + augmentation + labels;
 * ``stream_per_core``: the full streaming path as a training worker receives it: shards
-  on disk -> ``build_loader`` (tar parsing, shuffle buffer, validation, cropper, collate
+  on disk -> ``pipeline.Loader`` (tar parsing, shuffle buffer, validation, cropper, collate
   in ``data.loader_workers`` persistent DataLoader worker processes, batches handed over
   through shared memory, each buffer released back to its worker as the training loop
   does) -> batches in the training process; samples per CPU-second of
@@ -89,7 +89,7 @@ def bench_config(shards: str = "", workers: int | None = None):
 
 
 def training_cropper(cfg, **overrides) -> MultiRoICropper:
-    """The cropper ``build_loader`` builds for the training split of ``cfg``."""
+    """The cropper ``pipeline.Loader`` builds for the training split of ``cfg``."""
     from raytrain.data.pipeline import _root_joint
 
     kwargs = {"crop_size": cfg.data.crop_size, "augment": cfg.data,
@@ -130,30 +130,27 @@ def _loader_cpu_seconds() -> float:
 
 
 def stream_rate(shards: str, workers: int, batch_size: int = 16, epochs: int = 2) -> dict:
-    """Samples per CPU-second (and per wall-second per worker) out of ``build_loader``.
+    """Samples per CPU-second (and per wall-second per worker) out of ``pipeline.Loader``.
 
     ``per_cpu_second`` counts the epochs after the first: with persistent workers
     (the default) that is what every epoch of a training run costs; ``first_epoch``
     includes forking the workers and faulting in their buffers.
     """
-    from raytrain.data.pipeline import build_loader, close_loaders
+    from raytrain.data.pipeline import Loader
 
     cfg = bench_config(shards, workers)
     cfg.data.shuffle_buffer = 256
     gc.collect()  # outside the timed region
     samples, cpu, wall = [], [], []
-    try:
+    with Loader(cfg, "train", batch_size=batch_size, seed=0) as loader:
         for epoch in range(epochs):
-            loader = build_loader(cfg, "train", 0, 1, epoch, 0, batch_size, seed=0)
             done, cpu0, wall0 = 0, _loader_cpu_seconds(), time.perf_counter()
-            for batch in loader:
+            for batch in loader.epoch(epoch):
                 done += batch["images"].shape[0]
                 loader.release(batch)  # as the training loop does after each step
             wall.append(time.perf_counter() - wall0)
             cpu.append(_loader_cpu_seconds() - cpu0)  # before the workers stop
             samples.append(done)
-    finally:
-        close_loaders()
     later = slice(1, None) if epochs > 1 else slice(0, None)
     return {"per_cpu_second": sum(samples[later]) / sum(cpu[later]),
             "first_epoch": samples[0] / cpu[0],

@@ -5,7 +5,7 @@
 
 No Ray: the bare loop (``train.loop.run_loop`` with ``train.session.BareSession``), so
 start-up stays short. Synthetic 1920x1080 scenes are rendered on the spot and written as
-shards; everything goes through the real data path (``build_loader``, persistent
+shards; everything goes through the real data path (``pipeline.Loader``, persistent
 DataLoader workers) and the real training step. Sections of the result:
 
 * ``train``: persons/s (``loop.Throughput``: training steps after 2 warm-up steps) and
@@ -217,19 +217,18 @@ def _peak_memory_gib(device: torch.device) -> float:
 def _data_path_cost(cfg, device: torch.device, device_crop: bool) -> dict:
     """CPU-seconds per person of loading a batch onto the device, crops made there or in
     the workers: the second of two epochs (the first forks the workers), no training."""
-    from ..data.pipeline import build_loader, close_loaders
+    from ..data.pipeline import Loader
     from ..train.loop import batch_to_device
     from .data import _loader_cpu_seconds
 
     cfg = copy.deepcopy(cfg)
     cfg.data.device_crop = device_crop
     persons = workers = main = wall = 0.0
-    try:
+    with Loader(cfg, "train") as loader:
         for epoch in range(2):
-            loader = build_loader(cfg, "train", 0, 1, epoch, 0, cfg.data.batch_size, seed=cfg.seed)
             main0, total0, wall0 = time.process_time(), _loader_cpu_seconds(), time.perf_counter()
             done = 0
-            for batch in loader:
+            for batch in loader.epoch(epoch):
                 images = batch_to_device(batch, device, cfg.data.crop_size)["images"]
                 done += images.shape[0]
                 loader.release(batch)  # as the training loop does after each step
@@ -238,8 +237,6 @@ def _data_path_cost(cfg, device: torch.device, device_crop: bool) -> dict:
                 main = time.process_time() - main0
                 workers = _loader_cpu_seconds() - total0 - main
                 wall, persons = time.perf_counter() - wall0, done
-    finally:
-        close_loaders()
     return {"loader_cpu_s_per_person": round(workers / persons, 6),
             "main_cpu_s_per_person": round(main / persons, 6),
             "persons_per_wall_s": round(persons / wall, 1), "persons": int(persons)}
@@ -247,12 +244,13 @@ def _data_path_cost(cfg, device: torch.device, device_crop: bool) -> dict:
 
 def _one_batch(cfg, device: torch.device) -> dict:
     """The first training batch of ``cfg`` on ``device``, read in this process."""
-    from ..data.pipeline import build_loader
+    from ..data.pipeline import Loader
     from ..train.loop import batch_to_device
 
     cfg = copy.deepcopy(cfg)
     cfg.data.loader_workers, cfg.data.shuffle_buffer = 0, cfg.data.batch_size
-    batch = next(iter(build_loader(cfg, "train", 0, 1, 0, 0, cfg.data.batch_size, seed=cfg.seed)))
+    with Loader(cfg, "train") as loader:
+        batch = next(loader.epoch(0))
     return batch_to_device(batch, device, cfg.data.crop_size)
 
 

@@ -1,10 +1,10 @@
 """Ray Data over the same tar shards, for the mechanism comparison in BENCHMARKS.md.
 
-``build_loader`` (webdataset-style reader inside torch DataLoader workers of each
+``pipeline.Loader`` (webdataset-style reader inside torch DataLoader workers of each
 training worker) is the mechanism training uses; this module builds the alternative,
 
     read_binary_files(shards) -> flat_map(parse tar + decode + crop, num_cpus=1)
-                              -> iter_batches(batch_size)  (collated like build_loader)
+                              -> iter_batches(batch_size)  (collated like pipeline.Loader)
 
 with the same cropper, so that ``compare`` can measure both in one run:
 
@@ -60,7 +60,7 @@ def ray_data_batches(shard_urls: list[str], cropper, batch_size: int = 16, num_c
 
 
 def compare(samples: int = 768, cpus: int = 2, batch_size: int = 16, seed: int = 0) -> dict:
-    """Samples/s per core of Ray Data and of ``build_loader`` (``cpus`` workers), one run."""
+    """Samples/s per core of Ray Data and of ``pipeline.Loader`` (``cpus`` workers), one run."""
     import tempfile
 
     import ray

@@ -1,6 +1,6 @@
 """`raytrain bench train`: persons/s of one training loop, bare and under Ray Train.
 
-Both runs use the same config, data path (synthetic shards through `build_loader`),
+Both runs use the same config, data path (synthetic shards through `pipeline.Loader`),
 torch threads (`ray.cpus_per_worker`) and number of steps; throughput counts training
 steps only (validation and checkpoints are paused out, see `loop.Throughput`). Runs are
 interleaved (bare, ray, bare, ray, ...) and the medians are compared.

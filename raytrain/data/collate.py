@@ -41,7 +41,7 @@ FLAG_KEYS = ("has_smpl", "has_3d", "has_2d", "has_cam")
 SAMPLE_KEYS = ("key", "images", *FLOAT_KEYS, *FLAG_KEYS)
 
 #: Name of a batch's image buffer, ``batch["buffer"]``: (source, worker, process, buffer,
-#: use). ``source`` numbers the ``pipeline.EpochSource`` in the receiving process,
+#: use). ``source`` is a random token of the ``pipeline.Loader`` that receives it,
 #: ``worker`` the DataLoader worker, ``process`` is a random token of that worker process
 #: (a name never matches a buffer of another process, e.g. the workers of a later epoch
 #: without persistent workers), ``buffer`` numbers the worker's buffers and ``use`` counts

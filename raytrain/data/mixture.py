@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch.utils.data import get_worker_info
 
 from .plan import WorkerPlan, epoch_shard_order, sequence_segments
-from .reader import EpochPosition, ShardReader, _rank_and_world
+from .reader import EpochPosition, Iteration, ShardReader, _rank_and_world
 
 
 def normalised_weights(weights: Mapping[str, float]) -> dict[str, float]:
@@ -129,7 +128,7 @@ class MixtureReader(EpochPosition):
         self.epoch, self.consumed = int(epoch), 0
         self.transform = transform
 
-    # ---------------------------------------------------------------- what ShardReader offers
+    # ---------------------------------------------------------------- the reader.Reader surface
 
     @property
     def transform(self):
@@ -151,6 +150,10 @@ class MixtureReader(EpochPosition):
     @property
     def substituted(self) -> int:
         return sum(reader.substituted for reader in self.readers)
+
+    def reset_counts(self) -> None:
+        for reader in self.readers:
+            reader.reset_counts()
 
     def share_counts(self, num_processes: int) -> None:
         """As ``ShardReader.share_counts``, per source (``data.max_bad_fraction`` then
@@ -184,31 +187,22 @@ class MixtureReader(EpochPosition):
     # ---------------------------------------------------------------- iteration
 
     def __iter__(self) -> Iterator[Any]:
-        info = get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        if info is not None:  # a worker's counts are per epoch (workers may persist)
-            for reader in self.readers:
-                reader.bad_counts, reader.substituted = Counter(), 0
-        if info is None and self.consumed >= len(self):
-            self.epoch, self.consumed = self.epoch + 1, 0  # previous epoch was complete
-        epoch, consumed = self.epoch, self.consumed  # read once: may be shared memory
-        role = (worker + consumed // self.batch_size) % num_workers  # see ShardReader.__iter__
-        sources = self.epoch_sources(epoch)
-        start_epoch = getattr(self.transform, "start_epoch", None)
-        if start_epoch is not None:
-            start_epoch(epoch)
-        streams = [self._source_stream(s, sources, epoch, role, num_workers, consumed)
+        it = self.start_iteration()
+        yield from self.counted(self._items(it), it)
+
+    def _items(self, it: Iteration) -> Iterator[Any]:
+        """The items of this process's positions of the epoch, each from its source."""
+        sources = self.epoch_sources(it.epoch)
+        streams = [self._source_stream(s, sources, it.epoch, it.role, it.num_workers, it.consumed)
                    for s in range(len(self.readers))]
-        owner = (np.arange(len(sources)) // self.batch_size) % num_workers
-        for position in np.flatnonzero(owner == role):
-            if position < consumed:
+        owner = (np.arange(len(sources)) // self.batch_size) % it.num_workers
+        for position in np.flatnonzero(owner == it.role):
+            if position < it.consumed:
                 continue
             source = int(sources[position])
             item = next(streams[source])
             if isinstance(item, dict):
                 item["source"] = self.names[source]
-            if info is None:
-                self.consumed += 1
             yield item
 
     def _source_stream(self, source: int, sources: np.ndarray, epoch: int, role: int,

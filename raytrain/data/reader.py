@@ -43,7 +43,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -122,13 +122,75 @@ class _Position:
         setattr(reader, self.private, int(value))
 
 
+@runtime_checkable
+class Reader(Protocol):
+    """What ``pipeline.Loader`` uses of a reader: ``ShardReader`` and
+    ``mixture.MixtureReader`` (which forwards it to its sources' readers) both have it."""
+
+    batch_size: int
+    transform: Callable[[Any], Any] | None  # run on each good sample, in the reading process
+
+    def __iter__(self) -> Iterator[Any]: ...
+    def __len__(self) -> int: ...  # samples per epoch on this rank
+    def load_state_dict(self, state: dict) -> None: ...  # the position: epoch, consumed
+    def share_position(self) -> None: ...  # see EpochPosition.share_position
+    def share_counts(self, num_processes: int) -> None: ...  # bad-sample counts in shared memory
+    def reset_shared_counts(self) -> None: ...
+    def shared_bad_counts(self) -> dict[str, int] | None: ...
+    def reset_counts(self) -> None: ...  # this process's counts
+
+
+class Iteration(NamedTuple):
+    """Where one iteration of a reader starts (``EpochPosition.start_iteration``)."""
+
+    epoch: int
+    consumed: int       # samples of the epoch already consumed on this rank
+    role: int           # the worker whose positions this process reads (see ShardReader.__iter__)
+    num_workers: int
+    counting: bool      # no DataLoader workers: the reader counts its yields in ``consumed``
+
+
 class EpochPosition(IterableDataset):
     """What both readers (``ShardReader``, ``mixture.MixtureReader``) keep of where they
-    are: the epoch, and the samples of it already consumed on this rank."""
+    are: the epoch, and the samples of it already consumed on this rank; and how each of
+    their iterations starts from it (``start_iteration``, ``counted``).
+
+    The rest of a reader's surface is the ``Reader`` protocol (``start_iteration`` uses
+    its ``batch_size``, ``transform``, ``__len__`` and ``reset_counts``)."""
 
     epoch = _Position(0)
     consumed = _Position(1)
     _position: torch.Tensor | None = None  # see ``share_position``
+
+    def start_iteration(self) -> Iteration:
+        """The prologue of every iteration, in the process that iterates: a DataLoader
+        worker's counts start afresh (workers may persist across epochs); without workers
+        an epoch read to its end rolls over to the next; the position is read once (it
+        may be shared memory); the transform's ``start_epoch(epoch)`` is called."""
+        info = get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if info is not None:
+            self.reset_counts()
+        if info is None and len(self) and self.consumed >= len(self):
+            self.epoch, self.consumed = self.epoch + 1, 0  # previous epoch was complete
+        epoch, consumed = self.epoch, self.consumed
+        # A fresh DataLoader starts its round robin at worker 0: after a resume, worker 0
+        # plays the part of the worker that owns the next batch, so ownership never moves.
+        role = (worker + consumed // self.batch_size) % num_workers
+        start_epoch = getattr(self.transform, "start_epoch", None)
+        if start_epoch is not None:
+            start_epoch(epoch)
+        return Iteration(epoch, consumed, role, num_workers, counting=info is None)
+
+    def counted(self, items: Iterator[Any], iteration: Iteration) -> Iterator[Any]:
+        """``items``, each counted in ``consumed`` when the reader counts its own yields
+        (with DataLoader workers the training loop calls ``advance``)."""
+        if not iteration.counting:
+            yield from items
+            return
+        for item in items:
+            self.consumed += 1
+            yield item
 
     def share_position(self) -> None:
         """Keep ``epoch`` and ``consumed`` in shared memory from now on, so that
@@ -262,33 +324,17 @@ class ShardReader(EpochPosition):
 
     # ---------------------------------------------------------------- iteration
 
+    def reset_counts(self) -> None:
+        """This process's bad-sample counts start afresh."""
+        self.bad_counts, self.substituted = Counter(), 0
+
     def __iter__(self) -> Iterator[Any]:
-        info = get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        if info is not None:  # a worker's counts are per epoch (workers may persist)
-            self.bad_counts, self.substituted = Counter(), 0
-        # A fresh DataLoader starts its round robin at worker 0: after a resume, worker 0
-        # plays the part of the worker that owns the next batch, so ownership never moves.
-        if info is None and len(self) and self.consumed >= len(self):
-            self.epoch, self.consumed = self.epoch + 1, 0  # previous epoch was complete
-        epoch, consumed = self.epoch, self.consumed  # read once: may be shared memory
-        worker = (worker + consumed // self.batch_size) % num_workers
+        it = self.start_iteration()
         counts = [ref.num_samples for ref in self.shards]
-        order = epoch_shard_order(len(self.shards), self.seed, epoch, self.shuffle)
-        plan = plan_worker(
-            counts, order, self.rank, self.world_size, worker, num_workers,
-            self.batch_size, consumed,
-        )
-        start_epoch = getattr(self.transform, "start_epoch", None)
-        if start_epoch is not None:
-            start_epoch(epoch)
-        stream = self._stream(plan, worker, epoch)
-        if info is not None:
-            yield from stream
-            return
-        for sample in stream:
-            self.consumed += 1
-            yield sample
+        order = epoch_shard_order(len(self.shards), self.seed, it.epoch, self.shuffle)
+        plan = plan_worker(counts, order, self.rank, self.world_size, it.role, it.num_workers,
+                           self.batch_size, it.consumed)
+        yield from self.counted(self._stream(plan, it.role, it.epoch), it)
 
     def stream_plan(self, plan: WorkerPlan, worker: int, epoch: int) -> Iterator[Any]:
         """The items of a plan made elsewhere (``mixture.MixtureReader``): read, shuffle,

@@ -290,22 +290,6 @@ def verify_shards(path_or_url: str, storage_options: dict | None = None) -> list
     return problems
 
 
-def size_mismatches(path_or_url: str, storage_options: dict | None = None) -> list[str]:
-    """Shards of a manifest whose size on storage differs from the recorded one, or that
-    are missing (one listing: cheap, unlike ``verify_shards``)."""
-    url = manifest_url(path_or_url)
-    manifest = read_manifest(url, storage_options)
-    sizes = file_sizes(dirname_url(url) or ".", ".tar", storage_options)
-    problems = []
-    for entry in manifest["shards"]:
-        size = sizes.get(entry["name"])
-        if size is None:
-            problems.append(f"{entry['name']}: missing")
-        elif entry.get("bytes") is not None and size != entry["bytes"]:
-            problems.append(f"{entry['name']}: {size} bytes, the manifest records {entry['bytes']}")
-    return problems
-
-
 # ----------------------------------------------------------------------------- shard lists
 
 @dataclass(frozen=True)
@@ -423,7 +407,7 @@ def _check_shard_file(ref: ShardRef, entry: dict, size: int | None, storage_opti
             _WARNED.add(ref.url)
             log.warning("%s; its samples are checked against the manifest while read", message)
         return
-    if verify and entry.get("sha256"):
+    if verify and verify != SIZES and entry.get("sha256"):
         _, digest = sha256_of(ref.url, storage_options)
         if digest != entry["sha256"]:
             raise ManifestError(f"{ref.url}: sha256 differs from the manifest's: the shard was "
@@ -455,20 +439,31 @@ def count_samples(source: str | Sequence[str], storage_options: dict | None = No
     return sum(ref.num_samples for ref in resolve_shards(source, storage_options, verify))
 
 
-def checked_count(key: str, source: str, verify: bool = False) -> int:
-    """Samples of the shard set `source` named by config key or flag `key`; ConfigError
-    naming it (and what to install or configure) when it is unset, unreadable or empty."""
+#: ``verify`` level of ``checked_shards`` (``raytrain doctor``): a listed shard that is
+#: missing or of another size than recorded is refused, without hashing (``True``: sha256 too).
+SIZES = "sizes"
+
+
+def checked_shards(key: str, source: str, verify: bool | str = False) -> list[ShardRef]:
+    """The shards of the set `source` named by config key or flag `key`, its manifest read
+    once; ConfigError naming the key (and what to install or configure) when it is unset,
+    unreadable or empty. ``verify``: as ``resolve_shards``'s, or ``SIZES``."""
     from ..config import ConfigError
     from .io import storage_error_hint
     if not source:
         raise ConfigError(f"{key}: not set")
     try:
-        total = count_samples(source, verify=verify)
+        refs = resolve_shards(source, verify=verify)
     except Exception as err:  # noqa: BLE001 - every way shards can be unreadable
         hint = storage_error_hint(source, err)
         if hint is None and not isinstance(err, (FileNotFoundError, ValueError, OSError)):
             raise
         raise ConfigError(f"{key}: cannot read shards at {source!r}: {hint or err}") from None
-    if total == 0:
+    if sum(ref.num_samples for ref in refs) == 0:
         raise ConfigError(f"{key}: {source!r} holds zero samples")
-    return total
+    return refs
+
+
+def checked_count(key: str, source: str, verify: bool = False) -> int:
+    """Samples of the shard set `source` named by config key or flag `key` (``checked_shards``)."""
+    return sum(ref.num_samples for ref in checked_shards(key, source, verify))

@@ -8,7 +8,7 @@ import torch
 
 from ..body.joints import H36M_TO_J14
 from ..data.errors import DataError
-from ..data.pipeline import build_loader
+from ..data.pipeline import Loader
 from ..model import normalize_images
 from ..ranks import raise_if_stopped, stop_together
 from .metrics import align_by_root, mpjpe, pa_mpjpe, per_joint_error, pve
@@ -84,19 +84,21 @@ def evaluate_batch(model, body, batch, device, pred=None):
 
 
 @torch.no_grad()
-def validate(cfg, model, body, session, device) -> dict[str, float]:
+def validate(cfg, model, body, session, device, loader: Loader | None = None) -> dict[str, float]:
     """Mean errors (mm) over this rank's part of the validation set, reduced over ranks.
 
+    ``loader``: this rank's validation ``Loader`` (the training loop keeps one, so that its
+    workers serve every validation); None: a loader for this one pass, closed after it.
     Each good sample is scored once; bad ones are skipped and counted (``val_skipped``).
     A data error of one rank's loader stops every rank (``ranks.stop_together``):
     before the first forward pass (under DDP it broadcasts buffers) the ranks agree, and
     later errors are counted in the reduced sums."""
+    if loader is None:
+        with Loader(cfg, "val", session.rank, session.world_size) as loader:
+            return validate(cfg, model, body, session, device, loader)
     sums = torch.zeros(8, dtype=torch.float64, device=device)  # mpjpe, pa, pve, n, cam, n_cam, bad, failed
-    loader, batches, batch, problem = None, iter(()), None, None
+    batches, batch, problem = loader.epoch(0), None, None
     try:
-        loader = build_loader(cfg, "val", session.rank, session.world_size, epoch=0, skip=0,
-                              batch_size=cfg.data.val_batch_size, seed=cfg.seed)
-        batches = iter(loader)
         batch = next(batches, None)
     except DataError as error:
         problem = error

@@ -10,7 +10,7 @@ same computation on H36M shards of the frontal camera, subjects 9 and 11.
 
 The per-batch computation is `raytrain.eval.protocol.evaluate_batch`, the very function the
 training validation (`val_mpjpe` reported to Ray/Tune) runs, over the same loader
-(`build_loader(cfg, "val", ...)` without augmentation), so evaluating a checkpoint on its
+(`Loader(cfg, "val")` without augmentation), so evaluating a checkpoint on its
 validation shards reproduces the validation numbers it was saved with.
 
 Output (``out``, default ``<checkpoint or experiment>/eval/<data name>``): metrics.json,
@@ -183,11 +183,9 @@ def evaluate_checkpoint(cfg: ExperimentConfig, target: Target, device: str | Non
 
 
 def _one_pass(loader):
-    """The batches of ``loader``, then its workers stopped (a one-off pass)."""
-    try:
-        yield from loader
-    finally:
-        loader.close()
+    """The batches of one epoch of ``loader``, then its workers stopped (a one-off pass)."""
+    with loader:
+        yield from loader.epoch(0)
 
 
 @torch.no_grad()
@@ -198,10 +196,9 @@ def evaluate_model(cfg: ExperimentConfig, model, body, device, overlays: int = O
     predictor: optional ``batch -> {vertices, joints_h36m, cam_full (N, M, 3)}`` used instead
     of the model (e.g. ground-truth parameters for the oracle check).
     """
-    from ..data.pipeline import build_loader
+    from ..data.pipeline import Loader
     from .protocol import evaluate_batch
-    loader = build_loader(cfg, "val", 0, 1, epoch=0, skip=0,
-                          batch_size=cfg.data.val_batch_size, seed=cfg.seed)
+    loader = Loader(cfg, "val")
     keys, parts, gendered = [], {k: [] for k in ("mpjpe", "pa_mpjpe", "pve", "per_joint", "cam_err")}, True
     picked, seen_sequences = [], set()
     for batch in _one_pass(loader):

@@ -6,7 +6,9 @@ workers send raytrain's log records to the driver through `console.WorkerLines`
 (docs/design.md §6).
 """
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..config import ConfigError, ExperimentConfig, to_dict
 from ..connect import connect_ray
@@ -28,19 +30,18 @@ def run_dir_of(cfg: ExperimentConfig) -> str:
 
 def preflight_data(cfg: ExperimentConfig):
     """Missing, inconsistent or unreachable shards or zero samples fail here, naming the
-    key (each source of a mixture; with ``data.verify_checksums`` every shard's sha256 is
-    checked too)."""
-    if cfg.data.mixture:
-        sets = [(f"data.mixture[{i}].shards ({m.name})", m.shards) for i, m in enumerate(cfg.data.mixture)]
-    else:
-        sets = [("data.train_shards", cfg.data.train_shards)]
+    key (every set ``data.pipeline.shard_sets`` says the run reads; with
+    ``data.verify_checksums`` every shard's sha256 is checked too)."""
+    from ..data.pipeline import shard_sets
+    sets = shard_sets(cfg)
+    train = [s for s in sets if s.split == "train"]
     largest = 0
-    for key, source in [*sets, ("data.val_shards", cfg.data.val_shards)]:
-        total = checked_count(key, source, cfg.data.verify_checksums)
-        if key != "data.val_shards":
+    for shard_set in sets:
+        total = checked_count(shard_set.key, shard_set.source, cfg.data.verify_checksums)
+        if shard_set.split == "train":
             largest = max(largest, total)
     if largest < cfg.data.batch_size:
-        raise ConfigError(f"{sets[0][0] if len(sets) == 1 else 'data.mixture'}: {largest} samples is "
+        raise ConfigError(f"{train[0].key if len(train) == 1 else 'data.mixture'}: {largest} samples is "
                           f"fewer than one batch (data.batch_size={cfg.data.batch_size})")
 
 
@@ -142,17 +143,32 @@ def build_trainer(cfg: ExperimentConfig, console=None):
     )
 
 
-def run_training(cfg: ExperimentConfig, check_data: bool = True):
-    """Validate, start or connect to Ray, train, and return the Ray Train Result;
-    ``RunStopped`` when a worker stopped the run on a deterministic error."""
+def prepare(cfg: ExperimentConfig, check_data: bool = True, start_ray: bool = True,
+            before_ray: Callable[[], Any] | None = None) -> Any:
+    """The pre-flight of every command that trains (``train``, ``tune``, ``study``, ``demo``):
+    what a worker would meet too late fails here, before Ray starts, as a ``ConfigError``
+    naming the key (exit status 2). In order: the body model files, the storage backend,
+    the shards (``check_data``), the backbone checkpoint; then ``before_ray`` (a command's
+    own checks, e.g. tune's experiment folder, or the claim on a run directory: returned);
+    then, with ``start_ray``, Ray is started or joined and the resources the run asks for
+    are checked against the cluster."""
     preflight_body_model(cfg)
     preflight_storage(cfg)
     if check_data:
         preflight_data(cfg)
     preflight_model(cfg)
-    claim = claim_run(cfg, run_dir_of(cfg))  # another run's directory, or a live one: refused here
-    init_ray(cfg)
-    preflight_resources(cfg)
+    held = before_ray() if before_ray is not None else None
+    if start_ray:
+        init_ray(cfg)
+        preflight_resources(cfg)
+    return held
+
+
+def run_training(cfg: ExperimentConfig, check_data: bool = True):
+    """Validate, start or connect to Ray, train, and return the Ray Train Result;
+    ``RunStopped`` when a worker stopped the run on a deterministic error."""
+    # another run's directory, or a live one: refused before Ray starts
+    claim = prepare(cfg, check_data, before_ray=lambda: claim_run(cfg, run_dir_of(cfg)))
     run_dir = run_dir_of(cfg)
     from ..console import WorkerLines
     try:

@@ -13,17 +13,18 @@ consumed).
 import logging
 import math
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from ..body import BodyModelError, load_body_model, load_mean_params
-from ..checkpoints import CheckpointManager, Position
+from ..checkpoints import CheckpointManager
 from ..config import ExperimentConfig, config_from_raw
 from ..data.device_crop import crop_batch
 from ..data.errors import DataError, user_line
-from ..data.pipeline import build_loader, close_loaders, epoch_length
+from ..data.pipeline import Loader, epoch_length
 from ..eval.protocol import validate
 from ..losses import compute_losses, contrastive_warmup, gather_negatives
 from ..model import build_model, normalize_images
@@ -99,9 +100,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
     model = session.prepare_model(initial_network(cfg, body))
     body = body.to(device)
     optimizer = build_optimizer(cfg.optim, model)
-    per_worker = cfg.data.batch_size // session.world_size
-    steps_per_epoch = max(1, epoch_length(cfg, "train", session.rank, session.world_size) // per_worker)
-    total_steps = _total_steps(cfg, steps_per_epoch, max_steps)
+    total_steps = run_steps(cfg, session.world_size, max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.optim.amp == "fp16")
     checkpoints = CheckpointManager(session, cfg, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -113,17 +112,21 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
     logger = RunLogger(cfg, session, total_steps)
     throughput = Throughput(warmup_steps=2)
     metrics = {}
+    # this rank's batches, and its validation batches: workers kept from one epoch (or
+    # validation) to the next, stopped when the run ends
+    feed = Loader(cfg, "train", session.rank, session.world_size)
+    val_loader = Loader(cfg, "val", session.rank, session.world_size)
     try:
         while pos.step < total_steps:
-            feed = EpochFeed(cfg, session, pos, per_worker)
-            batch, problem = feed.next()
+            batches = feed.epoch(pos.epoch, skip=pos.samples_in_epoch)
+            batch, problem = next_batch(batches)
             stop_together(problem, device)  # before the epoch's first forward pass
             while batch is not None:
                 loss = step_loss(cfg, model, body, batch, device, step=pos.step + 1)
                 done = loss.step >= total_steps
                 # the next batch is fetched now so that one agreement per step covers it
                 # (before its forward pass) and this loss (before its backward pass)
-                following, problem = (None, None) if done else feed.next()
+                following, problem = (None, None) if done else next_batch(batches)
                 stop_together(loss.error or problem, device)
                 terms = optimise(cfg, model, optimizer, scheduler, scaler, loss)
                 feed.release(batch)  # its images are read no more: the worker may refill them
@@ -137,7 +140,7 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
                 validated = pos.step % cfg.train.val_every == 0 or want_checkpoint
                 if validated:
                     throughput.pause()
-                    metrics = validate(cfg, model, body, session, device)
+                    metrics = validate(cfg, model, body, session, device, val_loader)
                     metrics["train_persons_per_s"] = throughput.rate()
                     logger.validation(pos, metrics)
                 # Ray hears of validations and checkpoints only (Tune and ASHA read those; the
@@ -152,7 +155,8 @@ def run_loop(cfg: ExperimentConfig, session, max_steps: int | None = None) -> di
                 pos.epoch += 1
                 pos.samples_in_epoch = 0
     finally:
-        close_loaders()  # persistent DataLoader workers of this run
+        feed.close()
+        val_loader.close()
     logger.close()
     session.model = model
     return metrics
@@ -165,40 +169,16 @@ def initial_network(cfg: ExperimentConfig, body) -> torch.nn.Module:
     return build_model(cfg.model, body_model=body, mean_params=load_mean_params(cfg.model.smpl_dir))
 
 
-class EpochFeed:
-    """This rank's training batches of one epoch, resuming at ``pos``. A data error met
-    opening or reading the loader is returned, not raised, so that the ranks can stop
-    together (``ranks.stop_together``)."""
-
-    def __init__(self, cfg, session, pos: Position, per_worker: int):
-        self.loader, self.batches, self.error = None, iter(()), None
-        try:
-            self.loader = build_loader(cfg, "train", session.rank, session.world_size, pos.epoch,
-                                       skip=pos.samples_in_epoch, batch_size=per_worker, seed=cfg.seed)
-            self.batches = iter(self.loader)
-        except DataError as error:
-            self.error = error
-
-    def next(self) -> tuple[dict | None, DataError | None]:
-        """(the next batch or None at the epoch's end, the data error met fetching it or None)."""
-        if self.error is not None:
-            return None, self.error
-        try:
-            return next(self.batches), None
-        except StopIteration:
-            return None, None
-        except DataError as error:
-            self.error = error
-            return None, error
-
-    def release(self, batch: dict) -> None:
-        """Hand ``batch``'s image buffer back to the worker that filled it (``Loader.release``)."""
-        if self.loader is not None:
-            self.loader.release(batch)
-
-    @property
-    def bad_counts(self) -> dict[str, int]:
-        return self.loader.bad_counts if self.loader is not None else {}
+def next_batch(batches: Iterator[dict]) -> tuple[dict | None, DataError | None]:
+    """(the next batch or None at the epoch's end, the data error met fetching it or None):
+    a data error met opening or reading the shards is returned, not raised, so that the
+    ranks can stop together (``ranks.stop_together``)."""
+    try:
+        return next(batches), None
+    except StopIteration:
+        return None, None
+    except DataError as error:
+        return None, error
 
 
 @dataclass
@@ -295,8 +275,14 @@ def _report_metrics(pos, terms, metrics, feed):
     return out
 
 
-def _total_steps(cfg, steps_per_epoch, max_steps):
-    total = cfg.optim.epochs * steps_per_epoch
+def run_steps(cfg: ExperimentConfig, world_size: int, max_steps: int | None = None) -> int:
+    """Optimiser steps of a run of ``cfg`` on ``world_size`` ranks: ``optim.epochs`` epochs
+    of each rank's whole batches (``data.batch_size / world_size`` persons each), capped by
+    ``optim.max_steps`` and ``max_steps``. The loop's end and the schedule's length, and
+    ASHA's ``max_t`` in ``raytrain tune``."""
+    per_rank = cfg.data.batch_size // world_size
+    per_epoch = max(1, epoch_length(cfg, "train", 0, world_size) // per_rank)
+    total = cfg.optim.epochs * per_epoch
     for cap in (cfg.optim.max_steps, max_steps):
         if cap:
             total = min(total, cap)

@@ -248,8 +248,5 @@ def _latest_checkpoint(run_dir: str) -> tuple[int, Path] | None:
 
 def last_step(cfg: ExperimentConfig) -> int:
     """The step the training loop stops at (``loop.run_loop``'s total)."""
-    from ..data.pipeline import epoch_length
-    from .loop import _total_steps
-    per_worker = max(1, cfg.data.batch_size // cfg.ray.num_workers)
-    steps_per_epoch = max(1, epoch_length(cfg, "train", 0, cfg.ray.num_workers) // per_worker)
-    return _total_steps(cfg, steps_per_epoch, None)
+    from .loop import run_steps
+    return run_steps(cfg, cfg.ray.num_workers)

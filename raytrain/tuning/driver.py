@@ -151,33 +151,24 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     from ray import tune
 
-    from ..train.launch import (
-        init_ray,
-        preflight_body_model,
-        preflight_data,
-        preflight_resources,
-        preflight_storage,
-        storage_uri,
-    )
+    from ..train.launch import prepare, storage_uri
     if storage_path:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, storage_path=storage_path))
     if trials < 1:
         raise ConfigError(f"--trials: must be at least 1, got {trials}")
     space = load_space(space_path, cfg)
     tset = TuneSettings.from_sources(cfg, space, settings)
-    preflight_body_model(cfg)
-    preflight_storage(cfg)
     exp_path = experiment_dir(cfg)
     local = "://" not in exp_path
-    if resume and not tune.Tuner.can_restore(exp_path):
-        raise ConfigError(f"--resume: no Tune experiment to resume at {exp_path}")
-    if not resume and local and Path(exp_path, "tuner.pkl").exists():
-        raise ConfigError(f"{exp_path} already holds a Tune experiment: pass --resume to finish it, "
-                          f"or choose another name (name=...) or train.storage_path")
-    if check_data:
-        preflight_data(cfg)
-    init_ray(cfg)
-    preflight_resources(cfg)
+
+    def check_experiment():
+        if resume and not tune.Tuner.can_restore(exp_path):
+            raise ConfigError(f"--resume: no Tune experiment to resume at {exp_path}")
+        if not resume and local and Path(exp_path, "tuner.pkl").exists():
+            raise ConfigError(f"{exp_path} already holds a Tune experiment: pass --resume to finish it, "
+                              f"or choose another name (name=...) or train.storage_path")
+
+    prepare(cfg, check_data, before_ray=check_experiment)
     concurrency = _concurrency(cfg, tset)
     trainable = tune.with_resources(make_trainable(to_dict(cfg), space, exp_path, tset.metric),
                                     {"CPU": tset.driver_cpus})
@@ -211,6 +202,7 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
                                       verbose=0),
         )
     grid = tuner.fit()
+    _raise_if_all_failed(grid, exp_path)
     if space.variants and local:
         try:
             table = write_ablation_table(exp_path)
@@ -227,6 +219,18 @@ def run_tune(cfg: ExperimentConfig, space_path: str, trials: int, resume: bool =
         log.info("[raytrain] %s is in object storage: no best/ export or ablation table; "
                  "`raytrain eval --experiment %s --best --data ...` ranks its checkpoints", exp_path, exp_path)
     return grid
+
+
+def _raise_if_all_failed(grid, exp_path: str) -> None:
+    """``RunStopped`` (exit status 1) when every trial of the experiment failed: there is
+    nothing to rank or export, and the trials' errors are in their directories."""
+    from ..data.errors import user_line
+    from ..train.fatal import RunStopped
+    if len(grid) and grid.num_errors == len(grid):
+        first = next(iter(grid.errors), None)
+        reason = f" (the first: {user_line(first)})" if first is not None else ""
+        raise RunStopped(f"all {len(grid)} trials failed{reason}; each trial's error is in error.txt "
+                         f"of its directory under {exp_path}")
 
 
 def _trial_lines(metric: str, num_samples: int):
@@ -288,18 +292,18 @@ def _scheduler(cfg: ExperimentConfig, tset: TuneSettings):
     if tset.scheduler == "fifo":
         return FIFOScheduler()
     grace = tset.grace_period or cfg.train.val_every
-    max_t = tset.max_t or _total_steps(cfg)
+    max_t = tset.max_t or _max_steps(cfg)
     # max_t one past the last step: a trial that reaches the end finishes by itself instead
     # of being stopped (killed) by ASHA at its final report
     return ASHAScheduler(time_attr="step", max_t=max(max_t, grace) + 1, grace_period=grace,
                          reduction_factor=tset.reduction_factor)
 
 
-def _total_steps(cfg: ExperimentConfig) -> int:
+def _max_steps(cfg: ExperimentConfig) -> int:
+    """The steps of a trial (``train.loop.run_steps``); only an upper bound for ASHA, so
+    shards that cannot be counted here (``check_data=False``) leave it open."""
+    from ..train.loop import run_steps
     try:
-        from ..data.pipeline import epoch_length
-        per_epoch = max(1, epoch_length(cfg, "train", 0, 1) // cfg.data.batch_size)
+        return run_steps(cfg, cfg.ray.num_workers)
     except Exception:                           # noqa: BLE001 - only an upper bound for ASHA
-        per_epoch = 10 ** 6
-    total = cfg.optim.epochs * per_epoch
-    return min(total, cfg.optim.max_steps) if cfg.optim.max_steps else total
+        return cfg.optim.max_steps or cfg.optim.epochs * 10 ** 6
