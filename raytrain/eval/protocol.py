@@ -65,15 +65,30 @@ def median_crop_camera(cam_full: torch.Tensor, boxes: torch.Tensor, image_size: 
     return cam_full_to_crop(cam_full.double(), boxes.double(), image_size, focal.double()).median(dim=0).values
 
 
-def split_crop_camera(shards: str) -> list[float]:
-    """`median_crop_camera` of every labelled person of a shard set (no image is decoded)."""
+def _split_cameras(shards: str) -> tuple[torch.Tensor, ...] | None:
+    """(cam_full (N, 3), boxes (N, 3), image_size (N, 2), focal (N,)) of every person of a
+    shard set with a camera label (no image is decoded); None when there is none."""
     rows = [(s.cam_full, s.box, s.image_size, s.focal)
             for s in ShardReader(shards, shuffle=False, decode_images=False) if s.cam_full is not None]
     if not rows:
-        return []
-    cams, boxes, sizes, focals = zip(*rows)
-    return median_crop_camera(torch.as_tensor(np.stack(cams)), torch.as_tensor(np.stack(boxes)),
-                              torch.as_tensor(sizes), torch.as_tensor(focals)).tolist()
+        return None
+    return tuple(torch.as_tensor(np.stack(column)) for column in zip(*rows))
+
+
+def split_crop_camera(shards: str) -> list[float]:
+    """`median_crop_camera` of a shard set's people (the constant camera of a train split)."""
+    cameras = _split_cameras(shards)
+    return [] if cameras is None else median_crop_camera(*cameras).tolist()
+
+
+def split_constant_camera_error(crop_cam: list[float], shards: str) -> float:
+    """Mean error (mm) of the constant camera `crop_cam` over a shard set's people (NaN
+    without a camera or a labelled person)."""
+    cameras = _split_cameras(shards)
+    if cameras is None or not crop_cam:
+        return float("nan")
+    cam_full, boxes, image_size, focal = cameras
+    return float(constant_camera_error(crop_cam, cam_full, boxes, image_size, focal).mean())
 
 
 def constant_camera_error(crop_cam, gt_cam_full: torch.Tensor, boxes: torch.Tensor,
