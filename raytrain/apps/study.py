@@ -122,7 +122,7 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
         results["baseline"] = test_baseline(config, overrides, shards)
         results["baseline_settings"] = base_key
     common = {"config": config, "overrides": list(overrides), "steps": steps, "sizes": budget["sizes"],
-              "shards": shards, "device": device, "const_cam": results["baseline"]["const_cam"]}
+              "shards": shards, "device": device, "const_cam": results["baseline"].get("const_cam")}
     results["settings"] = {"steps": steps, "sizes": budget["sizes"], "config": _shown(config),
                            "space": _shown(space), "overrides": list(overrides), "seeds": seeds,
                            "crop_size": base.data.crop_size, "batch_size": base.data.batch_size,
