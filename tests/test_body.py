@@ -99,6 +99,20 @@ def test_rest_shape_is_plausible(body_dir):
     assert abs(v[:, 0].max() + v[:, 0].min()) < 1e-6     # left/right symmetric
 
 
+def test_first_shape_coefficient_is_not_a_uniform_scale(body_dir):
+    """As SMPL's, the first coefficient changes proportions with height: a body's size is
+    then not the same picture as its distance to the camera."""
+    data = _read(body_dir / "SMPL_NEUTRAL.pkl")
+    v, first = data["v_template"], data["shapedirs"][:, :, 0]
+    centred = v - v.mean(axis=0)
+    k = float((centred * first).sum() / (centred * centred).sum())   # best uniform scale about the centroid
+    residual = np.linalg.norm(first - first.mean(axis=0) - k * centred) / np.linalg.norm(first)
+    assert k > 0 and residual > 0.2, (k, residual)                    # taller, and not just larger
+    joints, tall = data["J"], np.asarray(data["J_regressor"] @ (v + 2.0 * first))  # (24, 3) each
+    leg, torso = (lambda j: j[4, 1] - j[7, 1]), (lambda j: j[12, 1] - j[0, 1])
+    assert leg(tall) / torso(tall) > leg(joints) / torso(joints) + 0.01  # longer legs for the height
+
+
 def test_gender_variants_differ(body_dir):
     heights = {g: np.ptp(_read(body_dir / name)["v_template"][:, 1])
                for g, name in GENDER_FILES.items()}
@@ -260,8 +274,8 @@ def test_default_body_model_dir_concurrent(tmp_path, monkeypatch):
         t.join()
     assert not errors and len(set(results)) == 1
     final = results[0]
-    assert final == tmp_path / "body" / "synthetic-seed0"
-    assert sorted(os.listdir(final.parent)) == ["synthetic-seed0"]    # no temp leftovers
+    assert final == tmp_path / "body" / "synthetic-v2-seed0"           # generator version, seed
+    assert sorted(os.listdir(final.parent)) == ["synthetic-v2-seed0"]  # no temp leftovers
     assert default_body_model_dir() == final
     assert load_mean_params(final)["pose"].shape == (144,)
 

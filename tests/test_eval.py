@@ -122,9 +122,15 @@ def test_oracle_gives_zero_on_every_metric(data_root, body, tmp_path):
     metrics = summarize(ev, target, str(data_root / "val"))
     assert set(metrics["per_sequence"]) == {"seq0", "seq1", "seq2"}
     values = [metrics["overall"][k] for k in ("mpjpe", "pa_mpjpe", "pve", "cam_err")]
-    values += [v for s in metrics["per_sequence"].values() for k, v in s.items() if k != "num_samples"]
+    values += [v for s in metrics["per_sequence"].values() for k, v in s.items()
+               if k not in ("num_samples", "const_cam_err", "scale_ratio")]
     values += list(metrics["per_joint"].values())
     assert max(abs(v) for v in values) < 1e-3
+    # the camera baselines beside the error: the true camera is unbiased; one constant camera
+    # for people at different depths and places is not the truth
+    np.testing.assert_allclose(ev.scale_ratio, 1.0, atol=1e-5)
+    assert metrics["overall"]["scale_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["overall"]["const_cam_err"] > 10.0 and len(metrics["constant_camera"]["crop_cam"]) == 3
     # the gendered ground truth matters: the neutral mesh of a male/female sample is not 0 mm
     batch_pose = torch.stack([torch.zeros(72)] * 2)
     betas = torch.full((2, 10), 1.0)
@@ -194,6 +200,8 @@ def test_run_eval_on_checkpoint_reproduces_validation(data_root, trained, body, 
     assert abs(result["overall"]["mpjpe"] - fresh["val_mpjpe"]) < 0.1
     assert abs(result["overall"]["pa_mpjpe"] - fresh["val_pa_mpjpe"]) < 0.1
     assert abs(result["overall"]["pve"] - fresh["val_pve"]) < 0.1
+    assert abs(result["overall"]["scale_ratio"] - fresh["val_scale_ratio"]) < 1e-3
+    assert result["overall"]["const_cam_err"] > 0 and "constant camera" in report
 
 
 def test_experiment_best_and_top_k(data_root, trained, tmp_path):
@@ -270,6 +278,23 @@ def test_a_full_disk_never_leaves_a_truncated_metrics_json(tmp_path):
         metrics = out / "metrics.json"
         assert (metrics.read_text() == before) if before else not metrics.exists()
         assert [p.name for p in out.iterdir()] == (["metrics.json"] if before else [])
+
+
+def test_constant_camera_and_scale_ratio_by_hand():
+    """One crop camera for everyone: it is the median and its constant camera is exact; a
+    camera twice as far away has half the true scale."""
+    from raytrain.eval.protocol import constant_camera_error, median_crop_camera, scale_ratio
+    from raytrain.geometry.camera import cam_crop_to_full
+    boxes = torch.tensor([[320.0, 240.0, 200.0], [100.0, 300.0, 80.0], [500.0, 100.0, 150.0]], dtype=torch.float64)
+    size = torch.tensor([[640.0, 480.0]] * 3, dtype=torch.float64)
+    focal = torch.tensor([800.0, 900.0, 1000.0], dtype=torch.float64)
+    crop = torch.tensor([0.9, 0.05, -0.1], dtype=torch.float64)
+    full = cam_crop_to_full(crop.expand(3, 3), boxes, size, focal)
+    torch.testing.assert_close(median_crop_camera(full, boxes, size, focal), crop)
+    assert constant_camera_error(crop, full, boxes, size, focal).abs().max() < 1e-6
+    far = full * torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(scale_ratio(far, full), torch.full((3,), 0.5, dtype=torch.float64))
+    assert (constant_camera_error(crop, far, boxes, size, focal) > 1000 * full[:, 2] * 0.9).all()
 
 
 def test_report_writes_every_file_without_overlays(tmp_path):

@@ -30,6 +30,17 @@ def test_contrastive_warmup_ramps_linearly():
     assert [contrastive_warmup(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
+def test_per_person_difference_pairs_the_same_people():
+    from raytrain.apps.study import per_person_difference
+    before = [[10.0, 20.0, 30.0, 40.0], [12.0, 22.0, 32.0, 42.0]]        # two seeds, four people
+    after = [[9.0, 18.0, 31.0, 37.0], [11.0, 20.0, 33.0, 39.0]]
+    found = per_person_difference(before, after)                        # per person: -1, -2, +1, -3
+    assert found["mean"] == pytest.approx(-1.25) and found["people"] == 4 and found["seeds"] == 2
+    assert found["se"] == pytest.approx(math.sqrt(((0.25 ** 2) + 0.75 ** 2 + 2.25 ** 2 + 1.75 ** 2) / 3) / 2)
+    assert found["better"] == 0.75 and found["t"] == pytest.approx(found["mean"] / found["se"])
+    assert per_person_difference([[1.0, 2.0]], [[1.0]]) is None          # not the same people
+
+
 def test_mean_std_and_compare():
     assert mean_std([1.0, 3.0]) == (2.0, math.sqrt(2.0))
     assert mean_std([4.0]) == (4.0, 0.0)
@@ -111,15 +122,28 @@ def test_quick_study_writes_results_table_plot_and_resumes(tmp_path):
     assert pairs == sorted((v, s) for v in QUICK["variants"] for s in range(QUICK["seeds"]))
     assert [r["seed"] for r in stored["runs"]] == sorted(r["seed"] for r in stored["runs"])  # seed by seed
     for run in stored["runs"]:
-        for key in ("mpjpe", "pa_mpjpe", "pve", "cam_err", "cam_depth_err", "roi_cam_spread"):
+        for key in ("mpjpe", "pa_mpjpe", "pve", "cam_err", "cam_depth_err", "roi_cam_spread", "const_cam_err"):
             assert math.isfinite(run[key]) and run[key] >= 0, (run["variant"], key)
         assert run["test_samples"] == QUICK["sizes"]["test"] and run["steps"] == QUICK["steps"]
+        # the camera baselines beside the camera error: the train split's median crop camera
+        # scored on the test split (the same for every run), and the scale ratio
+        assert run["const_cam_err"] == pytest.approx(stored["baseline"]["const_cam_err"], rel=1e-4)
+        assert 0.2 < run["scale_ratio"] < 5
+        assert len(run["per_person"]["pa_mpjpe"]) == QUICK["sizes"]["test"]
+        assert sum(run["per_person"]["pa_mpjpe"]) / QUICK["sizes"]["test"] == pytest.approx(run["pa_mpjpe"], abs=0.01)
+        assert [p["step"] for p in run["curve"]] == list(range(1, QUICK["steps"] + 1))   # a learning curve
+        assert run["cpu_seconds"] > 0
+    assert stored["settings"]["sizes"]["train"] == QUICK["sizes"]["train"]
+    assert len(stored["baseline"]["const_cam"]) == 3 and stored["baseline"]["const_cam_err"] > 0
+    assert len(stored["baseline"]["per_person"]["pa_mpjpe"]) == QUICK["sizes"]["test"]
     assert next(r for r in stored["runs"] if r["variant"] == "cliff")["roi_cam_spread"] == 0.0
     assert next(r for r in stored["runs"] if r["variant"] == "m5_cam")["roi_cam_spread"] > 0.0
     assert stored["baseline"]["pa_mpjpe"] > 0
     table = (out / "table.md").read_text()
     assert "`full` | 2 |" in table and "L_cont helps on top of L_cam" in table
-    assert (out / "study.png").stat().st_size > 10_000
+    assert "| constant camera | scale ratio |" in table and "per person:" in table
+    assert "against the constant camera (scale ratio" in table
+    assert (out / "study.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
     page = (tmp_path / "out.md").read_text()
     assert "old" not in page and table in page and page.startswith("# page") and page.endswith("tail\n")
     # a rerun trains nothing it holds; a run dropped from results.json is trained again

@@ -78,8 +78,12 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
 
     _step("2/6 baselines on the validation set")
     baseline = mean_pose_baseline(cfg)
+    from ..eval.protocol import split_constant_camera_error, split_crop_camera
+    const_cam = split_crop_camera(cfg.data.train_shards)      # the train split's median crop camera
+    const_cam_err = split_constant_camera_error(const_cam, cfg.data.val_shards)
     before = evaluate_untrained(cfg)
     log.info(f"  mean-pose baseline: PA-MPJPE {baseline['pa_mpjpe']:.1f} mm, MPJPE {baseline['mpjpe']:.1f} mm")
+    log.info(f"  constant camera (the train split's median crop camera): camera error {const_cam_err:.0f} mm")
     log.info(f"  untrained network:  PA-MPJPE {before['val_pa_mpjpe']:.1f} mm, MPJPE {before['val_mpjpe']:.1f} mm")
 
     _step(f"3/6 training {cfg.model.backbone} with Ray Train ({cfg.ray.num_workers} worker)")
@@ -95,6 +99,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
         "untrained_pa_mpjpe_mm": before["val_pa_mpjpe"],
         "pa_mpjpe_mm": after.get("val_pa_mpjpe"), "mpjpe_mm": after.get("val_mpjpe"),
         "pve_mm": after.get("val_pve"), "cam_err_mm": after.get("val_cam_err"),
+        "const_cam_err_mm": const_cam_err, "scale_ratio": after.get("val_scale_ratio"),
+        "const_cam": const_cam,
         "improvement_over_baseline": 1 - after["val_pa_mpjpe"] / baseline["pa_mpjpe"],
         "train_persons_per_s": result.metrics.get("train_persons_per_s"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -107,6 +113,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
     log.info(f"  PA-MPJPE {summary['pa_mpjpe_mm']:.1f} mm after training vs {summary['baseline_pa_mpjpe_mm']:.1f} mm "
           f"for the mean pose ({100 * summary['improvement_over_baseline']:.0f}% lower); "
           f"MPJPE {summary['mpjpe_mm']:.1f} mm, PVE {summary['pve_mm']:.1f} mm")
+    log.info(f"  camera error {summary['cam_err_mm']:.0f} mm vs {const_cam_err:.0f} mm for the constant camera "
+             f"(predicted / true scale {summary['scale_ratio']:.3f})")
 
     _step("5/6 sweep: 4 short trials over lr and lambda_cam (Optuna TPE + ASHA)")
     experiment = demo_sweep(cfg, quick)
@@ -139,8 +147,9 @@ def _step(text):
 
 
 @torch.no_grad()
-def mean_pose_baseline(cfg):
-    """Predict the training set's mean body pose and shape for every validation person."""
+def mean_pose_baseline(cfg, per_person: bool = False):
+    """Predict the training set's mean body pose and shape for every validation person;
+    with `per_person`, also every person's errors in key order (`per_person`)."""
     from ..body import load_body_model
     from ..data.reader import ShardReader
     from ..eval.protocol import mesh_protocol
@@ -150,8 +159,8 @@ def mean_pose_baseline(cfg):
         poses.append(torch.as_tensor(sample.pose))
         betas.append(torch.as_tensor(sample.betas))
     mean_pose, mean_betas = torch.stack(poses).mean(0), torch.stack(betas).mean(0)
-    sums, n = {"mpjpe": 0.0, "pa_mpjpe": 0.0}, 0
-    val = list(ShardReader(cfg.data.val_shards, shuffle=False, decode_images=False))
+    rows = {"mpjpe": [], "pa_mpjpe": []}
+    val = sorted(ShardReader(cfg.data.val_shards, shuffle=False, decode_images=False), key=lambda s: s.key)
     for start in range(0, len(val), 64):
         chunk = val[start:start + 64]
         gt_pose = torch.stack([torch.as_tensor(s.pose) for s in chunk])
@@ -161,10 +170,12 @@ def mean_pose_baseline(cfg):
         pred_pose[:, :3] = gt_pose[:, :3]        # global orientation does not matter after PA
         pred = body.forward_axis_angle(pred_pose, mean_betas.expand_as(gt_betas))
         errors = mesh_protocol(pred.joints_h36m, gt.joints_h36m, pred.vertices, gt.vertices)
-        for key in sums:
-            sums[key] += errors[key].sum().item()
-        n += len(chunk)
-    return {key: value / max(n, 1) for key, value in sums.items()}
+        for key in rows:
+            rows[key] += errors[key].double().tolist()
+    out = {key: sum(values) / max(len(values), 1) for key, values in rows.items()}
+    if per_person:
+        out["per_person"] = {key: [round(v, 3) for v in values] for key, values in rows.items()}
+    return out
 
 
 def evaluate_untrained(cfg):

@@ -1,24 +1,30 @@
-"""`raytrain study`: the paper's ablations, several seeds each, on the hard synthetic benchmark.
+"""`raytrain study`: the paper's claims, one or more seeds each, on a synthetic benchmark.
 
-    raytrain study                                  # every variant of tune/spaces/study.yaml, 3 seeds
-    raytrain study --variants cliff,m5,m5_cam,full --seeds 3 --steps 600
+    raytrain study                                  # the four claim variants, 1 seed, 10,000 steps
+    raytrain study --variants cliff,m5,m5_cam,full --seeds 3
+    raytrain study --heading 180 --pose-scale 0.6   # the hard benchmark (its own splits)
     raytrain study --quick                          # a small flavour (the test suite runs it)
 
 Every (variant, seed) run trains with the same budget: the bare training loop (one process,
-one torch thread, no Ray; `train.loop.run_loop` with a `BareSession`) on the hard
-benchmark's fixed train split (`synthetic/hard.py`), then the test split is scored with the
-validation protocol plus the camera quantities the paper's claims are about: full-camera
-translation error of RoI 0, its depth component, and the disagreement of the RoIs' full
-cameras. Runs go `--parallel` at a time, each in its own process. `<out>/results.json` is
-rewritten after every finished run, so an interrupted study keeps what it finished; a rerun
-skips the (variant, seed) runs it holds with the same settings. Then `<out>/table.md` (mean ±
-standard deviation over seeds, and for each claim of the paper the difference against the
-seed spread) and `<out>/study.png` are written from results.json.
+one torch thread, no Ray; `train.loop.run_loop` with a `BareSession`) on the benchmark's
+fixed train split (`synthetic/hard.py`, rendered once and reused by every run), then the
+test split is scored with the validation protocol plus the camera quantities the paper's
+claims are about: full-camera translation error of RoI 0 beside the constant camera's (the
+train split's median crop camera) and the predicted / true scale ratio, its depth
+component, and the disagreement of the RoIs' full cameras. Every run records its learning
+curve (the val split scored every `steps / CURVE_POINTS` steps; a checkpoint every quarter
+of the run, where an interrupted run resumes) and its per-person test errors, so that claims are judged
+with per-person paired differences on the same test people beside the seed spread.
+Runs go `--parallel` at a time, each in its own process. `<out>/results.json` is rewritten
+after every finished run; a rerun skips the (variant, seed) runs it holds with the same
+settings. Then `<out>/table.md`, `<out>/study.png` and `<out>/curves.png` are written from
+results.json.
 """
 import argparse
 import hashlib
 import json
 import math
+import resource
 import shutil
 import subprocess
 import sys
@@ -30,14 +36,28 @@ import torch
 
 from ..config import ConfigError, load_config, named_file
 from ..numeric import is_finite_number as _finite
+from ..train.session import BareSession
 
-#: Split sizes and step budget: the full study and the quick flavour of the test suite.
-FULL = {"sizes": {"train": 1500, "val": 50, "test": 300}, "steps": 400}
+#: Split sizes, step budget, variants and seeds: the full study and the quick flavour of the
+#: test suite. A network learns pose from the image once it sees >= 20,000 distinct people:
+#: with 1,536 it memorises them and ends worse than the mean pose (docs/study.md).
+FULL = {"sizes": {"train": 24000, "val": 200, "test": 300}, "steps": 10000,
+        "variants": ["cliff", "m5", "m5_cam", "full"], "seeds": 1}
 QUICK = {"sizes": {"train": 24, "val": 8, "test": 8}, "steps": 2,
-         "variants": ["cliff", "m5_cam", "full"], "seeds": 2}
+         "variants": ["cliff", "m5_cam", "full"], "seeds": 2,
+         "overrides": ("data.batch_size=8", "data.crop_size=64")}   # a batch from 24 people, fast
+#: The default benchmark: the hard one narrowed to headings within +-30 degrees and body
+#: joints within 30 % of their limits, where a CPU-trained network learns pose.
+STUDY_HEADING_DEG, STUDY_POSE_SCALE = 30.0, 0.3
+#: Points of every run's learning curve (the val split scored every steps / CURVE_POINTS).
+CURVE_POINTS = 20
 METRICS = ("mpjpe", "pa_mpjpe", "pve", "cam_err", "cam_depth_err", "roi_cam_spread")
+#: Shown beside the camera error: the constant camera's error and the scale ratio.
+CAMERA_BASELINES = ("const_cam_err", "scale_ratio")
 LABELS = {"mpjpe": "MPJPE", "pa_mpjpe": "PA-MPJPE", "pve": "PVE", "cam_err": "camera error",
+          "const_cam_err": "constant camera", "scale_ratio": "scale ratio",
           "cam_depth_err": "camera depth error", "roi_cam_spread": "RoI camera disagreement"}
+COLUMNS = ("mpjpe", "pa_mpjpe", "pve", "cam_err", *CAMERA_BASELINES, "cam_depth_err", "roi_cam_spread")
 
 #: The paper's claims as (claim, variant without, variant with, metrics that should drop).
 CLAIMS = (
@@ -54,14 +74,15 @@ CLAIMS = (
 def run_study(config: str | None = None, space: str | None = None, variants: list[str] | None = None,
               seeds: int | None = None, steps: int | None = None, out: str = "docs/study",
               work: str = "runs/study", parallel: int | None = None, quick: bool = False,
-              overrides: tuple = (), device: str = "cpu", heading_deg: float = 180.0,
+              overrides: tuple = (), device: str = "cpu", heading_deg: float | None = None,
               pose_scale: float | None = None) -> dict:
     """Train every (variant, seed) missing from `<out>/results.json`, then write the report."""
     from ..tuning.space import load_space
     budget = QUICK if quick else FULL
     parallel = parallel or (1 if quick else 2)
     steps = steps or budget["steps"]
-    seeds = seeds or budget.get("seeds", 3)
+    seeds = seeds or budget["seeds"]
+    overrides = (*budget.get("overrides", ()), *overrides)
     shown = {"config": config or "study", "space": space or "study"}  # as given: results.json records them
     config, space = named_file(shown["config"], "configs"), named_file(shown["space"], "spaces")
     base = load_config(config, list(overrides))
@@ -72,8 +93,9 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
             raise ConfigError(f"--device {device}: torch sees no CUDA device here")
     except RuntimeError as err:  # not a device string torch knows
         raise ConfigError(f"--device {device}: {err}") from None
-    from ..synthetic.hard import HARD_POSE_SCALE, ensure_hard_splits
-    pose_scale = HARD_POSE_SCALE if pose_scale is None else pose_scale
+    from ..synthetic.hard import ensure_hard_splits
+    heading_deg = STUDY_HEADING_DEG if heading_deg is None else heading_deg
+    pose_scale = STUDY_POSE_SCALE if pose_scale is None else pose_scale
     if not (0 < heading_deg <= 180 and 0 < pose_scale <= 1):
         raise ConfigError(f"--heading must be in (0, 180] degrees and --pose-scale in (0, 1], "
                           f"got {heading_deg:g} and {pose_scale:g}")
@@ -82,14 +104,11 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
         raise ConfigError(f"--variants: unknown variant(s) {unknown}; {space} has {list(variant_sets)}")
     out_dir, work_dir = Path(out), Path(work)
     out_dir.mkdir(parents=True, exist_ok=True)
-    narrowed = (heading_deg, pose_scale) != (180.0, HARD_POSE_SCALE)
-    shard_dir = work_dir / (f"shards-h{heading_deg:g}-p{pose_scale:g}" if narrowed else "shards")
-    _say(f"rendering / reusing the hard benchmark's splits {budget['sizes']} under {shard_dir}")
+    shard_dir = work_dir / f"shards-h{heading_deg:g}-p{pose_scale:g}"
+    _say(f"rendering / reusing the benchmark's splits {budget['sizes']} under {shard_dir}")
     shards = ensure_hard_splits(shard_dir, budget["sizes"], base.data.crop_size, workers=parallel,
                                 heading_deg=heading_deg, pose_scale=pose_scale)
-    common = {"config": config, "overrides": list(overrides), "steps": steps, "sizes": budget["sizes"],
-              "shards": shards, "device": device}
-    benchmark = {"heading_deg": heading_deg, "pose_scale": pose_scale} if narrowed else {}
+    benchmark = {"heading_deg": heading_deg, "pose_scale": pose_scale}
     base_key = _digest({"config": Path(config).read_text(), "overrides": list(overrides),
                         "steps": steps, "sizes": budget["sizes"], **benchmark})
     results = load_results(out_dir / "results.json")
@@ -97,11 +116,15 @@ def run_study(config: str | None = None, space: str | None = None, variants: lis
     done = {(r["variant"], r["seed"]) for r in results["runs"] if keys.get(r["variant"]) == r["settings"]}
     results["runs"] = [r for r in results["runs"] if r["variant"] not in keys or keys[r["variant"]] == r["settings"]]
     if results.get("baseline_settings") != base_key:
-        _say("mean-pose baseline on the test split")
+        _say("mean-pose and constant-camera baselines on the test split")
         results["baseline"] = test_baseline(config, overrides, shards)
         results["baseline_settings"] = base_key
+    common = {"config": config, "overrides": list(overrides), "steps": steps, "sizes": budget["sizes"],
+              "shards": shards, "device": device, "const_cam": results["baseline"].get("const_cam")}
     results["settings"] = {"steps": steps, "sizes": budget["sizes"], **shown, "overrides": list(overrides),
-                           "seeds": seeds, **benchmark}
+                           "seeds": seeds,
+                           "crop_size": base.data.crop_size, "batch_size": base.data.batch_size,
+                           **benchmark}
     write_results(out_dir / "results.json", results)
     # seed by seed: a study stopped early has every variant at (about) the same number of seeds
     jobs = [(v, s) for s in range(seeds) for v in variants if (v, s) not in done]
@@ -147,14 +170,18 @@ def run_jobs(jobs: list[tuple[str, int]], common: dict, space: str, runs_dir: Pa
 
 
 def _prepare(variant: str, seed: int, common: dict, space: str, runs_dir: Path) -> Path:
-    """A fresh run directory with the run's spec.json; returns the spec's path."""
+    """The run directory with the run's spec.json; returns the spec's path. A directory left
+    by an interrupted run of the same spec is kept (the run resumes from its checkpoint),
+    any other is emptied (the bare session would resume a leftover checkpoint)."""
     run_dir = runs_dir / f"{variant}-s{seed}"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run: the bare session would resume a leftover checkpoint
-    run_dir.mkdir(parents=True)
     spec = dict(common, variant=variant, seed=seed, space=space, run_dir=str(run_dir))
-    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
-    return run_dir / "spec.json"
+    text = json.dumps(spec, indent=2)
+    stored = run_dir / "spec.json"
+    if run_dir.exists() and not (stored.exists() and stored.read_text() == text):
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stored.write_text(text)
+    return stored
 
 
 def _start(variant: str, seed: int, common: dict, space: str, runs_dir: Path) -> dict:
@@ -172,64 +199,110 @@ def run_config(spec: dict):
     from ..synthetic.body_model import with_default_body_model
     from ..tuning.space import VARIANT_KEY, load_space
     steps, shards = spec["steps"], spec["shards"]
+    every = max(1, steps // CURVE_POINTS)
     cfg = load_config(spec["config"], [
         *spec["overrides"], f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}",
-        f"seed={spec['seed']}", f"optim.max_steps={steps}", f"train.val_every={steps}",
-        f"train.checkpoint_every={steps}", f"train.storage_path={spec['run_dir']}",
+        f"seed={spec['seed']}", f"optim.max_steps={steps}", f"train.val_every={every}",
+        f"train.checkpoint_every={max(every, steps // 4)}", f"train.storage_path={spec['run_dir']}",
         f"name={spec['variant']}-s{spec['seed']}", "ray.cpus_per_worker=1"])
     cfg = load_space(spec["space"], cfg).trial_config(cfg, {VARIANT_KEY: spec["variant"]})
     return with_default_body_model(cfg)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the loader workers)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def run_one(spec_path: str) -> dict:
     """Train one (variant, seed) run bare, score it on the test split, write result.json."""
     from ..train.loop import run_loop
-    from ..train.session import BareSession
     spec = json.loads(Path(spec_path).read_text())
     cfg = run_config(spec)
-    t0 = time.perf_counter()
-    session = BareSession(spec["run_dir"], device=spec.get("device", "cpu"))
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    session = CurveSession(spec["run_dir"], device=spec.get("device", "cpu"))
     val = run_loop(cfg, session)
     train_seconds = time.perf_counter() - t0
-    metrics = evaluate_split(cfg, session.model, spec["shards"]["test"], torch.device(session.device))
+    metrics = evaluate_split(cfg, session.model, spec["shards"]["test"], torch.device(session.device),
+                             const_cam=spec.get("const_cam"))
     losses = next((r for r in reversed(session.reports) if any(k.startswith("loss_") for k in r)), {})
     record = {"variant": spec["variant"], "seed": spec["seed"], **metrics,
               "val_pa_mpjpe": val.get("val_pa_mpjpe"), "steps": spec["steps"],
               "final_losses": {k[5:]: v for k, v in losses.items() if k.startswith("loss_")},
-              "train_persons_per_s": val.get("train_persons_per_s"),
-              "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1)}
+              "train_persons_per_s": val.get("train_persons_per_s"), "curve": session.curve(),
+              "train_seconds": round(train_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
+              "cpu_seconds": round(_cpu_seconds() - cpu0, 1)}
     shutil.rmtree(Path(spec["run_dir"]) / "checkpoints", ignore_errors=True)  # MBs per run, not needed
     (Path(spec["run_dir"]) / "result.json").write_text(json.dumps(record, indent=2))
     return record
 
 
+class CurveSession(BareSession):
+    """A `BareSession` that keeps every validation of the run (its learning curve) in
+    `run_dir/curve.jsonl`, across interruptions, and only the latest checkpoint."""
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None):
+        super().report(metrics, checkpoint_dir)
+        if "val_pa_mpjpe" in metrics:
+            point = {k: metrics[k] for k in ("step", *CURVE_KEYS) if _finite(metrics.get(k))}
+            with open(self.run_dir / "curve.jsonl", "a") as fh:
+                fh.write(json.dumps(point) + "\n")
+        for old in (self.run_dir / "checkpoints").glob("step_*"):
+            if checkpoint_dir and old.name != Path(checkpoint_dir).name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def curve(self) -> list[dict]:
+        """The run's validations, one per step, in step order."""
+        path = self.run_dir / "curve.jsonl"
+        points = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return sorted({p["step"]: p for p in points}.values(), key=lambda p: p["step"])
+
+
+#: What a learning-curve point holds besides its step (the val split's means).
+CURVE_KEYS = ("val_pa_mpjpe", "val_mpjpe", "val_pve", "val_cam_err", "val_scale_ratio", "train_persons_per_s")
+
+
 @torch.no_grad()
-def evaluate_split(cfg, model, shards: str, device=torch.device("cpu")) -> dict[str, float]:
-    """Mean errors (mm) on `shards`: the validation protocol plus the camera quantities."""
+def evaluate_split(cfg, model, shards: str, device=torch.device("cpu"), const_cam=None) -> dict:
+    """Mean errors (mm) on `shards`: the validation protocol plus the camera quantities,
+    the constant camera `const_cam`'s error beside the camera error, and every person's
+    errors (`per_person`, in key order) for paired differences between runs."""
     from ..body import load_body_model
     from ..data.pipeline import Loader
-    from ..eval.protocol import camera_depth_error, evaluate_batch, roi_camera_spread
+    from ..eval.protocol import camera_depth_error, constant_camera_error, evaluate_batch, roi_camera_spread
     cfg = replace(cfg, data=replace(cfg.data, val_shards=shards, max_val_samples=0, loader_workers=0))
     body = load_body_model(cfg.model.smpl_dir, genders=("neutral", "male", "female")).to(device)
-    sums, n = dict.fromkeys(METRICS, 0.0), 0
+    keys, rows = [], {key: [] for key in (*METRICS, *CAMERA_BASELINES)}
     with Loader(cfg, "val") as loader:
         for batch in loader.epoch(0):
             pred, errors = evaluate_batch(model, body, batch, device)
             errors["cam_depth_err"] = camera_depth_error(pred["cam_full"][:, 0], batch["cam_full"].to(device))
             errors["roi_cam_spread"] = roi_camera_spread(pred["cam_full"])
-            for key in METRICS:
-                sums[key] += float(errors[key].sum())
-            n += len(batch["keys"])
-    return {key: value / max(n, 1) for key, value in sums.items()} | {"test_samples": n}
+            errors["const_cam_err"] = (constant_camera_error(const_cam, batch["cam_full"], batch["boxes"][:, 0],
+                                                             batch["image_size"], batch["focal"])
+                                       if const_cam else torch.full((len(batch["keys"]),), math.nan))
+            for key in rows:
+                rows[key] += errors[key].double().cpu().tolist()
+            keys += batch["keys"]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    means = {key: sum(values) / max(len(values), 1) for key, values in rows.items()}
+    per_person = {key: [round(rows[key][i], 3) for i in order] for key in ("mpjpe", "pa_mpjpe", "pve", "cam_err")}
+    return means | {"test_samples": len(keys), "per_person": per_person}
 
 
 def test_baseline(config: str, overrides, shards: dict) -> dict:
-    """The mean-pose baseline (the train split's mean pose and shape) on the test split."""
+    """The baselines on the test split: the mean pose (the train split's mean pose and
+    shape, with every person's errors in key order) and the constant camera (the train
+    split's median crop camera, `const_cam`, and its error)."""
+    from ..eval.protocol import split_constant_camera_error, split_crop_camera
     from ..synthetic.body_model import with_default_body_model
     from .demo import mean_pose_baseline
     cfg = with_default_body_model(load_config(config, [
         *overrides, f"data.train_shards={shards['train']}", f"data.val_shards={shards['test']}"]))
-    return mean_pose_baseline(cfg)
+    baseline = mean_pose_baseline(cfg, per_person=True)
+    const_cam = split_crop_camera(shards["train"])
+    return baseline | {"const_cam": const_cam, "const_cam_err": split_constant_camera_error(const_cam, shards["test"])}
 
 
 # ----------------------------------------------------------------------------- results
@@ -262,7 +335,7 @@ def aggregate(results: dict) -> dict[str, dict]:
     out = {}
     for variant, runs in by_variant.items():
         row = {"n": len(runs), "seeds": sorted(r["seed"] for r in runs)}
-        for key in METRICS:
+        for key in COLUMNS:
             row[key] = mean_std([r[key] for r in runs if _finite(r.get(key))])
         out[variant] = row
     return out
@@ -298,9 +371,70 @@ def paired_difference(runs: list[dict], before: str, after: str, key: str) -> tu
     return mean, std, len(diffs)
 
 
+def per_person_difference(before: list[list[float]], after: list[list[float]]) -> dict | None:
+    """Per-person paired difference on the same test people: each person's error averaged
+    over the seeds both variants ran (before[k], after[k]: seed k's errors in key order),
+    then after - before over people: mean, standard error, t, fraction of people better."""
+    pairs = [(b, a) for b, a in zip(before, after) if len(b) == len(a) and b]
+    if not pairs or len({len(b) for b, _ in pairs}) != 1:
+        return None
+    people = len(pairs[0][0])
+    diffs = [sum(a[i] - b[i] for b, a in pairs) / len(pairs) for i in range(people)]
+    diffs = [d for d in diffs if math.isfinite(d)]
+    if len(diffs) < 2:
+        return None
+    mean, std = mean_std(diffs)
+    se = std / math.sqrt(len(diffs))
+    return {"mean": mean, "se": se, "t": mean / se if se > 0 else math.nan,
+            "better": sum(d < 0 for d in diffs) / len(diffs), "people": len(diffs), "seeds": len(pairs)}
+
+
+def _per_person(runs: list[dict], variant: str, key: str) -> dict[int, list[float]]:
+    """{seed: per-person errors} of a variant's runs (the baseline: 'mean_pose', seed None)."""
+    return {r["seed"]: r["per_person"][key] for r in runs
+            if r["variant"] == variant and key in (r.get("per_person") or {})}
+
+
+def paired_line(runs: list[dict], before: str, after: str, key: str, baseline: dict | None = None) -> str:
+    """'; per person: ...' for `key` of after - before (before may be the mean-pose baseline)."""
+    late = _per_person(runs, after, key)
+    if baseline is not None:
+        early = (baseline.get("per_person") or {}).get(key)
+        seeds = sorted(late)
+        found = per_person_difference([early] * len(seeds), [late[s] for s in seeds]) if early else None
+    else:
+        early = _per_person(runs, before, key)
+        seeds = sorted(set(early) & set(late))
+        found = per_person_difference([early[s] for s in seeds], [late[s] for s in seeds])
+    if not found:
+        return ""
+    return (f"; per person: {found['mean']:+.1f} ± {found['se']:.1f} mm (t {found['t']:+.1f}, "
+            f"{100 * found['better']:.0f} % of {found['people']} people better, {found['seeds']} seed(s))")
+
+
+def baseline_lines(stats: dict, results: dict) -> list[str]:
+    """Every variant against the baselines: PA-MPJPE and MPJPE against the mean pose, the
+    camera error against the constant camera."""
+    baseline, runs = results.get("baseline") or {}, results["runs"]
+    if not baseline:
+        return []
+    lines = []
+    for variant, row in stats.items():
+        parts = []
+        for key in ("pa_mpjpe", "mpjpe"):
+            if _finite(row[key][0]) and _finite(baseline.get(key)):
+                parts.append(f"{LABELS[key]} {row[key][0] - baseline[key]:+.1f} mm against the mean pose"
+                             + paired_line(runs, "", variant, key, baseline=baseline))
+        if _finite(row["cam_err"][0]) and _finite(baseline.get("const_cam_err")):
+            parts.append(f"camera error {row['cam_err'][0] - baseline['const_cam_err']:+.1f} mm against the "
+                         f"constant camera (scale ratio {row['scale_ratio'][0]:.3f})")
+        lines.append(f"- `{variant}`: " + "; ".join(parts))
+    return lines
+
+
 def claim_lines(stats: dict, runs: list[dict] = ()) -> list[str]:
-    """One line per (claim, metric): the difference, the spread and the verdict, and the
-    same-seed (paired) difference."""
+    """One line per (claim, metric): the difference, the spread and the verdict, the
+    same-seed difference of the means and the per-person paired difference."""
     lines = []
     comparisons = list(CLAIMS)
     comparisons += [(f"L_cont remedy `{v}` on top of L_cam", "m5_cam", v, METRICS)
@@ -317,28 +451,36 @@ def claim_lines(stats: dict, runs: list[dict] = ()) -> list[str]:
             diff, spread, verdict = compare(stats[without][key], stats[with_][key])
             paired, paired_std, count = paired_difference(list(runs), without, with_, key)
             same_seed = f"; same seed: {paired:+.1f} ± {paired_std:.1f} mm ({count})" if count > 1 else ""
-            lines.append(f"    - {LABELS[key]}: {diff:+.1f} mm (spread {spread:.1f} mm): {verdict}{same_seed}")
+            person = paired_line(list(runs), without, with_, key)
+            lines.append(f"    - {LABELS[key]}: {diff:+.1f} mm (spread {spread:.1f} mm): {verdict}{same_seed}{person}")
     return lines
 
 
 def report_table(results: dict) -> str:
     """Markdown: the table of every variant (mean ± std over seeds) and the claim lines."""
     stats = aggregate(results)
-    header = ["variant", "seeds", *[LABELS[k] for k in METRICS]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---:"] + ["---:"] * len(METRICS)) + "|"]
+    header = ["variant", "seeds", *[LABELS[k] for k in COLUMNS]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---:"] + ["---:"] * len(COLUMNS)) + "|"]
     baseline = results.get("baseline") or {}
     if baseline:
-        lines.append(f"| mean pose of the train split, true orientation | – | {baseline['mpjpe']:.1f} | "
-                     f"{baseline['pa_mpjpe']:.1f} |" + " – |" * (len(METRICS) - 2))
+        cells = [_cell(baseline.get(k), None, k) for k in COLUMNS]
+        lines.append("| baselines: mean pose of the train split (true orientation), constant camera | – | "
+                     + " | ".join(cells) + " |")
     for variant, row in stats.items():
-        cells = [f"{row[k][0]:.1f} ± {row[k][1]:.1f}" if _finite(row[k][0]) else "–" for k in METRICS]
+        cells = [_cell(*row[k], k) for k in COLUMNS]
         lines.append(f"| `{variant}` | {row['n']} | " + " | ".join(cells) + " |")
     settings = results.get("settings", {})
     lines += ["", f"Test split, errors in mm, mean ± standard deviation over seeds; {settings.get('steps')} "
-              f"steps per run; splits {settings.get('sizes')}.", "", "Claims (lower is better; spread = the "
-              "larger of the two variants' seed standard deviations; same seed = mean ± std over seeds of the "
-              "difference between runs of equal seed, which share initialisation and data order):", "",
-              *claim_lines(stats, results["runs"])]
+              f"steps of {settings.get('batch_size')} persons per run at {settings.get('crop_size')} px; splits "
+              f"{settings.get('sizes')}; headings ± {settings.get('heading_deg')}°, joints within "
+              f"{settings.get('pose_scale')} of their limits. The constant camera predicts the train split's "
+              "median crop camera for everyone; the scale ratio is the predicted over the true crop-camera "
+              "scale (below 1: people placed too far away).", "", "Against the baselines (per person: mean ± "
+              "standard error over the test people of the paired difference, t, share of people better):", "",
+              *baseline_lines(stats, results), "", "Claims (lower is better; spread = the larger of the two "
+              "variants' seed standard deviations; same seed = mean ± std over seeds of the difference between "
+              "runs of equal seed, which share initialisation and data order; per person = the paired "
+              "difference on the same test people):", "", *claim_lines(stats, results["runs"])]
     return "\n".join(lines) + "\n"
 
 
@@ -353,7 +495,8 @@ def write_report(results: dict, out_dir: Path) -> None:
     table = report_table(results)
     (out_dir / "table.md").write_text(table)
     plot(results, out_dir / "study.png")
-    _say(f"wrote {out_dir / 'results.json'}, {out_dir / 'table.md'}, {out_dir / 'study.png'}")
+    plot_curves(results, out_dir / "curves.png")
+    _say(f"wrote {out_dir / 'results.json'}, {out_dir / 'table.md'}, {out_dir / 'study.png'}, {out_dir / 'curves.png'}")
     page = out_dir.with_suffix(".md")
     if page.exists():
         text = page.read_text()
@@ -389,7 +532,41 @@ def plot(results: dict, path: Path, metrics=("pa_mpjpe", "mpjpe", "cam_err", "ro
     plt.close(fig)
 
 
+def plot_curves(results: dict, path: Path) -> None:
+    """Learning curves: val-split PA-MPJPE and camera error against persons seen, one line per
+    run, with the mean-pose and constant-camera levels of the test split dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    batch = results.get("settings", {}).get("batch_size") or 1
+    baseline = results.get("baseline") or {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, level, label in ((axes[0], "val_pa_mpjpe", "pa_mpjpe", "mean pose"),
+                                  (axes[1], "val_cam_err", "const_cam_err", "constant camera")):
+        for run in results["runs"]:
+            points = [p for p in run.get("curve") or [] if _finite(p.get(key))]
+            if points:
+                ax.plot([p["step"] * batch for p in points], [p[key] for p in points], marker=".",
+                        label=f"{run['variant']} s{run['seed']}")
+        if _finite(baseline.get(level)):
+            ax.axhline(baseline[level], color="k", linestyle="--", linewidth=1, label=f"{label} (test)")
+        ax.set_xlabel("persons seen")
+        ax.set_title(f"{key} (mm)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- helpers
+
+def _cell(mean, std, key: str) -> str:
+    """A table cell: mean ± std (std None: the mean alone), 3 decimals for the scale ratio."""
+    if not _finite(mean):
+        return "–"
+    digits = 3 if key == "scale_ratio" else 1
+    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
 
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]

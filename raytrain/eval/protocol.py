@@ -4,11 +4,14 @@
 both skeletons aligned at the pelvis (mid-hips of the 14), errors in millimetres.
 """
 
+import numpy as np
 import torch
 
 from ..body.joints import H36M_TO_J14
 from ..data.errors import DataError
 from ..data.pipeline import Loader
+from ..data.reader import ShardReader
+from ..geometry.camera import cam_crop_to_full, cam_full_to_crop
 from ..model import normalize_images
 from ..ranks import raise_if_stopped, stop_together
 from .metrics import align_by_root, mpjpe, pa_mpjpe, per_joint_error, pve
@@ -49,6 +52,54 @@ def camera_depth_error(pred_cam_full: torch.Tensor, gt_cam_full: torch.Tensor) -
     return 1000 * (pred_cam_full[:, 2] - gt_cam_full[:, 2]).abs()
 
 
+def scale_ratio(pred_cam_full: torch.Tensor, gt_cam_full: torch.Tensor) -> torch.Tensor:
+    """Predicted over true crop-camera scale of the same box, s = 2 f / (b tz), so tz_true /
+    tz_pred: 1 is unbiased, below 1 places the person too far away. (N, 3) x2 -> (N,)."""
+    return gt_cam_full[:, 2] / pred_cam_full[:, 2]
+
+
+def median_crop_camera(cam_full: torch.Tensor, boxes: torch.Tensor, image_size: torch.Tensor,
+                       focal: torch.Tensor) -> torch.Tensor:
+    """The constant camera: the per-entry median crop camera (s, tx, ty) of a set of people.
+    cam_full, boxes (N, 3), image_size (N, 2), focal (N,) -> (3,)."""
+    return cam_full_to_crop(cam_full.double(), boxes.double(), image_size, focal.double()).median(dim=0).values
+
+
+def _split_cameras(shards: str) -> tuple[torch.Tensor, ...] | None:
+    """(cam_full (N, 3), boxes (N, 3), image_size (N, 2), focal (N,)) of every person of a
+    shard set with a camera label (no image is decoded); None when there is none."""
+    rows = [(s.cam_full, s.box, s.image_size, s.focal)
+            for s in ShardReader(shards, shuffle=False, decode_images=False) if s.cam_full is not None]
+    if not rows:
+        return None
+    return tuple(torch.as_tensor(np.stack(column)) for column in zip(*rows))
+
+
+def split_crop_camera(shards: str) -> list[float]:
+    """`median_crop_camera` of a shard set's people (the constant camera of a train split)."""
+    cameras = _split_cameras(shards)
+    return [] if cameras is None else median_crop_camera(*cameras).tolist()
+
+
+def split_constant_camera_error(crop_cam: list[float], shards: str) -> float:
+    """Mean error (mm) of the constant camera `crop_cam` over a shard set's people (NaN
+    without a camera or a labelled person)."""
+    cameras = _split_cameras(shards)
+    if cameras is None or not crop_cam:
+        return float("nan")
+    cam_full, boxes, image_size, focal = cameras
+    return float(constant_camera_error(crop_cam, cam_full, boxes, image_size, focal).mean())
+
+
+def constant_camera_error(crop_cam, gt_cam_full: torch.Tensor, boxes: torch.Tensor,
+                          image_size: torch.Tensor, focal: torch.Tensor) -> torch.Tensor:
+    """Full-camera error (mm) of predicting the crop camera `crop_cam` (3,) for every person:
+    the camera baseline a network's `camera_error` is judged against. (N, 3) boxes of RoI 0 -> (N,)."""
+    crop = torch.as_tensor(crop_cam, dtype=torch.float64).expand(len(boxes), 3)
+    full = cam_crop_to_full(crop, boxes.double(), image_size, focal.double())
+    return camera_error(full, gt_cam_full.double())
+
+
 def roi_camera_spread(cam_full: torch.Tensor) -> torch.Tensor:
     """Disagreement of the RoIs' full cameras in mm: the mean distance of each RoI's
     translation from the RoIs' mean translation. cam_full (N, M, 3) metres -> (N,); 0 for M = 1."""
@@ -69,7 +120,7 @@ def evaluate_batch(model, body, batch, device, pred=None):
     """The validation protocol on one batch -> (prediction, per-sample errors).
 
     errors: mesh_protocol's mpjpe, pa_mpjpe, pve (N,) and per_joint (N, 14) in mm, plus
-    cam_err (N,) mm (camera translation of RoI 0) and has_cam (N,) bool. Shared by
+    cam_err (N,) mm (camera translation of RoI 0), its scale_ratio (N,) and has_cam (N,) bool. Shared by
     `validate` and `raytrain eval` so both report the same numbers. `pred` (vertices,
     joints_h36m, cam_full on `device`) replaces the model's output (oracle checks).
     """
@@ -79,6 +130,7 @@ def evaluate_batch(model, body, batch, device, pred=None):
                                  gender=batch.get("gender"))
     errors = mesh_protocol(pred["joints_h36m"], gt.joints_h36m, pred["vertices"], gt.vertices)
     errors["cam_err"] = camera_error(pred["cam_full"][:, 0], batch["cam_full"].to(device))
+    errors["scale_ratio"] = scale_ratio(pred["cam_full"][:, 0], batch["cam_full"].to(device))
     errors["has_cam"] = batch["has_cam"].to(device)
     return pred, errors
 
@@ -96,7 +148,7 @@ def validate(cfg, model, body, session, device, loader: Loader | None = None) ->
     if loader is None:
         with Loader(cfg, "val", session.rank, session.world_size) as loader:
             return validate(cfg, model, body, session, device, loader)
-    sums = torch.zeros(8, dtype=torch.float64, device=device)  # mpjpe, pa, pve, n, cam, n_cam, bad, failed
+    sums = torch.zeros(9, dtype=torch.float64, device=device)  # mpjpe, pa, pve, n, cam, n_cam, bad, failed, ratio
     batches, batch, problem = loader.epoch(0), None, None
     try:
         batch = next(batches, None)
@@ -114,6 +166,7 @@ def validate(cfg, model, body, session, device, loader: Loader | None = None) ->
             if has_cam.any():
                 sums[4] += errors["cam_err"][has_cam].sum()
                 sums[5] += has_cam.sum()
+                sums[8] += errors["scale_ratio"][has_cam].sum()
             batch = next(batches, None)
     except DataError as error:
         problem = error
@@ -128,4 +181,5 @@ def validate(cfg, model, body, session, device, loader: Loader | None = None) ->
            "val_skipped": int(sums[6].item())}
     if n_cam > 0:
         out["val_cam_err"] = sums[4].item() / n_cam
+        out["val_scale_ratio"] = sums[8].item() / n_cam
     return out

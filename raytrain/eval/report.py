@@ -81,11 +81,16 @@ def report_markdown(metrics: dict, overlays=()) -> str:
         f"- ground-truth meshes: {gt}",
         f"- protocol: {metrics['protocol']['note']}", "",
         "## Overall (mm)", "",
-        "| MPJPE | PA-MPJPE | PVE | camera translation error | samples |",
-        "|---|---|---|---|---|",
+        "| MPJPE | PA-MPJPE | PVE | camera translation error | constant camera | scale ratio | samples |",
+        "|---|---|---|---|---|---|---|",
         f"| {o['mpjpe']:.2f} | {o['pa_mpjpe']:.2f} | {o['pve']:.2f} | {_fmt(o.get('cam_err'))} "
-        f"| {o['num_samples']} |", "",
+        f"| {_fmt(o.get('const_cam_err'))} | {_fmt(o.get('scale_ratio'), 3)} | {o['num_samples']} |", "",
     ]
+    if "cam_err" in o:
+        lines += ["Camera baselines: the constant camera predicts the median crop camera (s, tx, ty) of "
+                  "the evaluated set for every person (a network's camera error is judged against it); "
+                  "the scale ratio is the predicted over the true crop-camera scale (1: unbiased, below 1: "
+                  "people placed too far away).", ""]
     skipped = metrics.get("skipped") or {}
     if skipped.get("total"):
         reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped["by_reason"].items()))
@@ -211,8 +216,8 @@ def _safe(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", key).strip("_")[:80]
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{float(value):.2f}"
+def _fmt(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{float(value):.{digits}f}"
 
 
 def _relative(path, base: Path) -> str:

@@ -134,10 +134,13 @@ class Evaluation:
     pve: np.ndarray
     per_joint: np.ndarray          # (N, 14)
     cam_err: np.ndarray            # (N,), NaN where the sample has no camera label
+    scale_ratio: np.ndarray        # (N,) predicted / true crop-camera scale, NaN as cam_err
+    const_cam_err: np.ndarray      # (N,) camera error of the constant camera, NaN as cam_err
     gendered: bool                 # whether the batches carried per-sample genders
     overlay_samples: list[dict] = field(default_factory=list)
     faces: np.ndarray | None = None
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples not scored, by reason
+    const_cam: list[float] = field(default_factory=list)   # the constant camera (s, tx, ty), [] without labels
 
 
 # ----------------------------------------------------------------------------- names
@@ -199,15 +202,17 @@ def evaluate_model(cfg: ExperimentConfig, model, body, device, overlays: int = O
     from ..data.pipeline import Loader
     from .protocol import evaluate_batch
     loader = Loader(cfg, "val")
-    keys, parts, gendered = [], {k: [] for k in ("mpjpe", "pa_mpjpe", "pve", "per_joint", "cam_err")}, True
+    names = ("mpjpe", "pa_mpjpe", "pve", "per_joint", "cam_err", "scale_ratio")
+    keys, parts, cameras, gendered = [], {k: [] for k in names}, [], True
     picked, seen_sequences = [], set()
     for batch in _one_pass(loader):
         given = None if predictor is None else {k: v.to(device) for k, v in predictor(batch).items()}
         pred, errors = evaluate_batch(model, body, batch, device, pred=given)
         gendered = gendered and batch.get("gender") is not None
-        cam = errors["cam_err"].double().clone()
-        cam[~errors["has_cam"]] = float("nan")
-        errors = dict(errors, cam_err=cam)
+        no_cam = ~errors["has_cam"]
+        errors = dict(errors, cam_err=errors["cam_err"].double().masked_fill(no_cam, float("nan")),
+                      scale_ratio=errors["scale_ratio"].double().masked_fill(no_cam, float("nan")))
+        cameras.append((batch["cam_full"], batch["boxes"][:, 0], batch["image_size"], batch["focal"], no_cam))
         for name in parts:
             parts[name].append(errors[name].detach().double().cpu().numpy())
         for i, key in enumerate(batch["keys"]):
@@ -226,9 +231,26 @@ def evaluate_model(cfg: ExperimentConfig, model, body, device, overlays: int = O
         print(f"[eval] skipped {sum(skipped.values())} bad sample(s) of {cfg.data.val_shards}: "
               f"{skipped}", flush=True)
     arrays = {name: np.concatenate(values) for name, values in parts.items()}
+    arrays["const_cam_err"], const_cam = constant_camera_errors(cameras)
     faces = getattr(body, "faces", None)
     return Evaluation(keys=keys, gendered=gendered, overlay_samples=picked, faces=faces,
-                      skipped=skipped, **arrays)
+                      skipped=skipped, const_cam=const_cam, **arrays)
+
+
+def constant_camera_errors(cameras: list[tuple]) -> tuple[np.ndarray, list[float]]:
+    """Per-sample error (mm, NaN without a camera label) of the constant camera, the median
+    crop camera of the evaluated set itself (a checkpoint's config does not choose files to
+    read, so the training split is not consulted), and that camera (s, tx, ty).
+    cameras: per batch (cam_full (N, 3), RoI-0 boxes (N, 3), image_size (N, 2), focal (N,), no_cam (N,))."""
+    from .protocol import constant_camera_error, median_crop_camera
+    cam, boxes, size, focal, no_cam = (torch.cat(parts) for parts in zip(*cameras))
+    errors = torch.full((len(cam),), float("nan"), dtype=torch.float64)
+    if no_cam.all():
+        return errors.numpy(), []
+    has = ~no_cam
+    const = median_crop_camera(cam[has], boxes[has], size[has], focal[has])
+    errors[has] = constant_camera_error(const, cam[has], boxes[has], size[has], focal[has])
+    return errors.numpy(), const.tolist()
 
 
 def _overlay_sample(batch, pred, errors, i: int) -> dict:
@@ -291,6 +313,8 @@ def _stats(ev: Evaluation, index) -> dict[str, float]:
            "pve": float(ev.pve[index].mean()), "num_samples": int(np.size(ev.mpjpe[index]))}
     if cam.size:
         out["cam_err"] = float(cam.mean())
+        out["const_cam_err"] = float(np.nanmean(ev.const_cam_err[index]))
+        out["scale_ratio"] = float(np.nanmean(ev.scale_ratio[index]))
     return out
 
 
@@ -314,6 +338,7 @@ def summarize(ev: Evaluation, target: Target, data: str) -> dict:
         "num_rois": target.config.rois.num_rois,
         "gendered_gt": ev.gendered,
         "overall": overall,
+        "constant_camera": {"crop_cam": ev.const_cam, "from": "the median crop camera of --data"},
         "skipped": {"total": sum(ev.skipped.values()), "by_reason": dict(ev.skipped)},
         "per_sequence": {name: _stats(ev, np.asarray(idx)) for name, idx in sorted(sequences.items())},
         "per_joint": {name: float(v) for name, v in zip(J14_NAMES, per_joint)},

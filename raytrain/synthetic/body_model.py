@@ -38,7 +38,7 @@ NUM_VERTICES = 6890
 NUM_JOINTS = 24
 NUM_BETAS = 10
 GENDERS = ("neutral", "male", "female")
-FILE_FORMAT_VERSION = 1
+FILE_FORMAT_VERSION = 2
 
 # smplx.vertex_ids.vertex_ids['smplh'], copied as data so generation needs no smplx.
 LANDMARK_VERTEX_IDS = {
@@ -56,6 +56,11 @@ BETA_PARAMS = (
     ("arm_length", 0.05), ("shoulder_width", 0.06), ("hip_width", 0.06),
     ("belly", 0.12), ("head_size", 0.05), ("limb_girth", 0.08),
 )
+#: What else changes with the first shape coefficient, per unit of height: taller bodies
+#: have longer legs, relatively smaller heads and slimmer builds, as SMPL's first
+#: component does. Without it that coefficient is an exact uniform scale of the body, and
+#: a body's size could not be told from its distance to the camera in an image at all.
+HEIGHT_COUPLING = {"leg_length": 1.0, "head_size": -0.75, "girth": -0.5}
 _BASE_PARAMS = {name: 1.0 for name, _ in BETA_PARAMS}
 GENDER_PARAMS = {
     "neutral": {**_BASE_PARAMS, "height": 0.975, "bust": 0.4},
@@ -566,13 +571,23 @@ def h36m_joint_regressor(parts: list, layout: Layout) -> np.ndarray:
     return _to_matrix(table, layout)
 
 
+def _shifted(params: dict, name: str, step: float) -> dict:
+    """params with proportion `name` moved by `step` (height drags HEIGHT_COUPLING along)."""
+    coupled = HEIGHT_COUPLING if name == "height" else {}
+    moved = {**params, name: params[name] + step}
+    for other, per_unit in coupled.items():
+        moved[other] = params[other] + per_unit * step
+    return moved
+
+
 def shape_blend_shapes(params: dict, layout: Layout) -> np.ndarray:
-    """(6890, 3, 10): central differences of the mesh w.r.t. each BETA_PARAMS proportion,
-    Gram-Schmidt orthogonalised in order and rescaled to their own norms."""
+    """(6890, 3, 10): central differences of the mesh w.r.t. each BETA_PARAMS proportion
+    (the first with HEIGHT_COUPLING), Gram-Schmidt orthogonalised in order and rescaled
+    to their own norms."""
     dirs = []
     for name, step in BETA_PARAMS:
-        plus = final_vertices(body_parts({**params, name: params[name] + step}), layout)
-        minus = final_vertices(body_parts({**params, name: params[name] - step}), layout)
+        plus = final_vertices(body_parts(_shifted(params, name, step)), layout)
+        minus = final_vertices(body_parts(_shifted(params, name, -step)), layout)
         dirs.append(((plus - minus) / 2.0).reshape(-1))
     basis = []
     for d in dirs:
@@ -706,9 +721,10 @@ SYNTHETIC_SEED = 0
 
 
 def default_body_model_dir() -> Path:
-    """The synthetic model's directory, `$RAYTRAIN_HOME/body/synthetic-seed0`, generated on
-    first use (safe with concurrent callers: temp dir + atomic rename)."""
-    final = raytrain_home() / "body" / f"synthetic-seed{SYNTHETIC_SEED}"
+    """The synthetic model's directory, `$RAYTRAIN_HOME/body/synthetic-v2-seed0` (generator
+    version, seed), generated on first use (safe with concurrent callers: temp dir + atomic
+    rename); a model of another generator version is never reused."""
+    final = raytrain_home() / "body" / f"synthetic-v{FILE_FORMAT_VERSION}-seed{SYNTHETIC_SEED}"
     if is_complete_body_model_dir(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

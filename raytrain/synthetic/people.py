@@ -663,7 +663,8 @@ def shard_synthetic(out: str, n: int, seed: int = 0, workers: int = 1, maxcount:
 def ensure_synthetic_shards(path, n: int, seed: int, cfg: SyntheticConfig | None = None,
                             workers: int = 1, maxcount: int = 400) -> str:
     """Render ``n`` samples into ``path`` unless it already holds exactly these (same count,
-    seed and config, recorded in ``synthetic.json`` beside the manifest). Returns ``path``."""
+    seed, config and body-model generator, recorded in ``synthetic.json`` beside the
+    manifest). Returns ``path``."""
     import json
     import shutil
     from pathlib import Path
@@ -671,7 +672,9 @@ def ensure_synthetic_shards(path, n: int, seed: int, cfg: SyntheticConfig | None
     from ..data.pipeline import count_samples
     path, cfg = Path(path), cfg or SyntheticConfig()
     stamp = path / "synthetic.json"
-    wanted = json.dumps({"n": n, "seed": seed, "synthetic": asdict(cfg)}, sort_keys=True)
+    from .body_model import FILE_FORMAT_VERSION
+    wanted = json.dumps({"n": n, "seed": seed, "synthetic": asdict(cfg), "body_model": FILE_FORMAT_VERSION},
+                        sort_keys=True)
     if ((path / "manifest.json").exists() and stamp.exists() and stamp.read_text() == wanted
             and count_samples(str(path)) == n):
         log.info("  %s already holds these %d samples, reusing it", path, n)

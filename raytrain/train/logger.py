@@ -59,7 +59,8 @@ class RunLogger:
     def validation(self, pos, metrics: dict[str, float]):
         if self.rank != 0:
             return
-        shown = " ".join(f"{k}={v:.1f}" for k, v in metrics.items() if k != "val_samples")
+        shown = " ".join(f"{k}={v:.3f}" if k.endswith("_ratio") else f"{k}={v:.1f}"
+                         for k, v in metrics.items() if k != "val_samples")   # mm, ratios
         log.info("[raytrain] step %d validation (%d persons): %s", pos.step,
                  int(metrics.get("val_samples", 0)), shown)
         self._scalars({f"val/{k[4:]}": v for k, v in metrics.items()}, pos.step)
