@@ -78,6 +78,7 @@ def build_parser():
     ev.add_argument("--top", type=int, default=1)
     ev.add_argument("--data", required=True, help="shards to evaluate on")
     ev.add_argument("--out", default=None, help="report directory")
+    ev.add_argument("--overwrite", action="store_true", help="replace the report a previous run wrote in --out")
     ev.add_argument("--config", default=None, help="config YAML to use instead of the checkpoint's own")
     ev.add_argument("--max-samples", type=int, default=0, help="evaluate at most this many persons (0: all)")
     ev.add_argument("--smpl-dir", default=None, help="SMPL files to score with (default: --config's "
@@ -221,7 +222,7 @@ def cmd_eval(args):
     smpl_dir = _smpl_dir(args, "eval", file=sys.stdout)
     run_eval(checkpoint=args.checkpoint, experiment=args.experiment, best=args.best, top=args.top,
              data=args.data, out=args.out, config=args.config, max_samples=args.max_samples,
-             smpl_dir=smpl_dir)
+             smpl_dir=smpl_dir, overwrite=args.overwrite)
 
 
 def _smpl_dir(args, command: str, file=None) -> str:

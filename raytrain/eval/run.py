@@ -33,6 +33,7 @@ import torch
 from ..body.joints import J14_NAMES
 from ..config import ConfigError, ExperimentConfig, config_from_raw, load_config, read_yaml, with_legacy_defaults
 from ..data.io import is_remote, isdir, join_url
+from ..outputs import claim_output
 from ..train.checkpoint import (
     STATE_FILE,
     CheckpointError,
@@ -61,7 +62,8 @@ OVERLAYS = 4
 def run_eval(checkpoint: str | None = None, experiment: str | None = None, best: bool = False,
              top: int = 1, data: str | None = None, out: str | None = None,
              config: str | None = None, max_samples: int = 0, overlays: int = OVERLAYS,
-             device: str | None = None, quiet: bool = False, smpl_dir: str | None = None) -> dict:
+             device: str | None = None, quiet: bool = False, smpl_dir: str | None = None,
+             overwrite: bool = False) -> dict:
     """Evaluate one checkpoint (``checkpoint``) or the best / latest of an experiment.
 
     checkpoint: a checkpoint directory (state.pt + COMMIT.json). experiment: a train or
@@ -71,7 +73,8 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
     form `resolve_shards` accepts). config: a YAML used when the checkpoint stores no
     config. max_samples: cap on evaluated samples (0: all). smpl_dir: the body model to score
     with (never taken from a stored config: a downloaded checkpoint must not choose files
-    to read).
+    to read). out follows the output rule (``raytrain.outputs``): refused when not empty
+    unless ``overwrite``, locked while written.
 
     Returns the metrics dict of the first (best) checkpoint, as written to metrics.json,
     plus ``out``; with several checkpoints also ``evaluations`` (one entry each).
@@ -83,13 +86,17 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
     if top < 1:
         raise ConfigError(f"eval: --top must be at least 1, got {top}")
     _check_data(data)
-    if checkpoint:
-        targets = [checkpoint_target(checkpoint, config)]
-    else:
-        targets = select_checkpoints(experiment, best=best, top=top, config=config)
     out = out or join_url(checkpoint or experiment, "eval", data_name(data))
     out_dir = Path(tempfile.mkdtemp(prefix="raytrain-eval-")) if is_remote(out) else Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claimed = claim_output(out_dir, overwrite)
+    try:
+        if checkpoint:
+            targets = [checkpoint_target(checkpoint, config)]
+        else:
+            targets = select_checkpoints(experiment, best=best, top=top, config=config)
+    except BaseException:
+        claimed.release()
+        raise
 
     from .report import write_report, write_summary_report
     results = []
@@ -115,6 +122,7 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
             with storage_errors(out, "write"):
                 upload_dir(out_dir, out)
     finally:
+        claimed.release()
         if is_remote(out):                       # the local staging of an uploaded report
             shutil.rmtree(out_dir, ignore_errors=True)
     return first

@@ -1,0 +1,153 @@
+"""The output rule of every command that writes results into a folder (`raytrain predict`,
+`raytrain eval`'s report):
+
+    out = claim_output(args.out, overwrite=args.overwrite)   # before any model loads
+    with out.atomic("predictions.jsonl") as tmp: ...          # written to a temporary name, renamed
+    out.write_text("summary.json", text)
+    out.release()
+
+- ``--out`` is checked first, in one line (``ConfigError``, exit 2): a link, a file, a
+  path inside a file, or a folder that cannot be written.
+- A second writer is refused while the first holds the folder (an exclusive lock on it).
+- A folder that is not empty is refused unless ``overwrite``; with it, what the previous
+  run wrote is removed (every entry, sub-folders included) before anything new is written.
+- Every file is written to a temporary name beside it and renamed into place; the final
+  name and every folder on its way are checked to be real folders under ``out`` (links are
+  never followed) and the relative name to be clean (``clean_relative``).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import posixpath
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+from .config import ConfigError
+
+
+def clean_relative(name: str) -> str | None:
+    """``name`` as a clean relative path (``./`` parts dropped), or None when it is empty,
+    absolute or holds ``..``, an empty part or a NUL."""
+    if not name or "\x00" in name or name.startswith("/") or "\\" in name:
+        return None
+    parts = [part for part in name.split("/") if part != "."]
+    if not parts or any(part in ("", "..") for part in parts):
+        return None
+    return "/".join(parts)
+
+
+def check_output(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``ConfigError`` (one line) when ``path`` cannot be an output folder: a link, a file,
+    a path inside a file, or not writable. Nothing is created."""
+    out = Path(path)
+    if out.is_symlink():
+        raise ConfigError(f"{flag} {out}: is a link (an output folder is never a link)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out}: is a file, not a folder")
+    existing = out
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        raise ConfigError(f"{flag} {out}: is inside {existing}, which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {out}: {existing} is not writable")
+    return out
+
+
+def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out") -> Output:
+    """The checked, locked, empty output folder (see the module docstring)."""
+    out = check_output(path, flag)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as error:
+        raise ConfigError(f"{flag} {out}: cannot be created ({error.strerror or error})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"{flag} {out}: another run is writing there now") from None
+    entries = sorted(os.listdir(out))
+    if entries and not overwrite:
+        os.close(fd)
+        raise ConfigError(f"{flag} {out}: not empty ({len(entries)} entries, e.g. {entries[0]}); "
+                          "pass --overwrite to replace what a previous run wrote")
+    for name in entries:
+        _remove(out / name)
+    return Output(out, fd)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder without following links."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+class Output:
+    """A claimed output folder: files are written under it, never outside."""
+
+    def __init__(self, root: Path, fd: int | None):
+        self.root, self._fd = Path(root), fd
+
+    def path(self, name: str) -> Path:
+        """The final path of the relative ``name``; its folders are created as real folders
+        under the root (``ValueError`` for an unclean name or a link on the way)."""
+        clean = clean_relative(name)
+        if clean is None:
+            raise ValueError(f"{name!r} is not a clean relative path")
+        folder = self.root
+        for part in clean.split("/")[:-1]:
+            folder = folder / part
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                    raise ValueError(f"{folder} is not a folder (links are never followed)") from None
+        target = folder / posixpath.basename(clean)
+        if target.is_symlink():
+            target.unlink()   # replaced by the rename, never written through
+        return target
+
+    @contextlib.contextmanager
+    def atomic(self, name: str) -> Iterator[Path]:
+        """A temporary path beside ``name`` (same suffix, for encoders that choose by it);
+        renamed to ``name`` when the block ends without an error, removed otherwise."""
+        target = self.path(name)
+        tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
+        try:
+            yield tmp
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists() or tmp.is_symlink():
+                tmp.unlink()
+
+    def write_text(self, name: str, text: str) -> Path:
+        with self.atomic(name) as tmp:
+            with open(tmp, "x") as handle:
+                handle.write(text)
+        return self.path(name)
+
+    def release(self) -> None:
+        """Unlock the folder (another run may write there again, with --overwrite)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Output:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """One file written to a temporary name beside it and renamed (a link at ``path`` is
+    replaced, never followed): for writers that hold their folder by other means."""
+    target = Path(path)
+    return Output(target.parent, None).write_text(target.name, text)
