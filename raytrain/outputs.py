@@ -114,18 +114,20 @@ class Output:
             target.unlink()   # replaced by the rename, never written through
         return target
 
+    def staged(self, name: str) -> Staged:
+        """A temporary file beside ``name``, renamed to it by ``commit()``."""
+        return Staged(self.path(name))
+
     @contextlib.contextmanager
     def atomic(self, name: str) -> Iterator[Path]:
         """A temporary path beside ``name`` (same suffix, for encoders that choose by it);
         renamed to ``name`` when the block ends without an error, removed otherwise."""
-        target = self.path(name)
-        tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
+        staged = self.staged(name)
         try:
-            yield tmp
-            os.replace(tmp, target)
+            yield staged.tmp
+            staged.commit()
         finally:
-            if tmp.exists() or tmp.is_symlink():
-                tmp.unlink()
+            staged.discard()
 
     def write_text(self, name: str, text: str) -> Path:
         with self.atomic(name) as tmp:
@@ -144,6 +146,23 @@ class Output:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class Staged:
+    """``tmp`` (``.<stem>.tmp-<pid><suffix>`` beside ``target``) is written, then renamed."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
+        self.discard()   # a stale one (or a link put there) is never written through
+
+    def commit(self) -> Path:
+        os.replace(self.tmp, self.target)
+        return self.target
+
+    def discard(self) -> None:
+        if self.tmp.exists() or self.tmp.is_symlink():
+            self.tmp.unlink()
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
