@@ -11,6 +11,8 @@
 - A second writer is refused while the first holds the folder (an exclusive lock on it).
 - A folder that is not empty is refused unless ``overwrite``; with it, what the previous
   run wrote is removed (every entry, sub-folders included) before anything new is written.
+  Only a folder a run claimed (it holds the ``MARKER`` file) is ever cleared: ``--out`` set
+  to a folder of photos by mistake is refused, not emptied.
 - Every file is written to a temporary name beside it and renamed into place; the final
   name and every folder on its way are checked to be real folders under ``out`` (links are
   never followed) and the relative name to be clean (``clean_relative``).
@@ -23,6 +25,7 @@ import os
 import posixpath
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,9 +56,15 @@ def check_output(path: str | os.PathLike, flag: str = "--out") -> Path:
         existing = existing.parent
     if existing != out and not existing.is_dir():
         raise ConfigError(f"{flag} {out}: is inside {existing}, which is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {out}: {existing} is not writable")
+    try:   # a real probe: access() says yes to root on a read-only or virtual file system
+        os.rmdir(tempfile.mkdtemp(prefix=".raytrain-probe-", dir=existing))
+    except OSError as error:
+        raise ConfigError(f"{flag} {out}: {existing} is not writable ({error.strerror or error})") from None
     return out
+
+
+#: The file that marks a folder as a run's output (so --overwrite may clear it).
+MARKER = ".raytrain-output"
 
 
 def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out") -> Output:
@@ -72,13 +81,21 @@ def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "
         os.close(fd)
         raise ConfigError(f"{flag} {out}: another run is writing there now") from None
     entries = sorted(os.listdir(out))
+    problem = None
     if entries and not overwrite:
+        problem = (f"not empty ({len(entries)} entries, e.g. {entries[0]}); pass --overwrite to replace "
+                   "what a previous run wrote")
+    elif entries and MARKER not in entries:
+        problem = (f"holds {len(entries)} entries (e.g. {entries[0]}) that no run wrote there; "
+                   "--overwrite clears only a folder a run wrote: choose another --out")
+    if problem:
         os.close(fd)
-        raise ConfigError(f"{flag} {out}: not empty ({len(entries)} entries, e.g. {entries[0]}); "
-                          "pass --overwrite to replace what a previous run wrote")
+        raise ConfigError(f"{flag} {out}: {problem}")
     for name in entries:
         _remove(out / name)
-    return Output(out, fd)
+    claimed = Output(out, fd)
+    claimed.write_text(MARKER, "a raytrain command writes its results here; --overwrite may clear this folder\n")
+    return claimed
 
 
 def _remove(path: Path) -> None:

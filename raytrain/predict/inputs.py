@@ -159,7 +159,7 @@ def list_sources(inputs: list[str], storage_options: dict | None = None) -> tupl
     """The files named by ``inputs`` (files, folders, globs, URL prefixes), in order, and
     what the listings refused (``not_regular_file``, ``bad_name``). Raises ``InputError``
     for an input that names nothing or a file named directly that is not a regular file."""
-    sources, seen, refused, taken = [], set(), SkipLog(), {}
+    listed, seen, refused = [], set(), SkipLog()
     for index, text in enumerate(inputs):
         problem = file_problem(text)
         if problem and problem != "no such file" and not _is_folder(text):
@@ -168,16 +168,19 @@ def list_sources(inputs: list[str], storage_options: dict | None = None) -> tupl
         if not found:
             raise InputError(f"input {text!r}: no such file, or no image/video in it")
         for url, relative, qualifier in found:
-            if url in seen:
-                continue
-            seen.add(url)
-            name = relative
-            if name in taken:   # two inputs, one name: tell them apart by their folders
-                name = clean_relative(f"{qualifier}/{relative}") or relative
-                if name in taken:
-                    name = f"input{index}/{relative}"
-            taken[name] = url
-            sources.append(Source(url=url, name=name, kind=kind_of(url), relative=relative))
+            if url not in seen:
+                seen.add(url)
+                listed.append((index, url, relative, qualifier))
+    shared = Counter(relative for _, _, relative, _ in listed)
+    sources, taken = [], set()
+    for index, url, relative, qualifier in listed:
+        name = relative
+        if shared[relative] > 1:   # two inputs, one name: each told apart by its folder
+            name = clean_relative(f"{qualifier}/{relative}") or relative
+            if name in taken:
+                name = f"input{index}/{relative}"
+        taken.add(name)
+        sources.append(Source(url=url, name=name, kind=kind_of(url), relative=relative))
     return sources, refused
 
 

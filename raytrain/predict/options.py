@@ -12,6 +12,7 @@ import math
 from dataclasses import MISSING, dataclass, field, fields
 
 from ..config import ConfigError
+from ..outputs import check_output
 
 #: Square box side = this x the larger side of the detection (the training data's convention).
 BOX_SCALE = 1.2
@@ -94,6 +95,7 @@ class PredictOptions:
             raise ConfigError("predict: --render and --save-vertices need --ray-format jsonl")
         if self.actors < 1 or self.actor_cpus < 0 or self.crop_cpus <= 0:
             raise ConfigError("predict: --actors must be >= 1, --actor-cpus >= 0, --crop-cpus > 0")
+        check_output(self.out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
