@@ -60,7 +60,6 @@ from .overlay import VideoOut, canvas_of, draw_persons, write_image
 log = logging.getLogger(__name__)
 VERTICES_PER_FILE = 1024
 PROGRESS_EVERY_S = 10.0
-__all__ = ["PredictOptions", "run_predict", "prepare", "detections_for", "prediction_record"]
 
 
 @dataclass
