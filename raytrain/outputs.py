@@ -70,6 +70,7 @@ MARKER = ".raytrain-output"
 def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out") -> Output:
     """The checked, locked, empty output folder (see the module docstring)."""
     out = check_output(path, flag)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -93,7 +94,7 @@ def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "
         raise ConfigError(f"{flag} {out}: {problem}")
     for name in entries:
         _remove(out / name)
-    claimed = Output(out, fd)
+    claimed = Output(out, fd, created)
     claimed.write_text(MARKER, "a raytrain command writes its results here; --overwrite may clear this folder\n")
     return claimed
 
@@ -109,8 +110,8 @@ def _remove(path: Path) -> None:
 class Output:
     """A claimed output folder: files are written under it, never outside."""
 
-    def __init__(self, root: Path, fd: int | None):
-        self.root, self._fd = Path(root), fd
+    def __init__(self, root: Path, fd: int | None, created: bool = False):
+        self.root, self._fd, self.created = Path(root), fd, created
 
     def path(self, name: str) -> Path:
         """The final path of the relative ``name``; its folders are created as real folders
@@ -153,8 +154,16 @@ class Output:
         return self.path(name)
 
     def release(self) -> None:
-        """Unlock the folder (another run may write there again, with --overwrite)."""
-        if self._fd is not None:
+        """Unlock the folder (another run may write there again, with --overwrite). A run
+        that wrote nothing leaves the folder as it found it."""
+        if self._fd is None:
+            return
+        try:
+            if os.listdir(self.root) == [MARKER]:
+                (self.root / MARKER).unlink()
+                if self.created:
+                    self.root.rmdir()
+        finally:
             os.close(self._fd)
             self._fd = None
 

@@ -86,17 +86,13 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
     if top < 1:
         raise ConfigError(f"eval: --top must be at least 1, got {top}")
     _check_data(data)
+    if checkpoint:
+        targets = [checkpoint_target(checkpoint, config)]
+    else:
+        targets = select_checkpoints(experiment, best=best, top=top, config=config)
     out = out or join_url(checkpoint or experiment, "eval", data_name(data))
     out_dir = Path(tempfile.mkdtemp(prefix="raytrain-eval-")) if is_remote(out) else Path(out)
-    claimed = claim_output(out_dir, overwrite)
-    try:
-        if checkpoint:
-            targets = [checkpoint_target(checkpoint, config)]
-        else:
-            targets = select_checkpoints(experiment, best=best, top=top, config=config)
-    except BaseException:
-        claimed.release()
-        raise
+    claimed = claim_output(out_dir, overwrite)   # before any model loads (raytrain.outputs)
 
     from .report import write_report, write_summary_report
     results = []
