@@ -35,7 +35,7 @@ from .config import ConfigError
 def clean_relative(name: str) -> str | None:
     """``name`` as a clean relative path (``./`` parts dropped), or None when it is empty,
     absolute or holds ``..``, an empty part or a NUL."""
-    if not name or "\x00" in name or name.startswith("/") or "\\" in name:
+    if not name or "\x00" in name or name.startswith("/"):
         return None
     parts = [part for part in name.split("/") if part != "."]
     if not parts or any(part in ("", "..") for part in parts):

@@ -44,6 +44,7 @@ from .run import (
     VertexWriter,
     detections_for,
     finish,
+    finite_output,
     prediction_record,
     prepare,
 )
@@ -56,7 +57,7 @@ SPOOL_PER_FILE = 64   # persons per spooled vertex file of --render (read back a
 def run_predict_ray(opts: PredictOptions) -> dict:
     """Predict on Ray Data; returns the summary of ``run.finish``."""
     import ray.data
-    run = prepare(opts)
+    run, spool = prepare(opts), None
     try:
         from .model import load_inference_model
         # on the driver first: a checkpoint that does not fit its config fails here, in one line
@@ -108,10 +109,7 @@ def _write_jsonl(ds, out: Output, opts: PredictOptions, started: float, faces, s
     try:
         for row in ds.iter_rows():
             record = record_of_row(row)
-            if not all(np.isfinite(np.asarray(row[k], np.float64)).all() for k in OUTPUTS + ("vertices",)
-                       if k in row):
-                where = record["image"] if record["frame"] is None else f"{record['image']} frame {record['frame']}"
-                skips.add("nonfinite_output", f"{where} person {record['person']}")
+            if not finite_output({k: row[k] for k in (*OUTPUTS, "vertices") if k in row}, record, skips):
                 continue
             line = writer.write(record)
             if vertices is not None:

@@ -94,7 +94,7 @@ def chosen_checkpoint(opts: PredictOptions) -> str:
     if opts.checkpoint:
         return opts.checkpoint
     from ..eval.run import select_checkpoints
-    return str(select_checkpoints(opts.experiment, best=opts.best, top=1, config=opts.config)[0].path)
+    return select_checkpoints(opts.experiment, best=opts.best, top=1, config=opts.config)[0].origin
 
 
 def run_predict(opts: PredictOptions) -> dict:
@@ -246,9 +246,7 @@ class Predictor:
 
     def write(self, item: dict, output: dict) -> dict | None:
         """One person's record (and vertices); None when its output is not finite (counted)."""
-        if not all(np.isfinite(v).all() for v in output.values()):
-            where = item["image"] if item["frame"] is None else f"{item['image']} frame {item['frame']}"
-            self.skips.add("nonfinite_output", f"{where} person {item['person']}")
+        if not finite_output(output, item, self.skips):
             return None
         line = self.records.write(prediction_record(item, output))
         self.stats["persons"] += 1
@@ -285,6 +283,15 @@ def prediction_record(item: dict, output: dict) -> dict:
         "cam_full": _floats(output["cam_full"]),
         "joints_2d": [_floats(p) for p in np.asarray(output["joints_2d"]).reshape(-1, 2)],
     }
+
+
+def finite_output(output: dict, item: dict, skips: SkipLog) -> bool:
+    """Whether every output array of a person is finite (else counted: nothing is written)."""
+    if all(np.isfinite(np.asarray(v, np.float64)).all() for v in output.values()):
+        return True
+    where = item["image"] if item["frame"] is None else f"{item['image']} frame {item['frame']}"
+    skips.add("nonfinite_output", f"{where} person {item['person']}")
+    return False
 
 
 def _floats(values) -> list[float]:
