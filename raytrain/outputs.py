@@ -11,8 +11,9 @@
 - A second writer is refused while the first holds the folder (an exclusive lock on it).
 - A folder that is not empty is refused unless ``overwrite``; with it, what the previous
   run wrote is removed (every entry, sub-folders included) before anything new is written.
-  Only a folder a run claimed (it holds the ``MARKER`` file) is ever cleared: ``--out`` set
-  to a folder of photos by mistake is refused, not emptied.
+  Only a folder a run claimed (it holds the ``MARKER`` file) or one holding nothing but the
+  names the command writes (``ours``) is ever cleared: ``--out`` set to a folder of photos
+  by mistake is refused, not emptied.
 - Every file is written to a temporary name beside it and renamed into place; the final
   name and every folder on its way are checked to be real folders under ``out`` (links are
   never followed) and the relative name to be clean (``clean_relative``).
@@ -67,7 +68,8 @@ def check_output(path: str | os.PathLike, flag: str = "--out") -> Path:
 MARKER = ".raytrain-output"
 
 
-def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out") -> Output:
+def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out",
+                 ours: tuple[str, ...] = ()) -> Output:
     """The checked, locked, empty output folder (see the module docstring)."""
     out = check_output(path, flag)
     created = not out.exists()
@@ -78,7 +80,9 @@ def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "
         raise ConfigError(f"{flag} {out}: cannot be created ({error.strerror or error})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if not os.path.samestat(os.fstat(fd), os.stat(out)):   # removed by a run that let go
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
         os.close(fd)
         raise ConfigError(f"{flag} {out}: another run is writing there now") from None
     entries = sorted(os.listdir(out))
@@ -86,7 +90,7 @@ def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "
     if entries and not overwrite:
         problem = (f"not empty ({len(entries)} entries, e.g. {entries[0]}); pass --overwrite to replace "
                    "what a previous run wrote")
-    elif entries and MARKER not in entries:
+    elif entries and MARKER not in entries and not set(entries) <= set(ours):
         problem = (f"holds {len(entries)} entries (e.g. {entries[0]}) that no run wrote there; "
                    "--overwrite clears only a folder a run wrote: choose another --out")
     if problem:

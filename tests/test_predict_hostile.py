@@ -274,6 +274,13 @@ def test_rerun_needs_overwrite_which_clears_the_previous_run(world, tmp_path, ca
     after = tree(out)
     assert not any(name.startswith(("render/", "vertices/")) for name in after)   # no stale files
     assert len(strict_lines(out / "predictions.jsonl")) == 1
+    # a folder holding only what predict writes (an older run's, without the marker) is cleared too
+    stale = tmp_path / "stale"
+    (stale / "vertices").mkdir(parents=True)
+    (stale / "vertices" / "vertices-000007.npz").write_bytes(b"old")
+    (stale / "predictions.jsonl").write_text("old\n")
+    assert predict(world, image, world["detections"], stale, "--overwrite") == 0
+    assert not (stale / "vertices").exists() and len(strict_lines(stale / "predictions.jsonl")) == 1
     # --overwrite clears only a folder a run wrote: a folder of photos is refused, untouched
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -20,6 +20,8 @@ import torch
 from ..outputs import Output, write_text
 
 OVERLAY_SIZE = 320
+#: What a report writes into its folder (besides one sub-folder per checkpoint of --top K).
+REPORT_FILES = ("metrics.json", "report.md", "per_joint.png", "overlays", "summary.json")
 
 
 # ----------------------------------------------------------------------------- files

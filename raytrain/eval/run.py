@@ -92,9 +92,8 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
         targets = select_checkpoints(experiment, best=best, top=top, config=config)
     out = out or join_url(checkpoint or experiment, "eval", data_name(data))
     out_dir = Path(tempfile.mkdtemp(prefix="raytrain-eval-")) if is_remote(out) else Path(out)
-    claimed = claim_output(out_dir, overwrite)   # before any model loads (raytrain.outputs)
-
-    from .report import write_report, write_summary_report
+    from .report import REPORT_FILES, write_report, write_summary_report
+    claimed = claim_output(out_dir, overwrite, ours=REPORT_FILES)   # before any model loads
     results = []
     try:
         for rank, target in enumerate(targets):

@@ -60,6 +60,8 @@ from .overlay import VideoOut, canvas_of, draw_persons, write_image
 log = logging.getLogger(__name__)
 VERTICES_PER_FILE = 1024
 PROGRESS_EVERY_S = 10.0
+#: What a run writes into --out (--overwrite clears a folder holding only these).
+WRITTEN = ("predictions.jsonl", "predictions.parquet", "summary.json", "render", "vertices")
 
 
 @dataclass
@@ -86,7 +88,7 @@ def prepare(opts: PredictOptions) -> Prepared:
         for name, number in sorted(table.unmatched(sources).items()):
             skips.add("missing_image", name, "not among the inputs", number)
     checkpoint = chosen_checkpoint(opts)
-    return Prepared(sources, table, skips, claim_output(opts.out, opts.overwrite), checkpoint)
+    return Prepared(sources, table, skips, claim_output(opts.out, opts.overwrite, ours=WRITTEN), checkpoint)
 
 
 def chosen_checkpoint(opts: PredictOptions) -> str:
