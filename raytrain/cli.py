@@ -94,6 +94,7 @@ def build_parser():
     ev.add_argument("--top", type=int, default=1)
     ev.add_argument("--data", required=True, help="shards to evaluate on")
     ev.add_argument("--out", default=None, help="report directory")
+    ev.add_argument("--overwrite", action="store_true", help="replace the report a previous run wrote in --out")
     ev.add_argument("--config", default=None, help="config YAML to use instead of the checkpoint's own")
     ev.add_argument("--max-samples", type=int, default=0, help="evaluate at most this many persons (0: all)")
     ev.add_argument("--smpl-dir", default=None, help="SMPL files to score with (default: --config's "
@@ -101,28 +102,8 @@ def build_parser():
     ev.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="run a checkpoint on images, folders, globs, videos, s3 prefixes")
-    pr.add_argument("inputs", nargs="+", help="image/video files, folders, glob patterns, s3:// or gs:// prefixes")
-    pr.add_argument("--checkpoint", required=True, help="a checkpoint directory")
-    pr.add_argument("--detections", default=None, help="COCO-results JSON of person boxes (image_id = file name)")
-    pr.add_argument("--detector", default=None, help="a torchvision detector's state_dict file (local)")
-    pr.add_argument("--detector-arch", default="fasterrcnn_resnet50_fpn_v2", help="its torchvision builder")
-    pr.add_argument("--score-threshold", type=float, default=0.5, help="detector boxes at or above this score")
-    pr.add_argument("--focal", type=float, default=None, help="focal length in px (default: the image diagonal)")
-    pr.add_argument("--box-scale", type=float, default=1.2, help="square box side = this x the larger box side")
-    pr.add_argument("--batch-size", type=int, default=16, help="persons per forward pass")
-    pr.add_argument("--out", default="runs/predict", help="output directory")
-    pr.add_argument("--render", action="store_true", help="draw the meshes: render/<image>.jpg, <video>.mp4")
-    pr.add_argument("--save-vertices", action="store_true", help="vertices/*.npz (camera frame)")
-    pr.add_argument("--max-frames", type=int, default=0, help="frames per video at most (0: all)")
-    pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when present)")
-    pr.add_argument("--config", default=None, help="config YAML to use instead of the checkpoint's own")
-    pr.add_argument("--smpl-dir", default=None, help="SMPL files (default: --config's model.smpl_dir, "
-                    "else the synthetic body model; never the checkpoint's)")
-    pr.add_argument("--ray", action="store_true", help="batch inference on Ray Data (the running cluster)")
-    pr.add_argument("--ray-format", choices=["jsonl", "parquet"], default="jsonl")
-    pr.add_argument("--actors", type=int, default=2, help="--ray: model actors (one GPU each on GPU nodes)")
-    pr.add_argument("--actor-cpus", type=float, default=1.0, help="--ray: CPUs per CPU model actor")
-    pr.add_argument("--crop-cpus", type=float, default=0.5, help="--ray: CPUs per read+crop task")
+    from .predict.options import add_arguments
+    add_arguments(pr)
     pr.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser("demo", help="the whole story on synthetic data, on this machine")
@@ -240,7 +221,7 @@ def cmd_eval(args):
     smpl_dir = _smpl_dir(args, "eval", file=sys.stdout)
     run_eval(checkpoint=args.checkpoint, experiment=args.experiment, best=args.best, top=args.top,
              data=args.data, out=args.out, config=args.config, max_samples=args.max_samples,
-             smpl_dir=smpl_dir)
+             smpl_dir=smpl_dir, overwrite=args.overwrite)
 
 
 def _smpl_dir(args, command: str, file=None) -> str:
@@ -258,13 +239,7 @@ def _smpl_dir(args, command: str, file=None) -> str:
 
 def cmd_predict(args):
     from .predict.run import PredictOptions, run_predict
-    opts = PredictOptions(
-        inputs=args.inputs, checkpoint=args.checkpoint, out=args.out, detections=args.detections,
-        detector=args.detector, detector_arch=args.detector_arch, score_threshold=args.score_threshold,
-        focal=args.focal, box_scale=args.box_scale, batch_size=args.batch_size, render=args.render,
-        save_vertices=args.save_vertices, max_frames=args.max_frames, device=args.device,
-        config=args.config, ray=args.ray, ray_format=args.ray_format, actors=args.actors,
-        actor_cpus=args.actor_cpus, crop_cpus=args.crop_cpus)
+    opts = PredictOptions.from_args(args)
     opts.check()
     opts.smpl_dir = _smpl_dir(args, "predict")
     if opts.ray:

@@ -240,7 +240,8 @@ def test_bad_inputs_are_skipped_counted_and_named(world, tmp_path, capsys, caplo
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     expected = {"truncated_image": 1, "unreadable_image": 1, "unreadable_video": 1, "missing_image": 2,
-                "bad_detection": 2, "no_detection": 1, "degenerate_box": 2, "box_outside_image": 1}
+                "bad_detection": 2, "no_detection": 1, "degenerate_box": 2, "box_outside_image": 1,
+                "unread_detection": 2}
     assert summary["skipped"] == {reason: expected.get(reason, 0) for reason in SKIP_REASONS}
     assert summary["persons"] == 3
     assert len(read_records(out / "predictions.jsonl")) == 3
@@ -351,17 +352,21 @@ def test_bench_infer_quick(capsys):
 
 
 def test_box_rule_and_detection_files(tmp_path):
-    from raytrain.predict.crop import check_overlap, square_box
-    from raytrain.predict.inputs import SkipItem, for_frame, load_detections
+    from raytrain.predict.crop import check_box, square_box
+    from raytrain.predict.inputs import SkipItem, Source, for_frame, load_detections
     # the training data's box: centre of the detection, side 1.2 x its larger side
     np.testing.assert_allclose(square_box([10, 20, 30, 60]), [25, 50, 72])
     np.testing.assert_allclose(square_box([10, 20, 30, 60], scale=1.0), [25, 50, 60])
     for bad in ([0, 0, 0, 5], [0, 0, 5, -1], [math.nan, 0, 5, 5], [0, math.inf, 5, 5]):
         with pytest.raises(SkipItem, match="degenerate_box"):
             square_box(bad)
-    check_overlap(np.array([-5.0, 10, 12]), (100, 50))            # reaches into the image
+    check_box(np.array([-5.0, 10, 12]), (100, 50))            # reaches into the image
     with pytest.raises(SkipItem, match="box_outside_image"):
-        check_overlap(np.array([-6.5, 10, 12]), (100, 50))       # right edge at x = -0.5
+        check_box(np.array([-6.5, 10, 12]), (100, 50))       # right edge at x = -0.5
+    with pytest.raises(SkipItem, match="box_too_large"):
+        check_box(np.array([50.0, 25, 401]), (100, 50))      # side over 4 x the longer side
+    with pytest.raises(SkipItem, match="degenerate_box"):
+        check_box(np.array([50.0, 25, 0.5]), (100, 50))      # under one pixel
     # a COCO dataset file: numeric ids name files; other categories are ignored
     dataset = {"images": [{"id": 7, "file_name": "a/b.jpg"}],
                "annotations": [{"image_id": 7, "bbox": [1, 2, 3, 4], "category_id": 1},
@@ -369,15 +374,17 @@ def test_box_rule_and_detection_files(tmp_path):
                                {"image_id": 8, "bbox": [1, 2, 3, 4], "category_id": 1}]}
     (tmp_path / "coco.json").write_text(json.dumps(dataset))
     table = load_detections(str(tmp_path / "coco.json"))
-    assert list(table.by_name) == ["a/b.jpg"] and table.bad["bad_detection"] == 1   # id 8: no file
-    assert table.lookup("a/b.jpg")[0].bbox == (1.0, 2.0, 3.0, 4.0) and table.lookup("b.jpg") is None
+    assert list(table.by_file) == ["a/b.jpg"] and table.refused.counts["bad_detection"] == 1   # id 8: no file
+    found = table.for_source(Source("x/a/b.jpg", "a/b.jpg", "image", "a/b.jpg"))
+    assert [d.bbox for d in found] == [(1.0, 2.0, 3.0, 4.0)]
+    assert table.for_source(Source("x/b.jpg", "b.jpg", "image", "b.jpg")) == []
     results = [{"image_id": "clip.mp4", "bbox": [0, 0, 5, 5], "frame": 3},
                {"image_id": "clip.mp4", "bbox": [0, 0, 6, 6]},
                {"image_id": "x/photo.jpg", "bbox": [0, 0, 6, 6], "frame": -1}]
     (tmp_path / "results.json").write_text(json.dumps(results))
     table = load_detections(str(tmp_path / "results.json"))
-    assert table.bad["bad_detection"] == 1
-    found = table.lookup("videos/clip.mp4")                        # by base name
+    assert table.refused.counts["bad_detection"] == 1
+    found = table.for_source(Source("videos/clip.mp4", "videos/clip.mp4", "video", "videos/clip.mp4"))
     assert [d.bbox[2] for d in for_frame(found, 3)] == [5.0] and [d.bbox[2] for d in for_frame(found, 0)] == [6.0]
     assert table.unmatched([]) == {"clip.mp4": 2}
 
@@ -400,7 +407,7 @@ def test_s3_prefix_and_glob_give_the_same_records(world, tmp_path):
             inputs=[str(world["images"])], out=str(tmp_path / "local"), **common))["predictions"]))
         for inputs in (["s3://pictures/frames"], ["s3://pictures/frames/day1/*.jpg"]):
             summary = run_predict(PredictOptions(inputs=inputs, out=str(tmp_path / "s3"), storage_options=options,
-                                                 **common))
+                                                 overwrite=True, **common))
             records = read_records(summary["predictions"])
             assert summary["persons"] == N_PERSONS and not any(summary["skipped"].values())
             for record in records:

@@ -122,9 +122,11 @@ def run_demo(out: str = "runs/demo", quick: bool = False, config: str = None):
     shards_3dpw = demo_3dpw_set(out_dir, synthetic, quick, cfg.model.smpl_dir)
     from ..eval.run import run_eval
     best = run_eval(experiment=str(experiment), best=True, data=str(shards_3dpw),
-                    out=str(out_dir / "report" / "best-trial"), quiet=True, smpl_dir=cfg.model.smpl_dir)
+                    out=str(out_dir / "report" / "best-trial"), quiet=True, smpl_dir=cfg.model.smpl_dir,
+                    overwrite=True)
     model = run_eval(checkpoint=summary["checkpoint"], data=str(shards_3dpw),
-                     out=str(out_dir / "report" / "demo-model"), quiet=True, smpl_dir=cfg.model.smpl_dir)
+                     out=str(out_dir / "report" / "demo-model"), quiet=True, smpl_dir=cfg.model.smpl_dir,
+                     overwrite=True)
     summary.update({
         "sweep": str(experiment), "sweep_best": str(experiment / "best"),
         "3dpw_format_best_trial": best["overall"], "3dpw_format_demo_model": model["overall"],

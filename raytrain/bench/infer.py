@@ -57,18 +57,18 @@ def inference_model(config: str, overrides=(), device: str = "cpu"):
 
 
 def _units(frames):
-    from ..predict.crop import Unit
-    from ..predict.inputs import Detection
+    from ..predict.inputs import Detection, Unit
     return [(Unit(name=name, frame=None, size=size, data=data), [Detection(bbox=bbox)])
             for name, data, size, bbox in frames]
 
 
 def batch1_rate(model, cropper, units, persons: int) -> tuple[float, float]:
     """(persons per second, persons per CPU-second), one person per forward pass."""
+    from ..predict.inputs import SkipLog
     start, cpu, done = time.perf_counter(), time.process_time(), 0
     while done < persons:
         for unit, detections in units:
-            items, _ = cropper(unit, detections)
+            items = list(cropper.crops(unit, detections, SkipLog()))
             model(items)
             done += len(items)
             if done >= persons:
@@ -78,10 +78,11 @@ def batch1_rate(model, cropper, units, persons: int) -> tuple[float, float]:
 
 def batched_rate(model, cropper, units, persons: int, batch_size: int) -> tuple[float, float]:
     """(persons per second, persons per CPU-second), batch_size persons per forward pass."""
+    from ..predict.inputs import SkipLog
     start, cpu, done, pending = time.perf_counter(), time.process_time(), 0, []
     while done < persons:
         for unit, detections in units:
-            items, _ = cropper(unit, detections)
+            items = list(cropper.crops(unit, detections, SkipLog()))
             pending.extend(items)
             if len(pending) >= batch_size:
                 model(pending[:batch_size])

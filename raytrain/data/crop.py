@@ -38,6 +38,7 @@ import torch
 from raytrain.config import DataConfig
 from raytrain.geometry import FixedSchedule, build_schedule
 
+from .admission import decode_rgb
 from .augment import (
     AugmentParams,
     augment_box,
@@ -49,14 +50,6 @@ from .augment import (
     virtual_transform,
 )
 from .schema import BadSample, Sample, affine_scale
-
-_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
-                  4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-#: The same, decoding straight to RGB (libjpeg-turbo writes RGB as cheaply as BGR), and
-#: ignoring an EXIF orientation: the json's geometry refers to the stored pixels as they are.
-_RGB_FLAGS = {r: (flag & ~cv2.IMREAD_COLOR) | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
-              for r, flag in _REDUCED_FLAGS.items()}
-
 
 # --------------------------------------------------------------------------- matrices
 
@@ -240,8 +233,8 @@ class MultiRoICropper:
         reduction = self._reduction(sample, boxes)
         if decoded is not None and reduction in decoded:
             return decoded[reduction], reduction
-        buffer = np.frombuffer(sample.jpeg, np.uint8)
-        image = cv2.imdecode(buffer, _RGB_FLAGS[reduction]) if buffer.size else None
+        # the stored pixels as they are (the json's geometry refers to them): admission.py
+        image = decode_rgb(sample.jpeg, reduction, exif=False)
         if image is None:
             raise BadSample("bad_jpeg", f"{sample.key}: cv2.imdecode failed")
         if decoded is not None:

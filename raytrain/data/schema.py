@@ -19,9 +19,9 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 
+from .admission import box_overlaps_image, box_side_problem, decode_rgb
 from .errors import DataError, ReasonError
 from .formats.npz import parse_npz
 from .formats.tar import DUPLICATE_FLAG, OVERSIZED_FLAG
@@ -88,8 +88,6 @@ MAX_IMAGE_SIDE = 32768
 MAX_NPY_BYTES = 16 << 10
 #: Focal length in units of the full image's longer side.
 FOCAL_RANGE = (0.05, 50.0)
-#: Box side in units of the full image's longer side, and at least one pixel.
-MAX_BOX_FACTOR = 4.0
 #: full -> stored image scale (sqrt of the affine's determinant).
 AFFINE_SCALE_RANGE = (1e-3, 1e3)
 #: 2D keypoints: coordinates within this multiple of the longer side around the image.
@@ -304,9 +302,7 @@ def decode_jpeg(data: bytes, stored_size: tuple[int, int] | None = None, key: st
     With ``stored_size`` the header is checked first (``check_jpeg_header``)."""
     if stored_size is not None:
         check_jpeg_header(data, stored_size, key)
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION  # the stored pixels as they are
-    image = cv2.imdecode(buffer, flags) if buffer.size else None
+    image = decode_rgb(data, exif=False)  # the stored pixels as they are (admission.py)
     if image is None:
         raise BadSample("bad_jpeg", "cv2.imdecode failed")
     if stored_size is not None and (image.shape[1], image.shape[0]) != tuple(stored_size):
@@ -476,15 +472,6 @@ def _check_finite(sample: Sample) -> None:
         raise BadSample("bad_json", f"{sample.key}: focal {sample.focal} <= 0")
 
 
-def box_overlaps_image(box, image_size) -> bool:
-    """The square box (cx, cy, side) covers part of the (width, height) image: the rule of
-    the reader, the converters and prediction."""
-    cx, cy, side = (float(v) for v in box)
-    width, height = image_size
-    half = side / 2
-    return cx + half > 0 and cx - half < width and cy + half > 0 and cy - half < height
-
-
 def _check_box(sample: Sample) -> None:
     """The square box must have a positive side and overlap the full image."""
     cx, cy, side = (float(v) for v in sample.box)
@@ -510,9 +497,8 @@ def _check_ranges(sample: Sample) -> None:
     low, high = FOCAL_RANGE
     if not low * longer <= sample.focal <= high * longer:
         problems.append(f"focal {sample.focal:g} outside [{low}, {high}] x {longer} px")
-    side = float(sample.box[2])
-    if not 1.0 <= side <= MAX_BOX_FACTOR * longer:
-        problems.append(f"box side {side:g} outside [1, {MAX_BOX_FACTOR} x {longer}] px")
+    if side_problem := box_side_problem(float(sample.box[2]), sample.image_size):
+        problems.append(side_problem)
     a = sample.affine.astype(np.float64)
     scale = affine_scale(a)
     low, high = AFFINE_SCALE_RANGE

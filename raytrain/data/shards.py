@@ -20,7 +20,6 @@ import logging
 import os
 import posixpath
 import re
-import stat
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 
 from ..files import read_bounded
+from .admission import file_problem
 from .errors import ManifestError
 from .formats.tar import tar_samples
 from .io import (
@@ -332,16 +332,11 @@ def resolve_shards(source: str | Sequence[str], storage_options: dict | None = N
 def check_regular_file(url: str, storage_options: dict | None = None) -> None:
     """A local path must be a regular file: a device (``/dev/urandom``), a pipe or a
     socket would never end or never answer. Missing files raise ``FileNotFoundError``."""
-    if is_remote(url):
-        return
-    path = url[len("file://"):] if url.startswith("file://") else url
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{url}: no such file") from None
-    if not stat.S_ISREG(mode):
-        raise ManifestError(f"{url}: not a regular file (a device, pipe or folder cannot be a shard "
-                            "or a manifest)")
+    problem = file_problem(url)   # the admission rule of every input file (admission.py)
+    if problem == "no such file":
+        raise FileNotFoundError(f"{url}: no such file")
+    if problem:
+        raise ManifestError(f"{url}: {problem}: it cannot be a shard or a manifest")
 
 
 def _refuse_incomplete(folder: str, storage_options: dict | None) -> None:

@@ -9,6 +9,7 @@ switch). Overlays project the predicted mesh with the full-perspective camera of
 pixels, map them into RoI 0's crop with the cropper's own transform, and draw the mesh
 edges over the (upscaled) crop; ground-truth 2D keypoints are drawn as green dots.
 """
+import json
 import re
 from pathlib import Path
 
@@ -16,9 +17,11 @@ import cv2
 import numpy as np
 import torch
 
-from ..data.shards import write_json
+from ..outputs import Output, write_text
 
 OVERLAY_SIZE = 320
+#: What a report writes into its folder (besides one sub-folder per checkpoint of --top K).
+REPORT_FILES = ("metrics.json", "report.md", "per_joint.png", "overlays", "summary.json")
 
 
 # ----------------------------------------------------------------------------- files
@@ -26,31 +29,30 @@ OVERLAY_SIZE = 320
 
 def write_report(out_dir, metrics: dict, evaluation=None) -> dict[str, str]:
     """Write metrics.json, per_joint.png, overlays/*.png and report.md; return their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"metrics": out / "metrics.json", "per_joint": out / "per_joint.png",
-             "report": out / "report.md"}
-    write_json(str(paths["metrics"]), metrics, indent=2, default=_json_default)  # atomic: never half a file
-    plot_per_joint(metrics["per_joint"], paths["per_joint"])
+    out = Output(Path(out_dir), None)    # claimed by the caller (outputs.claim_output)
+    out.root.mkdir(parents=True, exist_ok=True)
+    out.write_text("metrics.json", json.dumps(metrics, indent=2, default=_json_default))
+    with out.atomic("per_joint.png") as tmp:
+        plot_per_joint(metrics["per_joint"], tmp)
     overlays = []
     if evaluation is not None and evaluation.overlay_samples:
-        (out / "overlays").mkdir(exist_ok=True)
         for index, sample in enumerate(evaluation.overlay_samples):
-            name = f"{index:02d}_{_safe(sample['key'])}.png"
-            draw_overlay(sample, evaluation.faces, out / "overlays" / name)
-            overlays.append((f"overlays/{name}", sample))
-    paths["report"].write_text(report_markdown(metrics, overlays))
-    return {k: str(v) for k, v in paths.items()}
+            name = f"overlays/{index:02d}_{_safe(sample['key'])}.png"
+            with out.atomic(name) as tmp:
+                draw_overlay(sample, evaluation.faces, tmp)
+            overlays.append((name, sample))
+    out.write_text("report.md", report_markdown(metrics, overlays))
+    return {k: str(out.root / name) for k, name in
+            (("metrics", "metrics.json"), ("per_joint", "per_joint.png"), ("report", "report.md"))}
 
 
 def write_summary_report(out_dir, results: list[dict]) -> dict[str, str]:
     """Several evaluated checkpoints: summary.json and a ranking table in report.md."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rows = [{"rank": i + 1, "checkpoint": r["checkpoint"], "out": r.get("out"),
              "stored_val_mpjpe": r.get("stored_validation", {}).get("val_mpjpe"), **r["overall"]}
             for i, r in enumerate(results)]
-    write_json(str(out / "summary.json"), {"evaluations": rows}, indent=2, default=_json_default)
+    write_text(out / "summary.json", json.dumps({"evaluations": rows}, indent=2, default=_json_default))
     lines = [f"# Evaluation of the top {len(results)} checkpoints", "",
              f"Data: `{results[0]['data']}`. {results[0]['protocol']['note']}", "",
              "| rank | checkpoint | MPJPE | PA-MPJPE | PVE | samples | stored val_mpjpe | report |",
@@ -60,7 +62,7 @@ def write_summary_report(out_dir, results: list[dict]) -> dict[str, str]:
         lines.append(f"| {row['rank']} | `{row['checkpoint']}` | {row['mpjpe']:.2f} | {row['pa_mpjpe']:.2f} "
                      f"| {row['pve']:.2f} | {row['num_samples']} | {_fmt(row['stored_val_mpjpe'])} "
                      f"| [{rel}/report.md]({rel}/report.md) |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "report.md", "\n".join(lines) + "\n")
     return {"summary": str(out / "summary.json"), "report": str(out / "report.md")}
 
 

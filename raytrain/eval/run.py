@@ -32,6 +32,7 @@ from ..body.joints import J14_NAMES
 from ..checkpoints import Target, checkpoint_target, load_trained_model, select_checkpoints, storage_errors
 from ..config import ConfigError, ExperimentConfig
 from ..data.io import get_fs, is_remote, join_url, upload_dir
+from ..outputs import claim_output
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ OVERLAYS = 4
 def run_eval(checkpoint: str | None = None, experiment: str | None = None, best: bool = False,
              top: int = 1, data: str | None = None, out: str | None = None,
              config: str | None = None, max_samples: int = 0, overlays: int = OVERLAYS,
-             device: str | None = None, quiet: bool = False, smpl_dir: str | None = None) -> dict:
+             device: str | None = None, quiet: bool = False, smpl_dir: str | None = None,
+             overwrite: bool = False) -> dict:
     """Evaluate one checkpoint (``checkpoint``) or the best / latest of an experiment.
 
     checkpoint: a checkpoint directory (state.pt + COMMIT.json). experiment: a train or
@@ -54,7 +56,8 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
     form `resolve_shards` accepts). config: a YAML used when the checkpoint stores no
     config. max_samples: cap on evaluated samples (0: all). smpl_dir: the body model to score
     with (never taken from a stored config: a downloaded checkpoint must not choose files
-    to read).
+    to read). out follows the output rule (``raytrain.outputs``): refused when not empty
+    unless ``overwrite``, locked while written.
 
     Returns the metrics dict of the first (best) checkpoint, as written to metrics.json,
     plus ``out``; with several checkpoints also ``evaluations`` (one entry each).
@@ -74,9 +77,8 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
     else:
         targets = select_checkpoints(experiment, best=best, top=top, config=config)
     out_dir = Path(tempfile.mkdtemp(prefix="raytrain-eval-")) if is_remote(out) else Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    from .report import write_report, write_summary_report
+    from .report import REPORT_FILES, write_report, write_summary_report
+    claimed = claim_output(out_dir, overwrite, ours=REPORT_FILES)   # before any model loads
     results = []
     try:
         for rank, target in enumerate(targets):
@@ -100,6 +102,7 @@ def run_eval(checkpoint: str | None = None, experiment: str | None = None, best:
             with storage_errors(out, "write"):
                 upload_dir(out_dir, out)
     finally:
+        claimed.release()
         if is_remote(out):                       # the local staging of an uploaded report
             shutil.rmtree(out_dir, ignore_errors=True)
     return first

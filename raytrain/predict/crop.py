@@ -4,28 +4,29 @@ The crops are cut by the training cropper (``raytrain.data.crop.MultiRoICropper`
 the RoI schedule and crop size of the checkpoint's config and no augmentation, exactly as
 the validation loader cuts them: an image file is a full frame (identity affine), its
 JPEG decoded at libjpeg's reduced scale where every RoI allows it, once per scale for all
-persons of the image. A video frame arrives decoded.
+persons of the image. A video frame (or a photo turned by its EXIF orientation) arrives
+decoded.
 
 Box convention of the training data (``data/convert``, ``synthetic``): a square around
 the person, side = 1.2 x the larger side of the person's tight box. A detector's box
-(x, y, w, h) becomes (x + w/2, y + h/2, box_scale * max(w, h)).
+(x, y, w, h) becomes (x + w/2, y + h/2, box_scale * max(w, h)), admitted by the shard
+reader's rule (``data.admission.box_problem``). Persons are cropped one at a time
+(``PersonCropper.crops`` is a generator): memory does not grow with the boxes of a picture.
 """
 from __future__ import annotations
 
-import logging
 import zlib
-from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import numpy as np
 
+from ..data.admission import box_problem
 from ..data.crop import MultiRoICropper
 from ..data.pipeline import schedule_from_config
-from ..data.schema import BadSample, Sample, box_overlaps_image
-from .inputs import Detection, ImageData, SkipItem, decode_rgb
+from ..data.schema import BadSample, Sample
+from .inputs import Detection, SkipItem, SkipLog, Unit
+from .options import BOX_SCALE
 
-BOX_SCALE = 1.2
-log = logging.getLogger(__name__)
 _IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], np.float32)
 _ZERO = {"keypoints_2d": (24, 3), "joints_3d": (24, 4), "pose": (72,), "betas": (10,)}
 
@@ -38,34 +39,16 @@ def square_box(bbox, scale: float = BOX_SCALE) -> np.ndarray:
     return np.array([x + w / 2, y + h / 2, scale * max(w, h)])
 
 
-def check_overlap(box: np.ndarray, image_size) -> None:
-    """The square box must overlap the image (the rule of the shard reader)."""
-    if not box_overlaps_image(box, image_size):
-        width, height = image_size
-        raise SkipItem("box_outside_image", f"box {[round(float(v), 1) for v in box]} vs image "
-                                            f"{width}x{height}")
+def check_box(box: np.ndarray, image_size) -> None:
+    """The square box must pass the shard reader's box rule (``SkipItem`` with its reason)."""
+    problem = box_problem(box, image_size)
+    if problem:
+        raise SkipItem(*problem)
 
 
 def image_diagonal(image_size) -> float:
     """CLIFF's focal length when none is known (``geometry.default_focal``), in px."""
     return float(np.hypot(float(image_size[0]), float(image_size[1])))
-
-
-@dataclass
-class Unit:
-    """One picture to predict on: an image file (encoded ``data``) or a video frame
-    (decoded RGB ``pixels``)."""
-    name: str
-    frame: int | None
-    size: tuple[int, int]                 # (W, H)
-    data: bytes | None = None
-    pixels: np.ndarray | None = None      # (H, W, 3) uint8 RGB
-
-    def rgb(self) -> np.ndarray:
-        """The whole picture as (H, W, 3) uint8 RGB (``SkipItem`` if it does not decode)."""
-        if self.pixels is not None:
-            return self.pixels
-        return decode_rgb(ImageData(self.name, self.data or b"", self.size))
 
 
 class PersonCropper:
@@ -80,26 +63,24 @@ class PersonCropper:
         self.cropper = MultiRoICropper(schedule_from_config(rois), crop_size=crop_size, augment=None)
         self.focal, self.box_scale, self.seed = focal, float(box_scale), int(seed)
 
-    def __call__(self, unit: Unit, detections: list[Detection]) -> tuple[list[dict], Counter]:
-        """The persons' crops (dicts, see ``crop_person``) and the skipped ones by reason."""
-        items, skipped, decoded = [], Counter(), {}
+    def crops(self, unit: Unit, detections: list[Detection], skips: SkipLog) -> Iterator[dict]:
+        """The persons' crops (dicts, see ``crop_person``), one at a time; the skipped ones
+        go to ``skips``."""
         if not detections:
-            skipped["no_detection"] += 1
-            _log_skip(unit, None, SkipItem("no_detection"))
-            return items, skipped
+            skips.add("no_detection", _where(unit, None))
+            return
+        decoded: dict = {}
         for person, detection in enumerate(detections):
             try:
-                items.append(self.crop_person(unit, person, detection, decoded))
+                yield self.crop_person(unit, person, detection, decoded)
             except SkipItem as skip:
-                skipped[skip.reason] += 1
-                _log_skip(unit, person, skip)
-        return items, skipped
+                skips.skip(_where(unit, person), skip)
 
     def crop_person(self, unit: Unit, person: int, detection: Detection, decoded: dict) -> dict:
         """One person -> {image, frame, person, bbox, score, images (M, S, S, 3) uint8 RGB,
         boxes (M, 3), image_size (2,), focal}."""
         box = square_box(detection.bbox, self.box_scale)
-        check_overlap(box, unit.size)
+        check_box(box, unit.size)
         focal = self.focal if self.focal is not None else image_diagonal(unit.size)
         sample = _sample(unit, box, focal)
         rng = np.random.default_rng([self.seed, zlib.crc32(unit.name.encode()), unit.frame or 0, person])
@@ -122,8 +103,6 @@ def _sample(unit: Unit, box: np.ndarray, focal: float) -> Sample:
                   cam_full=None, image=unit.pixels, **zeros)
 
 
-def _log_skip(unit: Unit, person: int | None, skip: SkipItem) -> None:
+def _where(unit: Unit, person: int | None) -> str:
     where = unit.name if unit.frame is None else f"{unit.name} frame {unit.frame}"
-    if person is not None:
-        where += f" person {person}"
-    log.warning("[predict] skip %s: %s", where, skip)
+    return where if person is None else f"{where} person {person}"

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..data.admission import file_problem
 from .inputs import PERSON_CATEGORY, Detection
 
 #: torchvision detection builders that can serve (all COCO-trained, label 1 = person).
@@ -65,8 +66,9 @@ def load_detector(path: str, arch: str = DEFAULT_ARCH, score_threshold: float = 
     """A detector from a local state_dict file (``ConfigError`` with one clear line if the
     file is missing, unreadable or of another architecture)."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--detector {path}: no such file (a torchvision detector's state_dict)")
+    problem = file_problem(path)
+    if problem:
+        raise ConfigError(f"--detector {path}: {problem} (a torchvision detector's state_dict)")
     model = build_detector(arch)
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)

@@ -19,28 +19,41 @@ MESH_COLOUR = (40, 140, 255)  # BGR orange: stands out on sky, grass and skin al
 BOX_COLOUR = (60, 200, 60)    # BGR
 
 
-def render_frame(rgb: np.ndarray, persons: list[dict], faces: np.ndarray | None) -> np.ndarray:
-    """(H, W, 3) uint8 RGB + persons ({vertices (V, 3), cam_full (3,), focal, bbox,
-    person}) -> (H, W, 3) uint8 BGR with the meshes over the picture."""
-    canvas = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
-    size = np.array([rgb.shape[1], rgb.shape[0]], np.float64)
+def canvas_of(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> the BGR canvas persons are drawn on."""
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
+
+
+def draw_persons(canvas: np.ndarray, persons: list[dict], faces: np.ndarray | None) -> np.ndarray:
+    """Persons ({vertices (V, 3), cam_full (3,), focal, bbox, person}) drawn over a BGR
+    canvas (H, W, 3) -> the new canvas. Called once per batch of persons, so a picture's
+    persons never need to be held together."""
+    height, width = canvas.shape[:2]
+    size = np.array([width, height], np.float64)
     # far persons first, so the nearer meshes are drawn over them
     order = sorted(persons, key=lambda p: -float(p["cam_full"][2]))
     meshes = [project_vertices(p["vertices"], p["cam_full"], p["focal"], size) for p in order]
     if meshes:
         canvas = draw_meshes(canvas, meshes, faces, colour=MESH_COLOUR)
-    thickness = max(1, int(round(max(rgb.shape[:2]) / 400)))
+    thickness = max(1, int(round(max(height, width) / 400)))
+    reach = 4 * max(height, width)   # admitted boxes lie within; OpenCV needs int32 corners
     for p in persons:
-        x, y, w, h = (float(v) for v in p["bbox"])
-        cv2.rectangle(canvas, (int(round(x)), int(round(y))), (int(round(x + w)), int(round(y + h))),
-                      BOX_COLOUR, thickness, cv2.LINE_AA)
-        cv2.putText(canvas, str(p["person"]), (int(round(x)) + 2, int(round(y)) + 14 * thickness),
+        x, y, w, h = np.clip(np.nan_to_num(np.asarray(p["bbox"], np.float64)), -reach, reach)
+        x0, y0 = int(round(x)), int(round(y))
+        x1, y1 = int(round(np.clip(x + w, -reach, reach))), int(round(np.clip(y + h, -reach, reach)))
+        cv2.rectangle(canvas, (x0, y0), (x1, y1), BOX_COLOUR, thickness, cv2.LINE_AA)
+        cv2.putText(canvas, str(p["person"]), (x0 + 2, y0 + 14 * thickness),
                     cv2.FONT_HERSHEY_SIMPLEX, 0.45 * thickness, BOX_COLOUR, thickness, cv2.LINE_AA)
     return canvas
 
 
+def render_frame(rgb: np.ndarray, persons: list[dict], faces: np.ndarray | None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB + persons -> (H, W, 3) uint8 BGR with the meshes over the picture."""
+    return draw_persons(canvas_of(rgb), persons, faces)
+
+
 def write_image(path: Path, bgr: np.ndarray, quality: int = 90) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A JPEG at ``path`` (its folder exists: the output rule made it)."""
     if not cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)]):
         raise OSError(f"could not write {path}")
     return str(path)
@@ -54,7 +67,6 @@ class VideoOut:
 
     def write(self, bgr: np.ndarray) -> None:
         if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             height, width = bgr.shape[:2]
             self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
                                           (width, height))

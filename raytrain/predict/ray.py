@@ -9,17 +9,21 @@
          or predictions.parquet/ (written by the cluster, --ray-format parquet: the
          record's fields, ``frame`` -1 for a still image, arrays as Ray tensor columns)
 
-The crop stage runs the single-process path's code (``inputs``, ``crop.PersonCropper``)
-and the actors the same forward pass (``model.InferenceModel``), so the records equal
-those of `raytrain predict` without ``--ray`` (in completion order; ``image``, ``frame``
-and ``person`` identify each). Skips are counted by reason in a small counter actor.
-Every node must see the checkpoint (shared storage, or ``s3://`` / ``gs://``: each node
-copies it once into its cache, ``eval/fetch.py``) and the inputs (shared storage or
-``s3://`` / ``gs://``).
+The crop stage reads through the single-process path's ``inputs.units`` and
+``run.detections_for`` and crops with ``crop.PersonCropper``; the actors run the same
+forward pass (``model.InferenceModel``), so the records equal those of `raytrain predict`
+without ``--ray`` (in completion order; ``image``, ``frame`` and ``person`` identify each).
+``--save-vertices`` writes the same ``vertices/`` files from the driver; ``--render`` draws
+the same pictures on the driver after the stream, from the persons' vertices (spooled to a
+temporary folder) and the sources read again through ``inputs.units``. Skips are counted
+by reason in a small counter actor, with a few examples each. Every node must see the
+checkpoint (shared storage, or ``s3://`` / ``gs://``: each node copies it once into its
+cache, ``eval/fetch.py``) and the inputs (shared storage or ``s3://`` / ``gs://``).
 """
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,75 +32,106 @@ import numpy as np
 import ray
 
 from ..connect import connect_ray
-from .crop import PersonCropper, Unit
-from .inputs import SkipItem, read_image, read_video
+from ..outputs import Output
+from .crop import PersonCropper
+from .inputs import SkipLog, Source, SourceEnd, count_unused, units
+from .overlay import canvas_of, draw_persons
 from .run import (
     PROGRESS_EVERY_S,
     PredictOptions,
     RecordWriter,
+    RenderWriter,
+    VertexWriter,
     detections_for,
     finish,
-    missing_image_counts,
+    finite_output,
     prediction_record,
-    read_inputs,
+    prepare,
 )
 
 log = logging.getLogger(__name__)
 NO_FRAME = -1   # the ``frame`` column of a still image (Arrow columns hold no None)
+SPOOL_PER_FILE = 64   # persons per spooled vertex file of --render (read back at random)
 
 
 def run_predict_ray(opts: PredictOptions) -> dict:
     """Predict on Ray Data; returns the summary of ``run.finish``."""
     import ray.data
-    sources, table = read_inputs(opts)
-    from .model import load_inference_model
-    # on the driver first: a checkpoint that does not fit its config fails here, in one line
-    model = load_inference_model(opts.checkpoint, opts.smpl_dir, opts.config, device="cpu")
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    counts = missing_image_counts(table, sources)
-    connect_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    counter = SkipCounter.options(num_cpus=0).remote()
-    started = time.perf_counter()
-    crop_args = {"rois": model.cfg.rois, "crop_size": model.crop_size, "seed": model.cfg.seed, "opts": opts,
-                 "table": table, "counter": counter}
-    ds = ray.data.from_items([{"url": s.url, "name": s.name, "kind": s.kind} for s in sources],
-                             override_num_blocks=max(1, len(sources)))
-    if opts.detector:
-        ds = ds.flat_map(CropStage, fn_constructor_kwargs=crop_args, num_cpus=opts.crop_cpus,
-                         compute=ray.data.ActorPoolStrategy(size=opts.actors))
-    else:
-        ds = ds.flat_map(crop_source, fn_kwargs=crop_args, num_cpus=opts.crop_cpus)
-    gpus = ray.cluster_resources().get("GPU", 0) > 0
-    ds = ds.map_batches(ModelActor, batch_size=opts.batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"opts": opts, "gpu": gpus, "counter": counter},
-                        compute=ray.data.ActorPoolStrategy(size=opts.actors),
-                        num_gpus=1 if gpus else 0, num_cpus=opts.actor_cpus)
-    if opts.ray_format == "parquet":
-        path = out / "predictions.parquet"
-        ds.write_parquet(str(path))
-    else:
-        path = out / "predictions.jsonl"
-        _write_jsonl(ds, path, opts, started)
-    tally = Counter(ray.get(counter.counts.remote()))
-    stats = Counter({k: tally.pop(k, 0) for k in ("images", "videos", "frames", "persons")})
-    counts.update(tally)
-    return finish(opts, out, stats, counts, time.perf_counter() - started, path)
+    run, spool = prepare(opts), None
+    try:
+        from .model import load_inference_model
+        # on the driver first: a checkpoint that does not fit its config fails here, in one line
+        model = load_inference_model(run.checkpoint, opts.smpl_dir, opts.config, device="cpu")
+        connect_ray()
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        counter = SkipCounter.options(num_cpus=0).remote()
+        started = time.perf_counter()
+        crop_args = {"rois": model.cfg.rois, "crop_size": model.crop_size, "seed": model.cfg.seed, "opts": opts,
+                     "table": run.table, "counter": counter}
+        ds = ray.data.from_items([{"url": s.url, "name": s.name, "kind": s.kind, "relative": s.relative}
+                                  for s in run.sources], override_num_blocks=max(1, len(run.sources)))
+        if opts.detector:
+            ds = ds.flat_map(CropStage, fn_constructor_kwargs=crop_args, num_cpus=opts.crop_cpus,
+                             compute=ray.data.ActorPoolStrategy(size=opts.actors))
+        else:
+            ds = ds.flat_map(crop_source, fn_kwargs=crop_args, num_cpus=opts.crop_cpus)
+        gpus = ray.cluster_resources().get("GPU", 0) > 0
+        ds = ds.map_batches(ModelActor, batch_size=opts.batch_size, batch_format="numpy",
+                            fn_constructor_kwargs={"opts": opts, "gpu": gpus, "checkpoint": run.checkpoint,
+                                                   "counter": counter},
+                            compute=ray.data.ActorPoolStrategy(size=opts.actors),
+                            num_gpus=1 if gpus else 0, num_cpus=opts.actor_cpus)
+        spool = _Spool(model.faces) if opts.render else None
+        if opts.ray_format == "parquet":
+            path, persons = run.out.path("predictions.parquet"), None
+            ds.write_parquet(str(path))
+        else:
+            path, persons = _write_jsonl(ds, run.out, opts, started, model.faces, run.skips, spool)
+        tally = Counter(ray.get(counter.counts.remote()))
+        run.skips.merge(*ray.get(counter.skips.remote()))
+        stats = Counter({k: tally.get(k, 0) for k in ("images", "videos", "frames", "persons")})
+        if persons is not None:
+            stats["persons"] = persons
+        if spool is not None:
+            _render(run.sources, opts, run.out, model.faces, spool)
+        return finish(opts, run.out, stats, run.skips, time.perf_counter() - started, path)
+    finally:
+        if spool is not None:
+            spool.folder.cleanup()
+        run.out.release()
 
 
-def _write_jsonl(ds, path: Path, opts: PredictOptions, started: float) -> None:
-    writer, last = RecordWriter(path), time.perf_counter()
+def _write_jsonl(ds, out: Output, opts: PredictOptions, started: float, faces, skips: SkipLog, spool):
+    """predictions.jsonl (and vertices/, the render spool) from the model stage's rows."""
+    writer, last = RecordWriter(out), time.perf_counter()
+    vertices = VertexWriter(out, faces) if opts.save_vertices else None
+    ok = False
     try:
         for row in ds.iter_rows():
-            writer.write(record_of_row(row))
+            record = record_of_row(row)
+            if not finite_output({k: row[k] for k in (*OUTPUTS, "vertices") if k in row}, record, skips):
+                continue
+            line = writer.write(record)
+            if vertices is not None:
+                vertices.add(np.asarray(row["vertices"]) + np.asarray(row["cam_full"]), line)
+            if spool is not None:
+                spool.add(record, np.asarray(row["vertices"]), line)
             now = time.perf_counter()
             if not opts.quiet and now - last >= PROGRESS_EVERY_S:
                 last = now
                 print(f"[predict] {writer.lines} persons, {writer.lines / (now - started):.1f} persons/s",
                       flush=True)
+        ok = True
     finally:
-        writer.close()
+        writer.close(ok)
+        if vertices is not None:
+            vertices.close(ok)
+        if spool is not None:
+            spool.writer.close(ok)
+    return writer.path, writer.lines
+
+
+OUTPUTS = ("focal", "pose", "betas", "cam_full", "joints_2d")
 
 
 def record_of_row(row: dict) -> dict:
@@ -108,53 +143,93 @@ def record_of_row(row: dict) -> dict:
     return prediction_record(item, row)
 
 
+# ----------------------------------------------------------------------------- render
+
+
+class _Spool:
+    """The persons of a --render run: their vertices in small temporary npz files, and
+    what drawing needs by (image, frame)."""
+
+    def __init__(self, faces):
+        self.folder = tempfile.TemporaryDirectory(prefix="raytrain-render-")
+        self.writer = VertexWriter(Output(Path(self.folder.name), None), faces, folder="spool",
+                                   per_file=SPOOL_PER_FILE)
+        self.persons: dict[tuple[str, int | None], list[dict]] = {}
+        self.cached: tuple[int, np.ndarray] | None = None
+
+    def add(self, record: dict, vertices: np.ndarray, line: int) -> None:
+        self.writer.add(vertices, line)
+        self.persons.setdefault((record["image"], record["frame"]), []).append(
+            {"bbox": record["bbox"], "person": record["person"], "cam_full": np.asarray(record["cam_full"]),
+             "focal": record["focal"], "line": line})
+
+    def of(self, unit) -> list[dict]:
+        found = sorted(self.persons.get((unit.name, unit.frame), []), key=lambda p: p["person"])
+        return [dict(p, vertices=self._vertices(p["line"])) for p in found]
+
+    def _vertices(self, line: int) -> np.ndarray:
+        index, row = self.writer.where[line]
+        if self.cached is None or self.cached[0] != index:
+            with np.load(Path(self.folder.name) / self.writer.name(index)) as stored:
+                self.cached = (index, stored["vertices"])
+        return self.cached[1][row]
+
+
+def _render(sources: list[Source], opts: PredictOptions, out: Output, faces, spool: _Spool) -> None:
+    """render/ of a --ray run: each source read again through ``units``, its persons drawn
+    in batches of batch_size as the single-process path draws them."""
+    taken: set[str] = set()
+    for source in sources:
+        render, ok = RenderWriter(out, source, taken), False
+        try:
+            for unit in units(source, opts, SkipLog(), Counter(), view=True):
+                canvas, persons = canvas_of(unit.view), spool.of(unit)
+                for first in range(0, len(persons), opts.batch_size):
+                    canvas = draw_persons(canvas, persons[first:first + opts.batch_size], faces)
+                render.show(unit, canvas)
+            ok = True
+        finally:
+            render.close(ok)
+
+
 # ----------------------------------------------------------------------------- stages
 
 
 @ray.remote
 class SkipCounter:
-    """Skips and input counts of the whole run, by name."""
+    """Input counts and skips (with a few examples each) of the whole run."""
 
     def __init__(self):
         self.tally = Counter()
+        self.log = SkipLog()
 
-    def add(self, counts: dict) -> None:
+    def add(self, counts: dict, skips: tuple[dict, dict] = ({}, {})) -> None:
         self.tally.update(counts)
+        self.log.merge(*skips)
 
     def counts(self) -> dict:
         return dict(self.tally)
 
+    def skips(self) -> tuple[dict, dict]:
+        return self.log.state()
+
 
 def crop_source(row: dict, rois, crop_size: int, seed: int, opts: PredictOptions, table, counter,
                 detector=None):
-    """One source (image or video) -> rows of person crops; skips go to ``counter``."""
+    """One source (image or video) -> rows of person crops; counts and skips go to ``counter``."""
     cropper = PersonCropper(rois, crop_size, focal=opts.focal, box_scale=opts.box_scale, seed=seed)
-    tally = Counter()
+    source = Source(**row)
+    tally, skips, end = Counter(), SkipLog(), SourceEnd()
+    detections = table.for_source(source) if table is not None else []
     try:
-        for unit in _units(row, opts, tally):
-            items, skipped = cropper(unit, detections_for(unit, row["name"], detector, table))
-            tally.update(skipped)
-            for item in items:
+        for unit in units(source, opts, skips, tally, view=detector is not None, end=end):
+            kept = detections_for(unit, detector, detections, opts.score_threshold, skips)
+            for item in cropper.crops(unit, kept, skips):
                 yield _crop_row(item)
-    except SkipItem as skip:
-        log.warning("[predict] skip %s: %s", row["name"], skip)
-        tally[skip.reason] += 1
+        if table is not None:
+            count_unused(detections, end, source.name, skips)
     finally:
-        ray.get(counter.add.remote(dict(tally)))
-
-
-def _units(row: dict, opts: PredictOptions, tally: Counter):
-    from .inputs import Source
-    source = Source(url=row["url"], name=row["name"], kind=row["kind"])
-    if source.kind == "image":
-        image = read_image(source, storage_options=opts.storage_options)
-        tally["images"] += 1
-        yield Unit(name=source.name, frame=None, size=image.size, data=image.data)
-        return
-    for index, rgb in enumerate(read_video(source, opts.max_frames, storage_options=opts.storage_options)):
-        tally["videos"] += index == 0
-        tally["frames"] += 1
-        yield Unit(name=source.name, frame=index, size=(rgb.shape[1], rgb.shape[0]), pixels=rgb)
+        ray.get(counter.add.remote(dict(tally), skips.state()))
 
 
 def _crop_row(item: dict) -> dict:
@@ -178,22 +253,25 @@ class CropStage:
 
 
 class ModelActor:
-    """The network on one GPU (or ``actor_cpus`` CPUs): crop batches -> predictions."""
+    """The network on one GPU (or ``actor_cpus`` CPUs): crop batches -> predictions (and
+    the body-frame vertices with --render or --save-vertices)."""
 
-    def __init__(self, opts: PredictOptions, gpu: bool, counter):
+    def __init__(self, opts: PredictOptions, gpu: bool, checkpoint: str, counter):
         import torch
 
         from .model import load_inference_model
         if not gpu:
             torch.set_num_threads(max(1, int(round(opts.actor_cpus))))
         device = opts.device or ("cuda" if gpu else "cpu")
-        self.model = load_inference_model(opts.checkpoint, opts.smpl_dir, opts.config, device)
+        self.model = load_inference_model(checkpoint, opts.smpl_dir, opts.config, device)
+        self.vertices = opts.render or opts.save_vertices
         self.counter = counter
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.model.forward_arrays({k: batch[k] for k in ("images", "boxes", "image_size", "focal")})
+        outputs = self.model.forward_arrays({k: batch[k] for k in ("images", "boxes", "image_size", "focal")},
+                                            vertices=self.vertices)
         ray.get(self.counter.add.remote({"persons": len(batch["person"])}))
         result = {k: batch[k] for k in ("image", "frame", "person", "bbox", "score")}
         result["box"] = np.asarray(batch["boxes"])[:, 0]
-        result.update({k: outputs[k] for k in ("focal", "pose", "betas", "cam_full", "joints_2d")})
+        result.update({k: outputs[k] for k in (*OUTPUTS, *(("vertices",) if self.vertices else ()))})
         return result

@@ -1,7 +1,7 @@
 """`raytrain predict`: a trained checkpoint on images and videos, in one process.
 
     raytrain predict --checkpoint CKPT --detections dets.json photos/ clip.mp4 --out runs/predict
-    raytrain predict --checkpoint CKPT --detector frcnn.pt --render photos/
+    raytrain predict --experiment runs/tune/x --best --detector frcnn.pt --render --every 5 clip.mp4
 
 For every person box (from a COCO-results file or a local torchvision detector) the RoI
 crops are cut by the training cropper with the checkpoint's schedule (``crop.py``), batched
@@ -13,283 +13,249 @@ per person to ``predictions.jsonl``:
      "focal" (px), "pose" (72 SMPL axis-angle), "betas" (10), "cam_full" [tx, ty, tz]
      (m, camera of RoI 0), "joints_2d" (24 x [x, y] full-image px)}
 
-``--save-vertices``: ``vertices/vertices-NNNNNN.npz`` (``vertices`` (n, 6890, 3) float32 in
-the camera frame, ``record`` (n,) line numbers in predictions.jsonl, ``faces``).
-``--render``: ``render/<image>.jpg`` per image and ``render/<video>.mp4`` per video.
-Focal length: ``--focal`` px, else the image diagonal (CLIFF). Bad inputs are skipped,
-logged in one line each and counted by reason (``inputs.SKIP_REASONS``); the summary line
-and ``summary.json`` give every count.
+Every line is strict JSON (no NaN or Infinity: a person whose output is not finite is
+counted, not written). ``--save-vertices``: ``vertices/vertices-NNNNNN.npz`` (``vertices``
+(n, 6890, 3) float32 in the camera frame, ``record`` (n,) line numbers in
+predictions.jsonl, ``faces``). ``--render``: ``render/<name>.jpg`` per image and
+``render/<name>.mp4`` per video (``<name>``: the source's name without its suffix).
+Focal length: ``--focal`` px, else the image diagonal (CLIFF). ``--out`` follows the
+output rule (``raytrain.outputs``): checked, locked and emptied (``--overwrite``) before the
+model loads, every file renamed into place. Persons are cropped and inferred in batches of
+``--batch-size``: memory does not grow with the boxes of a picture. Bad inputs are skipped
+and counted by reason (``inputs.SKIP_REASONS``), logged once per reason with a few
+examples; the summary line and ``summary.json`` give every count.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
+import posixpath
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from ..config import ConfigError
-from .crop import BOX_SCALE, PersonCropper, Unit
+from ..outputs import Output, claim_output
+from .crop import PersonCropper
 from .inputs import (
     SKIP_REASONS,
+    Detection,
     DetectionTable,
     InputError,
-    SkipItem,
+    SkipLog,
+    Source,
+    SourceEnd,
+    Unit,
+    count_unused,
     for_frame,
     list_sources,
     load_detections,
-    read_image,
-    read_video,
+    units,
 )
+from .options import PredictOptions
+from .overlay import VideoOut, canvas_of, draw_persons, write_image
 
 log = logging.getLogger(__name__)
 VERTICES_PER_FILE = 1024
 PROGRESS_EVERY_S = 10.0
+#: What a run writes into --out (--overwrite clears a folder holding only these).
+WRITTEN = ("predictions.jsonl", "predictions.parquet", "summary.json", "render", "vertices")
 
 
 @dataclass
-class PredictOptions:
-    """Everything `raytrain predict` is told (CLI flags of the same names)."""
-    inputs: list[str]
+class Prepared:
+    """A run's checked inputs and claimed output folder, before any model loads."""
+    sources: list[Source]
+    table: DetectionTable | None
+    skips: SkipLog
+    out: Output
     checkpoint: str
-    out: str = "runs/predict"
-    detections: str | None = None
-    detector: str | None = None
-    detector_arch: str = "fasterrcnn_resnet50_fpn_v2"
-    score_threshold: float = 0.5
-    focal: float | None = None
-    box_scale: float = BOX_SCALE
-    batch_size: int = 16
-    render: bool = False
-    save_vertices: bool = False
-    max_frames: int = 0
-    device: str | None = None
-    config: str | None = None
-    smpl_dir: str | None = None
-    storage_options: dict | None = None
-    # Ray Data (``ray.py``)
-    ray: bool = False
-    ray_format: str = "jsonl"
-    actors: int = 2
-    actor_cpus: float = 1.0
-    crop_cpus: float = 0.5
-    quiet: bool = False
-
-    def check(self) -> None:
-        """ConfigError naming the flag, before anything is loaded."""
-        if not self.inputs:
-            raise ConfigError("predict: give at least one image, video, folder, glob or URL prefix")
-        if bool(self.detections) == bool(self.detector):
-            raise ConfigError("predict: give exactly one of --detections FILE (COCO results) or "
-                              "--detector STATE_DICT (a local torchvision detector)")
-        if self.batch_size < 1:
-            raise ConfigError(f"predict: --batch-size must be at least 1, got {self.batch_size}")
-        if self.focal is not None and not (math.isfinite(self.focal) and self.focal > 0):
-            raise ConfigError(f"predict: --focal must be a positive number of pixels, got {self.focal}")
-        if not (math.isfinite(self.box_scale) and self.box_scale > 0):
-            raise ConfigError(f"predict: --box-scale must be positive, got {self.box_scale}")
-        if not 0 <= self.score_threshold <= 1:
-            raise ConfigError(f"predict: --score-threshold must be in [0, 1], got {self.score_threshold}")
-        if self.ray_format not in ("jsonl", "parquet"):
-            raise ConfigError(f"predict: --ray-format must be jsonl or parquet, got {self.ray_format!r}")
-        if self.ray and (self.render or self.save_vertices):
-            raise ConfigError("predict: --render and --save-vertices run without --ray")
-        if self.actors < 1 or self.actor_cpus < 0 or self.crop_cpus <= 0:
-            raise ConfigError("predict: --actors must be >= 1, --actor-cpus >= 0, --crop-cpus > 0")
 
 
-def read_inputs(opts: PredictOptions):
-    """(sources, detection table or None) of checked options; ConfigError on bad input."""
+def prepare(opts: PredictOptions) -> Prepared:
+    """Check the options, list the inputs, read the detections, choose the checkpoint and
+    claim ``--out``: every ``ConfigError`` comes before a model is loaded."""
     opts.check()
     try:
-        sources = list_sources(opts.inputs, opts.storage_options)
+        sources, skips = list_sources(opts.inputs, opts.storage_options)
         table = load_detections(opts.detections, opts.storage_options) if opts.detections else None
     except InputError as error:
         raise ConfigError(f"predict: {error}") from None
-    return sources, table
+    if table is not None:
+        skips.merge(*table.refused.state())
+        for name, number in sorted(table.unmatched(sources).items()):
+            skips.add("missing_image", name, "not among the inputs", number)
+    checkpoint = chosen_checkpoint(opts)
+    return Prepared(sources, table, skips, claim_output(opts.out, opts.overwrite, ours=WRITTEN), checkpoint)
+
+
+def chosen_checkpoint(opts: PredictOptions) -> str:
+    """--checkpoint, or the checkpoint of --experiment that `raytrain eval` would choose."""
+    if opts.checkpoint:
+        return opts.checkpoint
+    from ..eval.run import select_checkpoints
+    return select_checkpoints(opts.experiment, best=opts.best, top=1, config=opts.config)[0].origin
 
 
 def run_predict(opts: PredictOptions) -> dict:
     """Predict on every input in this process; returns the summary (also written to
     summary.json). ``opts.ray`` runs ``ray.run_predict_ray`` instead (the CLI chooses)."""
-    sources, table = read_inputs(opts)
-    from .model import load_inference_model
-    model = load_inference_model(opts.checkpoint, opts.smpl_dir, opts.config, opts.device)
-    detector = None
-    if opts.detector:
-        from .detect import load_detector
-        detector = load_detector(opts.detector, opts.detector_arch, opts.score_threshold, opts.device)
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    predictor = Predictor(model, opts, out)
-    counts = missing_image_counts(table, sources)
-    started = time.perf_counter()
+    run = prepare(opts)
     try:
-        for source in sources:
-            units = (_image_units if source.kind == "image" else _video_units)(source, opts, predictor)
-            for unit, rgb in units:
-                try:
-                    detections = detections_for(unit, source.name, detector, table, rgb)
-                except SkipItem as skip:
-                    predictor.skip(unit.name, skip)
-                    continue
-                items, skipped = predictor.cropper(unit, detections)
-                counts.update(skipped)
-                predictor.add(unit, rgb, items)
-            counts.update(predictor.take_skips())
-        predictor.flush()
-    finally:
-        predictor.close()
-    return finish(opts, out, predictor.stats, counts, time.perf_counter() - started, predictor.path)
-
-
-def detections_for(unit: Unit, name: str, detector, table: DetectionTable | None, rgb=None) -> list:
-    """The persons of one image or frame: the detector's (run on ``rgb`` when already
-    decoded), else the detections file's entries for ``name`` at this frame."""
-    if detector is not None:
-        return detector(rgb if rgb is not None else unit.rgb(), unit.frame)
-    return for_frame(table.lookup(name) or [], unit.frame)
-
-
-def missing_image_counts(table: DetectionTable | None, sources) -> Counter:
-    """Bad detection entries and detections of images that are not among the inputs."""
-    counts = Counter()
-    if table is None:
-        return counts
-    counts.update(table.bad)
-    for name, number in sorted(table.unmatched(sources).items()):
-        counts["missing_image"] += number
-        log.warning("[predict] skip %d detection(s) of %s: missing_image (not among the inputs)", number, name)
-    return counts
-
-
-def _image_units(source, opts: PredictOptions, predictor):
-    try:
-        image = read_image(source, storage_options=opts.storage_options)
-    except SkipItem as skip:
-        predictor.skip(source.name, skip)
-        return
-    predictor.stats["images"] += 1
-    unit = Unit(name=source.name, frame=None, size=image.size, data=image.data)
-    rgb = None
-    if opts.render:
+        from .model import load_inference_model
+        model = load_inference_model(run.checkpoint, opts.smpl_dir, opts.config, opts.device)
+        detector = None
+        if opts.detector:
+            from .detect import load_detector
+            detector = load_detector(opts.detector, opts.detector_arch, opts.score_threshold, opts.device)
+        started = time.perf_counter()
+        predictor = Predictor(model, opts, run.out, run.skips)
         try:
-            rgb = unit.rgb()
-        except SkipItem as skip:
-            predictor.skip(source.name, skip)
-            return
-    yield unit, rgb
-
-
-def _video_units(source, opts: PredictOptions, predictor):
-    info = []
-    try:
-        for index, rgb in enumerate(read_video(source, opts.max_frames, storage_options=opts.storage_options,
-                                               info=info)):
-            if index == 0:
-                predictor.stats["videos"] += 1
-                predictor.open_video(source.name, info[0].fps)
-            predictor.stats["frames"] += 1
-            yield Unit(name=source.name, frame=index, size=(rgb.shape[1], rgb.shape[0]), pixels=rgb), rgb
-    except SkipItem as skip:
-        predictor.skip(source.name, skip)
+            for source in run.sources:
+                predictor.predict_source(source, detector, run.table)
+            predictor.flush()
+        except BaseException:
+            predictor.close(ok=False)
+            raise
+        predictor.close()
+        return finish(opts, run.out, predictor.stats, run.skips, time.perf_counter() - started,
+                      predictor.records.path)
     finally:
-        predictor.flush()
-        predictor.close_video()
+        run.out.release()
+
+
+def detections_for(unit: Unit, detector, detections: list[Detection], score_threshold: float,
+                   skips: SkipLog) -> list[Detection]:
+    """The persons of one image or frame: the detector's (on the decoded picture), else the
+    detections file's entries of this frame at or above the score threshold."""
+    if detector is not None:
+        return detector(unit.view, unit.frame)
+    kept = []
+    for detection in for_frame(detections, unit.frame):
+        if detection.score >= score_threshold:
+            kept.append(detection)
+        else:
+            skips.add("low_score", unit.name, f"score {detection.score:g}")
+    return kept
+
+
+def render_name(source: Source, taken: set[str]) -> str:
+    """render/<name without its suffix>.jpg|.mp4, or with it (x.png.jpg) when another
+    source of the run took that name."""
+    suffix = ".mp4" if source.kind == "video" else ".jpg"
+    name = f"render/{posixpath.splitext(source.name)[0]}{suffix}"
+    if name in taken:
+        name = f"render/{source.name}{suffix}"
+    taken.add(name)
+    return name
+
+
+class RenderWriter:
+    """The render of one source: render/<name>.jpg of an image, the frames of
+    render/<name>.mp4 of a video; each renamed into place when complete."""
+
+    def __init__(self, out: Output, source: Source, taken: set[str]):
+        self.out, self.target = out, render_name(source, taken)
+        self.video: VideoOut | None = None
+        self.staged = None
+
+    def show(self, unit: Unit, canvas: np.ndarray) -> None:
+        """canvas: (H, W, 3) uint8 BGR of the unit with its persons drawn."""
+        if unit.frame is None:
+            with self.out.atomic(self.target) as tmp:
+                write_image(tmp, canvas)
+            return
+        if self.video is None:
+            self.staged = self.out.staged(self.target)
+            self.video = VideoOut(self.staged.tmp, unit.fps or 25.0)
+        self.video.write(canvas)
+
+    def close(self, ok: bool = True) -> None:
+        if self.video is not None:
+            self.video.close()
+            self.video = None
+            self.staged.commit() if ok else self.staged.discard()
 
 
 # ----------------------------------------------------------------------------- predictor
 
 
-class Predictor:
-    """Batches person crops through the model and writes what the options ask for."""
+@dataclass
+class Drawing:
+    """A picture being rendered: its canvas, drawn on batch by batch."""
+    unit: Unit
+    canvas: np.ndarray
+    persons: list[dict] = field(default_factory=list)
 
-    def __init__(self, model, opts: PredictOptions, out: Path):
-        self.model, self.opts, self.out = model, opts, out
+
+class Predictor:
+    """Crops persons, runs them through the model in batches of ``batch_size`` and writes
+    what the options ask for."""
+
+    def __init__(self, model, opts: PredictOptions, out: Output, skips: SkipLog):
+        self.model, self.opts, self.out, self.skips = model, opts, out, skips
         self.cropper = PersonCropper(model.cfg.rois, model.crop_size, focal=opts.focal,
                                      box_scale=opts.box_scale, seed=model.cfg.seed)
-        self.path = out / "predictions.jsonl"
-        self.records = RecordWriter(self.path)
-        self.vertices = VertexWriter(out / "vertices", model.faces) if opts.save_vertices else None
-        self.pending: list[tuple[Unit, np.ndarray | None, list[dict]]] = []
-        self.pending_persons = 0
+        self.records = RecordWriter(out)
+        self.vertices = VertexWriter(out, model.faces) if opts.save_vertices else None
+        self.pending: list[tuple[dict, Drawing | None]] = []
         self.stats = Counter(images=0, videos=0, frames=0, persons=0)
-        self.skips = Counter()
-        self.video = None
+        self.rendered: set[str] = set()
         self.started = self.last_progress = time.perf_counter()
 
-    def skip(self, where: str, skip: SkipItem) -> None:
-        log.warning("[predict] skip %s: %s", where, skip)
-        self.skips[skip.reason] += 1
-
-    def take_skips(self) -> Counter:
-        taken, self.skips = self.skips, Counter()
-        return taken
-
-    def add(self, unit: Unit, rgb: np.ndarray | None, items: list[dict]) -> None:
-        """Queue a unit's persons; run the network when a batch is full (or, when
-        rendering, once the unit is complete)."""
-        self.pending.append((unit, rgb, items))
-        self.pending_persons += len(items)
-        if self.opts.render or self.pending_persons >= self.opts.batch_size:
-            self.flush()
+    def predict_source(self, source: Source, detector, table: DetectionTable | None) -> None:
+        detections = table.for_source(source) if table is not None else []
+        end, ok = SourceEnd(), False
+        render = RenderWriter(self.out, source, self.rendered) if self.opts.render else None
+        try:
+            for unit in units(source, self.opts, self.skips, self.stats, view=detector is not None, end=end):
+                kept = detections_for(unit, detector, detections, self.opts.score_threshold, self.skips)
+                drawing = Drawing(unit, canvas_of(unit.view)) if render is not None else None
+                for item in self.cropper.crops(unit, kept, self.skips):
+                    self.pending.append((item, drawing))
+                    if len(self.pending) >= self.opts.batch_size:
+                        self.flush()
+                if drawing is not None:
+                    self.flush()
+                    render.show(unit, drawing.canvas)
+            ok = True
+        finally:
+            if render is not None:
+                render.close(ok)
+        if table is not None:
+            count_unused(detections, end, source.name, self.skips)
 
     def flush(self) -> None:
+        """Run the pending persons (at most batch_size) through the network and write them."""
         if not self.pending:
             return
-        pending, self.pending, self.pending_persons = self.pending, [], 0
-        items = [item for _, _, unit_items in pending for item in unit_items]
-        outputs = self.infer(items)
-        first = 0
-        for unit, rgb, unit_items in pending:
-            persons = [self._write(item, outputs, first + i) for i, item in enumerate(unit_items)]
-            first += len(unit_items)
-            if self.opts.render and rgb is not None:
-                self._render(unit, rgb, persons)
+        pending, self.pending = self.pending, []
+        want_vertices = self.opts.render or self.opts.save_vertices
+        outputs = self.model([item for item, _ in pending], vertices=want_vertices)
+        drawings = {}
+        for i, (item, drawing) in enumerate(pending):
+            output = {k: v[i] for k, v in outputs.items()}
+            person = self.write(item, output)
+            if person is not None and drawing is not None:
+                drawing.persons.append(person)
+                drawings[id(drawing)] = drawing
+        for drawing in drawings.values():
+            drawing.canvas = draw_persons(drawing.canvas, drawing.persons, self.model.faces)
+            drawing.persons = []
         self._progress()
 
-    def infer(self, items: list[dict]) -> dict[str, np.ndarray]:
-        """Outputs of all items, in batches of at most batch_size persons."""
-        want_vertices = self.opts.render or self.opts.save_vertices
-        parts = [self.model(items[i:i + self.opts.batch_size], vertices=want_vertices)
-                 for i in range(0, len(items), self.opts.batch_size)]
-        if not parts:
-            return {}
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-    def _write(self, item: dict, outputs: dict, i: int) -> dict:
-        record = prediction_record(item, {k: v[i] for k, v in outputs.items() if k != "vertices"})
-        line = self.records.write(record)
+    def write(self, item: dict, output: dict) -> dict | None:
+        """One person's record (and vertices); None when its output is not finite (counted)."""
+        if not finite_output(output, item, self.skips):
+            return None
+        line = self.records.write(prediction_record(item, output))
         self.stats["persons"] += 1
-        person = {"bbox": item["bbox"], "person": item["person"], "cam_full": outputs["cam_full"][i],
-                  "focal": float(item["focal"])}
-        if "vertices" in outputs:
-            person["vertices"] = outputs["vertices"][i]
-            if self.vertices is not None:
-                self.vertices.add(outputs["vertices"][i] + outputs["cam_full"][i], line)
-        return person
-
-    def _render(self, unit: Unit, rgb: np.ndarray, persons: list[dict]) -> None:
-        from .overlay import render_frame, write_image
-        bgr = render_frame(rgb, persons, self.model.faces)
-        if unit.frame is None:
-            write_image(self.out / "render" / f"{Path(unit.name).with_suffix('')}.jpg", bgr)
-        elif self.video is not None:
-            self.video.write(bgr)
-
-    def open_video(self, name: str, fps: float) -> None:
-        if self.opts.render:
-            from .overlay import VideoOut
-            self.video = VideoOut(self.out / "render" / f"{Path(name).with_suffix('')}.mp4", fps)
-
-    def close_video(self) -> None:
-        if self.video is not None:
-            self.video.close()
-            self.video = None
+        if self.vertices is not None:
+            self.vertices.add(output["vertices"] + output["cam_full"], line)
+        return {"bbox": item["bbox"], "person": item["person"], "cam_full": output["cam_full"],
+                "focal": float(item["focal"]), "vertices": output.get("vertices")}
 
     def _progress(self) -> None:
         now = time.perf_counter()
@@ -300,11 +266,10 @@ class Predictor:
         print(f"[predict] {self.stats['persons']} persons, {self.stats['images']} images, "
               f"{self.stats['frames']} video frames, {rate:.1f} persons/s", flush=True)
 
-    def close(self) -> None:
-        self.close_video()
-        self.records.close()
+    def close(self, ok: bool = True) -> None:
+        self.records.close(ok)
         if self.vertices is not None:
-            self.vertices.close()
+            self.vertices.close(ok)
 
 
 # ----------------------------------------------------------------------------- output
@@ -322,67 +287,92 @@ def prediction_record(item: dict, output: dict) -> dict:
     }
 
 
+def finite_output(output: dict, item: dict, skips: SkipLog) -> bool:
+    """Whether every output array of a person is finite (else counted: nothing is written)."""
+    if all(np.isfinite(np.asarray(v, np.float64)).all() for v in output.values()):
+        return True
+    where = item["image"] if item["frame"] is None else f"{item['image']} frame {item['frame']}"
+    skips.add("nonfinite_output", f"{where} person {item['person']}")
+    return False
+
+
 def _floats(values) -> list[float]:
     """float32 values as the shortest decimals that read back to them (285.2, not 285.20001220703125)."""
     return [float(str(v)) for v in np.asarray(values, np.float32).reshape(-1)]
 
 
 class RecordWriter:
-    """predictions.jsonl, one line per person, in the order written."""
+    """predictions.jsonl, one strict JSON line per person, in the order written; renamed
+    into place when closed."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "w")
+    def __init__(self, out: Output, name: str = "predictions.jsonl"):
+        self.staged = out.staged(name)
+        self.path = self.staged.target
+        self.handle = open(self.staged.tmp, "x")
         self.lines = 0
 
     def write(self, record: dict) -> int:
         """Write a record; returns its line number (0-based)."""
-        self.handle.write(json.dumps(record) + "\n")
+        self.handle.write(json.dumps(record, allow_nan=False) + "\n")
         self.lines += 1
         return self.lines - 1
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        if self.handle.closed:
+            return
         self.handle.close()
+        if ok:
+            self.staged.commit()
+        else:
+            self.staged.discard()
 
 
 class VertexWriter:
-    """vertices/vertices-NNNNNN.npz files of at most VERTICES_PER_FILE persons each."""
+    """vertices/vertices-NNNNNN.npz files of at most ``per_file`` persons each."""
 
-    def __init__(self, folder: Path, faces: np.ndarray):
-        self.folder, self.faces = Path(folder), np.asarray(faces, np.int32)
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def __init__(self, out: Output, faces: np.ndarray, folder: str = "vertices",
+                 per_file: int = VERTICES_PER_FILE):
+        self.out, self.folder, self.per_file = out, folder, per_file
+        self.faces = np.asarray(faces, np.int32)
         self.vertices, self.lines, self.files = [], [], 0
+        self.where: dict[int, tuple[int, int]] = {}     # record line -> (file, row)
 
     def add(self, vertices: np.ndarray, line: int) -> None:
+        self.where[line] = (self.files, len(self.vertices))
         self.vertices.append(np.asarray(vertices, np.float32))
         self.lines.append(line)
-        if len(self.vertices) >= VERTICES_PER_FILE:
+        if len(self.vertices) >= self.per_file:
             self._write()
+
+    def name(self, index: int) -> str:
+        return f"{self.folder}/vertices-{index:06d}.npz"
 
     def _write(self) -> None:
         if not self.vertices:
             return
-        np.savez(self.folder / f"vertices-{self.files:06d}.npz", vertices=np.stack(self.vertices),
-                 record=np.asarray(self.lines, np.int64), faces=self.faces)
+        with self.out.atomic(self.name(self.files)) as tmp:
+            np.savez(tmp, vertices=np.stack(self.vertices), record=np.asarray(self.lines, np.int64),
+                     faces=self.faces)
         self.files += 1
         self.vertices, self.lines = [], []
 
-    def close(self) -> None:
-        self._write()
+    def close(self, ok: bool = True) -> None:
+        if ok:
+            self._write()
 
 
-def finish(opts: PredictOptions, out: Path, stats: Counter, counts: Counter, seconds: float,
-           predictions: Path) -> dict:
+def finish(opts: PredictOptions, out: Output, stats: Counter, skips: SkipLog, seconds: float,
+           predictions) -> dict:
     """summary.json and the summary line: persons, inputs, and every skip count."""
-    skipped = {reason: int(counts.get(reason, 0)) for reason in SKIP_REASONS}
+    skips.report()
+    skipped = {reason: int(skips.counts.get(reason, 0)) for reason in SKIP_REASONS}
     summary = {"persons": int(stats["persons"]), "images": int(stats["images"]),
                "videos": int(stats["videos"]), "frames": int(stats["frames"]), "skipped": skipped,
                "seconds": round(seconds, 3),
                "persons_per_s": round(stats["persons"] / seconds, 2) if seconds > 0 else None,
-               "predictions": str(predictions), "out": str(out),
+               "predictions": str(predictions), "out": str(out.root),
                "options": {k: v for k, v in asdict(opts).items() if k != "storage_options"}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    out.write_text("summary.json", json.dumps(summary, indent=2))
     if not opts.quiet:
         print(summary_line(summary), flush=True)
     return summary
