@@ -57,6 +57,10 @@ def check_output(path: str | os.PathLike, flag: str = "--out") -> Path:
         existing = existing.parent
     if existing != out and not existing.is_dir():
         raise ConfigError(f"{flag} {out}: is inside {existing}, which is a file")
+    if existing == out:   # an existing folder is left as it is (its claim writes the marker)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} {out}: is not writable")
+        return out
     try:   # a real probe: access() says yes to root on a read-only or virtual file system
         os.rmdir(tempfile.mkdtemp(prefix=".raytrain-probe-", dir=existing))
     except OSError as error:
@@ -100,7 +104,11 @@ def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "
     for name in entries:
         _remove(out / name)
     claimed = Output(out, fd, created)
-    claimed.write_text(MARKER, "a raytrain command writes its results here; --overwrite may clear this folder\n")
+    try:
+        claimed.write_text(MARKER, "a raytrain command writes its results here; --overwrite may clear this folder\n")
+    except OSError as error:
+        claimed.release()
+        raise ConfigError(f"{flag} {out}: is not writable ({error.strerror or error})") from None
     return claimed
 
 
