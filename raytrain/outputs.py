@@ -57,6 +57,10 @@ def check_output(path: str | os.PathLike, flag: str = "--out") -> Path:
         existing = existing.parent
     if existing != out and not existing.is_dir():
         raise ConfigError(f"{flag} {out}: is inside {existing}, which is a file")
+    if existing == out:   # an existing folder is left as it is (its claim writes the marker)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} {out}: is not writable")
+        return out
     try:   # a real probe: access() says yes to root on a read-only or virtual file system
         os.rmdir(tempfile.mkdtemp(prefix=".raytrain-probe-", dir=existing))
     except OSError as error:
@@ -72,7 +76,7 @@ def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "
                  ours: tuple[str, ...] = ()) -> Output:
     """The checked, locked, empty output folder (see the module docstring)."""
     out = check_output(path, flag)
-    created = not out.exists()
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]   # innermost first
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -86,12 +90,13 @@ def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "
         os.close(fd)
         raise ConfigError(f"{flag} {out}: another run is writing there now") from None
     entries = sorted(os.listdir(out))
+    shown = next((name for name in entries if name != MARKER), MARKER)
     problem = None
     if entries and not overwrite:
-        problem = (f"not empty ({len(entries)} entries, e.g. {entries[0]}); pass --overwrite to replace "
+        problem = (f"not empty ({len(entries)} entries, e.g. {shown}); pass --overwrite to replace "
                    "what a previous run wrote")
     elif entries and MARKER not in entries and not set(entries) <= set(ours):
-        problem = (f"holds {len(entries)} entries (e.g. {entries[0]}) that no run wrote there; "
+        problem = (f"holds {len(entries)} entries (e.g. {shown}) that no run wrote there; "
                    "--overwrite clears only a folder a run wrote: choose another --out")
     if problem:
         os.close(fd)
@@ -99,7 +104,11 @@ def claim_output(path: str | os.PathLike, overwrite: bool = False, flag: str = "
     for name in entries:
         _remove(out / name)
     claimed = Output(out, fd, created)
-    claimed.write_text(MARKER, "a raytrain command writes its results here; --overwrite may clear this folder\n")
+    try:
+        claimed.write_text(MARKER, "a raytrain command writes its results here; --overwrite may clear this folder\n")
+    except OSError as error:
+        claimed.release()
+        raise ConfigError(f"{flag} {out}: is not writable ({error.strerror or error})") from None
     return claimed
 
 
@@ -114,8 +123,8 @@ def _remove(path: Path) -> None:
 class Output:
     """A claimed output folder: files are written under it, never outside."""
 
-    def __init__(self, root: Path, fd: int | None, created: bool = False):
-        self.root, self._fd, self.created = Path(root), fd, created
+    def __init__(self, root: Path, fd: int | None, created: list[Path] | None = None):
+        self.root, self._fd, self.created = Path(root), fd, created or []
 
     def path(self, name: str) -> Path:
         """The final path of the relative ``name``; its folders are created as real folders
@@ -165,8 +174,10 @@ class Output:
         try:
             if os.listdir(self.root) == [MARKER]:
                 (self.root / MARKER).unlink()
-                if self.created:
-                    self.root.rmdir()
+                for folder in self.created:          # the folders the claim made, if still empty
+                    if any(folder.iterdir()):
+                        break
+                    folder.rmdir()
         finally:
             os.close(self._fd)
             self._fd = None
