@@ -76,17 +76,18 @@ def stack_items(items: list[dict]) -> dict[str, np.ndarray]:
             "focal": np.asarray([item["focal"] for item in items], np.float32)}
 
 
-def load_inference_model(checkpoint: str, smpl_dir: str, config: str | None = None,
+def load_inference_model(checkpoint, smpl_dir: str, config: str | None = None,
                          device: str | None = None) -> InferenceModel:
-    """Load a checkpoint directory for inference (eval mode, on ``device``).
+    """Load a checkpoint directory (a path or URL, or a ``checkpoints.Target`` already
+    opened) for inference (eval mode, on ``device``).
 
     Raises ``CheckpointError`` for a path that is no complete checkpoint and
     ``CheckpointMismatch`` (a ``ConfigError``) when its weights do not fit its config."""
     from ..body import load_body_model
-    from ..checkpoints import checkpoint_target, load_trained_model
+    from ..checkpoints import Target, checkpoint_target, load_trained_model
     if smpl_dir is None:
         raise ConfigError("predict: the body model directory (model.smpl_dir) is not set")
-    target = checkpoint_target(checkpoint, config)
+    target = checkpoint if isinstance(checkpoint, Target) else checkpoint_target(checkpoint, config)
     body = load_body_model(smpl_dir)
     model = load_trained_model(target, device, body_model=body)
     return InferenceModel(model=model, cfg=target.config, checkpoint=target.origin,

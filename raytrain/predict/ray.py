@@ -77,8 +77,8 @@ def run_predict_ray(opts: PredictOptions) -> dict:
             ds = ds.flat_map(crop_source, fn_kwargs=crop_args, num_cpus=opts.crop_cpus)
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         ds = ds.map_batches(ModelActor, batch_size=opts.batch_size, batch_format="numpy",
-                            fn_constructor_kwargs={"opts": opts, "gpu": gpus, "checkpoint": run.checkpoint,
-                                                   "counter": counter},
+                            fn_constructor_kwargs={"opts": opts, "gpu": gpus, "counter": counter,
+                                                   "checkpoint": run.checkpoint_origin},
                             compute=ray.data.ActorPoolStrategy(size=opts.actors),
                             num_gpus=1 if gpus else 0, num_cpus=opts.actor_cpus)
         spool = _Spool(model.faces) if opts.render else None

@@ -33,6 +33,7 @@ import posixpath
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,12 @@ class Prepared:
     table: DetectionTable | None
     skips: SkipLog
     out: Output
-    checkpoint: str
+    checkpoint: Any  # --checkpoint's path or URL, or the Target --experiment chose
+
+    @property
+    def checkpoint_origin(self) -> str:
+        """The checkpoint's path or URL (what a Ray actor opens on its node)."""
+        return getattr(self.checkpoint, "origin", self.checkpoint)
 
 
 def prepare(opts: PredictOptions) -> Prepared:
@@ -91,12 +97,13 @@ def prepare(opts: PredictOptions) -> Prepared:
     return Prepared(sources, table, skips, claim_output(opts.out, opts.overwrite, ours=WRITTEN), checkpoint)
 
 
-def chosen_checkpoint(opts: PredictOptions) -> str:
-    """--checkpoint, or the checkpoint of --experiment that `raytrain eval` would choose."""
+def chosen_checkpoint(opts: PredictOptions):
+    """--checkpoint (its path or URL), or the checkpoint of --experiment that `raytrain eval`
+    would choose (a ``checkpoints.Target``, verified once: loading it hashes nothing again)."""
     if opts.checkpoint:
         return opts.checkpoint
-    from ..eval.run import select_checkpoints
-    return select_checkpoints(opts.experiment, best=opts.best, top=1, config=opts.config)[0].origin
+    from ..checkpoints import select_checkpoints
+    return select_checkpoints(opts.experiment, best=opts.best, top=1, config=opts.config)[0]
 
 
 def run_predict(opts: PredictOptions) -> dict:
