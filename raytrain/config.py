@@ -476,21 +476,22 @@ def validate(cfg: ExperimentConfig):
 
 
 def _check_vit(cfg: ExperimentConfig):
-    """A ViT's crops are whole patches; layer-wise lr decay needs a ViT's blocks."""
-    from .model.vit import PATCH, VIT_SIZES
-    vit = cfg.model.backbone in VIT_SIZES
-    if vit and cfg.model.pretrained != "none":
+    """A ViT's crops are whole patches; layer-wise lr decay needs a ViT's blocks (the
+    backbone registry says which backbones are ViTs and their patch)."""
+    backbones = lookup("backbone")
+    patch = backbones.patch_size(cfg.model.backbone)
+    if patch and cfg.model.pretrained != "none":
         raise ConfigError(f"model.pretrained={cfg.model.pretrained} is not offered for {cfg.model.backbone}: "
                           "set model.backbone_checkpoint to a timm ViT, ViTPose or HMR 2.0 file")
-    if vit and cfg.data.crop_size % PATCH:
+    if patch and cfg.data.crop_size % patch:
         raise ConfigError(f"data.crop_size: {cfg.data.crop_size} is not a multiple of {cfg.model.backbone}'s "
-                          f"{PATCH}-pixel patch (e.g. {cfg.data.crop_size // PATCH * PATCH or PATCH})")
+                          f"{patch}-pixel patch (e.g. {cfg.data.crop_size // patch * patch or patch})")
     if not cfg.optim.layer_decay > 0:
         raise ConfigError(f"optim.layer_decay: {cfg.optim.layer_decay} must be above 0 (1: off)")
-    if cfg.optim.layer_decay < 1 and not vit:
+    if cfg.optim.layer_decay < 1 and not patch:
         raise ConfigError(f"optim.layer_decay: {cfg.optim.layer_decay} applies to the ViT backbones "
-                          f"({', '.join(VIT_SIZES)}); model.backbone={cfg.model.backbone} has no blocks to "
-                          "decay: set optim.layer_decay=1")
+                          f"({', '.join(backbones.vit_names())}); model.backbone={cfg.model.backbone} has no "
+                          "blocks to decay: set optim.layer_decay=1")
 
 
 def _check_mixture(data: DataConfig):

@@ -32,7 +32,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..registry import Registry
-from .vit import VIT_SIZES, PooledViT, adapt_state
+from .vit import PATCH, VIT_SIZES, PooledViT, adapt_state
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,14 @@ class BackboneRegistry(Registry):
 
     def __contains__(self, name: object) -> bool:
         return self.problem(name) is None
+
+    def patch_size(self, name: str) -> int | None:
+        """The patch side (pixels) of a ViT backbone, which its crops must be a multiple of;
+        None for a CNN (any crop size)."""
+        return PATCH if name in VIT_SIZES else None
+
+    def vit_names(self) -> list[str]:
+        return [name for name in self.names() if self.patch_size(name)]
 
 
 #: name -> builder `(pretrained: bool) -> (module, feature_dim)`.

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import colorsys
 import logging
-import multiprocessing
-import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
@@ -626,7 +624,6 @@ _WORKER: dict = {}
 
 
 def _init_worker(cfg_dict: dict):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (one line)
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     _WORKER["generator"] = SyntheticGenerator(SyntheticConfig(**cfg_dict))
@@ -653,8 +650,8 @@ def shard_synthetic(out: str, n: int, seed: int = 0, workers: int = 1, maxcount:
         samples = generate_synthetic_samples(n, seed, cfg, chunk=chunk)
         return write_shards(samples, out, SOURCE, LICENCE, maxcount=maxcount,
                             storage_options=storage_options)
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, _init_worker, (asdict(cfg),)) as pool:
+    from ..data.convert.common import spawn_pool
+    with spawn_pool(workers, _init_worker, (asdict(cfg),)) as pool:
         samples = (s for chunk_samples in pool.imap(_encode_chunk, jobs) for s in chunk_samples)
         return write_shards(samples, out, SOURCE, LICENCE, maxcount=maxcount,
                             storage_options=storage_options)

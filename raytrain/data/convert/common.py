@@ -315,13 +315,19 @@ def _encode(key: str, image: np.ndarray, box: np.ndarray, meta: dict, arrays: di
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (one line)
 
 
-def _mp_context():
-    # spawn, not fork: a forked child inherits the parent's OpenCV / OpenMP thread-pool
-    # state and can deadlock in its first cv2 call (seen here in cv2.setNumThreads).
-    return multiprocessing.get_context("spawn")
+def spawn_pool(workers: int, initializer=None, initargs: tuple = ()) -> multiprocessing.pool.Pool:
+    """A pool of ``workers`` spawned processes that leave Ctrl-C to the parent (which says
+    in one line what the interrupt left). Spawn, not fork: a forked child inherits the
+    parent's OpenCV / OpenMP thread-pool state and can deadlock in its first cv2 call.
+    SIGINT is ignored while they start, and a process started with it ignored keeps it
+    ignored: none is interrupted in its interpreter's start-up (a traceback on the console)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context("spawn").Pool(workers, initializer, initargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def prepare_output(out: str, overwrite: bool, storage_options: dict | None = None) -> None:
@@ -371,7 +377,7 @@ def run_conversion(records: Iterable[Record], out: str, source: str, licence: st
         if workers <= 1:
             yield from map(job, records)
             return
-        with _mp_context().Pool(workers, initializer=_init_worker) as pool:
+        with spawn_pool(workers, _init_worker) as pool:
             yield from pool.imap(job, records, chunksize=4)
 
     def samples() -> Iterator[dict]:
