@@ -92,3 +92,35 @@ def test_shard_synthetic_writes_manifest(tmp_path):
     assert manifest["num_samples"] == 5 and len(manifest["shards"]) == 2
     on_disk = json.loads((tmp_path / "syn" / "manifest.json").read_text())
     assert on_disk["num_samples"] == 5 and on_disk["source"] == "synthetic"
+
+
+def test_long_render_resumes_after_its_last_whole_part(tmp_path, monkeypatch):
+    """A split longer than RENDER_PART is rendered in parts; interrupted, it keeps the parts
+    it finished and renders only the rest, and the set equals a render in one go."""
+    from raytrain.data.reader import ShardReader
+    from raytrain.synthetic import people
+    cfg = SyntheticConfig(image_sizes=((320, 240),), crop_size=64)
+    monkeypatch.setattr(people, "RENDER_PART", 4)
+    real, calls = people.shard_synthetic, []
+
+    def stopping(*args, **kwargs):
+        calls.append(kwargs["start"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt("the machine was needed elsewhere")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(people, "shard_synthetic", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        people.ensure_synthetic_shards(tmp_path / "split", 10, 7, cfg, maxcount=3)
+    assert not (tmp_path / "split" / "manifest.json").exists()
+    calls.clear()
+    people.ensure_synthetic_shards(tmp_path / "split", 10, 7, cfg, maxcount=3)
+    assert calls == [8]                                          # only the part it had not finished
+    people.ensure_synthetic_shards(tmp_path / "split", 10, 7, cfg, maxcount=3)
+    assert calls == [8]                                          # the finished split is reused
+    real(str(tmp_path / "whole"), n=10, seed=7, maxcount=3, cfg=cfg)
+    resumed = [(s.key, s.jpeg) for s in ShardReader(str(tmp_path / "split"), shuffle=False, decode_images=False)]
+    whole = [(s.key, s.jpeg) for s in ShardReader(str(tmp_path / "whole"), shuffle=False, decode_images=False)]
+    assert len(resumed) == 10 and resumed == whole
+    assert sorted(p.name for p in (tmp_path / "split").iterdir() if not p.name.endswith(".tar")) == [
+        "manifest.json", "synthetic.json"]

@@ -24,7 +24,8 @@ import colorsys
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -636,8 +637,11 @@ def _encode_chunk(job):
 
 def shard_synthetic(out: str, n: int, seed: int = 0, workers: int = 1, maxcount: int = 1000,
                     cfg: SyntheticConfig | None = None, chunk: int = 16,
-                    storage_options: dict | None = None) -> dict:
-    """Render ``n`` synthetic samples into shards under ``out``; returns the manifest.
+                    storage_options: dict | None = None, start: int = 0, prefix: str = "shard",
+                    write_manifest: bool = True) -> dict:
+    """Render ``n`` synthetic samples (indices ``start ..``) into shards under ``out``;
+    returns the manifest (``write_manifest=False``: a part of a larger set, see
+    ``write_shards``).
 
     ``workers`` processes render chunks of ``chunk`` indices; the output is identical
     for any number of workers.
@@ -645,16 +649,47 @@ def shard_synthetic(out: str, n: int, seed: int = 0, workers: int = 1, maxcount:
     from ..data.shards import write_shards
 
     cfg = cfg or SyntheticConfig()
-    jobs = [(seed, first, min(first + chunk, n)) for first in range(0, n, chunk)]
+    write = partial(write_shards, out=out, source=SOURCE, licence=LICENCE, maxcount=maxcount,
+                              prefix=prefix, storage_options=storage_options, write_manifest=write_manifest)
     if workers <= 1:
-        samples = generate_synthetic_samples(n, seed, cfg, chunk=chunk)
-        return write_shards(samples, out, SOURCE, LICENCE, maxcount=maxcount,
-                            storage_options=storage_options)
+        return write(generate_synthetic_samples(n, seed, cfg, start=start, chunk=chunk))
+    jobs = [(seed, first, min(first + chunk, start + n)) for first in range(start, start + n, chunk)]
     from ..data.convert.common import spawn_pool
     with spawn_pool(workers, _init_worker, (asdict(cfg),)) as pool:
-        samples = (s for chunk_samples in pool.imap(_encode_chunk, jobs) for s in chunk_samples)
-        return write_shards(samples, out, SOURCE, LICENCE, maxcount=maxcount,
-                            storage_options=storage_options)
+        return write(s for chunk_samples in pool.imap(_encode_chunk, jobs) for s in chunk_samples)
+
+
+#: A large split is rendered in parts of this many people, each recorded once written: an
+#: interrupted render resumes after its last whole part.
+RENDER_PART = 2000
+
+
+def shard_synthetic_resumable(out: Path, n: int, seed: int, cfg: SyntheticConfig, workers: int = 1,
+                              maxcount: int = 400) -> dict:
+    """`shard_synthetic` into the local folder ``out`` in parts of RENDER_PART people; a part
+    recorded by an interrupted call (``part-K.json``) is kept, the rest rendered; the
+    manifest lists every part's shards in index order."""
+    import json
+
+    from ..data.shards import INCOMPLETE_NAME, MANIFEST_NAME, make_manifest, write_json
+    out.mkdir(parents=True, exist_ok=True)
+    (out / INCOMPLETE_NAME).write_text("synthetic people are being rendered here\n")
+    entries = []
+    for k, first in enumerate(range(0, n, RENDER_PART)):
+        record, prefix = out / f"part-{k:04d}.json", f"part{k:04d}"
+        if not record.exists():
+            for stale in out.glob(f"{prefix}-*.tar"):   # a part cut short
+                stale.unlink()
+            part = shard_synthetic(str(out), min(RENDER_PART, n - first), seed, workers, maxcount, cfg,
+                                   start=first, prefix=prefix, write_manifest=False)
+            record.write_text(json.dumps(part["shards"]))
+        entries += json.loads(record.read_text())
+    manifest = make_manifest(entries, SOURCE, LICENCE)
+    write_json(str(out / MANIFEST_NAME), manifest)
+    for record in out.glob("part-*.json"):
+        record.unlink()
+    (out / INCOMPLETE_NAME).unlink()
+    return manifest
 
 
 def ensure_synthetic_shards(path, n: int, seed: int, cfg: SyntheticConfig | None = None,
@@ -664,7 +699,6 @@ def ensure_synthetic_shards(path, n: int, seed: int, cfg: SyntheticConfig | None
     manifest). Returns ``path``."""
     import json
     import shutil
-    from pathlib import Path
 
     from ..data.pipeline import count_samples
     path, cfg = Path(path), cfg or SyntheticConfig()
@@ -672,9 +706,16 @@ def ensure_synthetic_shards(path, n: int, seed: int, cfg: SyntheticConfig | None
     from .body_model import FILE_FORMAT_VERSION
     wanted = json.dumps({"n": n, "seed": seed, "synthetic": asdict(cfg), "body_model": FILE_FORMAT_VERSION},
                         sort_keys=True)
-    if ((path / "manifest.json").exists() and stamp.exists() and stamp.read_text() == wanted
-            and count_samples(str(path)) == n):
+    same = stamp.exists() and stamp.read_text() == wanted
+    if same and (path / "manifest.json").exists() and count_samples(str(path)) == n:
         log.info("  %s already holds these %d samples, reusing it", path, n)
+        return str(path)
+    if n > RENDER_PART:               # long: resumable, the stamp first says what is rendered here
+        if path.exists() and not (same and not (path / "manifest.json").exists()):
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(wanted)
+        shard_synthetic_resumable(path, n, seed, cfg, workers=workers, maxcount=maxcount)
         return str(path)
     if path.exists():
         shutil.rmtree(path)
