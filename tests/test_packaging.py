@@ -79,7 +79,7 @@ def test_a_shipped_config_runs_by_bare_name_from_another_directory(installed):
     # the demo's shards do not exist here: doctor says so, after reading the shipped config
     out = _run(["-m", "raytrain.cli", "doctor", "--config", "r50_paper"], installed)
     assert "r50_paper is valid" in out.stdout and "Traceback" not in out.stderr, out
-    assert "data.val_shards: shards/3dpw-test: not found" in out.stdout, out.stdout
+    assert "data.val_shards: cannot read shards at 'shards/3dpw-test'" in out.stdout, out.stdout
     # `configs/...` is a path: here there is no such file, and the message names the bare name
     out = _run(["-m", "raytrain.cli", "train", "--config", "configs/r50_paper.yaml"], installed)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out
