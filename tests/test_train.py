@@ -201,6 +201,33 @@ def test_killed_worker_resumes_from_latest_checkpoint(synthetic_shards, tmp_path
     assert raytrain_files(local_ray) == []
 
 
+class Planted:
+    """Any class: a pickle of it runs code the file chooses when unpickled in full."""
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_resuming_from_a_state_holding_a_pickled_object_stops_in_one_line(synthetic_shards, tmp_path, local_ray):
+    """The run directory's latest checkpoint holds a pickled object (its commit record
+    matching the file): the resumed run stops on the checkpoint's one line, recorded
+    once instead of met again on every restart, never advising unsafe loading."""
+    from raytrain.train.fatal import RunStopped
+    from raytrain.train.launch import run_dir_of, run_training
+    train, val = synthetic_shards
+    overrides = {"train.checkpoint_every": 3, "train.val_every": 100, "ray.max_failures": 2}
+    cfg = load_config(DEMO, tiny_overrides(train, val, tmp_path / "runs", **{"optim.max_steps": 3, **overrides}))
+    run_training(cfg)
+    found = latest_checkpoint(run_dir_of(cfg))
+    state = dict(found.state(), planted=Planted())
+    shutil.rmtree(found.path)
+    save_checkpoint(found.path, state)
+    more = load_config(DEMO, tiny_overrides(train, val, tmp_path / "runs", **{"optim.max_steps": 6, **overrides}))
+    with pytest.raises(RunStopped, match="holds a pickled object") as stopped:
+        run_training(more)
+    assert len(str(stopped.value).splitlines()) == 1 and "weights_only" not in str(stopped.value)
+
+
 def test_copies_of_a_stopped_process_are_removed(tmp_path, monkeypatch):
     """A local checkpoint copy whose process is gone (a worker killed mid-save) is removed
     when the next session starts; a live process's copy stays."""

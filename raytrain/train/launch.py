@@ -194,7 +194,9 @@ def raise_if_run_stopped(cfg: ExperimentConfig) -> None:
 
 
 def _data_error_in(error: BaseException) -> str | None:
-    """The one line of a ``DataError`` (or ``NonFiniteLoss``) a worker raised, if any."""
+    """The one line of a ``DataError`` (or ``NonFiniteLoss``, or a ``CheckpointError`` of the
+    checkpoint it resumed from) a worker raised, if any."""
+    from ..checkpoints import CheckpointError
     from ..data.errors import DataError, user_line
     from .fatal import NonFiniteLoss
     seen, stack = set(), [error]
@@ -203,7 +205,7 @@ def _data_error_in(error: BaseException) -> str | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, (DataError, NonFiniteLoss)):
+        if isinstance(current, (DataError, NonFiniteLoss, CheckpointError)):
             return user_line(current)
         stack.extend([current.__cause__, current.__context__, getattr(current, "cause", None)])
         stack.extend(getattr(current, "worker_failures", {}).values() if isinstance(

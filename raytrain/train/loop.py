@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..body import BodyModelError, load_body_model, load_mean_params
-from ..checkpoints import CheckpointManager
+from ..checkpoints import CheckpointError, CheckpointManager
 from ..config import ExperimentConfig, config_from_raw
 from ..data.device_crop import crop_batch
 from ..data.errors import DataError, user_line
@@ -80,7 +80,7 @@ def ray_train_worker(loop_config: dict):
         run_loop(config_from_raw(loop_config["config"]), session)
     except PeerStopped:
         return
-    except (DataError, NonFiniteLoss, BodyModelError) as error:
+    except (DataError, NonFiniteLoss, BodyModelError, CheckpointError) as error:  # the same on every try
         if fatal and record_fatal_error(fatal, error):
             return
         # Ray Train has no public way to fail a run without its restarts: say they are expected
