@@ -385,7 +385,6 @@ def test_timm_prefix_builds_any_timm_cnn_and_refuses_what_timm_lacks():
         create_backbone("timm:resnet5")
 
 
-@pytest.mark.slow
 def test_unknown_timm_backbone_exits_2_naming_the_key(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAYTRAIN_HOME": str(tmp_path)}
     run = subprocess.run([sys.executable, "-m", "raytrain.cli", "train", "--config",

@@ -306,7 +306,6 @@ def test_links_in_out_are_replaced_never_followed(world, tmp_path):
     assert not (out / "predictions.jsonl").is_symlink() and len(strict_lines(out / "predictions.jsonl")) == 1
 
 
-@pytest.mark.slow
 def test_of_two_concurrent_writers_one_is_refused(world, tmp_path, capsys):
     """A run holds --out (the claim every writer makes); a second run is refused in one
     line and changes nothing; once the first lets go, the second may write (--overwrite)."""

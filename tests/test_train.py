@@ -36,7 +36,7 @@ def _keys(log_prefix, rank=0, per_step_size=4):
     return per_step
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2: `make test` only
+@pytest.mark.parametrize("workers", [0, 2])
 def test_bare_resume_is_exact(synthetic_shards, tmp_path, workers):
     """Stopping at a checkpoint and resuming sees exactly the keys of an uninterrupted run,
     also with persistent loader workers (serving two epochs and the validations), which
