@@ -1,5 +1,6 @@
 """Synthetic people: exact labels tied to the geometry, determinism, storage, sharding."""
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def test_shard_synthetic_writes_manifest(tmp_path):
     assert on_disk["num_samples"] == 5 and on_disk["source"] == "synthetic"
 
 
-def test_long_render_resumes_after_its_last_whole_part(tmp_path, monkeypatch):
+def test_long_render_resumes_after_its_last_whole_part(tmp_path, monkeypatch, caplog):
     """A split longer than RENDER_PART is rendered in parts; interrupted, it keeps the parts
     it finished and renders only the rest, and the set equals a render in one go."""
     from raytrain.data.reader import ShardReader
@@ -114,8 +115,13 @@ def test_long_render_resumes_after_its_last_whole_part(tmp_path, monkeypatch):
         people.ensure_synthetic_shards(tmp_path / "split", 10, 7, cfg, maxcount=3)
     assert not (tmp_path / "split" / "manifest.json").exists()
     calls.clear()
-    people.ensure_synthetic_shards(tmp_path / "split", 10, 7, cfg, maxcount=3)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="raytrain"):
+        people.ensure_synthetic_shards(tmp_path / "split", 10, 7, cfg, maxcount=3)
     assert calls == [8]                                          # only the part it had not finished
+    assert [r.getMessage().split(" into ")[0] for r in caplog.records
+            if r.getMessage().startswith("rendered")] == ["rendered 10 of 10 people"]   # progress per part
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.getMessage().startswith("wrote")]
     people.ensure_synthetic_shards(tmp_path / "split", 10, 7, cfg, maxcount=3)
     assert calls == [8]                                          # the finished split is reused
     real(str(tmp_path / "whole"), n=10, seed=7, maxcount=3, cfg=cfg)

@@ -109,7 +109,8 @@ def write_shards(
     if write_manifest:
         write_json(join_url(out, MANIFEST_NAME), manifest, storage_options)
         fs.rm(get_fs(marker, storage_options)[1])
-    log.info("wrote %d samples in %d shards to %s", manifest["num_samples"], len(shards), out)
+    (log.info if write_manifest else log.debug)(  # a part: its driver reports progress
+        "wrote %d samples in %d shards to %s", manifest["num_samples"], len(shards), out)
     return manifest
 
 

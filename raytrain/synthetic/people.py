@@ -683,6 +683,7 @@ def shard_synthetic_resumable(out: Path, n: int, seed: int, cfg: SyntheticConfig
             part = shard_synthetic(str(out), min(RENDER_PART, n - first), seed, workers, maxcount, cfg,
                                    start=first, prefix=prefix, write_manifest=False)
             record.write_text(json.dumps(part["shards"]))
+            log.info("rendered %d of %d people into %s", min(first + RENDER_PART, n), n, out)
         entries += json.loads(record.read_text())
     manifest = make_manifest(entries, SOURCE, LICENCE)
     write_json(str(out / MANIFEST_NAME), manifest)
