@@ -143,6 +143,9 @@ def test_quick_study_writes_results_table_plot_and_resumes(tmp_path):
     assert "`full` | 2 |" in table and "L_cont helps on top of L_cam" in table
     assert "| constant camera | scale ratio |" in table and "per person:" in table
     assert "against the constant camera (scale ratio" in table
+    assert "Learning curves" in table and "| step | `cliff` s0 |" in table          # the curves, as numbers
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert rows == ["| 1", "| 2"]                                                   # every run's points
     assert (out / "study.png").stat().st_size > 10_000 and (out / "curves.png").stat().st_size > 10_000
     page = (tmp_path / "out.md").read_text()
     assert "old" not in page and table in page and page.startswith("# page") and page.endswith("tail\n")

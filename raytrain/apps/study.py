@@ -481,7 +481,31 @@ def report_table(results: dict) -> str:
               "variants' seed standard deviations; same seed = mean ± std over seeds of the difference between "
               "runs of equal seed, which share initialisation and data order; per person = the paired "
               "difference on the same test people):", "", *claim_lines(stats, results["runs"])]
+    curves = curve_table(results)
+    if curves:
+        lines += ["", "Learning curves (the val split, PA-MPJPE / camera error in mm, at steps of the run; "
+                  "all points in results.json and curves.png):", "", *curves]
     return "\n".join(lines) + "\n"
+
+
+def curve_table(results: dict, points: int = 5) -> list[str]:
+    """Markdown rows: every run's val PA-MPJPE / camera error at `points` evenly spaced
+    steps of the learning curves (the last step included)."""
+    runs = [r for r in results["runs"] if r.get("curve")]
+    steps = sorted({p["step"] for r in runs for p in r["curve"]})
+    if not steps:
+        return []
+    shown = sorted({steps[round(k * (len(steps) - 1) / max(points - 1, 1))] for k in range(points)})
+    lines = ["| step | " + " | ".join(f"`{r['variant']}` s{r['seed']}" for r in runs) + " |",
+             "|---:|" + "---:|" * len(runs)]
+    for step in shown:
+        cells = []
+        for run in runs:
+            point = next((p for p in run["curve"] if p["step"] == step), {})
+            pa, cam = point.get("val_pa_mpjpe"), point.get("val_cam_err")
+            cells.append(f"{pa:.1f} / {cam:.0f}" if _finite(pa) and _finite(cam) else "–")
+        lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
+    return lines
 
 
 MARKERS = ("<!-- study-results:start -->", "<!-- study-results:end -->")
