@@ -99,6 +99,13 @@ def test_doctor_fails_shards_that_disagree_with_their_manifest(tmp_path):
     (tmp_path / "s" / "shard-000002.tar").write_bytes(shard.read_bytes())
     check = check_shard_set("data.val_shards", str(tmp_path / "s"))
     assert check.status != "OK" and "not listed" in check.message
+    # every missing shard is counted, not only the first
+    write_shards(make_fake_samples(30, seed=1), str(tmp_path / "t"), source="f", licence="t", maxcount=10)
+    for name in ("shard-000000.tar", "shard-000002.tar"):
+        (tmp_path / "t" / name).unlink()
+    check = check_shard_set("data.val_shards", str(tmp_path / "t"))
+    assert check.status != "OK" and "2 of the 3 shards listed" in check.message
+    assert "shard-000000.tar: missing" in check.message and len(check.message.splitlines()) == 1
 
 
 def test_doctor_and_the_preflight_check_the_sets_the_run_reads_once_each(tmp_path, monkeypatch):

@@ -363,10 +363,19 @@ def _from_manifest(url: str, storage_options: dict | None, verify: bool = False)
                             f"({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''}): the "
                             "manifest is stale or the folder holds two shard sets (re-run the "
                             "conversion with --overwrite)")
+    refused = []    # with verify: every listed shard that is missing or changed, then one error
     for entry, ref in zip(manifest["shards"], refs):
         if "bytes" not in entry and ref.name in sizes:
             check_count_fits(url, ref.name, ref.num_samples, sizes[ref.name])
-        _check_shard_file(ref, entry, sizes.get(ref.name), storage_options, verify)
+        try:
+            _check_shard_file(ref, entry, sizes.get(ref.name), storage_options, verify)
+        except ManifestError as err:
+            refused.append(err)
+    if len(refused) > 1:
+        raise ManifestError(f"{len(refused)} of the {len(refs)} shards listed in {url} are missing or "
+                            f"changed; the first: {refused[0]}", shard=getattr(refused[0], "shard", None))
+    if refused:
+        raise refused[0]
     return refs
 
 
