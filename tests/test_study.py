@@ -47,6 +47,7 @@ def test_mean_std_and_compare():
     assert compare((10.0, 1.0), (7.0, 2.0)) == (-3.0, 2.0, "better, beyond the spread")
     assert compare((10.0, 1.0), (11.0, 2.0)) == (1.0, 2.0, "within the seed spread")
     assert compare((10.0, 1.0), (13.0, 0.5))[2] == "worse, beyond the spread"
+    assert compare((10.0, math.nan), (7.0, 0.5))[2] == "one seed: no seed spread to judge it against"
     runs = [{"variant": "a", "seed": 0, "m": 10.0}, {"variant": "a", "seed": 1, "m": 20.0},
             {"variant": "b", "seed": 0, "m": 9.0}, {"variant": "b", "seed": 1, "m": 17.0},
             {"variant": "a", "seed": 2, "m": 5.0}]                     # seed 2 of b is missing

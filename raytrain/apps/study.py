@@ -336,7 +336,9 @@ def aggregate(results: dict) -> dict[str, dict]:
     for variant, runs in by_variant.items():
         row = {"n": len(runs), "seeds": sorted(r["seed"] for r in runs)}
         for key in COLUMNS:
-            row[key] = mean_std([r[key] for r in runs if _finite(r.get(key))])
+            values = [r[key] for r in runs if _finite(r.get(key))]
+            mean, std = mean_std(values)
+            row[key] = (mean, std if len(values) > 1 else math.nan)   # one seed: no spread measured
         out[variant] = row
     return out
 
@@ -352,10 +354,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def compare(before: tuple[float, float], after: tuple[float, float]) -> tuple[float, float, str]:
-    """(difference after - before, spread = the larger seed std, verdict) for a lower-is-better metric."""
-    diff, spread = after[0] - before[0], max(before[1], after[1])
-    if not (_finite(diff) and _finite(spread)):
+    """(difference after - before, spread = the larger seed std, verdict) for a lower-is-better
+    metric; a NaN std (a variant with one seed) leaves the spread unmeasured."""
+    diff = after[0] - before[0]
+    if not _finite(diff):
         return math.nan, math.nan, "not measured"
+    if not (_finite(before[1]) and _finite(after[1])):
+        return diff, math.nan, "one seed: no seed spread to judge it against"
+    spread = max(before[1], after[1])
     if abs(diff) <= spread:
         return diff, spread, "within the seed spread"
     return diff, spread, "better, beyond the spread" if diff < 0 else "worse, beyond the spread"
@@ -452,7 +458,8 @@ def claim_lines(stats: dict, runs: list[dict] = ()) -> list[str]:
             paired, paired_std, count = paired_difference(list(runs), without, with_, key)
             same_seed = f"; same seed: {paired:+.1f} ± {paired_std:.1f} mm ({count})" if count > 1 else ""
             person = paired_line(list(runs), without, with_, key)
-            lines.append(f"    - {LABELS[key]}: {diff:+.1f} mm (spread {spread:.1f} mm): {verdict}{same_seed}{person}")
+            against = f" (spread {spread:.1f} mm)" if _finite(spread) else ""
+            lines.append(f"    - {LABELS[key]}: {diff:+.1f} mm{against}: {verdict}{same_seed}{person}")
     return lines
 
 
@@ -470,7 +477,8 @@ def report_table(results: dict) -> str:
         cells = [_cell(*row[k], k) for k in COLUMNS]
         lines.append(f"| `{variant}` | {row['n']} | " + " | ".join(cells) + " |")
     settings = results.get("settings", {})
-    lines += ["", f"Test split, errors in mm, mean ± standard deviation over seeds; {settings.get('steps')} "
+    lines += ["", f"Test split, errors in mm, mean ± standard deviation over seeds (the mean alone for one "
+              f"seed); {settings.get('steps')} "
               f"steps of {settings.get('batch_size')} persons per run at {settings.get('crop_size')} px; splits "
               f"{settings.get('sizes')}; headings ± {settings.get('heading_deg')}°, joints within "
               f"{settings.get('pose_scale')} of their limits. The constant camera predicts the train split's "
@@ -540,7 +548,7 @@ def plot(results: dict, path: Path, metrics=("pa_mpjpe", "mpjpe", "cam_err", "ro
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.45 * len(names) + 1.6))
     for ax, key in zip(axes, metrics):
         means = [stats[v][key][0] for v in names]
-        stds = [stats[v][key][1] for v in names]
+        stds = [stats[v][key][1] if _finite(stats[v][key][1]) else 0.0 for v in names]
         ax.barh(range(len(names)), means, xerr=stds, color="#8fb3d9", capsize=3)
         for i, v in enumerate(names):
             seeds = [r[key] for r in results["runs"] if r["variant"] == v and _finite(r.get(key))]
@@ -585,11 +593,11 @@ def plot_curves(results: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 def _cell(mean, std, key: str) -> str:
-    """A table cell: mean ± std (std None: the mean alone), 3 decimals for the scale ratio."""
+    """A table cell: mean ± std (std None or NaN: the mean alone), 3 decimals for the scale ratio."""
     if not _finite(mean):
         return "–"
     digits = 3 if key == "scale_ratio" else 1
-    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+    return f"{mean:.{digits}f}" + ("" if std is None or not _finite(std) else f" ± {std:.{digits}f}")
 
 
 def _digest(value) -> str:
