@@ -509,7 +509,8 @@ def test_ctrl_c_during_shard_is_one_line_and_leaves_a_refused_folder(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.time() + 200
-    while not list(out.glob("*.tar")):
+    # interrupted while shards are being written (its workers have started and rendered)
+    while not any(t.stat().st_size > 0 for t in out.glob("*.tar")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
